@@ -1,0 +1,21 @@
+"""PixelCNN models: `load(path)` a checkpoint, call `model(x, labels)` for logits (B, 256, C, H, W)."""
+
+from .checkpoint import build, load, save
+from .config import ARCHS, LEVELS, ModelConfig
+from .likelihood import bits_per_dim, marginal_nll_nats, nll_nats, nll_per_subpixel
+from .sampling import SampleResult, sample_naive
+
+__all__ = [
+    "ARCHS",
+    "LEVELS",
+    "ModelConfig",
+    "SampleResult",
+    "bits_per_dim",
+    "build",
+    "load",
+    "marginal_nll_nats",
+    "nll_nats",
+    "nll_per_subpixel",
+    "sample_naive",
+    "save",
+]

@@ -1,0 +1,39 @@
+"""Checkpoint folders: config.json beside model.safetensors. Weights are never unpickled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig
+from .gated import GatedPixelCNN
+from .pixelcnn import PixelCNN
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build(config: ModelConfig) -> nn.Module:
+    return {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}[config.arch](config)
+
+
+def save(model: nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save(path / CONFIG_FILE)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model from a checkpoint folder, in eval mode on `device`."""
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a model checkpoint: {name} is missing")
+    model = build(ModelConfig.load(path / CONFIG_FILE))
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    return model.to(device).eval()

@@ -1,0 +1,73 @@
+"""The model's configuration: everything needed to rebuild it, stored as config.json beside the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARCHS = ("pixelcnn", "gated")
+LEVELS = 256  # 8-bit pixels: a 256-way softmax per sub-pixel
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gated"  # "pixelcnn" (masked convolutions) or "gated" (vertical + horizontal stacks)
+    image_channels: int = 1  # 1 = grayscale, 3 = RGB sampled in R -> G -> B order within a pixel
+    height: int = 28
+    width: int = 28
+    hidden_channels: int = 32  # width of the residual stream
+    layers: int = 7  # gated layers, or residual blocks for "pixelcnn"
+    first_kernel_size: int = 7  # receptive field of the first (mask A) layer
+    kernel_size: int = 3  # receptive field of every later layer
+    head_channels: int = 64  # width of the 1x1 output layers before the softmax
+    num_classes: int = 0  # > 0 makes the model class-conditional
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.image_channels not in (1, 3):
+            raise ValueError(f"image_channels must be 1 or 3, got {self.image_channels}")
+        # Every feature channel serves one colour (see masked_conv.channel_groups); the PixelCNN's
+        # residual blocks also halve the width, so its hidden width needs a factor of 2 * C.
+        hidden_factor = self.image_channels * (2 if self.arch == "pixelcnn" else 1)
+        if self.hidden_channels % hidden_factor or self.hidden_channels < hidden_factor:
+            raise ValueError(f"hidden_channels must be a positive multiple of {hidden_factor} for this arch")
+        if self.head_channels % self.image_channels or self.head_channels < 1:
+            raise ValueError(f"head_channels must be a positive multiple of {self.image_channels}")
+        for name in ("first_kernel_size", "kernel_size"):
+            k = getattr(self, name)
+            if k < 1 or k % 2 == 0:
+                raise ValueError(f"{name} must be a positive odd number, got {k}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.image_channels, self.height, self.width)
+
+    @property
+    def dims(self) -> int:
+        """Sub-pixels per image: the denominator of bits/dim."""
+        return self.image_channels * self.height * self.width
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**data)

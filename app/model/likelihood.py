@@ -1,0 +1,35 @@
+"""Negative log-likelihood of integer images under a model's 256-way softmaxes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def nll_per_subpixel(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """logits (B, 256, C, H, W), x (B, C, H, W) -> NLL in nats per sub-pixel, (B, C, H, W)."""
+    return F.cross_entropy(logits.float(), x.long(), reduction="none")
+
+
+def nll_nats(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """NLL in nats per image, (B,): one teacher-forced forward pass."""
+    return nll_per_subpixel(model(x, labels), x).flatten(1).sum(1)
+
+
+def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+    """Total NLL in nats of an image with `dims` sub-pixels -> bits per sub-pixel."""
+    return nats / (dims * math.log(2))
+
+
+def marginal_nll_nats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a class-conditional model: -log sum_y p(y) p(x|y) with a uniform prior p(y), and the NLL of
+    each class. Returns (nll (B,), per-class nll (B, K))."""
+    k = model.config.num_classes
+    per_class = torch.stack(
+        [nll_nats(model, x, torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)) for y in range(k)],
+        dim=1,
+    )
+    return -(torch.logsumexp(-per_class, dim=1) - math.log(k)), per_class

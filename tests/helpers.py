@@ -1,0 +1,42 @@
+"""Small random models shared by the tests (no training needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from app.model import ModelConfig, build
+
+ARCH_CHANNELS = [(arch, c) for arch in ("gated", "pixelcnn") for c in (1, 3)]
+
+
+def tiny_model(
+    arch: str = "gated",
+    image_channels: int = 1,
+    size: int = 8,
+    num_classes: int = 0,
+    layers: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    first_kernel_size: int = 5,
+):
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        arch=arch,
+        image_channels=image_channels,
+        height=size,
+        width=size,
+        hidden_channels=24,
+        head_channels=24,
+        layers=layers,
+        first_kernel_size=first_kernel_size,
+        kernel_size=3,
+        num_classes=num_classes,
+        class_names=[f"class{i}" for i in range(num_classes)],
+    )
+    model = build(config).to(dtype).eval()
+    # Biases start at zero in some layers; random ones make "bias over padding" bugs visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
