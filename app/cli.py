@@ -1,0 +1,145 @@
+"""The `pixelcnn` command. Each verb imports what it needs, so `pixelcnn --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model and write config.json, model.safetensors, metrics.json")
+    p.add_argument("--data", required=True, help="fashion-mnist, mnist, cifar10, folder, an image folder or a .npz")
+    p.add_argument("--data-dir", help="folder of the dataset (required for mnist, cifar10, folder)")
+    p.add_argument("--arch", choices=["pixelcnn", "gated"], default="gated")
+    p.add_argument("--channels", type=int, default=32, help="hidden channels")
+    p.add_argument("--layers", type=int, default=7, help="gated layers or residual blocks")
+    p.add_argument("--kernel-size", type=int, default=3, help="kernel of the layers after the first")
+    p.add_argument("--first-kernel-size", type=int, default=7)
+    p.add_argument("--head-channels", type=int, default=None, help="output head width (default 2 x channels)")
+    p.add_argument("--conditional", action="store_true", help="class-conditional (needs a labelled dataset)")
+    p.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (split across torchrun processes)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (cosine decay to 0)")
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between quick test evaluations")
+    p.add_argument("--eval-limit", type=int, default=1000, help="test images in each quick evaluation")
+    p.add_argument("--final-eval-limit", type=int, help="test images in the final evaluation (default: all)")
+    p.add_argument("--checkpoint-dir", type=Path, help="default ~/.cache/pixelcnn/checkpoints/NAME")
+    p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if any")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--no-samples", action="store_true", help="skip the sample grid at the end")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write, e.g. model_store/NAME")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.data import load_dataset
+    from app.model import ModelConfig
+    from app.train import TrainOptions, command_line, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    probe = load_dataset(args.data, "train", args.data_dir, limit=1)
+    num_classes = len(probe.class_names or []) if args.conditional else 0
+    if args.conditional and not num_classes:
+        print(f"error: --conditional needs class labels and {probe.name} has none", file=sys.stderr)
+        return 2
+    config = ModelConfig(
+        arch=args.arch,
+        image_channels=probe.images.shape[1],
+        height=probe.images.shape[2],
+        width=probe.images.shape[3],
+        hidden_channels=args.channels,
+        layers=args.layers,
+        first_kernel_size=args.first_kernel_size,
+        kernel_size=args.kernel_size,
+        head_channels=args.head_channels or 2 * args.channels,
+        num_classes=num_classes,
+        class_names=list(probe.class_names) if num_classes else [],
+    )
+    options = TrainOptions(
+        data=args.data,
+        data_dir=args.data_dir,
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        limit=args.limit,
+        eval_every=args.eval_every,
+        eval_limit=args.eval_limit,
+        final_eval_limit=args.final_eval_limit,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        seed=args.seed,
+        device=args.device,
+        sample_grid=not args.no_samples,
+        command=command_line(),
+    )
+    train(config, options)
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="NLL (nats/image) and bits/dim of a trained model on a dataset split")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--data", help="dataset (default: the one in the model's metrics.json)")
+    p.add_argument("--data-dir")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--limit", type=int, help="first N images only")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from app.data import load_dataset
+    from app.evaluate import evaluate
+    from app.model import load
+    from app.train import pick_device
+
+    data = args.data
+    if data is None:
+        metrics_file = args.model_dir / "metrics.json"
+        data = json.loads(metrics_file.read_text()).get("dataset") if metrics_file.is_file() else None
+        if data is None:
+            print(f"error: {args.model_dir} has no metrics.json naming its dataset; pass --data", file=sys.stderr)
+            return 2
+    model = load(args.model_dir, pick_device(args.device))
+    result = evaluate(model, load_dataset(data, args.split, args.data_dir, args.limit), args.batch_size)
+    summary = {"model": str(args.model_dir), "dataset": data, "split": args.split, **result.as_dict()}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.model_dir}: {result.nll_nats:.2f} nats/image, {result.bits_per_dim:.4f} bits/dim "
+              f"on {result.images} {data} {args.split} images")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixelcnn", description="Train, evaluate and serve PixelCNN models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train, add_eval):
+        add(sub)
+    args = parser.parse_args(argv)
+    from app.data import DatasetNotFoundError
+
+    try:
+        return args.run(args)
+    except (DatasetNotFoundError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""PNG in and out: uint8 tensors (C, H, W) <-> PNG bytes, and grids of several images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class ImageDecodeError(ValueError):
+    """An uploaded image that cannot be used; the message says what was wrong and what was expected."""
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 (C, H, W), C in {1, 3} -> a PIL image in mode L or RGB."""
+    array = image.to(torch.uint8).cpu().numpy()
+    if array.shape[0] == 1:
+        return Image.fromarray(array[0], mode="L")
+    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (C, H', W') image, `columns` per row, separated by black lines."""
+    n, c, h, w = images.shape
+    columns = max(1, min(columns or n, n))
+    rows = -(-n // columns)
+    out = torch.zeros((c, rows * (h + padding) + padding, columns * (w + padding) + padding), dtype=torch.uint8)
+    for k in range(n):
+        top = padding + (k // columns) * (h + padding)
+        left = padding + (k % columns) * (w + padding)
+        out[:, top : top + h, left : left + w] = images[k]
+    return out
+
+
+def save_grid(images: torch.Tensor, path: Path | str, columns: int | None = None, scale: int = 1) -> None:
+    picture = to_pil(grid(images, columns))
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture.save(path)
+
+
+def decode_image(data: bytes, channels: int, height: int, width: int) -> torch.Tensor:
+    """Image file bytes -> uint8 (C, H, W) for a model with `channels` colours of size height x width.
+
+    Conversions (documented for users): a grayscale model takes L directly and converts RGB, RGBA,
+    palette and 16-bit images with PIL's ITU-R 601-2 luma (L = R*299/1000 + G*587/1000 + B*114/1000),
+    dropping alpha; 16-bit grayscale is scaled to 8 bits (value >> 8). An RGB model takes RGB, converts
+    L/palette by repetition and drops alpha. The size must match exactly: nothing is resized, because a
+    silently rescaled image gives a meaningless likelihood.
+    """
+    try:
+        picture = Image.open(io.BytesIO(data))
+        picture.load()
+    except Exception as error:  # PIL raises many types for bad bytes
+        raise ImageDecodeError(f"could not read the image ({error}); expected a PNG, JPEG, BMP or WebP file") from None
+    if picture.size != (width, height):
+        raise ImageDecodeError(
+            f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}"
+        )
+    if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(picture, dtype=np.int64)
+        shift = 8 if array.max(initial=0) > 255 or picture.mode.startswith("I;16") else 0
+        picture = Image.fromarray((array >> shift).clip(0, 255).astype(np.uint8), mode="L")
+    if channels == 1:
+        array = np.asarray(picture.convert("L"))[None]
+    else:
+        array = np.asarray(picture.convert("RGB")).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))

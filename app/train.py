@@ -1,0 +1,318 @@
+"""`pixelcnn train`: train a PixelCNN, resumable exactly, single process or DDP under torchrun.
+
+Exact resume: the batch order of epoch e is randperm(seed + e), the learning rate is a pure function of
+the step, and a checkpoint holds the weights, Adam's moments and the position in the epoch, so an
+interrupted run continues with the very batches and updates it would have made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from app.data import ImageDataset, load_dataset
+from app.evaluate import evaluate
+from app.model import ModelConfig, bits_per_dim, build, save
+from app.model.likelihood import nll_per_subpixel
+
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    out: Path
+    data_dir: str | None = None
+    epochs: float = 1.0
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 200  # capped at a tenth of the run, so short runs reach the peak rate
+    grad_clip: float = 1.0
+    limit: int | None = None
+    eval_every: int = 500  # steps
+    eval_limit: int = 1000  # test images for the periodic evaluation (the final one uses all)
+    final_eval_limit: int | None = None
+    checkpoint_every: float = 120.0  # seconds
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    sample_grid: bool = True
+    command: str = ""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app"], cwd=here, capture_output=True, text=True)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def learning_rate(step: int, total_steps: int, options: TrainOptions) -> float:
+    """Linear warmup, then cosine decay to zero at the last step."""
+    warmup = min(options.warmup_steps, total_steps // 10)
+    if step < warmup:
+        return options.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return options.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Distributed:
+    """Rank and world size; one process without torchrun."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Weights and Adam moments in safetensors, counters in JSON; written to temp names, then renamed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    names = {p: n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state[p].items():
+                tensors[f"optim.{key}.{names[p]}"] = value.detach().cpu().reshape(value.shape).contiguous()
+    save_file(tensors, str(folder / (CHECKPOINT_WEIGHTS + ".tmp")))
+    (folder / (TRAINER_STATE + ".tmp")).write_text(json.dumps(state, indent=2))
+    os.replace(folder / (CHECKPOINT_WEIGHTS + ".tmp"), folder / CHECKPOINT_WEIGHTS)
+    os.replace(folder / (TRAINER_STATE + ".tmp"), folder / TRAINER_STATE)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    tensors = load_file(str(folder / CHECKPOINT_WEIGHTS))
+    device = next(model.parameters()).device
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    for name, p in model.named_parameters():
+        keys = [k for k in tensors if k.startswith("optim.") and k.endswith(f".{name}") and k.count(".") >= 2]
+        state = {k[len("optim.") : -len(name) - 1]: tensors[k].to(device) for k in keys}
+        if state:
+            optimizer.state[p] = state
+    return json.loads((folder / TRAINER_STATE).read_text())
+
+
+def train(config: ModelConfig, options: TrainOptions) -> dict:
+    device = pick_device(options.device)
+    ranks = Distributed(device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+
+    train_set = load_dataset(options.data, "train", options.data_dir, options.limit)
+    test_set = load_dataset(options.data, "test", options.data_dir, options.final_eval_limit)
+    check_dataset(config, train_set)
+
+    torch.manual_seed(options.seed)
+    model = build(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+    checkpoint_dir = options.checkpoint_dir or default_checkpoint_dir(options.out)
+    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "wall_time_s": 0.0, "images_seen": 0, "history": []}
+    if options.resume and (checkpoint_dir / TRAINER_STATE).is_file():
+        state = load_checkpoint(checkpoint_dir, model, optimizer)
+        saved_config = ModelConfig.load(checkpoint_dir / "config.json")
+        if saved_config != config:
+            raise SystemExit(f"--resume: the checkpoint in {checkpoint_dir} was trained with another model config")
+        if ranks.main:
+            print(f"resuming from {checkpoint_dir} at step {state['step']} (epoch {state['epoch']})")
+    elif ranks.main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        config.save(checkpoint_dir / "config.json")
+    ddp_model = nn.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
+
+    per_rank_batch = max(1, options.batch_size // ranks.world)
+    steps_per_epoch = len(train_set) // (per_rank_batch * ranks.world)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--batch-size {options.batch_size} is larger than the {len(train_set)} training images")
+    total_steps = max(1, round(options.epochs * steps_per_epoch))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    interactive = sys.stderr.isatty()  # in a log file, a progress line every 30 s instead of 10 a second
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not ranks.main, unit="step",
+               dynamic_ncols=True, mininterval=0.1 if interactive else 30)
+    started = time.perf_counter() - state["wall_time_s"]
+    last_checkpoint = time.perf_counter()
+    window_images, window_start, running_bpd = 0, time.perf_counter(), None
+    model.train()
+    while state["step"] < total_steps:
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(options.seed + state["epoch"]))
+        for batch_index in range(state["step_in_epoch"], steps_per_epoch):
+            if state["step"] >= total_steps:
+                break
+            start = batch_index * per_rank_batch * ranks.world + ranks.rank * per_rank_batch
+            index = order[start : start + per_rank_batch]
+            images = train_set.images[index].to(device, non_blocking=True)
+            labels = train_set.labels[index].to(device) if config.conditional else None
+
+            lr = learning_rate(state["step"], total_steps, options)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                logits = ddp_model(images, labels)
+            loss = nll_per_subpixel(logits, images).mean()  # nats per sub-pixel
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if options.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            optimizer.step()
+
+            state["step"] += 1
+            state["step_in_epoch"] = batch_index + 1
+            state["images_seen"] += per_rank_batch * ranks.world
+            window_images += per_rank_batch * ranks.world
+            bpd = loss.item() / math.log(2)
+            running_bpd = bpd if running_bpd is None else 0.98 * running_bpd + 0.02 * bpd
+            if ranks.main:
+                elapsed = time.perf_counter() - window_start
+                bar.set_postfix(bpd=f"{running_bpd:.3f}", img_s=f"{window_images / elapsed:.0f}", lr=f"{lr:.1e}", refresh=False)
+                bar.update(1)
+                if elapsed > 30:
+                    window_images, window_start = 0, time.perf_counter()
+
+            periodic_eval = state["step"] % options.eval_every == 0 or state["step"] == total_steps
+            if periodic_eval and ranks.main:
+                quick = evaluate(model, subset(test_set, options.eval_limit))
+                state["history"].append(
+                    {
+                        "step": state["step"],
+                        "epoch": round(state["step"] / steps_per_epoch, 4),
+                        "wall_time_s": round(time.perf_counter() - started, 1),
+                        "train_bits_per_dim": round(running_bpd, 4),
+                        "test_bits_per_dim": round(quick.bits_per_dim, 4),
+                        "test_images": quick.images,
+                    }
+                )
+                bar.write(f"step {state['step']}: train {running_bpd:.4f} bits/dim, test {quick.bits_per_dim:.4f} "
+                          f"bits/dim ({quick.images} images)")
+            if ranks.main and (time.perf_counter() - last_checkpoint > options.checkpoint_every or periodic_eval):
+                state["wall_time_s"] = time.perf_counter() - started
+                save_checkpoint(checkpoint_dir, model, optimizer, state)
+                last_checkpoint = time.perf_counter()
+        else:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+    bar.close()
+    state["wall_time_s"] = time.perf_counter() - started
+
+    metrics: dict = {}
+    if ranks.main:
+        save_checkpoint(checkpoint_dir, model, optimizer, state)
+        final = evaluate(model, test_set)
+        print(f"test: {final.nll_nats:.2f} nats/image, {final.bits_per_dim:.4f} bits/dim on {final.images} images")
+        model.eval()
+        save(model, options.out)
+        metrics = {
+            "dataset": options.data,
+            "split": "test",
+            "test_images": final.images,
+            "test_nll_nats": round(final.nll_nats, 4),
+            "test_bits_per_dim": round(final.bits_per_dim, 5),
+            "conditional_on_labels": final.conditional_on_labels,
+            "train_images": len(train_set),
+            "epochs": round(state["step"] / steps_per_epoch, 4),
+            "steps": state["step"],
+            "batch_size": options.batch_size,
+            "images_seen": state["images_seen"],
+            "wall_time_s": round(state["wall_time_s"], 1),
+            "train_images_per_s": round(state["images_seen"] / max(state["wall_time_s"], 1e-9), 1),
+            "hardware": hardware(device),
+            "processes": ranks.world,
+            "torch": torch.__version__,
+            "command": options.command,
+            "commit": git_commit(),
+            "history": state["history"],
+        }
+        (options.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if options.sample_grid:
+            write_sample_grid(model, options.out / "samples.png", options.seed)
+        print(f"wrote {options.out}/config.json, model.safetensors, metrics.json")
+    ranks.barrier()
+    ranks.close()
+    return metrics
+
+
+def check_dataset(config: ModelConfig, dataset: ImageDataset) -> None:
+    if tuple(dataset.images.shape[1:]) != config.shape:
+        raise SystemExit(f"{dataset.name} images are {tuple(dataset.images.shape[1:])}, the model is {config.shape}")
+    if config.conditional and dataset.labels is None:
+        raise SystemExit(f"--conditional needs labels, and {dataset.name} has none")
+
+
+def subset(dataset: ImageDataset, limit: int) -> ImageDataset:
+    return dataclasses.replace(
+        dataset,
+        images=dataset.images[:limit],
+        labels=None if dataset.labels is None else dataset.labels[:limit],
+    )
+
+
+def default_checkpoint_dir(out: Path) -> Path:
+    """Checkpoints live outside the repository (only final weights are committed)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "pixelcnn" / "checkpoints" / out.resolve().name
+
+
+def write_sample_grid(model: nn.Module, path: Path, seed: int) -> None:
+    """One sample per class (or 8 for unconditional models), drawn with the reference sampler."""
+    from app.imaging import save_grid
+    from app.model import sample_naive
+
+    config = model.config
+    n = config.num_classes if config.conditional else 8
+    labels = torch.arange(n) if config.conditional else None
+    result = sample_naive(model, n, labels, generator=torch.Generator().manual_seed(seed))
+    save_grid(result.images, path, columns=n)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["pixelcnn", *sys.argv[1:]])
+
+
+
