@@ -55,7 +55,7 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> tu
     """Inverse-CDF sampling. logits (n, 256), uniforms (n,) -> values int64 (n,), log p(value) (n,) at T=1."""
     logits = logits.double()
     cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1).contiguous()
-    values = torch.searchsorted(cdf, uniforms.to(cdf.device).reshape(-1, 1)).clamp_(max=LEVELS - 1)
+    values = torch.searchsorted(cdf, uniforms.to(cdf.device).reshape(-1, 1).contiguous()).clamp_(max=LEVELS - 1)
     log_prob = torch.log_softmax(logits, dim=-1).gather(1, values)
     return values[:, 0], log_prob[:, 0]
 

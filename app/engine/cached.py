@@ -1,0 +1,323 @@
+"""Exact sampling with cached activations: each new sub-pixel costs only its own share of compute.
+
+Like a KV cache in an LLM server: `prefill` runs one batched pass over the known rows of an image, then
+`decode_row` generates one row at a time, and each step only computes the activations at the new pixel.
+
+Gated PixelCNN (Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive Models"):
+the vertical stack of row i sees only rows < i, so it runs once per row, before any pixel of row i is
+drawn. Each layer keeps the last kh rows of its vertical input. The horizontal stack runs once per
+sub-pixel over a small window of the current row (the last kw inputs of each layer).
+
+Masked-conv PixelCNN: every layer keeps a window of its input rows i-k//2 .. i (current row last) and
+computes only the new position from its masked neighbourhood.
+
+Caches start at exact zeros where the full model zero-pads, so row 0 and column 0 see the same numbers
+as in a full forward pass (bias is added to the convolution of the zeros, never to the padding itself).
+All cache tensors have the batch first and none depends on the row index, so images at different rows
+share one decode step; that is what lets the scheduler batch requests continuously.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.model import ModelConfig, SampleResult
+from app.model.gated import GatedPixelCNN, gate
+from app.model.head import OutputHead, scale_pixels
+from app.model.masked_conv import MaskedConv2d
+from app.model.pixelcnn import PixelCNN
+from app.model.sampling import check_temperature, draw, prepare_canvas, resolve_labels, row_uniforms
+
+
+class DecodeState:
+    """The caches of a batch of images: tensors (or lists of tensors) with the batch dimension first."""
+
+    def __init__(self, **tensors) -> None:
+        self.__dict__.update(tensors)
+
+    def select(self, index: torch.Tensor) -> "DecodeState":
+        return DecodeState(**{k: _map(v, lambda t: t[index]) for k, v in vars(self).items()})
+
+    @staticmethod
+    def concat(states: list["DecodeState"]) -> "DecodeState":
+        first = vars(states[0])
+        merged = {}
+        for key, value in first.items():
+            parts = [vars(s)[key] for s in states]
+            if isinstance(value, list):
+                merged[key] = [torch.cat(layer) for layer in zip(*parts)]
+            else:
+                merged[key] = torch.cat(parts)
+        return DecodeState(**merged)
+
+    @property
+    def batch(self) -> int:
+        return self.labels.shape[0]
+
+
+def _map(value, fn):
+    return [fn(t) for t in value] if isinstance(value, list) else fn(value)
+
+
+def matrix(conv: nn.Conv2d, rows: slice = slice(None)) -> torch.Tensor:
+    """A (masked) conv kernel (out, in, kh, kw) as a (kh' * kw * in, out) matrix for a window laid out
+    (rows, columns, channels), keeping only kernel rows `rows`."""
+    weight = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
+    weight = weight[:, :, rows]
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
+class HeadStep:
+    """The output head at one position: features (B, n) -> logits of colour c (B, 256)."""
+
+    def __init__(self, head: OutputHead) -> None:
+        c = head.image_channels
+        self.hidden_w, self.hidden_b = matrix(head.hidden), head.hidden.bias
+        w, b = matrix(head.logits), head.logits.bias  # output channel = level * C + colour
+        self.logits_w = [w[:, k::c].contiguous() for k in range(c)]
+        self.logits_b = [b[k::c].contiguous() for k in range(c)]
+
+    def __call__(self, features: torch.Tensor, colour: int) -> torch.Tensor:
+        hidden = torch.relu(torch.addmm(self.hidden_b, torch.relu(features), self.hidden_w))
+        return torch.addmm(self.logits_b[colour], hidden, self.logits_w[colour])
+
+
+class CachedGated:
+    def __init__(self, model: GatedPixelCNN) -> None:
+        self.config: ModelConfig = model.config
+        self.layers = list(model.layers)
+        self.n = model.config.hidden_channels
+        self.head = HeadStep(model.head)
+        self.h_weight = [matrix(layer.horizontal) for layer in self.layers]
+        self.h_width = [layer.rows for layer in self.layers]  # horizontal kernel widths
+        # Residual and skip 1x1 convolutions fused into one matrix: gated (B, n) -> (B, 2n).
+        self.out_weight = [torch.cat([matrix(l.residual), matrix(l.skip)], dim=1) for l in self.layers]
+        self.out_bias = [torch.cat([l.residual.bias, l.skip.bias]) for l in self.layers]
+
+    def class_biases(self, labels: torch.Tensor | None, batch: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.class_bias is None:
+            zero = self.layers[0].link.bias.new_zeros(batch, 2 * self.n)
+            return zero, zero
+        return layer.class_bias(labels).chunk(2, dim=1)
+
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeState:
+        """Caches for decoding row `known_rows` onwards: one batched pass of the vertical stack over the
+        known rows (which never sees a later row), keeping the last rows of every layer's input."""
+        b, c, _, w = canvas.shape
+        dtype = self.h_weight[0].dtype
+        v = scale_pixels(canvas[:, :, :known_rows], dtype)  # (B, C, r, W)
+        vertical_queues, v_bias, h_bias = [], [], []
+        for index, layer in enumerate(self.layers):
+            kernel = layer.vertical.kernel_size
+            keep = kernel[0] if index == 0 else kernel[0] - 1  # layer 0 reads rows < i; later ones row i too
+            pad = kernel[1] // 2
+            queue = F.pad(v, (pad, pad, max(0, keep - known_rows), 0))[:, :, -keep:] if keep else v[:, :, :0]
+            vertical_queues.append(queue.contiguous() if keep else F.pad(queue, (pad, pad)))
+            vb, hb = self.class_biases(labels, b, layer)
+            v_bias.append(vb)
+            h_bias.append(hb)
+            if known_rows:
+                v = gate(layer.vertical(F.pad(v, layer.vertical_padding)) + vb[:, :, None, None])
+            else:
+                v = v.new_zeros(b, self.n, 0, w)
+        h_buffers = [canvas.new_zeros(b, w + kw - 1, c if i == 0 else self.n, dtype=dtype)
+                     for i, kw in enumerate(self.h_width)]
+        return DecodeState(
+            labels=labels if labels is not None else canvas.new_zeros(b),
+            vertical=vertical_queues,
+            v_bias=v_bias,
+            h_bias=h_bias,
+            h_buffers=h_buffers,
+            row_bias=[None] * len(self.layers),
+        )
+
+    def begin_row(self, s: DecodeState) -> None:
+        """Vertical stack for the row about to be drawn (it depends only on earlier rows)."""
+        v_new = None  # the previous layer's vertical output for this row, (B, n, 1, W)
+        for index, layer in enumerate(self.layers):
+            queue = s.vertical[index]
+            pad = layer.vertical.kernel_size[1] // 2
+            window = queue if index == 0 else torch.cat([queue, F.pad(v_new, (pad, pad))], dim=2)
+            if index > 0 and queue.shape[2]:
+                s.vertical[index] = window[:, :, 1:]
+            v_pre = layer.vertical(window) + s.v_bias[index][:, :, None, None]  # (B, 2n, 1, W)
+            # Everything the horizontal stack adds that does not depend on the current row, per column.
+            link = layer.link(v_pre)[:, :, 0].transpose(1, 2)  # (B, W, 2n)
+            s.row_bias[index] = (link + layer.horizontal.bias + s.h_bias[index][:, None, :]).contiguous()
+            v_new = gate(v_pre)
+            s.h_buffers[index].zero_()
+
+    def step(self, s: DecodeState, j: int, colour: int) -> torch.Tensor:
+        """Logits (B, 256) of sub-pixel (current row, j, colour)."""
+        b = s.batch
+        skips = None
+        for index, layer in enumerate(self.layers):
+            kw, buffer = self.h_width[index], s.h_buffers[index]
+            window = buffer[:, j : j + kw].reshape(b, -1)  # (B, kw * in)
+            pre = torch.addmm(s.row_bias[index][:, j], window, self.h_weight[index])  # (B, 2n)
+            out = torch.addmm(self.out_bias[index], gate(pre), self.out_weight[index])  # (B, 2n)
+            h, skip = out[:, : self.n], out[:, self.n :]
+            if index > 0:
+                h = h + buffer[:, j + kw - 1]
+            if index + 1 < len(self.layers):
+                s.h_buffers[index + 1][:, j + self.h_width[index + 1] - 1] = h
+            skips = skip if skips is None else skips + skip
+        return self.head(skips, colour)
+
+    def write(self, s: DecodeState, j: int, colour: int, values: torch.Tensor) -> None:
+        buffer = s.h_buffers[0]
+        buffer[:, j + self.h_width[0] - 1, colour] = scale_pixels(values, buffer.dtype)
+
+    def end_row(self, s: DecodeState, row: torch.Tensor) -> None:
+        """Push the finished image row (B, C, W) into the first layer's vertical queue."""
+        queue = s.vertical[0]
+        pad = self.layers[0].vertical.kernel_size[1] // 2
+        new = F.pad(scale_pixels(row, queue.dtype), (pad, pad))[:, :, None]
+        s.vertical[0] = torch.cat([queue[:, :, 1:], new], dim=2)
+
+
+class CachedPixelCNN:
+    def __init__(self, model: PixelCNN) -> None:
+        self.config: ModelConfig = model.config
+        self.model = model
+        self.head = HeadStep(model.head)
+        self.in_half = model.input.kernel_size[0] // 2
+        self.in_weight = matrix(model.input, slice(0, self.in_half + 1))  # rows below the centre are masked
+        self.blocks = list(model.blocks)
+        self.k_half = [blk.conv.kernel_size[0] // 2 for blk in self.blocks]
+        self.conv_weight = [matrix(blk.conv, slice(0, p + 1)) for blk, p in zip(self.blocks, self.k_half)]
+        self.reduce = [(matrix(blk.reduce), blk.reduce.bias) for blk in self.blocks]
+        self.expand = [(matrix(blk.expand), blk.expand.bias) for blk in self.blocks]
+
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeState:
+        """Windows of rows i-k//2 .. i of every masked conv's input, from one pass over the known rows."""
+        b, c, _, w = canvas.shape
+        m = self.model
+        dtype = self.in_weight.dtype
+        known = scale_pixels(canvas[:, :, :known_rows], dtype)
+
+        def window(features: torch.Tensor, half: int) -> torch.Tensor:
+            # (B, ch, r, W) -> (B, half + 1, W + 2 * half, ch): the last `half` rows, then the current row.
+            padded = F.pad(features, (half, half, max(0, half - known_rows), 1))[:, :, -(half + 1) :]
+            return padded.permute(0, 2, 3, 1).contiguous()
+
+        inputs = window(known, self.in_half)
+        class_bias = m.class_bias(labels) if m.class_bias is not None else canvas.new_zeros(b, 1, dtype=dtype)
+        h = m.input(known) + class_bias[:, :, None, None] if known_rows else None
+        conv_inputs = []
+        for block, half in zip(self.blocks, self.k_half):
+            if known_rows:
+                reduced = torch.relu(block.reduce(torch.relu(h)))
+                h = h + block.expand(torch.relu(block.conv(reduced)))
+            else:
+                reduced = canvas.new_zeros(b, block.conv.in_channels, 0, w, dtype=dtype)
+            conv_inputs.append(window(reduced, half))
+        return DecodeState(
+            labels=labels if labels is not None else canvas.new_zeros(b),
+            input_bias=(m.input.bias + class_bias).expand(b, m.input.out_channels).contiguous(),
+            inputs=inputs,
+            conv_inputs=conv_inputs,
+        )
+
+    def begin_row(self, s: DecodeState) -> None:
+        """Nothing is shared across a row: every layer is computed at each new position."""
+
+    def step(self, s: DecodeState, j: int, colour: int) -> torch.Tensor:
+        b = s.batch
+        k = 2 * self.in_half + 1
+        patch = s.inputs[:, :, j : j + k].reshape(b, -1)
+        h = torch.addmm(s.input_bias, patch, self.in_weight)  # (B, n)
+        for index, block in enumerate(self.blocks):
+            w_red, b_red = self.reduce[index]
+            w_exp, b_exp = self.expand[index]
+            half = self.k_half[index]
+            buffer = s.conv_inputs[index]
+            buffer[:, half, j + half] = torch.relu(torch.addmm(b_red, torch.relu(h), w_red))
+            conv = torch.addmm(block.conv.bias, buffer[:, :, j : j + 2 * half + 1].reshape(b, -1), self.conv_weight[index])
+            h = h + torch.addmm(b_exp, torch.relu(conv), w_exp)
+        return self.head(h, colour)
+
+    def write(self, s: DecodeState, j: int, colour: int, values: torch.Tensor) -> None:
+        s.inputs[:, self.in_half, j + self.in_half, colour] = scale_pixels(values, s.inputs.dtype)
+
+    def end_row(self, s: DecodeState, row: torch.Tensor) -> None:
+        """Shift every window up one row; the new current row starts at zero."""
+        s.inputs = F.pad(s.inputs[:, 1:], (0, 0, 0, 0, 0, 1))
+        s.conv_inputs = [F.pad(buffer[:, 1:], (0, 0, 0, 0, 0, 1)) for buffer in s.conv_inputs]
+
+
+class CachedSampler:
+    """Prefill + row-by-row decode for any model of this package."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config: ModelConfig = model.config
+        self.device = next(model.parameters()).device
+        with torch.no_grad():
+            self.impl = CachedGated(model) if isinstance(model, GatedPixelCNN) else CachedPixelCNN(model)
+
+    @torch.no_grad()
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeState:
+        return self.impl.prefill(canvas.to(self.device), None if labels is None else labels.to(self.device), known_rows)
+
+    @torch.no_grad()
+    def decode_row(
+        self, state: DecodeState, uniforms: torch.Tensor, temperature: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one row for every image in the batch.
+
+        uniforms (B, C, W) float64, temperature (B, 1) -> values int64 (B, C, W), log p of the row (B,)."""
+        c, w = self.config.image_channels, self.config.width
+        uniforms = uniforms.to(self.device)
+        temperature = temperature.to(self.device)
+        self.impl.begin_row(state)
+        row = torch.empty((state.batch, c, w), dtype=torch.long, device=self.device)
+        log_prob = torch.zeros(state.batch, dtype=torch.float64, device=self.device)
+        for j in range(w):
+            for colour in range(c):
+                logits = self.impl.step(state, j, colour)
+                values, lp = draw(logits, uniforms[:, colour, j], temperature)
+                self.impl.write(state, j, colour, values)
+                row[:, colour, j] = values
+                log_prob += lp
+        self.impl.end_row(state, row)
+        return row, log_prob
+
+
+def iter_sample(
+    model: nn.Module,
+    n: int = 1,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    known: torch.Tensor | None = None,
+    known_rows: int = 0,
+    sampler: CachedSampler | None = None,
+) -> Iterator[tuple[int, torch.Tensor] | SampleResult]:
+    """Yield (row index, uint8 row (n, C, W)) as each row is final, then the SampleResult.
+
+    Same protocol (and so the same images) as app.model.sample_naive."""
+    config = model.config
+    check_temperature(temperature)
+    sampler = sampler or CachedSampler(model)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    labels = resolve_labels(config, n, labels, generator)
+    canvas = prepare_canvas(config, n, known, known_rows, sampler.device)
+    state = sampler.prefill(canvas, labels, known_rows)
+    temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
+    log_prob = torch.zeros(n, dtype=torch.float64, device=sampler.device)
+    for i in range(known_rows, config.height):
+        uniforms = row_uniforms(generator, n, config.image_channels, config.width)
+        row, lp = sampler.decode_row(state, uniforms, temperatures)
+        canvas[:, :, i] = row
+        log_prob += lp
+        yield i, row.to(torch.uint8).cpu()
+    yield SampleResult(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu())
+
+
+def sample_cached(model: nn.Module, n: int = 1, **kwargs) -> SampleResult:
+    """Cached sampling to completion; keyword arguments as iter_sample."""
+    *_, result = iter_sample(model, n, **kwargs)
+    return result
