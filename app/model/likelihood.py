@@ -10,8 +10,12 @@ from torch import nn
 
 
 def nll_per_subpixel(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """logits (B, 256, C, H, W), x (B, C, H, W) -> NLL in nats per sub-pixel, (B, C, H, W)."""
-    return F.cross_entropy(logits.float(), x.long(), reduction="none")
+    """logits (B, 256, C, H, W), x (B, C, H, W) -> NLL in nats per sub-pixel, (B, C, H, W).
+
+    Half-precision logits (bf16 autocast) are scored in float32; float64 models stay in float64."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits, x.long(), reduction="none")
 
 
 def nll_nats(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
