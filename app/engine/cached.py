@@ -33,7 +33,9 @@ from app.model.sampling import check_temperature, draw, prepare_canvas, resolve_
 
 
 class DecodeState:
-    """The caches of a batch of images: tensors (or lists of tensors) with the batch dimension first."""
+    """The caches of a batch of images: tensors (or lists of tensors) with the batch dimension first.
+
+    None marks per-row scratch that is recomputed at the start of every row, so it is never merged."""
 
     def __init__(self, **tensors) -> None:
         self.__dict__.update(tensors)
@@ -48,7 +50,7 @@ class DecodeState:
         for key, value in first.items():
             parts = [vars(s)[key] for s in states]
             if isinstance(value, list):
-                merged[key] = [torch.cat(layer) for layer in zip(*parts)]
+                merged[key] = [None if layer[0] is None else torch.cat(layer) for layer in zip(*parts)]
             else:
                 merged[key] = torch.cat(parts)
         return DecodeState(**merged)
@@ -59,7 +61,7 @@ class DecodeState:
 
 
 def _map(value, fn):
-    return [fn(t) for t in value] if isinstance(value, list) else fn(value)
+    return [None if t is None else fn(t) for t in value] if isinstance(value, list) else fn(value)
 
 
 def matrix(conv: nn.Conv2d, rows: slice = slice(None)) -> torch.Tensor:

@@ -1,0 +1,313 @@
+"""The batching scheduler: concurrent requests for one model share every decode step.
+
+Continuous batching at row granularity. All images in the running batch share the column index; each
+request has its own row index, so a request joins at the next row boundary without waiting for the
+others to finish, and a finished or cancelled request leaves at once, freeing its slots. The cached
+state of every image is independent of its row index (see cached.py), which is what makes this exact:
+a request's images are the same whether it runs alone or beside others.
+
+One decode thread owns the model's caches; torch releases the GIL in its kernels, so the asyncio event
+loop stays responsive. Results reach each request's asyncio queue through call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from app.model import ModelConfig, SampleResult
+from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
+from app.model.sampling import check_temperature, prepare_canvas, resolve_labels, row_uniforms
+
+from .cached import CachedSampler, DecodeState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    n: int = 1
+    seed: int = 0
+    labels: list[int] | torch.Tensor | None = None  # None: drawn with the seed (class-conditional models)
+    temperature: float = 1.0
+    known: torch.Tensor | None = None  # uint8 (1 or n, C, H, W): image to complete
+    known_rows: int = 0  # rows of `known` kept; generation starts at this row
+
+
+@dataclass
+class RowEvent:
+    row: int
+    pixels: torch.Tensor  # uint8 (n, C, W)
+
+
+@dataclass
+class LikelihoodResult:
+    nll_nats: torch.Tensor  # float64 (N,): -log p(x | label), or -log sum_y p(y) p(x|y) without labels
+    per_pixel: torch.Tensor  # float (N, C, H, W) nats, under `labels`
+    labels: torch.Tensor | None  # (N,): the class used (given, or the most likely one)
+    class_log_probs: torch.Tensor | None  # (N, K): log p(y | x), uniform prior; conditional, no labels given
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at its bound; the caller should retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine stopped before the request finished."""
+
+
+@dataclass
+class _Job:
+    """One request inside the engine."""
+
+    request: GenerationRequest
+    generator: torch.Generator
+    labels: torch.Tensor | None
+    canvas: torch.Tensor  # int64 (n, C, H, W) on the engine's device
+    row: int
+    deliver: callable
+    log_prob: torch.Tensor = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return self.request.n
+
+
+class Stream:
+    """Async iterator over a request's RowEvents, then its SampleResult. Leaving early cancels it."""
+
+    def __init__(self, job: _Job, queue: asyncio.Queue) -> None:
+        self._job = job
+        self._queue = queue
+        self._finished = False
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> RowEvent | SampleResult:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if isinstance(item, SampleResult):
+            self._finished = True
+        return item
+
+    async def cancel(self) -> None:
+        """Stop the work: the request leaves the batch at the next row boundary."""
+        if not self._finished:
+            self._job.cancelled = True
+            self._finished = True
+
+    async def aclose(self) -> None:
+        await self.cancel()
+
+    async def result(self) -> SampleResult:
+        """Consume the rows and return the final result."""
+        async for item in self:
+            if isinstance(item, SampleResult):
+                return item
+        raise EngineStoppedError("the stream ended without a result")
+
+
+class Engine:
+    def __init__(self, model: nn.Module, max_batch_images: int = 64, max_queue: int = 64) -> None:
+        self.model = model.eval()
+        self.config: ModelConfig = model.config
+        self.sampler = CachedSampler(model)
+        self.device = self.sampler.device
+        self.max_batch_images = max_batch_images
+        self.max_queue = max_queue
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._active: list[_Job] = []
+        self._state: DecodeState | None = None
+        self._counters = collections.Counter()
+        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="pixelcnn-decode", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        with self._lock:
+            leftover = list(self._waiting) + self._active
+            self._waiting.clear()
+        self._active, self._state = [], None
+        for job in leftover:
+            job.deliver(EngineStoppedError("the server is shutting down"))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict:
+        with self._lock:
+            waiting = len(self._waiting)
+        sizes = list(self._batch_sizes)
+        return {
+            "queue_size": waiting,
+            "active_requests": len(self._active),
+            "active_images": sum(job.n for job in self._active),
+            "max_batch_images": self.max_batch_images,
+            "last_batch_size": sizes[-1] if sizes else 0,
+            "max_batch_size_seen": max(sizes, default=0),
+            "recent_batch_sizes": sizes[-50:],
+            **dict(self._counters),
+        }
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Stream:
+        """Queue a request; raises ValueError for a bad request and QueueFullError when the queue is full."""
+        if not 1 <= request.n <= self.max_batch_images:
+            raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
+        check_temperature(request.temperature)
+        generator = torch.Generator().manual_seed(request.seed)
+        labels = resolve_labels(self.config, request.n, request.labels, generator)
+        canvas = prepare_canvas(self.config, request.n, request.known, request.known_rows, self.device)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+        job = _Job(request, generator, labels, canvas, request.known_rows, deliver)
+        job.log_prob = torch.zeros(request.n, dtype=torch.float64)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                self._counters["rejected_queue_full"] += 1
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+            self._waiting.append(job)
+        self._counters["requests_submitted"] += 1
+        self._wake.set()
+        return Stream(job, queue)
+
+    async def generate(self, request: GenerationRequest) -> SampleResult:
+        return await self.submit(request).result()
+
+    async def likelihood(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
+        return await asyncio.to_thread(self.likelihood_sync, images, labels)
+
+    @torch.no_grad()
+    def likelihood_sync(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
+        """Teacher-forced NLL. A class-conditional model without labels gives the exact marginal
+        -log sum_y p(y) p(x|y) (uniform p(y)) and per-pixel values for the most likely class."""
+        if tuple(images.shape[1:]) != self.config.shape:
+            raise ValueError(f"images must have shape (N, {', '.join(map(str, self.config.shape))})")
+        x = images.to(self.device, torch.long)
+        class_log_probs = None
+        if self.config.conditional and labels is None:
+            marginal, per_class = marginal_nll_nats(self.model, x)
+            # Bayes with a uniform prior: log p(y|x) = log p(x|y) + log p(y) - log p(x).
+            class_log_probs = (marginal[:, None] - per_class - math.log(self.config.num_classes)).double().cpu()
+            labels = per_class.argmin(dim=1)
+            nll = marginal.double().cpu()
+        else:
+            labels = resolve_labels(self.config, x.shape[0], labels, torch.Generator())
+            nll = None
+        labels_dev = None if labels is None else labels.to(self.device)
+        per_pixel = nll_per_subpixel(self.model(x, labels_dev), x)
+        if nll is None:
+            nll = per_pixel.flatten(1).sum(1).double().cpu()
+        return LikelihoodResult(nll, per_pixel.cpu(), None if labels is None else labels.cpu(), class_log_probs)
+
+    # ---- decode loop (its own thread) ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._admit()
+                if not self._active:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._decode_one_row()
+            except Exception as error:  # never leave a client hanging: fail the batch, keep serving
+                log.exception("decode step failed")
+                self._counters["decode_errors"] += 1
+                for job in self._active:
+                    job.deliver(RuntimeError(f"generation failed: {error}"))
+                self._active, self._state = [], None
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while they fit (FIFO, so none starves)."""
+        joined = []
+        with self._lock:
+            room = self.max_batch_images - sum(job.n for job in self._active)
+            while self._waiting and (self._waiting[0].cancelled or self._waiting[0].n <= room):
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    self._counters["requests_cancelled"] += 1
+                    continue
+                room -= job.n
+                joined.append(job)
+        if not joined:
+            return
+        states = [self._state] if self._state is not None else []
+        for job in joined:
+            # Prefill: one pass over the known rows fills this request's caches.
+            states.append(self.sampler.prefill(job.canvas, job.labels, job.row))
+            if job.row >= self.config.height:  # nothing to generate (all rows known)
+                job.deliver(SampleResult(job.canvas.to(torch.uint8).cpu(), job.labels, job.log_prob))
+                states.pop()
+                continue
+            self._active.append(job)
+        self._state = DecodeState.concat(states) if states else None
+
+    def _decode_one_row(self) -> None:
+        c, w = self.config.image_channels, self.config.width
+        uniforms = torch.cat([row_uniforms(job.generator, job.n, c, w) for job in self._active])
+        temperatures = torch.cat(
+            [torch.full((job.n, 1), float(job.request.temperature), dtype=torch.float64) for job in self._active]
+        )
+        self._batch_sizes.append(uniforms.shape[0])
+        rows, log_prob = self.sampler.decode_row(self._state, uniforms, temperatures)
+        rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
+        self._counters["rows_decoded"] += 1
+
+        keep, still_active, offset = [], [], 0
+        for job in self._active:
+            part = slice(offset, offset + job.n)
+            offset += job.n
+            if job.cancelled:
+                self._counters["requests_cancelled"] += 1
+                continue
+            job.canvas[:, :, job.row] = rows[part]
+            job.log_prob += log_prob[part]
+            job.deliver(RowEvent(job.row, rows_cpu[part].clone()))
+            job.row += 1
+            if job.row == self.config.height:
+                self._counters["requests_completed"] += 1
+                job.deliver(SampleResult(job.canvas.to(torch.uint8).cpu(), job.labels, job.log_prob.clone()))
+                continue
+            keep.extend(range(part.start, part.stop))
+            still_active.append(job)
+        if len(still_active) != len(self._active):
+            self._state = self._state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+            self._active = still_active
