@@ -83,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         sample_grid=not args.no_samples,
-        command=command_line(),
+        command=command_line(args.argv),
     )
     train(config, options)
     return 0
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in (add_train, add_eval):
         add(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from app.data import DatasetNotFoundError
 
     try:

@@ -156,16 +156,18 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
     checkpoint_dir = options.checkpoint_dir or default_checkpoint_dir(options.out)
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "wall_time_s": 0.0, "images_seen": 0, "history": []}
     if options.resume and (checkpoint_dir / TRAINER_STATE).is_file():
-        state = load_checkpoint(checkpoint_dir, model, optimizer)
         saved_config = ModelConfig.load(checkpoint_dir / "config.json")
         if saved_config != config:
             raise SystemExit(f"--resume: the checkpoint in {checkpoint_dir} was trained with another model config")
+        state = load_checkpoint(checkpoint_dir, model, optimizer)
         if ranks.main:
             print(f"resuming from {checkpoint_dir} at step {state['step']} (epoch {state['epoch']})")
     elif ranks.main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         config.save(checkpoint_dir / "config.json")
-    ddp_model = nn.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
+    # static_graph: the gated model's last `residual` conv never reaches the loss (only its skip output is used);
+    # without it DDP waits for that parameter's gradient and fails at the second step.
+    ddp_model = nn.parallel.DistributedDataParallel(model, static_graph=True) if ranks.world > 1 else model
 
     per_rank_batch = max(1, options.batch_size // ranks.world)
     steps_per_epoch = len(train_set) // (per_rank_batch * ranks.world)
@@ -311,8 +313,9 @@ def write_sample_grid(model: nn.Module, path: Path, seed: int) -> None:
     save_grid(result.images, path, columns=n)
 
 
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["pixelcnn", *sys.argv[1:]])
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed: `argv` as given to cli.main, or this process's arguments."""
+    return " ".join(shlex.quote(a) for a in ["pixelcnn", *(sys.argv[1:] if argv is None else argv)])
 
 
 

@@ -58,10 +58,20 @@ def pick_split(archive: np.lib.npyio.NpzFile, path: Path, split: str) -> tuple[n
     )
 
 
+def class_names_of(archive: np.lib.npyio.NpzFile) -> list[str] | None:
+    """An optional `class_names` string array, else "0".."K-1" with K = 1 + the largest label of any split."""
+    keys = set(archive.files)
+    if "class_names" in keys:
+        return [str(name) for name in archive["class_names"]]
+    labels = [archive[key] for key in ("y_train", "y_test", "labels") if key in keys and archive[key].size]
+    return [str(i) for i in range(1 + max(int(a.max()) for a in labels))] if labels else None
+
+
 def load_npz(path: Path, split: str, limit: int | None) -> ImageDataset:
     """Load one split; allow_pickle=False so an .npz cannot smuggle in object arrays (arbitrary pickles)."""
     with np.load(path, allow_pickle=False) as archive:
         images, labels = pick_split(archive, path, split)
+        class_names = None if labels is None else class_names_of(archive)
     images = to_uint8(to_nchw(images[:limit], path), path)
     labels = None if labels is None else to_labels(labels[:limit], path)
-    return build_dataset(path.stem, images, labels, None, None)
+    return build_dataset(path.stem, images, labels, class_names, None)

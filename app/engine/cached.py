@@ -50,7 +50,7 @@ class DecodeState:
         for key, value in first.items():
             parts = [vars(s)[key] for s in states]
             if isinstance(value, list):
-                merged[key] = [None if layer[0] is None else torch.cat(layer) for layer in zip(*parts)]
+                merged[key] = [None if any(t is None for t in layer) else torch.cat(layer) for layer in zip(*parts)]
             else:
                 merged[key] = torch.cat(parts)
         return DecodeState(**merged)

@@ -1,0 +1,300 @@
+"""Trainer and `pixelcnn train`: outputs, exact resume, DDP under torchrun, error handling, and the model benchmark.
+
+Every model here is tiny (8 channels, 2 layers, 8x8 images) so the whole file runs in well under a minute on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import app.train
+from app.cli import main
+from app.data import load_dataset
+from app.evaluate import evaluate
+from app.model import ModelConfig, load
+from app.train import TrainOptions, train
+from tests.conftest import TINY_MODEL_ARGS, torch_threads, write_tiny_npz
+
+STEPS = 2 * (96 // 16)  # 2 epochs of 96 training images in batches of 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def read_metrics(model_dir: Path) -> dict:
+    return json.loads((model_dir / "metrics.json").read_text())
+
+
+def tensors_equal(a: Path, b: Path) -> None:
+    """Every tensor of two safetensors files is bit-identical (same names, shapes, dtypes and values)."""
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype, name
+        assert torch.equal(ta[name], tb[name]), f"{name} differs"
+
+
+def check_trained(model_dir: Path, data: str, conditional: bool) -> ModelConfig:
+    """The three files exist, metrics are sane, and the saved weights reproduce the reported test bits/dim."""
+    for name in ("config.json", "model.safetensors", "metrics.json"):
+        assert (model_dir / name).is_file(), name
+    metrics = read_metrics(model_dir)
+    assert 0 < metrics["test_bits_per_dim"] < 8  # below a uniform 256-way guess
+    assert metrics["steps"] == STEPS
+    assert metrics["images_seen"] == STEPS * 16
+    assert metrics["processes"] == 1
+    assert metrics["conditional_on_labels"] is conditional
+    assert metrics["history"] and metrics["history"][-1]["step"] == STEPS
+    for key in ("commit", "command", "torch", "hardware", "wall_time_s"):
+        assert key in metrics, key
+    assert metrics["commit"] and metrics["command"].startswith("pixelcnn")
+
+    first, second = load(model_dir), load(model_dir)
+    assert not first.training
+    test_set = load_dataset(data, "test")
+    labels = test_set.labels if conditional else None
+    with torch.no_grad():
+        logits = first(test_set.images, labels)
+        assert torch.equal(logits, second(test_set.images, labels))
+    assert logits.shape == (len(test_set), 256, *first.config.shape)
+    result = evaluate(first, test_set)
+    assert result.images == metrics["test_images"] == len(test_set)
+    assert result.bits_per_dim == pytest.approx(metrics["test_bits_per_dim"], abs=1e-5)
+    return first.config
+
+
+def test_train_cli_gated(trained_model: Path, tiny_npz: Path) -> None:
+    config = check_trained(trained_model, str(tiny_npz), conditional=False)
+    assert config.arch == "gated" and config.hidden_channels == 8 and config.layers == 2
+    assert config.head_channels == 16 and config.shape == (1, 8, 8) and config.num_classes == 0
+    # The final checkpoint holds the same weights as the exported model.
+    checkpoint = load_file(str(trained_model.parent / "ck" / app.train.CHECKPOINT_WEIGHTS))
+    exported = load_file(str(trained_model / "model.safetensors"))
+    assert {f"model.{k}" for k in exported} <= checkpoint.keys()
+    for name, value in exported.items():
+        assert torch.equal(checkpoint[f"model.{name}"], value), name
+    assert any(k.startswith("optim.exp_avg_sq.") for k in checkpoint)
+
+
+def test_train_cli_pixelcnn(tmp_path: Path, tiny_npz: Path) -> None:
+    code = main(["train", "--data", str(tiny_npz), "--arch", "pixelcnn", *TINY_MODEL_ARGS,
+                 "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "m")])
+    assert code == 0
+    config = check_trained(tmp_path / "m", str(tiny_npz), conditional=False)
+    assert config.arch == "pixelcnn"
+
+
+def write_class_folder(root: Path, per_class_train: int = 32, per_class_test: int = 8) -> Path:
+    """train/ and test/ folders with one subfolder of 8x8 grayscale PNGs per class (3 classes, 96 train images)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:8, 0:8]
+    patterns = {"checker": ((xx + yy) % 2) * 255, "columns": xx * 36, "rows": yy * 36}
+    for split, count in (("train", per_class_train), ("test", per_class_test)):
+        for name, pattern in patterns.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(pattern + rng.integers(-20, 21, size=(8, 8)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
+def test_train_cli_conditional(tmp_path: Path, arch: str) -> None:
+    data = write_class_folder(tmp_path / "shapes")
+    out = tmp_path / "m"
+    code = main(["train", "--data", str(data), "--arch", arch, "--conditional", *TINY_MODEL_ARGS,
+                 "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(out)])
+    assert code == 0
+    config = check_trained(out, str(data), conditional=True)
+    assert config.arch == arch
+    assert config.num_classes == 3
+    assert config.class_names == ["checker", "columns", "rows"]
+    # The label is used: the same image gets different likelihoods under different classes.
+    model = load(out)
+    image = load_dataset(str(data), "test", limit=1).images.expand(3, -1, -1, -1)
+    with torch.no_grad():
+        logits = model(image, torch.arange(3))
+    assert not torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], logits[2])
+
+
+@pytest.mark.xfail(reason="BUG: .npz datasets get class_names=None, so --conditional refuses labelled .npz files",
+                   strict=False)
+def test_train_cli_conditional_npz(tmp_path: Path, tiny_npz: Path) -> None:
+    out = tmp_path / "m"
+    code = main(["train", "--data", str(tiny_npz), "--conditional", *TINY_MODEL_ARGS,
+                 "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(out)])
+    assert code == 0
+    config = ModelConfig.load(out / "config.json")
+    assert config.num_classes == 3 and len(config.class_names) == 3
+
+
+@pytest.mark.xfail(reason="BUG: metrics 'command' is built from sys.argv, not from the argv passed to main()",
+                   strict=False)
+def test_train_cli_records_its_command(trained_model: Path) -> None:
+    command = read_metrics(trained_model)["command"]
+    assert command.startswith("pixelcnn train --data ") and "--epochs 2" in command
+
+
+# ---- exact resume -------------------------------------------------------------------------------------------
+
+RESUME_CONFIG = ModelConfig(
+    hidden_channels=8, layers=2, first_kernel_size=3, kernel_size=3, head_channels=16, height=8, width=8,
+    num_classes=3, class_names=["a", "b", "c"],
+)
+
+
+def resume_options(data: Path, root: Path, resume: bool = False) -> TrainOptions:
+    return TrainOptions(
+        data=str(data), out=root / "m", checkpoint_dir=root / "ck", epochs=2, batch_size=16,
+        eval_every=5, eval_limit=8, checkpoint_every=0, resume=resume, device="cpu", sample_grid=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset, run folder) of 2 epochs trained without interruption."""
+    root = tmp_path_factory.mktemp("straight")
+    data = write_tiny_npz(root / "tiny.npz")
+    with torch_threads(1):
+        metrics = train(RESUME_CONFIG, resume_options(data, root))
+    assert metrics["steps"] == STEPS
+    return data, root
+
+
+@pytest.mark.parametrize("stop_at", [4, 6, 9])  # mid-epoch 1, the epoch boundary, mid-epoch 2
+def test_exact_resume(tmp_path: Path, straight_run: tuple[Path, Path], stop_at: int,
+                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    data, straight = straight_run
+    real_learning_rate = app.train.learning_rate
+
+    def interrupting_learning_rate(step: int, total_steps: int, options: TrainOptions) -> float:
+        if step == stop_at:  # called before step `stop_at` touches the model: steps 0..stop_at-1 are done
+            raise KeyboardInterrupt
+        return real_learning_rate(step, total_steps, options)
+
+    monkeypatch.setattr(app.train, "learning_rate", interrupting_learning_rate)
+    with pytest.raises(KeyboardInterrupt):
+        train(RESUME_CONFIG, resume_options(data, tmp_path))
+    monkeypatch.setattr(app.train, "learning_rate", real_learning_rate)
+
+    state = json.loads((tmp_path / "ck" / app.train.TRAINER_STATE).read_text())
+    assert state["step"] == stop_at
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+    capsys.readouterr()
+    metrics = train(RESUME_CONFIG, resume_options(data, tmp_path, resume=True))
+    assert f"at step {stop_at}" in capsys.readouterr().out
+    assert metrics["steps"] == STEPS and metrics["images_seen"] == STEPS * 16
+
+    tensors_equal(straight / "m" / "model.safetensors", tmp_path / "m" / "model.safetensors")
+    # Adam's moments and step counts too.
+    tensors_equal(straight / "ck" / app.train.CHECKPOINT_WEIGHTS, tmp_path / "ck" / app.train.CHECKPOINT_WEIGHTS)
+    assert metrics["test_nll_nats"] == read_metrics(straight / "m")["test_nll_nats"]
+
+
+@pytest.mark.xfail(reason="BUG: train() loads the checkpoint's weights before comparing configs, so a changed "
+                          "config fails in load_state_dict with a RuntimeError instead of the SystemExit message",
+                   raises=RuntimeError, strict=False)
+def test_resume_refuses_another_config(tmp_path: Path, straight_run: tuple[Path, Path]) -> None:
+    data, straight = straight_run
+    options = resume_options(data, straight, resume=True)
+    options.out = tmp_path / "m"
+    wider = dataclasses.replace(RESUME_CONFIG, hidden_channels=16, head_channels=32)
+    with pytest.raises(SystemExit, match="another model config"):
+        train(wider, options)
+
+
+def test_resume_of_a_finished_run_trains_no_further(tmp_path: Path, straight_run: tuple[Path, Path]) -> None:
+    data, straight = straight_run
+    options = resume_options(data, straight, resume=True)
+    options.out = tmp_path / "m"
+    metrics = train(RESUME_CONFIG, options)
+    assert metrics["steps"] == STEPS
+    tensors_equal(straight / "m" / "model.safetensors", tmp_path / "m" / "model.safetensors")
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param("gated", marks=pytest.mark.xfail(
+            reason="BUG: the last gated layer's `residual` conv never reaches the loss, and DDP (without "
+                   "static_graph/find_unused_parameters) fails with 'Expected to have finished reduction'",
+            strict=False)),
+        "pixelcnn",
+    ],
+)
+def test_ddp_two_processes(tmp_path: Path, tiny_npz: Path, arch: str) -> None:
+    """torchrun with 2 CPU (gloo) processes trains the same model as one process: each rank takes half of the
+    same global batch, and DDP averages the gradients, so only the order of floating-point sums differs."""
+    args = ["--data", str(tiny_npz), "--arch", arch, *TINY_MODEL_ARGS]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "app.cli", "train", *args, "--threads", "1",
+        "--checkpoint-dir", str(tmp_path / "ddp_ck"), "--out", str(tmp_path / "ddp"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    metrics = read_metrics(tmp_path / "ddp")
+    assert metrics["processes"] == 2
+    assert metrics["steps"] == STEPS and metrics["images_seen"] == STEPS * 16
+    assert metrics["command"].startswith("pixelcnn train")
+
+    assert main(["train", *args, "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "single")]) == 0
+    single = load_file(str(tmp_path / "single" / "model.safetensors"))
+    ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    assert single.keys() == ddp.keys()
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-4, msg=name)
+    assert metrics["test_bits_per_dim"] == pytest.approx(read_metrics(tmp_path / "single")["test_bits_per_dim"],
+                                                         abs=1e-3)
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+
+
+def test_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nope"
+    code = main(["train", "--data", "mnist", "--data-dir", str(missing), "--out", str(tmp_path / "m")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert str(missing) in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+# ---- benchmark ----------------------------------------------------------------------------------------------
+
+
+def test_bench_model_json(capsys: pytest.CaptureFixture) -> None:
+    from app.bench_model import run
+
+    assert run(["--sizes", "8x2", "--steps", "1", "--batch-size", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list) and len(rows) == 1
+    row = rows[0]
+    keys = {"model", "channels", "layers", "params", "forward_images_per_s", "train_images_per_s", "threads", "torch"}
+    assert keys <= row.keys()
+    assert (row["channels"], row["layers"]) == (8, 2)
+    assert row["params"] > 0 and row["forward_images_per_s"] > 0 and row["train_images_per_s"] > 0
+    assert row["torch"] == torch.__version__ and row["threads"] == 1
