@@ -132,8 +132,6 @@ def test_train_cli_conditional(tmp_path: Path, arch: str) -> None:
     assert not torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], logits[2])
 
 
-@pytest.mark.xfail(reason="BUG: .npz datasets get class_names=None, so --conditional refuses labelled .npz files",
-                   strict=False)
 def test_train_cli_conditional_npz(tmp_path: Path, tiny_npz: Path) -> None:
     out = tmp_path / "m"
     code = main(["train", "--data", str(tiny_npz), "--conditional", *TINY_MODEL_ARGS,
@@ -143,8 +141,6 @@ def test_train_cli_conditional_npz(tmp_path: Path, tiny_npz: Path) -> None:
     assert config.num_classes == 3 and len(config.class_names) == 3
 
 
-@pytest.mark.xfail(reason="BUG: metrics 'command' is built from sys.argv, not from the argv passed to main()",
-                   strict=False)
 def test_train_cli_records_its_command(trained_model: Path) -> None:
     command = read_metrics(trained_model)["command"]
     assert command.startswith("pixelcnn train --data ") and "--epochs 2" in command
@@ -207,9 +203,6 @@ def test_exact_resume(tmp_path: Path, straight_run: tuple[Path, Path], stop_at: 
     assert metrics["test_nll_nats"] == read_metrics(straight / "m")["test_nll_nats"]
 
 
-@pytest.mark.xfail(reason="BUG: train() loads the checkpoint's weights before comparing configs, so a changed "
-                          "config fails in load_state_dict with a RuntimeError instead of the SystemExit message",
-                   raises=RuntimeError, strict=False)
 def test_resume_refuses_another_config(tmp_path: Path, straight_run: tuple[Path, Path]) -> None:
     data, straight = straight_run
     options = resume_options(data, straight, resume=True)
@@ -234,10 +227,7 @@ def test_resume_of_a_finished_run_trains_no_further(tmp_path: Path, straight_run
 @pytest.mark.parametrize(
     "arch",
     [
-        pytest.param("gated", marks=pytest.mark.xfail(
-            reason="BUG: the last gated layer's `residual` conv never reaches the loss, and DDP (without "
-                   "static_graph/find_unused_parameters) fails with 'Expected to have finished reduction'",
-            strict=False)),
+        "gated",
         "pixelcnn",
     ],
 )

@@ -1,0 +1,465 @@
+"""POST /sample and POST /complete over HTTP: JSON, PNG and SSE answers, reproducibility from the seed,
+labels by name, completion keeping known rows, concurrency, overload and client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import anyio
+import pytest
+import torch
+from conftest import png_tensor, sse_events, torch_threads
+
+from app.engine import Engine
+from app.imaging import png_bytes
+from app.model import load, sample_naive, save
+from helpers import tiny_model
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def models(server_store):
+    return {name: load(server_store / name) for name in ("gray", "cond", "rgb")}
+
+
+def naive(model, n, seed, **kwargs):
+    """The reference sampler with the seed protocol the server promises (1 thread, like the server)."""
+    with torch_threads(1):
+        return sample_naive(model, n, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def images_of(body: dict) -> torch.Tensor:
+    return torch.stack([png_tensor(image["png"]) for image in body["images"]])
+
+
+def pattern(channels: int = 1, size: int = 8) -> torch.Tensor:
+    """A deterministic uint8 image (C, H, W) to complete."""
+    values = torch.arange(channels * size * size, dtype=torch.long).reshape(channels, size, size)
+    return (values * 37 % 256).to(torch.uint8)
+
+
+# /sample
+
+
+async def test_sample_json(serve, models):
+    async with serve() as (_, client):
+        response = await client.post("/sample", json={"n": 3, "seed": 11, "temperature": 0.9})
+        assert response.status_code == 200
+        body = response.json()
+    assert body["model"] == "gray" and body["seed"] == 11 and body["shape"] == [1, 8, 8] and body["rows"] == 8
+    assert body["temperature"] == 0.9 and body["elapsed_s"] >= 0 and "known_rows" not in body
+    assert len(body["images"]) == 3 and len(body["log_prob"]) == 3 and len(body["bits_per_dim"]) == 3
+    expected = naive(models["gray"], 3, 11, temperature=0.9)
+    assert torch.equal(images_of(body), expected.images)
+    assert body["log_prob"] == pytest.approx(expected.log_prob.tolist(), rel=1e-6)
+    for image, lp, bpd in zip(body["images"], body["log_prob"], body["bits_per_dim"]):
+        assert image["label"] is None and image["label_name"] is None and image["log_prob"] == lp
+        assert bpd == pytest.approx(-lp / (64 * 0.6931471805599453))
+
+
+async def test_missing_seed_is_drawn_returned_and_replays(serve):
+    async with serve() as (_, client):
+        first = (await client.post("/sample", json={"n": 2})).json()
+        assert isinstance(first["seed"], int) and 0 <= first["seed"] < 2**31
+        again = (await client.post("/sample", json={"n": 2, "seed": first["seed"]})).json()
+    assert again["images"] == first["images"]
+
+
+async def test_labels_by_name_case_insensitive_index_or_list(serve, models):
+    async with serve() as (_, client):
+        async def labels(label, n=1):
+            response = await client.post("/sample", json={"model": "cond", "n": n, "seed": 5, "label": label})
+            assert response.status_code == 200, response.text
+            return [(i["label"], i["label_name"]) for i in response.json()["images"]]
+
+        assert await labels("sneaker") == [(1, "Sneaker")]
+        assert await labels("ANKLE BOOT") == [(2, "Ankle boot")]
+        assert await labels(" t-shirt/top ") == [(0, "T-shirt/top")]
+        assert await labels(2, n=2) == [(2, "Ankle boot")] * 2
+        assert await labels("1") == [(1, "Sneaker")]
+        assert await labels(["sneaker", 0, "Ankle Boot"], n=3) == [(1, "Sneaker"), (0, "T-shirt/top"), (2, "Ankle boot")]
+        drawn = (await client.post("/sample", json={"model": "cond", "n": 4, "seed": 5})).json()
+    expected = naive(models["cond"], 4, 5)
+    assert [i["label"] for i in drawn["images"]] == expected.labels.tolist()
+    assert torch.equal(images_of(drawn), expected.images)
+
+
+async def test_sample_with_labels_matches_reference(serve, models):
+    async with serve() as (_, client):
+        body = (await client.post("/sample", json={"model": "cond", "n": 2, "seed": 3, "label": [2, 0]})).json()
+    expected = naive(models["cond"], 2, 3, labels=torch.tensor([2, 0]))
+    assert torch.equal(images_of(body), expected.images)
+
+
+async def test_sample_png(serve):
+    async with serve() as (_, client):
+        one = await client.post("/sample", json={"seed": 4}, headers={"Accept": "image/png"})
+        assert one.status_code == 200 and one.headers["content-type"] == "image/png"
+        assert one.headers["x-seed"] == "4" and one.headers["x-model"] == "gray" and "x-labels" not in one.headers
+        as_json = (await client.post("/sample", json={"seed": 4})).json()
+        assert torch.equal(png_tensor(one.content), png_tensor(as_json["images"][0]["png"]))
+
+        grid = await client.post("/sample", json={"model": "cond", "n": 4, "seed": 4, "label": 1},
+                                 headers={"Accept": "image/png"})
+        assert grid.headers["x-labels"] == "1,1,1,1"
+        assert png_tensor(grid.content).shape == (1, 2 + 10, 2 + 4 * 10)  # one row of 4, 2 px borders
+
+
+async def test_sample_sse_rows_then_done(serve):
+    async with serve() as (_, client):
+        plain = (await client.post("/sample", json={"n": 2, "seed": 21})).json()
+        for request in ({"json": {"n": 2, "seed": 21, "stream": True}},
+                        {"json": {"n": 2, "seed": 21}, "headers": {"Accept": "text/event-stream"}}):
+            response = await client.post("/sample", **request)
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-accel-buffering"] == "no" and response.headers["cache-control"] == "no-cache"
+            assert response.headers["x-seed"] == "21"
+            events = sse_events(response.text)
+            names = [name for name, _ in events]
+            assert names == ["row"] * 8 + ["done"]
+            assert [data["row"] for _, data in events[:-1]] == list(range(8))
+            done = events[-1][1]
+            assert done["images"] == plain["images"] and done["log_prob"] == plain["log_prob"]
+            final = images_of(done)
+            for _, data in events[:-1]:  # every streamed row is the final image's row
+                assert torch.equal(torch.tensor(data["pixels"], dtype=torch.uint8), final[:, :, data["row"]])
+
+
+async def test_concurrent_requests_equal_sequential(serve):
+    requests = [
+        {"n": 1, "seed": 1}, {"n": 3, "seed": 2}, {"model": "cond", "n": 2, "seed": 3, "label": "sneaker"},
+        {"model": "cond", "n": 2, "seed": 4}, {"model": "rgb", "n": 2, "seed": 5}, {"n": 2, "seed": 6, "temperature": 0.7},
+    ]
+    async with serve() as (_, client):
+        sequential = [(await client.post("/sample", json=r)).json() for r in requests]
+        responses = await asyncio.gather(*(client.post("/sample", json=r) for r in requests))
+    assert all(r.status_code == 200 for r in responses)
+    for response, alone in zip(responses, sequential):
+        together = response.json()
+        assert together["images"] == alone["images"]
+        assert together["log_prob"] == pytest.approx(alone["log_prob"], rel=1e-9)
+
+
+async def test_full_queue_is_503_with_retry_after(serve):
+    async with serve(max_queue=0) as (_, client):
+        for request in ({"json": {"seed": 1}}, {"json": {"seed": 1, "stream": True}}):
+            response = await client.post("/sample", **request)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            error = response.json()["error"]
+            assert error["type"] == "overloaded" and "full queue" in error["message"] and "retry" in error["message"]
+        assert 'pixelcnn_failures_total{reason="overloaded"} 2.0' in (await client.get("/metrics")).text
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_engine_value_error_is_a_400(serve, server_store):
+    async with serve(max_batch_images=2, max_images_per_request=8) as (_, client):
+        response = await client.post("/sample", json={"n": 3})
+    assert response.status_code == 400 and "between 1 and 2" in response.json()["error"]["message"]
+
+
+# /complete
+
+
+async def test_complete_multipart_keeps_known_rows(serve, models):
+    known = pattern()
+    async with serve() as (_, client):
+        response = await client.post("/complete", files={"image": ("top.png", png_bytes(known), "image/png")},
+                                     data={"rows": "3", "n": "2", "seed": "8", "temperature": "0.8"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+    assert body["known_rows"] == 3 and body["seed"] == 8 and body["rows"] == 8
+    images = images_of(body)
+    assert torch.equal(images[:, :, :3], known[None, :, :3].expand(2, -1, -1, -1))
+    expected = naive(models["gray"], 2, 8, temperature=0.8, known=known[None], known_rows=3)
+    assert torch.equal(images, expected.images)
+    generated_dims = 1 * (8 - 3) * 8
+    assert body["bits_per_dim"][0] == pytest.approx(-body["log_prob"][0] / (generated_dims * 0.6931471805599453))
+
+
+async def test_complete_curl_style_png_defaults_to_half(serve, models):
+    """curl -F image=@top.png -H 'Accept: image/png' http://localhost:8000/complete -o done.png"""
+    known = pattern()
+    async with serve() as (_, client):
+        response = await client.post("/complete", files={"image": ("top.png", png_bytes(known), "image/png")},
+                                     headers={"Accept": "image/png"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    done = png_tensor(response.content)
+    assert torch.equal(done[:, :4], known[:, :4])  # rows default to H // 2
+    seed = int(response.headers["x-seed"])
+    assert torch.equal(done, naive(models["gray"], 1, seed, known=known[None], known_rows=4).images[0])
+
+
+async def test_complete_json_base64_and_data_url(serve):
+    known = pattern()
+    encoded = base64.b64encode(png_bytes(known)).decode()
+    async with serve() as (_, client):
+        plain = (await client.post("/complete", json={"image": encoded, "rows": 5, "seed": 2})).json()
+        data_url = (await client.post("/complete", json={"image": "data:image/png;base64," + encoded,
+                                                         "rows": 5, "seed": 2})).json()
+    assert plain["images"] == data_url["images"] and plain["known_rows"] == 5
+    assert torch.equal(images_of(plain)[0, :, :5], known[:, :5])
+
+
+async def test_complete_stream_emits_only_generated_rows(serve):
+    known = pattern()
+    async with serve() as (_, client):
+        response = await client.post("/complete", files={"image": ("a.png", png_bytes(known), "image/png")},
+                                     data={"rows": "6", "seed": "1", "stream": "true"})
+    events = sse_events(response.text)
+    assert [name for name, _ in events] == ["row", "row", "done"]
+    assert [data["row"] for _, data in events[:2]] == [6, 7]
+    assert events[-1][1]["known_rows"] == 6
+
+
+async def test_complete_rgb_and_gray_upload_to_rgb_model(serve, models):
+    rgb = pattern(3)
+    async with serve() as (_, client):
+        body = (await client.post("/complete", data={"model": "rgb", "rows": "2", "seed": "3"},
+                                  files={"image": ("c.png", png_bytes(rgb), "image/png")})).json()
+        assert torch.equal(images_of(body)[0, :, :2], rgb[:, :2])
+        gray = pattern(1)
+        body = (await client.post("/complete", data={"model": "rgb", "rows": "2", "seed": "3"},
+                                  files={"image": ("g.png", png_bytes(gray), "image/png")})).json()
+        assert torch.equal(images_of(body)[0, :, :2], gray[:, :2].expand(3, -1, -1))  # L repeated to RGB
+    expected = naive(models["rgb"], 1, 3, known=gray.expand(3, -1, -1)[None], known_rows=2)
+    assert torch.equal(images_of(body), expected.images)
+
+
+async def test_complete_with_label_name(serve):
+    async with serve() as (_, client):
+        response = await client.post("/complete", data={"model": "cond", "label": "Sneaker", "n": "2", "seed": "1"},
+                                     files={"image": ("a.png", png_bytes(pattern()), "image/png")})
+    assert [i["label_name"] for i in response.json()["images"]] == ["Sneaker", "Sneaker"]
+
+
+@pytest.mark.parametrize("kwargs, status, fragments, field", [
+    ({"files": {"image": ("s.png", png_bytes(pattern(1, 4)), "image/png")}}, 400,
+     ["image: image is 4x4 (WxH), the model expects 8x8", "model 'gray'"], "image"),
+    ({"files": {"image": ("x.png", b"not an image", "image/png")}}, 400, ["could not read the image"], "image"),
+    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"rows": "8"}}, 400,
+     ["rows must be between 0 and 7", "got 8"], "rows"),
+    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"rows": "-1"}}, 400,
+     ["rows must be between 0 and 7"], "rows"),
+    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"n": "99"}}, 400,
+     ["n must be between 1 and 64"], "n"),
+    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"seed": "abc"}}, 400,
+     ["seed:", "valid integer"], "seed"),
+    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"bogus": "1"}}, 400,
+     ["bogus: unknown field"], "bogus"),
+    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"label": "sneaker"}}, 400,
+     ["model 'gray' is unconditional"], "label"),
+    ({"files": [("image", ("a.png", png_bytes(pattern()), "image/png")),
+                ("image", ("b.png", png_bytes(pattern()), "image/png"))]}, 400,
+     ["/complete takes one image, got 2"], "image"),
+    ({"data": {"image": "just text", "rows": "2"}}, 400, ["image must be an uploaded file"], "image"),
+    ({"data": {"rows": "2"}, "files": {"other": ("a.png", b"x", "image/png")}}, 400, ["other must be a plain form field"],
+     "other"),
+    ({"json": {"rows": 2}}, 400, ["no image given"], "image"),
+    ({"json": {"image": "%%%"}}, 400, ["image is not valid base64"], "image"),
+    ({"json": {"image": 5}}, 400, ["image must be a base64 string"], "image"),
+])
+async def test_complete_input_errors(serve, kwargs, status, fragments, field):
+    async with serve() as (_, client):
+        response = await client.post("/complete", **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and error.get("field") == field
+    for fragment in fragments:
+        assert fragment in error["message"], (fragment, error["message"])
+
+
+# Disconnects: the engine request must leave the batch.
+
+
+@pytest.fixture(scope="module")
+def tall_store(tmp_path_factory):
+    """One 24x24 model: enough rows that a disconnect after the first row lands mid-generation."""
+    root = tmp_path_factory.mktemp("tall_store")
+    save(tiny_model("gated", 1, size=24, layers=2, seed=4).float(), root / "tall")
+    return root
+
+
+def spying_engine_factory(model, settings):
+    """The real engine, recording which requests the server cancelled."""
+    engine = Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue)
+    engine.cancelled = []
+    submit = engine.submit
+
+    def spy(request):
+        stream = submit(request)
+        cancel = stream.cancel
+
+        async def recorded_cancel():
+            engine.cancelled.append(request)
+            await cancel()
+
+        stream.cancel = recorded_cancel
+        return stream
+
+    engine.submit = spy
+    return engine
+
+
+async def call_then_disconnect(app, path: str, body: dict, *, after_first_row: bool, spec_version: str) -> list[bytes]:
+    """Drive the ASGI app like a server whose client hangs up: right after the request (non-streamed) or
+    once the first row event has been sent. Returns the body chunks sent."""
+    payload = json.dumps(body).encode()
+    gone = anyio.Event()
+    if not after_first_row:
+        gone.set()
+    delivered = False
+    chunks: list[bytes] = []
+
+    async def receive():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        if gone.is_set():  # like uvicorn: a closed connection answers at once
+            return {"type": "http.disconnect"}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if b"event: row" in chunks[-1]:
+                gone.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 50000), "server": ("test", 80),
+        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode())],
+    }
+    with anyio.fail_after(20):
+        await app(scope, receive, send)
+    return chunks
+
+
+async def wait_until_left(engine) -> dict:
+    with anyio.fail_after(10):
+        while True:
+            stats = engine.stats()
+            if stats.get("requests_cancelled", 0) >= 1 and stats["active_images"] == 0 and stats["queue_size"] == 0:
+                return stats
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])  # uvicorn's listener task, or per-row checks alone
+async def test_stream_disconnect_cancels_the_engine_request(serve, tall_store, spec_version):
+    async with serve(engine_factory=spying_engine_factory, model_store=tall_store, model="tall") as (app, client):
+        engine = app.state.registry.models["tall"].engine
+        chunks = await call_then_disconnect(app, "/sample", {"n": 2, "seed": 1, "stream": True},
+                                            after_first_row=True, spec_version=spec_version)
+        text = b"".join(chunks).decode()
+        assert "event: row" in text and "event: done" not in text
+        assert len(engine.cancelled) == 1
+        stats = await wait_until_left(engine)
+        assert stats.get("requests_completed", 0) == 0
+        assert 'pixelcnn_failures_total{reason="client_disconnected"} 1.0' in (await client.get("/metrics")).text
+        # The server is unharmed.
+        assert (await client.post("/sample", json={"seed": 2})).status_code == 200
+
+
+async def test_non_streamed_disconnect_cancels_the_engine_request(serve, tall_store):
+    async with serve(engine_factory=spying_engine_factory, model_store=tall_store, model="tall") as (app, _):
+        engine = app.state.registry.models["tall"].engine
+        await call_then_disconnect(app, "/sample", {"n": 2, "seed": 1}, after_first_row=False, spec_version="2.3")
+        assert len(engine.cancelled) == 1
+        await wait_until_left(engine)
+
+
+async def test_finished_requests_are_not_cancelled(serve):
+    async with serve(engine_factory=spying_engine_factory) as (app, client):
+        await client.post("/sample", json={"seed": 1})
+        await client.post("/sample", json={"seed": 1, "stream": True})
+        assert app.state.registry.models["gray"].engine.cancelled == []
+
+
+# Engine failures: never a hang, and an error event once the stream has started.
+
+
+class FailingStream:
+    """Yields one real row, then raises `error`; records cancel() calls."""
+
+    def __init__(self, stream, error):
+        self.stream, self.error, self.cancelled = stream, error, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.error is None:
+            raise self.failure
+        event = await self.stream.__anext__()
+        self.failure, self.error = self.error, None
+        return event
+
+    async def cancel(self):
+        self.cancelled = True
+        await self.stream.cancel()
+
+
+def failing_submit(engine, error, streams):
+    submit = engine.submit
+
+    def wrapped(request):
+        streams.append(FailingStream(submit(request), error))
+        return streams[-1]
+
+    return wrapped
+
+
+async def test_engine_failure_mid_stream_is_an_error_event(serve):
+    streams = []
+    async with serve() as (app, client):
+        engine = app.state.registry.models["gray"].engine
+        engine.submit = failing_submit(engine, RuntimeError("boom"), streams)
+        response = await client.post("/sample", json={"seed": 1, "stream": True})
+        assert response.status_code == 200
+        events = sse_events(response.text)
+        assert [name for name, _ in events] == ["row", "error"]
+        assert events[-1][1] == {"error": {"type": "internal", "message": "generation failed (RuntimeError: boom)"}}
+        assert streams[0].cancelled  # the engine request was released
+        assert 'pixelcnn_failures_total{reason="stream_error"} 1.0' in (await client.get("/metrics")).text
+
+
+async def test_engine_stopped_is_503_and_a_bug_is_a_500(serve):
+    from app.engine import EngineStoppedError
+
+    streams = []
+    async with serve() as (app, client):
+        engine = app.state.registry.models["gray"].engine
+        engine.submit = failing_submit(engine, EngineStoppedError("shutting down"), streams)
+        response = await client.post("/sample", json={"seed": 1})
+        assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
+        engine.submit = failing_submit(engine, RuntimeError("bug"), streams)
+        transport_raises = False
+        try:
+            response = await client.post("/sample", json={"seed": 1})
+        except RuntimeError:  # httpx's ASGITransport re-raises app exceptions after the 500 went out
+            transport_raises = True
+        assert transport_raises or response.status_code == 500
+        assert all(stream.cancelled for stream in streams)
+
+
+async def test_openapi_documents_both_upload_forms(serve):
+    async with serve() as (_, client):
+        spec = (await client.get("/openapi.json")).json()
+    assert {"/health", "/ready", "/models", "/sample", "/complete", "/likelihood", "/metrics"} <= set(spec["paths"])
+    for path in ("/complete", "/likelihood"):
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert set(content) == {"multipart/form-data", "application/json"}
+        assert content["multipart/form-data"]["schema"]["properties"]["image"]
