@@ -126,10 +126,133 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=1, help="images to generate")
+    p.add_argument("--seed", type=int, help="random seed (drawn and printed when absent)")
+    p.add_argument("--label", help="class index or name (class-conditional models; drawn when absent)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--url", help="use a running server (pixelcnn serve) instead of loading the model here")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write (a grid when n > 1)")
+
+
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate images with the cached sampler (or --naive, or --url)")
+    p.add_argument("model", help="model folder, or with --url the model name on the server (optional)",
+                   nargs="?")
+    add_generation_options(p)
+    p.add_argument("--naive", action="store_true", help="use the reference sampler (same images, much slower)")
+    p.set_defaults(run=run_sample)
+
+
+def add_complete(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("complete", help="keep the top rows of an image and sample the rest")
+    p.add_argument("model", help="model folder, or with --url the model name on the server")
+    p.add_argument("image", type=Path, help="image file of the model's size")
+    p.add_argument("--rows", type=int, help="known rows kept from the top (default: half the height)")
+    add_generation_options(p)
+    p.add_argument("--naive", action="store_true", help="use the reference sampler (same images, much slower)")
+    p.set_defaults(run=run_complete)
+
+
+def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: int = 0):
+    import secrets
+
+    import torch
+
+    from app.engine import sample_cached
+    from app.model import load, sample_naive
+    from app.train import pick_device
+
+    model = load(args.model, pick_device(args.device))
+    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    labels = None
+    if args.label is not None:
+        labels = torch.tensor([model.config.class_index(args.label)] * n)
+    sampler = sample_naive if args.naive else sample_cached
+    result = sampler(model, n, labels=labels, temperature=args.temperature,
+                     generator=torch.Generator().manual_seed(seed), known=known, known_rows=known_rows)
+    names = [model.config.class_name(int(y)) for y in result.labels] if result.labels is not None else []
+    return result.images, seed, names
+
+
+def images_from_response(result: dict):
+    """uint8 (n, C, H, W) from a /sample or /complete JSON response."""
+    import base64
+
+    import torch
+
+    from app.imaging import decode_image
+
+    c, h, w = result["shape"]
+    return torch.stack([decode_image(base64.b64decode(item["png"]), c, h, w) for item in result["images"]])
+
+
+def report(args: argparse.Namespace, images, seed: int, names: list[str]) -> int:
+    from app.imaging import save_grid
+
+    save_grid(images, args.out, columns=min(len(images), 8))
+    labels = f", labels {names}" if names else ""
+    print(f"wrote {args.out}: {len(images)} image(s), seed {seed}{labels}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    n = args.n
+    if args.url:
+        from app.client import PixelCNNClient
+
+        label = args.label if args.label is None or not args.label.isdigit() else int(args.label)
+        with PixelCNNClient(args.url) as client:
+            result = client.sample(n=n, label=label, temperature=args.temperature, seed=args.seed, model=args.model)
+        return report(args, images_from_response(result), result["seed"],
+                      [item.get("label_name") for item in result["images"] if item.get("label_name")])
+    if args.model is None:
+        print("error: give a model folder (or --url URL)", file=sys.stderr)
+        return 2
+    return report(args, *generate_locally(args, n))
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    n = args.n
+    if args.url:
+        from app.client import PixelCNNClient
+
+        label = args.label if args.label is None or not args.label.isdigit() else int(args.label)
+        with PixelCNNClient(args.url) as client:
+            result = client.complete(args.image, rows=args.rows, n=n, label=label, temperature=args.temperature,
+                                     seed=args.seed, model=args.model)
+        return report(args, images_from_response(result), result["seed"],
+                      [item.get("label_name") for item in result["images"] if item.get("label_name")])
+    from app.imaging import decode_image
+    from app.model import ModelConfig
+
+    config = ModelConfig.load(Path(args.model) / "config.json")
+    known = decode_image(args.image.read_bytes(), *config.shape)[None]
+    rows = config.height // 2 if args.rows is None else args.rows
+    return report(args, *generate_locally(args, n, known=known, known_rows=rows))
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: model (throughput), sampling (naive vs cached), http (server)")
+    p.add_argument("what", choices=["model", "sampling", "http"])
+    p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = {"model": "app.bench.model", "sampling": "app.bench.sampling", "http": "app.server.bench"}[args.what]
+    return importlib.import_module(module).run(args.options)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn", description="Train, evaluate and serve PixelCNN models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_eval):
+    from app.server.cli import add_serve
+
+    for add in (add_train, add_eval, add_sample, add_complete, add_serve, add_bench):
         add(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -137,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (DatasetNotFoundError, FileNotFoundError) as error:
+    except (DatasetNotFoundError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -137,3 +137,9 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
         fields = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((fields["event"], json.loads(fields["data"])))
     return events
+
+
+def pixels(result: dict) -> list[tuple[str, int | None]]:
+    """What must be exact between two /sample or /complete results with one seed: each image's PNG and label.
+    (log_prob may differ in float32's last bits when the engine batches the request with others.)"""
+    return [(image["png"], image["label"]) for image in result["images"]]

@@ -277,7 +277,7 @@ def test_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_bench_model_json(capsys: pytest.CaptureFixture) -> None:
-    from app.bench_model import run
+    from app.bench.model import run
 
     assert run(["--sizes", "8x2", "--steps", "1", "--batch-size", "4", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

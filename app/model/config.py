@@ -57,6 +57,28 @@ class ModelConfig:
         """Sub-pixels per image: the denominator of bits/dim."""
         return self.image_channels * self.height * self.width
 
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if self.class_names else str(index)
+
+    def class_index(self, value: int | str) -> int:
+        """A class given by index or by (case-insensitive) name -> its index; ValueError naming the choices."""
+        if not self.conditional:
+            raise ValueError("this model is unconditional: it takes no label")
+        if isinstance(value, str):
+            wanted = value.strip().casefold()
+            for index, name in enumerate(self.class_names):
+                if name.casefold() == wanted:
+                    return index
+            if wanted.isdigit():
+                value = int(wanted)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.num_classes:
+            return value
+        names = ", ".join(repr(self.class_name(i)) for i in range(self.num_classes))
+        raise ValueError(
+            f"unknown label {value!r}: expected a class index 0..{self.num_classes - 1} "
+            f"or a class name (case-insensitive): {names}"
+        )
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 

@@ -1,6 +1,6 @@
 """Model throughput benchmark: forward (likelihood) and training images/s of gated conditional 28x28 models.
 
-    python -m app.bench_model --sizes 32x7,64x10 --batch-size 64 --steps 5 [--json]
+    pixelcnn bench model --sizes 32x7,64x10 --batch-size 64 --steps 5 [--json]
 
 Each size is CHANNELSxLAYERS; the rest is ModelConfig's defaults (gated, 28x28 grayscale, first kernel 7,
 later kernels 3) with 10 classes and head_channels = 2 x channels. Inputs are random pixels and labels: speed
@@ -126,7 +126,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.bench_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pixelcnn bench model", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("32x7,64x10"),
                         help="comma-separated CHANNELSxLAYERS (default 32x7,64x10)")
     parser.add_argument("--batch-size", type=positive, default=64, help="training batch (default 64)")

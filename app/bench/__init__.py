@@ -1,0 +1,1 @@
+"""Benchmarks: `pixelcnn bench model|sampling|http`. Each prints a table, or JSON with --json."""

@@ -1,0 +1,92 @@
+"""Sampling benchmark: naive vs cached sampling vs one forward pass, side by side in one run.
+
+    pixelcnn bench sampling MODEL_DIR [--batches 1,16,64] [--naive-rows 2] [--json]
+
+For each batch size: naive sampling (a full forward pass per sub-pixel; timed over --naive-rows rows and
+extrapolated to the whole image unless --naive-rows covers it), cached sampling of whole images, and one
+teacher-forced forward pass over the same number of images (what /likelihood costs). The ratios that
+matter: speedup = naive / cached (naive ~ H*W forwards) and cached_over_forward (the ideal is ~1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from app.engine import CachedSampler, sample_cached
+from app.model import load, nll_nats, sample_naive
+from app.train import pick_device
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model, sampler: CachedSampler, batch: int, naive_rows: int, seed: int) -> dict:
+    config = model.config
+    device = sampler.device
+    generator = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - a fresh, identical stream per run
+    images = torch.randint(0, 256, (batch, *config.shape), generator=generator(), dtype=torch.uint8).to(device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device) if config.conditional else None
+    with torch.no_grad():
+        nll_nats(model, images, labels)  # warm-up
+        forward_s = timed(lambda: nll_nats(model, images, labels))
+    sample_cached(model, batch, generator=generator(), sampler=sampler, known=images[:1].cpu(),
+                  known_rows=config.height - 1)  # warm-up
+    cached_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=sampler))
+    rows = min(naive_rows, config.height)
+    # Naive cost does not depend on the position, so the last `rows` rows of a completion time it fairly.
+    zeros = torch.zeros((1, *config.shape), dtype=torch.uint8)
+    naive_part = timed(lambda: sample_naive(model, batch, generator=generator(), known=zeros,
+                                            known_rows=config.height - rows))
+    naive_s = naive_part * config.height / rows
+    return {
+        "batch": batch,
+        "naive_s": round(naive_s, 4),
+        "naive_extrapolated": rows < config.height,
+        "naive_rows_timed": rows,
+        "cached_s": round(cached_s, 4),
+        "speedup": round(naive_s / cached_s, 1),
+        "forward_s": round(forward_s, 4),
+        "cached_over_forward": round(cached_s / forward_s, 2),
+        "cached_images_per_s": round(batch / cached_s, 1),
+    }
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixelcnn bench sampling", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--naive-rows", type=int, default=2, help="rows of naive sampling to time (then extrapolated)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.model_dir, pick_device(args.device))
+    sampler = CachedSampler(model)
+    results = [measure(model, sampler, int(b), args.naive_rows, args.seed) for b in args.batches.split(",")]
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    c = model.config
+    print(f"{args.model_dir}: {c.arch}, {c.hidden_channels} channels x {c.layers} layers, image {c.shape}, "
+          f"{sampler.device}, {torch.get_num_threads()} threads")
+    print(f"{'batch':>5} {'naive s':>10} {'cached s':>9} {'speedup':>8} {'forward s':>10} {'cached/forward':>15}")
+    for r in results:
+        mark = "*" if r["naive_extrapolated"] else " "
+        print(f"{r['batch']:>5} {r['naive_s']:>9.2f}{mark} {r['cached_s']:>9.3f} {r['speedup']:>7.0f}x "
+              f"{r['forward_s']:>10.3f} {r['cached_over_forward']:>15.2f}")
+    if any(r["naive_extrapolated"] for r in results):
+        print(f"* naive time extrapolated from {results[0]['naive_rows_timed']} timed rows to {c.height}")
+    return 0

@@ -1,0 +1,79 @@
+"""The FastAPI application: `create_app(settings)`; models are loaded in the lifespan, never at import.
+
+    uvicorn --factory app.server.app:create_app      # or: pixelcnn serve
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from .errors import install_error_handlers
+from .limits import BodyLimitMiddleware
+from .metrics import MetricsMiddleware, ServerMetrics
+from .registry import EngineFactory, ModelRegistry, build_registry, default_engine_factory, load_models
+from .routes import generation, health, likelihood, metrics, models
+from .settings import Settings
+
+log = logging.getLogger("pixelcnn.server")
+
+DESCRIPTION = """Sample, complete and score images with PixelCNN models.
+
+Errors always have the form `{"error": {"type", "message", "field"?}}`: 400 invalid_request (any bad
+input), 401 unauthorized, 404 not_found, 413 payload_too_large, 415 unsupported_media_type,
+503 overloaded (with Retry-After) or not_ready.
+"""
+
+
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app. `engine_factory(model, settings)` makes each model's engine (tests may wrap it)."""
+    settings = settings or Settings()
+    factory = engine_factory or default_engine_factory
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)  # process-wide: the engines' decode threads follow it
+        # torch loading blocks for seconds: keep it off the event loop thread.
+        loaded, default, problems = await anyio.to_thread.run_sync(load_models, settings)
+        registry = build_registry(loaded, default, problems, settings, factory)
+        await registry.start()
+        app.state.registry = registry
+        for problem in registry.problems:
+            log.warning("%s", problem)
+        log.info("serving %s (default %s)", ", ".join(sorted(registry.models)) or "no model", registry.default)
+        try:
+            yield
+        finally:
+            await registry.stop()
+            app.state.registry = ModelRegistry(problems=["shutting down"])
+
+    app = FastAPI(title="PixelCNN server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = ModelRegistry(problems=["starting up"])
+    app.state.metrics = ServerMetrics()
+    app.state.metrics.watch(lambda: app.state.registry)
+
+    install_error_handlers(app)
+    for module in (health, models, generation, likelihood, metrics):
+        app.include_router(module.router)
+
+    # Added innermost first: CORS -> body limit -> metrics (outermost, so it sees 413s too).
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["X-Seed", "X-Labels", "X-Model", "Retry-After"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,171 @@
+"""HTTP benchmark: `python -m app.server.bench [--url URL] [--json]`.
+
+Measures, against a running server (`--url`) or one started in-process on a free port:
+  (a) POST /sample of n images vs POST /likelihood of the same n images: generation is H*W*C sequential
+      steps, scoring one parallel pass, so the ratio shows what autoregressive sampling costs;
+  (b) `concurrency` simultaneous /sample n=1 requests vs one: with continuous batching the wall time of
+      all of them should be far below `concurrency` times one;
+  (c) time to the first streamed row vs the whole streamed request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app: Any, host: str = "127.0.0.1", startup_timeout_s: float = 60.0) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread; yields its base URL, stops it on exit."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=free_port(host), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="pixelcnn-bench-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the in-process server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+async def _timed(coro) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = await coro
+    return time.perf_counter() - started, result
+
+
+async def _post(client: httpx.AsyncClient, path: str, **kwargs: Any) -> dict:
+    response = await client.post(path, **kwargs)
+    response.raise_for_status()
+    return response.json()
+
+
+async def measure(url: str, model: str | None, n: int, concurrency: int, api_key: str | None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    extra = {"model": model} if model else {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        ready = await client.get("/ready")
+        if ready.status_code != 200:
+            raise RuntimeError(f"the server at {url} is not ready: {ready.text}")
+        await _post(client, "/sample", json={"n": 1, "seed": 0, **extra})  # warm-up
+
+        sample_s, sampled = await _timed(_post(client, "/sample", json={"n": n, "seed": 1, **extra}))
+        images = [image["png"] for image in sampled["images"]]
+        score_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **extra}))
+
+        one_s, _ = await _timed(_post(client, "/sample", json={"n": 1, "seed": 2, **extra}))
+        requests = [_post(client, "/sample", json={"n": 1, "seed": 100 + i, **extra}) for i in range(concurrency)]
+        many_s, _ = await _timed(asyncio.gather(*requests))
+
+        started, first_row_s = time.perf_counter(), None
+        body = {"n": 1, "seed": 3, "stream": True, **extra}
+        async with client.stream("POST", "/sample", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("event: row") and first_row_s is None:
+                    first_row_s = time.perf_counter() - started
+        stream_s = time.perf_counter() - started
+
+    return {
+        "url": url,
+        "model": sampled["model"],
+        "shape": sampled["shape"],
+        "n": n,
+        "sample_n_s": round(sample_s, 4),
+        "likelihood_n_s": round(score_s, 4),
+        "sample_over_likelihood": round(sample_s / score_s, 2),
+        "concurrency": concurrency,
+        "one_sample_s": round(one_s, 4),
+        "concurrent_samples_s": round(many_s, 4),
+        "concurrent_speedup": round(concurrency * one_s / many_s, 2),
+        "first_row_s": round(first_row_s, 4) if first_row_s is not None else None,
+        "stream_total_s": round(stream_s, 4),
+    }
+
+
+def print_table(result: dict) -> None:
+    rows = [
+        (f"POST /sample n={result['n']}", f"{result['sample_n_s']:.3f} s"),
+        (f"POST /likelihood of {result['n']} images", f"{result['likelihood_n_s']:.3f} s"),
+        ("  sample / likelihood", f"{result['sample_over_likelihood']:.1f}x"),
+        ("POST /sample n=1", f"{result['one_sample_s']:.3f} s"),
+        (f"{result['concurrency']} concurrent /sample n=1", f"{result['concurrent_samples_s']:.3f} s"),
+        ("  speedup over sequential", f"{result['concurrent_speedup']:.1f}x"),
+        ("first streamed row", f"{result['first_row_s']:.3f} s" if result["first_row_s"] is not None else "-"),
+        ("whole streamed request", f"{result['stream_total_s']:.3f} s"),
+    ]
+    print(f"{result['model']} {result['shape']} at {result['url']}")
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>10}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.server.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="benchmark this running server instead of starting one")
+    parser.add_argument("--model-store", type=Path, help="in-process server: the model store")
+    parser.add_argument("--model", help="model to use (default: the server's default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    parser.add_argument("--n", type=int, default=64, help="images for (a)")
+    parser.add_argument("--concurrency", type=int, default=16, help="simultaneous requests for (b)")
+    parser.add_argument("--api-key")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        result = bench(args)
+    except (RuntimeError, httpx.HTTPError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+def bench(args: argparse.Namespace) -> dict:
+    def go(url: str) -> dict:
+        return asyncio.run(measure(url, args.model, args.n, args.concurrency, args.api_key))
+
+    if args.url:
+        return go(args.url.rstrip("/"))
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {"model_store": args.model_store, "model": args.model, "device": args.device}
+    settings = Settings(
+        **{k: v for k, v in overrides.items() if v is not None},
+        max_batch_images=max(64, args.n, args.concurrency),
+        max_images_per_request=max(64, args.n),
+    )
+    with serve_in_thread(create_app(settings)) as url:
+        return go(url)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

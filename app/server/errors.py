@@ -1,0 +1,163 @@
+"""One error format for every failure: {"error": {"type", "message", "field"?}}.
+
+Status codes: 400 invalid_request (any bad input, including FastAPI's validation errors, so clients need
+one rule), 401 unauthorized, 404 not_found, 405 method_not_allowed, 413 payload_too_large,
+415 unsupported_media_type, 503 overloaded (with Retry-After) or not_ready, 500 internal (a bug, never
+bad input). Routes raise ApiError subclasses; the handlers below turn them, and the framework's own
+errors, into responses and count them in the failures metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("pixelcnn.server")
+
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    status = 400
+    type = "invalid_request"
+    counted = False  # True where the failure metric was already incremented at the source
+
+    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.type, self.message, self.field)
+
+
+class InvalidRequest(ApiError):
+    pass
+
+
+class Unauthorized(ApiError):
+    status, type = 401, "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(ApiError):
+    status, type = 404, "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status, type = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, type = 415, "unsupported_media_type"
+
+
+class Overloaded(ApiError):
+    status, type = 503, "overloaded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class NotReady(ApiError):
+    status, type = 503, "not_ready"
+
+
+class ClientDisconnected(ApiError):
+    """The client left before the response was ready; nobody reads this answer (499 in nginx terms).
+    GenerationRun.close() counts it, since a cancelled stream never reaches a handler."""
+
+    status, type, counted = 499, "client_disconnected", True
+
+
+def error_body(type_: str, message: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": type_, "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def from_validation_errors(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """Pydantic's error list -> one readable message naming the field(s) and what was expected."""
+    parts, first_field = [], None
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "form")]
+        field = ".".join(loc) or None
+        first_field = first_field or field
+        message = error.get("msg", "invalid value")
+        if error.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif error.get("type") == "extra_forbidden":
+            message = "unknown field"
+        elif error.get("type") == "value_error":
+            message = message.removeprefix("Value error, ")
+        elif error.get("type") == "missing" and not field:
+            message = "a JSON request body is required"
+        parts.append(f"{field}: {message}" if field else message)
+    return InvalidRequest("; ".join(parts) or "invalid request", field=first_field)
+
+
+def from_pydantic(error: ValidationError) -> InvalidRequest:
+    return from_validation_errors(error.errors(include_url=False))
+
+
+_HTTP_TYPES = {
+    400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    from app.engine import EngineStoppedError, QueueFullError
+
+    def count(request: Request, type_: str) -> None:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.failures.labels(reason=type_).inc()
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        if not error.counted:
+            count(request, error.type)
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return await api_error(request, from_validation_errors(list(error.errors())))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, error: QueueFullError) -> JSONResponse:
+        return await api_error(request, Overloaded(f"the server is busy ({error}); retry after {RETRY_AFTER_S} s"))
+
+    @app.exception_handler(EngineStoppedError)
+    async def engine_stopped(request: Request, error: EngineStoppedError) -> JSONResponse:
+        return await api_error(request, NotReady(f"the model's engine stopped ({error}); retry on another replica"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        type_ = _HTTP_TYPES.get(error.status_code, "http_error")
+        message = str(error.detail)
+        if error.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        elif error.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        count(request, type_)
+        return JSONResponse(error_body(type_, message), status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        count(request, "internal")
+        return JSONResponse(error_body("internal", f"internal server error ({type(error).__name__})"), status_code=500)

@@ -1,0 +1,185 @@
+"""Decoding requests: JSON or multipart bodies, base64 or uploaded images, class labels, numeric limits.
+
+Every function raises InvalidRequest (400) with a message that says what was wrong and what was
+expected, so routes never see malformed input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import secrets
+from typing import Any, TypeVar
+
+import torch
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from app.imaging import ImageDecodeError, decode_image
+
+from .errors import InvalidRequest, UnsupportedMediaType, from_pydantic
+from .registry import ServedModel
+from .settings import Settings
+
+Fields = TypeVar("Fields", bound=BaseModel)
+MAX_SEED = 2**63 - 1
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+IMAGE_KEYS = ("image", "images")
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_upload(request: Request, settings: Settings, fields_model: type[Fields]) -> tuple[Fields, list[bytes]]:
+    """A JSON body (images as base64 strings under "image"/"images") or a multipart form (image files
+    under "image", repeatable) -> (validated fields, image file bytes in order)."""
+    kind = media_type(request)
+    if kind in FORM_TYPES:
+        return await _read_form(request, settings, fields_model)
+    if kind in ("", "application/json") or kind.endswith("+json"):
+        return await _read_json(request, fields_model)
+    raise UnsupportedMediaType(
+        f"Content-Type {kind!r} is not supported: send multipart/form-data with an image file "
+        "(curl -F image=@picture.png) or application/json with base64 images"
+    )
+
+
+async def _read_json(request: Request, fields_model: type[Fields]) -> tuple[Fields, list[bytes]]:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("expected a JSON object with base64 images, or a multipart form with image files")
+    encoded: list[tuple[str, Any]] = []
+    if "image" in body:
+        encoded.append(("image", body.pop("image")))
+    if "images" in body:
+        images = body.pop("images")
+        if not isinstance(images, list):
+            raise InvalidRequest("images must be a list of base64 strings", field="images")
+        encoded += [(f"images[{i}]", value) for i, value in enumerate(images)]
+    return validate(fields_model, body), [decode_base64(value, field) for field, value in encoded]
+
+
+async def _read_form(request: Request, settings: Settings, fields_model: type[Fields]) -> tuple[Fields, list[bytes]]:
+    images: list[bytes] = []
+    fields: dict[str, Any] = {}
+    limits = {"max_files": settings.max_images_per_request, "max_part_size": settings.max_upload_bytes}
+    async with request.form(**limits) as form:  # closes the spooled upload files
+        for key, value in form.multi_items():
+            if key in IMAGE_KEYS:
+                if not isinstance(value, UploadFile):
+                    raise InvalidRequest(f"{key} must be an uploaded file, e.g. curl -F {key}=@picture.png", field=key)
+                images.append(await value.read())
+            elif isinstance(value, UploadFile):
+                raise InvalidRequest(f"{key} must be a plain form field, not a file", field=key)
+            elif value.strip() != "":  # curl -F seed= means "not given"
+                fields.setdefault(key, []).append(value.strip())
+    flat: dict[str, Any] = {}
+    for key, values in fields.items():
+        if key == "label":  # label=3, label=sneaker, label=1,2 or repeated label fields
+            labels = [part.strip() for v in values for part in v.split(",") if part.strip()]
+            flat[key] = labels[0] if len(labels) == 1 else labels
+        elif len(values) > 1:
+            raise InvalidRequest(f"{key} was given {len(values)} times; give it once", field=key)
+        else:
+            flat[key] = values[0]
+    return validate(fields_model, flat), images
+
+
+def validate(fields_model: type[Fields], data: dict[str, Any]) -> Fields:
+    try:
+        return fields_model.model_validate(data)
+    except ValidationError as error:
+        raise from_pydantic(error) from None
+
+
+def decode_base64(value: Any, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{field} must be a base64 string", field=field)
+    if value.startswith("data:") and "," in value:  # data:image/png;base64,....
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        message = f"{field} is not valid base64 (expected a base64-encoded image file)"
+        raise InvalidRequest(message, field=field) from None
+
+
+def decode_images(model: ServedModel, files: list[bytes], settings: Settings, field: str) -> torch.Tensor:
+    """Image files -> uint8 (N, C, H, W) in the model's shape, or 400 with decode_image's explanation."""
+    if not files:
+        raise InvalidRequest(f"no image given: send {field} as a file upload or base64 string", field=field)
+    if len(files) > settings.max_images_per_request:
+        raise InvalidRequest(f"{len(files)} images given, at most {settings.max_images_per_request} per request",
+                             field=field)
+    c, h, w = model.config.shape
+    decoded = []
+    for i, data in enumerate(files):
+        name = field if len(files) == 1 else f"{field}[{i}]"
+        try:
+            decoded.append(decode_image(data, c, h, w))
+        except ImageDecodeError as error:
+            raise InvalidRequest(f"{name}: {error} (model {model.name!r})", field=name) from None
+    return torch.stack(decoded)
+
+
+def check_n(n: int, settings: Settings) -> int:
+    limit = min(settings.max_images_per_request, settings.max_batch_images)
+    if not 1 <= n <= limit:
+        raise InvalidRequest(f"n must be between 1 and {limit} (the per-request image limit), got {n}", field="n")
+    return n
+
+
+def check_temperature(temperature: float) -> float:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise InvalidRequest(f"temperature must be a finite number > 0, got {temperature}", field="temperature")
+    return temperature
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The given seed, or a fresh one that the response returns so the result can be replayed."""
+    if seed is None:
+        return secrets.randbits(31)
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}, got {seed}", field="seed")
+    return seed
+
+
+def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "label") -> list[int] | None:
+    """A label (index or case-insensitive class name), or one per image -> `count` class indices."""
+    if label is None:
+        return None
+    config = model.config
+    if not config.conditional:
+        raise InvalidRequest(f"model {model.name!r} is unconditional: it takes no label", field=field)
+    values = label if isinstance(label, list) else [label]
+    if len(values) not in (1, count):
+        raise InvalidRequest(f"got {len(values)} labels for {count} images: give one label, or one per image",
+                             field=field)
+    indices = [class_index(model, value, field) for value in values]
+    return indices * count if len(indices) == 1 else indices
+
+
+def class_index(model: ServedModel, value: Any, field: str) -> int:
+    config = model.config
+    if isinstance(value, str):
+        wanted = value.strip().casefold()
+        for index, name in enumerate(config.class_names):
+            if name.casefold() == wanted:
+                return index
+        if wanted.isdigit():
+            value = int(wanted)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < config.num_classes:
+        return value
+    names = ", ".join(repr(model.class_name(i)) for i in range(config.num_classes))
+    raise InvalidRequest(
+        f"unknown label {value!r} for model {model.name!r}: expected a class index 0..{config.num_classes - 1} "
+        f"or a class name (case-insensitive): {names}",
+        field=field,
+    )

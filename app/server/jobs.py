@@ -1,0 +1,142 @@
+"""Running requests on an engine: submit with error mapping, iterate rows, and always clean up.
+
+The rule that matters: an engine request whose HTTP client has gone must leave the batch. Every path
+(client disconnect noticed between rows, the response task cancelled by the server, the SSE generator
+closed, an exception) ends in `GenerationRun.close()`, which cancels the engine request unless it
+finished. The cancel runs shielded, because it often happens inside a cancelled task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import torch
+from fastapi import Request
+
+from app.engine import EngineStoppedError, GenerationRequest, QueueFullError, RowEvent
+from app.model import SampleResult
+
+from .errors import RETRY_AFTER_S, ClientDisconnected, InvalidRequest, NotReady, Overloaded, error_body
+from .metrics import ServerMetrics
+from .outputs import generation_body, row_data, sse_event
+from .registry import ServedModel
+
+
+@dataclass
+class GenerationJob:
+    model: ServedModel
+    request: GenerationRequest
+    seed: int
+    known_rows: int | None = None  # set for /complete: the response reports it
+
+    def body(self, result: SampleResult, elapsed_s: float) -> dict[str, Any]:
+        return generation_body(self.model, result, self.seed, self.request.temperature, elapsed_s, self.known_rows)
+
+
+def overloaded(model: ServedModel, error: Exception) -> Overloaded:
+    return Overloaded(f"model {model.name!r} has a full queue ({error}); retry after {RETRY_AFTER_S} s")
+
+
+class GenerationRun:
+    """One submitted generation. Iterate `events()` once, then `close()` (always, in a finally)."""
+
+    def __init__(self, job: GenerationJob, request: Request, metrics: ServerMetrics) -> None:
+        self.job = job
+        self.request = request
+        self.metrics = metrics
+        self.started = time.perf_counter()
+        self.finished = False
+        self.failed = False
+        self.closed = False
+        try:
+            self.stream = job.model.engine.submit(job.request)
+        except QueueFullError as error:
+            raise overloaded(job.model, error) from None
+        except ValueError as error:  # the engine's own checks: its message is written for the client
+            raise InvalidRequest(str(error)) from None
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    async def events(self) -> AsyncIterator[RowEvent | SampleResult]:
+        """Engine events as they come; stops early (without the result) if the client has gone."""
+        name, first = self.job.model.name, True
+        try:
+            async for event in self.stream:
+                if isinstance(event, SampleResult):
+                    self.finished = True
+                    self.metrics.images.labels(model=name).inc(self.job.request.n)
+                    yield event
+                    return
+                if first:
+                    self.metrics.first_row.labels(model=name).observe(self.elapsed_s)
+                    first = False
+                self.metrics.rows.labels(model=name).inc(self.job.request.n)
+                if await self.request.is_disconnected():
+                    return
+                yield event
+        except Exception:
+            self.failed = True
+            raise
+
+    async def close(self) -> None:
+        """Cancel the engine request unless it finished. Unfinished without an error means the client went
+        away (noticed between rows, or the server cancelled the response task): counted as such."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.finished:
+            if not self.failed:
+                self.metrics.failures.labels(reason=ClientDisconnected.type).inc()
+            with anyio.CancelScope(shield=True):
+                await self.stream.cancel()
+
+    async def result(self) -> SampleResult:
+        """Run to the end (the non-streamed responses)."""
+        try:
+            async with aclosing(self.events()) as events:
+                async for event in events:
+                    if isinstance(event, SampleResult):
+                        return event
+            raise ClientDisconnected("the client disconnected; the generation was cancelled")
+        finally:
+            await self.close()
+
+    async def sse(self) -> AsyncIterator[str]:
+        """`row` events, then `done` with the full JSON body, or `error` with the error object (the status
+        line has gone out by then, so an event is the only way to report a failure)."""
+        try:
+            async with aclosing(self.events()) as events:
+                async for event in events:
+                    if isinstance(event, SampleResult):
+                        yield sse_event("done", self.job.body(event, self.elapsed_s))
+                    else:
+                        yield sse_event("row", row_data(event.row, event.pixels))
+        except Exception as error:  # noqa: BLE001 - reported to the client as an event
+            self.metrics.failures.labels(reason="stream_error").inc()
+            yield sse_event("error", stream_error_body(error))
+        finally:
+            await self.close()
+
+
+def stream_error_body(error: Exception) -> dict[str, Any]:
+    if isinstance(error, EngineStoppedError):
+        return error_body(NotReady.type, f"the model's engine stopped ({error}); retry")
+    return error_body("internal", f"generation failed ({type(error).__name__}: {error})")
+
+
+async def score(model: ServedModel, images: torch.Tensor, labels: list[int] | None) -> Any:
+    """engine.likelihood with its errors mapped to the API's."""
+    label_tensor = torch.tensor(labels, dtype=torch.long) if labels is not None else None
+    try:
+        return await model.engine.likelihood(images, label_tensor)
+    except QueueFullError as error:
+        raise overloaded(model, error) from None
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None

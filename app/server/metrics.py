@@ -1,0 +1,128 @@
+"""Prometheus metrics, in a CollectorRegistry of each app's own (so two apps in one process never clash).
+
+Request metrics come from an ASGI middleware (route template, not raw path, to bound label cardinality);
+engine gauges (queue size, active images, batch sizes) are read from `engine.stats()` at scrape time, so
+they cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from .registry import ModelRegistry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pixelcnn_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.request_duration = Histogram(
+            "pixelcnn_request_duration_seconds", "HTTP request duration, streamed body included",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.first_row = Histogram(
+            "pixelcnn_time_to_first_row_seconds", "from the request reaching the engine to its first generated row",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.rows = Counter("pixelcnn_rows", "image rows generated (a row of n images counts n)", ["model"], registry=r)
+        self.images = Counter("pixelcnn_images_generated", "images sampled or completed", ["model"], registry=r)
+        self.scored = Counter("pixelcnn_images_scored", "images whose likelihood was computed", ["model"], registry=r)
+        self.request_images = Histogram(
+            "pixelcnn_request_images", "images asked for per request", ["route"], buckets=COUNT_BUCKETS, registry=r
+        )
+        self.failures = Counter("pixelcnn_failures", "failed requests by reason (error type)", ["reason"], registry=r)
+
+    def watch(self, get_registry: Callable[[], ModelRegistry | None]) -> None:
+        self.registry.register(EngineCollector(get_registry))
+
+
+class EngineCollector(Collector):
+    """Engine state at scrape time: queue size, active images, batch sizes, any other numeric stat."""
+
+    def __init__(self, get_registry: Callable[[], ModelRegistry | None]) -> None:
+        self.get_registry = get_registry
+
+    def collect(self) -> Iterable[Metric]:
+        registry = self.get_registry()
+        served = list(registry.models.values()) if registry is not None else []
+        loaded = GaugeMetricFamily("pixelcnn_model_loaded", "1 for each loaded model, its engine running or not",
+                                   labels=["model", "running"])
+        queue = GaugeMetricFamily("pixelcnn_queue_size", "requests waiting to join the batch", labels=["model"])
+        active = GaugeMetricFamily("pixelcnn_active_images", "images in the running batch", labels=["model"])
+        batches = HistogramMetricFamily("pixelcnn_batch_size", "images per engine decode step", labels=["model"])
+        recent_mean = GaugeMetricFamily("pixelcnn_batch_size_recent_mean", "mean images per decode step over the "
+                                        "engine's recent window", labels=["model"])
+        extra: dict[str, GaugeMetricFamily] = {}
+        for model in served:
+            loaded.add_metric([model.name, str(model.engine.running).lower()], 1)
+            stats = model.engine.stats()
+            queue.add_metric([model.name], float(stats.get("queue_size", 0)))
+            active.add_metric([model.name], float(stats.get("active_images", 0)))
+            seen = stats.get("batch_sizes_seen")  # cumulative {size: decode steps}, when the engine keeps one
+            if isinstance(seen, Mapping) and seen:
+                buckets, total = _histogram(seen)
+                batches.add_metric([model.name], buckets, total)
+            recent = stats.get("recent_batch_sizes")  # a window of the last steps' sizes
+            if isinstance(recent, (list, tuple)) and recent:
+                recent_mean.add_metric([model.name], sum(recent) / len(recent))
+            for key, value in stats.items():
+                if key in ("queue_size", "active_images") or isinstance(value, bool):
+                    continue
+                if isinstance(value, (int, float)):
+                    name = f"pixelcnn_engine_{key}"
+                    if name not in extra:
+                        extra[name] = GaugeMetricFamily(name, f"engine.stats()[{key!r}]", labels=["model"])
+                    extra[name].add_metric([model.name], float(value))
+        yield from (loaded, queue, active, batches, recent_mean, *extra.values())
+
+
+def _histogram(counts: Mapping) -> tuple[list[tuple[str, float]], float]:
+    """{batch size: steps} -> cumulative Prometheus buckets and the sum of sizes."""
+    sizes = {int(size): int(n) for size, n in counts.items()}
+    buckets, cumulative = [], 0
+    for bound in COUNT_BUCKETS:
+        cumulative = sum(n for size, n in sizes.items() if size <= bound)
+        buckets.append((str(bound), cumulative))
+    buckets.append(("+Inf", sum(sizes.values())))
+    return buckets, float(sum(size * n for size, n in sizes.items()))
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, method and status, and times it to the last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client sees if the app raises before answering
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")
+            labels = dict(route=getattr(route, "path", "unmatched"), method=scope["method"], status=str(status))
+            self.metrics.requests.labels(**labels).inc()
+            self.metrics.request_duration.labels(**labels).observe(time.perf_counter() - started)

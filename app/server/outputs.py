@@ -1,0 +1,150 @@
+"""Encoding results: JSON bodies, PNG files and grids, Server-Sent Events, likelihood heat maps.
+
+Content negotiation: `"stream": true` or `Accept: text/event-stream` -> SSE; `Accept: image/png` -> the PNG
+(a grid when n > 1); anything else (`application/json`, `*/*`, no header) -> JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any, Literal
+
+import torch
+
+from app.imaging import grid, png_bytes
+from app.model import SampleResult
+
+from .registry import ServedModel
+
+Format = Literal["json", "png", "sse"]
+_MEDIA = {"application/json": "json", "image/png": "png", "text/event-stream": "sse",
+          "application/*": "json", "image/*": "png", "*/*": "json"}
+GRID_COLUMNS = 8
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def choose_format(accept: str | None, stream: bool) -> Format:
+    """The response format: highest q in Accept among the ones served (exact types beat wildcards)."""
+    if stream:
+        return "sse"
+    best: tuple[float, int, int] | None = None
+    choice: Format = "json"
+    for position, item in enumerate((accept or "").split(",")):
+        media, _, params = item.strip().partition(";")
+        kind = _MEDIA.get(media.strip().lower())
+        if kind is None:
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        rank = (q, 0 if "*" in media else 1, -position)
+        if best is None or rank > best:
+            best, choice = rank, kind
+    return choice
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def bits_per_dim(nats: float, dims: int) -> float:
+    return nats / (dims * math.log(2)) if dims else 0.0
+
+
+def generation_body(
+    model: ServedModel, result: SampleResult, seed: int, temperature: float, elapsed_s: float,
+    known_rows: int | None = None,
+) -> dict[str, Any]:
+    """The JSON response of /sample and /complete (also the `done` event of a stream).
+
+    bits_per_dim counts only the generated sub-pixels: known rows of a completion are given, not drawn.
+    """
+    c, h, w = model.config.shape
+    generated_dims = c * (h - (known_rows or 0)) * w
+    log_prob = [float(v) for v in result.log_prob.tolist()]
+    labels = result.labels.tolist() if result.labels is not None else [None] * len(log_prob)
+    images = [
+        {"png": b64(png_bytes(image)), "label": label, "label_name": model.class_name(label), "log_prob": lp}
+        for image, label, lp in zip(result.images, labels, log_prob)
+    ]
+    body = {
+        "model": model.name,
+        "seed": seed,
+        "shape": [c, h, w],
+        "images": images,
+        "log_prob": log_prob,
+        "bits_per_dim": [bits_per_dim(-lp, generated_dims) for lp in log_prob],
+        "rows": h,
+        "temperature": temperature,
+        "elapsed_s": round(elapsed_s, 4),
+    }
+    if known_rows is not None:
+        body["known_rows"] = known_rows
+    return body
+
+
+def generation_png(result: SampleResult) -> bytes:
+    images = result.images
+    return png_bytes(images[0] if len(images) == 1 else grid(images, columns=min(len(images), GRID_COLUMNS)))
+
+
+def generation_headers(model: ServedModel, result: SampleResult, seed: int) -> dict[str, str]:
+    headers = {"X-Model": model.name, "X-Seed": str(seed)}
+    if result.labels is not None:
+        headers["X-Labels"] = ",".join(str(v) for v in result.labels.tolist())
+    return headers
+
+
+def sse_event(event: str, data: Any) -> str:
+    """One Server-Sent Event; compact JSON keeps every event on one `data:` line."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def row_data(row: int, pixels: torch.Tensor) -> dict[str, Any]:
+    return {"row": row, "pixels": pixels.tolist()}
+
+
+def likelihood_body(model: ServedModel, result: Any, per_pixel: bool) -> dict[str, Any]:
+    """The JSON response of /likelihood from the engine's LikelihoodResult."""
+    config = model.config
+    nll = result.nll_nats.tolist()
+    labels = result.labels.tolist() if result.labels is not None else [None] * len(nll)
+    results = []
+    for i, (nats, label) in enumerate(zip(nll, labels)):
+        entry: dict[str, Any] = {
+            "nll_nats": float(nats),
+            "bits_per_dim": bits_per_dim(float(nats), config.dims),
+            "label": label,
+            "label_name": model.class_name(label),
+        }
+        if result.class_log_probs is not None:
+            # softmax, not exp: float32 log-probabilities from the engine would sum to 1 +- 1e-5 otherwise
+            probs = torch.softmax(result.class_log_probs[i].double(), dim=0).tolist()
+            entry["class_probabilities"] = {model.class_name(k): p for k, p in enumerate(probs)}
+        if per_pixel:
+            nats_map = result.per_pixel[i].double().cpu()
+            values = nats_map[0] if config.image_channels == 1 else nats_map
+            entry["per_pixel_nll"] = values.mul(1e5).round().div(1e5).tolist()  # 5 decimals: plenty, and short
+            entry["heatmap_png"] = b64(heatmap_png(nats_map))
+        results.append(entry)
+    return {"model": model.name, "results": results}
+
+
+def heatmap_png(per_pixel: torch.Tensor) -> bytes:
+    """Per-pixel NLL (C, H, W), summed over colours, as an RGB PNG in a "hot" map: black at 0 nats, then
+    red, yellow and white at the image's largest value. Normalised per image: it shows where the model is
+    surprised, not how much (per_pixel_nll has the numbers)."""
+    heat = per_pixel.double().sum(0)
+    peak = float(heat.max()) if heat.numel() else 0.0
+    t = (heat / peak).clamp(0, 1) if peak > 0 else torch.zeros_like(heat)
+    rgb = torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)])
+    return png_bytes((rgb * 255).round().to(torch.uint8))

@@ -1,0 +1,204 @@
+"""The models being served: discovered in the model store, loaded in the lifespan, each behind an Engine.
+
+Loading never raises: a model that cannot be loaded is recorded as a problem, so the server still
+starts, /health answers and /ready explains in words why it is not ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.model import ModelConfig
+from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+from .errors import NotFound, NotReady
+from .settings import DEFAULT_MODEL, Settings
+
+log = logging.getLogger("pixelcnn.server")
+
+EngineFactory = Callable[[nn.Module, Settings], Any]
+
+
+def default_engine_factory(model: nn.Module, settings: Settings):
+    from app.engine import Engine
+
+    return Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    config: ModelConfig
+    engine: Any  # app.engine.Engine (duck-typed so tests can wrap it)
+    parameters: int
+    metrics: dict | None  # metrics.json without its long training history
+
+    def class_name(self, label: int | None) -> str | None:
+        if label is None:
+            return None
+        names = self.config.class_names
+        return names[label] if label < len(names) else str(label)
+
+    def describe(self, default: bool) -> dict[str, Any]:
+        c = self.config
+        return {
+            "name": self.name,
+            "arch": c.arch,
+            "shape": list(c.shape),
+            "conditional": c.conditional,
+            "classes": [{"index": i, "name": self.class_name(i)} for i in range(c.num_classes)],
+            "parameters": self.parameters,
+            "metrics": self.metrics,
+            "default": default,
+        }
+
+
+@dataclass
+class ModelRegistry:
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    default: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """None when ready: the default model is loaded and every engine is running."""
+        if not self.models:
+            return "; ".join(self.problems) or "no model is loaded"
+        if self.default not in self.models:
+            return "; ".join(self.problems) or f"the default model {self.default!r} is not loaded"
+        stopped = [m.name for m in self.models.values() if not m.engine.running]
+        if stopped:
+            return f"engine not running for {', '.join(stopped)}"
+        return None
+
+    def get(self, name: str | None) -> ServedModel:
+        """The named model, or the default; 404 naming what is available."""
+        if not self.models:
+            raise NotReady(f"no model is loaded: {self.not_ready_reason}")
+        wanted = name if name is not None else self.default
+        if wanted in self.models:
+            return self.models[wanted]
+        available = ", ".join(sorted(self.models))
+        if name is None:
+            raise NotFound(f"the default model {wanted!r} is not loaded; pass \"model\", one of: {available}",
+                           field="model")
+        raise NotFound(f"unknown model {name!r}; available models: {available}", field="model")
+
+    async def start(self) -> None:
+        for model in list(self.models.values()):
+            try:
+                await model.engine.start()
+            except Exception as error:  # one broken engine must not take the others down
+                log.exception("engine for %s failed to start", model.name)
+                self.problems.append(f"{model.name}: engine failed to start ({error})")
+                del self.models[model.name]
+
+    async def stop(self) -> None:
+        for model in self.models.values():
+            try:
+                await model.engine.stop()
+            except Exception:
+                log.exception("engine for %s failed to stop", model.name)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+    return torch.device(name)
+
+
+def discover(store: Path) -> list[str]:
+    """Model folders in the store: every sub-folder with a config.json, sorted by name."""
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def default_model_name(settings: Settings, names: list[str]) -> str | None:
+    if settings.model:
+        return settings.model
+    if DEFAULT_MODEL in names:
+        return DEFAULT_MODEL
+    return names[0] if names else None
+
+
+def read_metrics(folder: Path) -> dict | None:
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        log.warning("%s: unreadable (%s)", path, error)
+        return None
+    return {k: v for k, v in metrics.items() if k != "history"} if isinstance(metrics, dict) else None
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: nn.Module
+    metrics: dict | None
+
+
+def load_models(settings: Settings) -> tuple[list[LoadedModel], str | None, list[str]]:
+    """Blocking (torch) part of startup, run in a worker thread: (loaded models, default name, problems)."""
+    from app.model import load
+
+    store = settings.model_store
+    names = discover(store)
+    default = default_model_name(settings, names)
+    if not names:
+        why = "does not exist" if not store.is_dir() else f"has no model folder (with {CONFIG_FILE} and {WEIGHTS_FILE})"
+        return [], default, [f"the model store {str(store)!r} {why}"]
+    problems = []
+    if default not in names:
+        problems.append(f"the default model {default!r} is not in the model store {str(store)!r} "
+                        f"(found: {', '.join(names)})")
+    try:
+        device = pick_device(settings.device)
+    except RuntimeError as error:
+        return [], default, [str(error)]
+    wanted = names if settings.preload == "all" else [n for n in names if n == default]
+    loaded = []
+    for name in wanted:
+        try:
+            model = load(store / name, device)
+        except Exception as error:  # a broken folder is reported, the others still load
+            log.exception("could not load %s", name)
+            problems.append(f"{name}: could not be loaded ({error})")
+            continue
+        loaded.append(LoadedModel(name, store / name, model, read_metrics(store / name)))
+        log.info("loaded %s on %s", name, device)
+    return loaded, default, problems
+
+
+def build_registry(
+    loaded: list[LoadedModel], default: str | None, problems: list[str], settings: Settings, factory: EngineFactory
+) -> ModelRegistry:
+    """Wrap each loaded model in an engine (on the event loop thread, where engines will run)."""
+    registry = ModelRegistry(default=default, problems=list(problems))
+    for item in loaded:
+        try:
+            engine = factory(item.model, settings)
+        except Exception as error:
+            log.exception("could not build an engine for %s", item.name)
+            registry.problems.append(f"{item.name}: engine could not be created ({error})")
+            continue
+        parameters = sum(p.numel() for p in item.model.parameters())
+        registry.models[item.name] = ServedModel(
+            item.name, item.path, item.model.config, engine, parameters, item.metrics
+        )
+    return registry

@@ -1,0 +1,113 @@
+"""POST /sample and POST /complete: generate images, answered as JSON, a PNG, or a stream of rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app.engine import GenerationRequest
+
+from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
+from ..errors import InvalidRequest
+from ..inputs import check_n, check_temperature, decode_images, read_upload, resolve_labels, resolve_seed
+from ..jobs import GenerationJob, GenerationRun
+from ..metrics import ServerMetrics
+from ..outputs import SSE_HEADERS, choose_format, generation_headers, generation_png
+from ..registry import ServedModel
+from ..schemas import (
+    ERROR_RESPONSES,
+    CompleteFields,
+    CompleteRequest,
+    GenerationFields,
+    GenerationResponse,
+    SampleRequest,
+)
+from ..settings import Settings
+from .docs import upload_body
+
+router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": GenerationResponse,
+        "description": "JSON; with Accept: image/png the PNG (a grid if n > 1, headers X-Seed, X-Labels); "
+        "with stream or Accept: text/event-stream, SSE `row` events then `done` (the JSON) or `error`",
+        "content": {"image/png": {}, "text/event-stream": {}},
+    }
+}
+
+
+@router.post("/sample", summary="sample new images", responses=GENERATION_RESPONSES)
+async def sample(
+    body: SampleRequest, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
+) -> Response:
+    model = registry.get(body.model)
+    return await respond(make_job(model, body, settings), request, metrics, body.stream)
+
+
+@router.post(
+    "/complete",
+    summary="complete the lower rows of an image",
+    responses=GENERATION_RESPONSES,
+    openapi_extra=upload_body(CompleteFields, CompleteRequest, repeated=False),
+)
+async def complete(request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+    fields, files = await read_upload(request, settings, CompleteFields)
+    if len(files) > 1:
+        raise InvalidRequest(f"/complete takes one image, got {len(files)}", field="image")
+    model = registry.get(fields.model)
+    known = decode_images(model, files, settings, "image")
+    height = model.config.height
+    rows = height // 2 if fields.rows is None else fields.rows
+    if not 0 <= rows < height:
+        raise InvalidRequest(f"rows must be between 0 and {height - 1} (rows of the image to keep), got {rows}",
+                             field="rows")
+    return await respond(make_job(model, fields, settings, known, rows), request, metrics, fields.stream)
+
+
+def make_job(
+    model: ServedModel, fields: GenerationFields, settings: Settings, known=None, known_rows: int | None = None
+) -> GenerationJob:
+    n = check_n(fields.n, settings)
+    seed = resolve_seed(fields.seed)
+    request = GenerationRequest(
+        n=n,
+        seed=seed,
+        labels=resolve_labels(model, fields.label, n),
+        temperature=check_temperature(fields.temperature),
+        known=known,
+        known_rows=known_rows or 0,
+    )
+    return GenerationJob(model, request, seed, known_rows)
+
+
+async def respond(job: GenerationJob, request: Request, metrics: ServerMetrics, stream: bool) -> Response:
+    fmt = choose_format(request.headers.get("accept"), stream)
+    metrics.request_images.labels(route=request.url.path).observe(job.request.n)
+    run = GenerationRun(job, request, metrics)  # submitted now, so a full queue is a real 503
+    if fmt == "sse":
+        headers = {**SSE_HEADERS, "X-Model": job.model.name, "X-Seed": str(job.seed)}
+        return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
+    result = await run.result()
+    if fmt == "png":
+        return Response(generation_png(result), media_type="image/png",
+                        headers=generation_headers(job.model, result, job.seed))
+    return JSONResponse(job.body(result, run.elapsed_s))
+
+
+class RunStreamingResponse(StreamingResponse):
+    """Streams a GenerationRun's SSE events and closes the run however the response ends, even when it
+    is cancelled before the body generator ever started (which would skip the generator's finally)."""
+
+    def __init__(self, run: GenerationRun, **kwargs: Any) -> None:
+        super().__init__(run.sse(), **kwargs)
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.run.close()

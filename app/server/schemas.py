@@ -1,0 +1,152 @@
+"""Request and response models: the request models validate input, the response models document output.
+
+Unknown request fields are rejected (extra="forbid") so a misspelt "temprature" is an error, not a
+silently ignored option.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+
+Label = StrictInt | StrictStr  # strict: JSON true is not class 1, 1.0 is not a class index
+LABEL_TYPE_ERROR = "must be a class index (integer), a class name (string), or a list of them"
+
+
+def check_label_type(value, handler):
+    """One clear message instead of pydantic's error per union member."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(LABEL_TYPE_ERROR) from None
+
+
+LabelField = Field(
+    None,
+    description="class index or name (case-insensitive), or one per image; conditional models only; "
+    "absent: drawn uniformly per image",
+    examples=["sneaker", 7, ["Ankle boot", "bag"]],
+)
+
+
+class GenerationFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name (GET /models); absent: the default model")
+    n: int = Field(1, description="images to generate, 1..max_images_per_request")
+    label: Label | list[Label] | None = LabelField
+    temperature: float = Field(1.0, description="softmax temperature, > 0; below 1 is sharper")
+    seed: int | None = Field(None, description="0..2^63-1; absent: drawn and returned, so any result can be replayed")
+    stream: bool = Field(False, description="stream rows as Server-Sent Events (same as Accept: text/event-stream)")
+
+    _label = field_validator("label", mode="wrap")(check_label_type)
+
+
+class SampleRequest(GenerationFields):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"n": 4, "label": "sneaker", "seed": 1}]}
+    )
+
+
+class CompleteFields(GenerationFields):
+    rows: int | None = Field(None, description="rows of the given image to keep, 0..H-1; absent: H // 2")
+
+
+class CompleteRequest(CompleteFields):
+    """JSON form of POST /complete; the multipart form has the same fields and an `image` file."""
+
+    image: str = Field(description="base64 image file (PNG, JPEG, BMP, WebP), optionally a data: URL")
+
+
+class LikelihoodFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    label: Label | list[Label] | None = Field(
+        None, description="class to condition on (one, or one per image); absent on a conditional model: "
+        "the marginal likelihood over classes, with class_probabilities"
+    )
+    per_pixel: bool = Field(False, description="add per_pixel_nll and heatmap_png to each result")
+
+    _label = field_validator("label", mode="wrap")(check_label_type)
+
+
+class LikelihoodRequest(LikelihoodFields):
+    """JSON form of POST /likelihood; the multipart form repeats an `image` file field instead."""
+
+    images: list[str] | None = Field(None, description="base64 image files")
+    image: str | None = Field(None, description="one base64 image file (instead of images)")
+
+
+# Responses (documentation only: routes build plain dicts).
+
+
+class ImageOut(BaseModel):
+    png: str = Field(description="base64 PNG")
+    label: int | None
+    label_name: str | None
+    log_prob: float = Field(description="log p of the generated sub-pixels at temperature 1, nats")
+
+
+class GenerationResponse(BaseModel):
+    model: str
+    seed: int
+    shape: list[int] = Field(description="[C, H, W]")
+    images: list[ImageOut]
+    log_prob: list[float]
+    bits_per_dim: list[float] = Field(description="-log_prob / (generated sub-pixels * ln 2)")
+    rows: int = Field(description="image height H")
+    known_rows: int | None = Field(None, description="/complete only: rows kept from the given image")
+    temperature: float
+    elapsed_s: float
+
+
+class ClassOut(BaseModel):
+    index: int
+    name: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    arch: str
+    shape: list[int]
+    conditional: bool
+    classes: list[ClassOut]
+    parameters: int
+    metrics: dict | None
+    default: bool
+
+
+class LikelihoodOut(BaseModel):
+    nll_nats: float
+    bits_per_dim: float
+    label: int | None = Field(description="class used: the given one, or the most likely one")
+    label_name: str | None
+    class_probabilities: dict[str, float] | None = Field(None, description="p(class | image), no label given")
+    per_pixel_nll: list | None = Field(None, description="H x W (grayscale) or C x H x W (RGB) nats")
+    heatmap_png: str | None = Field(
+        None, description="base64 PNG: per-pixel NLL, black (0) -> red -> yellow -> white (max)"
+    )
+
+
+class LikelihoodResponse(BaseModel):
+    model: str
+    results: list[LikelihoodOut]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "invalid input"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "body over max_upload_bytes"},
+    503: {"model": ErrorResponse, "description": "queue full (Retry-After) or not ready"},
+}

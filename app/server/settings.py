@@ -1,0 +1,55 @@
+"""Server configuration: environment variables with the prefix PIXELCNN_, overridden by CLI flags.
+
+Example: PIXELCNN_MODEL_STORE=/models PIXELCNN_API_KEY=secret pixelcnn serve --port 9000
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "fashion-mnist"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIXELCNN_", extra="ignore", protected_namespaces=())
+
+    model_store: Path = Field(
+        Path("model_store"), description="folder of model folders (config.json + model.safetensors)"
+    )
+    model: str | None = Field(
+        None, description=f"default model; unset: {DEFAULT_MODEL!r} if in the store, else the first alphabetically"
+    )
+    preload: Literal["all", "default"] = Field("all", description="load every model in the store, or only the default")
+    host: str = "127.0.0.1"  # loopback unless asked: containers set PIXELCNN_HOST=0.0.0.0
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; unset: torch's default. On a CPU shared with other work, "
+        "use 1: oversubscribed OpenMP threads made batched decoding ~100x slower on a busy 2-core machine",
+    )
+    max_batch_images: int = Field(64, ge=1, description="images decoded together by one engine step")
+    max_queue: int = Field(64, ge=0, description="requests waiting for a batch slot before 503")
+    max_images_per_request: int = Field(64, ge=1)
+    max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
+    api_key: SecretStr | None = Field(None, description="bearer token required on POST routes; unset: no auth")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed browser origins, comma-separated in the environment; empty: CORS off"
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        """Accept "a,b" from the environment as well as a list."""
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        """PIXELCNN_API_KEY= (empty) means no key, not a key that is the empty string."""
+        return None if value == "" else value
