@@ -240,6 +240,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_bench)
 
 
+def add_card(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("card", help="draw a model card's pictures: samples per class, completions, curve")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="MODEL_DIR and options (see pixelcnn card -h)")
+    p.set_defaults(run=lambda args: __import__("app.card").card.run(args.options))
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     from app.server.cli import add_serve
 
-    for add in (add_train, add_eval, add_sample, add_complete, add_serve, add_bench):
+    for add in (add_train, add_eval, add_sample, add_complete, add_serve, add_bench, add_card):
         add(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
