@@ -71,7 +71,7 @@ def decode_image(data: bytes, channels: int, height: int, width: int) -> torch.T
         shift = 8 if array.max(initial=0) > 255 or picture.mode.startswith("I;16") else 0
         picture = Image.fromarray((array >> shift).clip(0, 255).astype(np.uint8), mode="L")
     if channels == 1:
-        array = np.asarray(picture.convert("L"))[None]
+        array = np.array(picture.convert("L"))[None]
     else:
-        array = np.asarray(picture.convert("RGB")).transpose(2, 0, 1)
+        array = np.array(picture.convert("RGB")).transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))

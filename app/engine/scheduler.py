@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -139,6 +138,7 @@ class Engine:
         self._state: DecodeState | None = None
         self._counters = collections.Counter()
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+        self._batch_size_counts: collections.Counter[int] = collections.Counter()  # decode steps per batch size
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -177,6 +177,7 @@ class Engine:
             "last_batch_size": sizes[-1] if sizes else 0,
             "max_batch_size_seen": max(sizes, default=0),
             "recent_batch_sizes": sizes[-50:],
+            "batch_sizes_seen": dict(self._batch_size_counts),
             **dict(self._counters),
         }
 
@@ -225,8 +226,8 @@ class Engine:
         class_log_probs = None
         if self.config.conditional and labels is None:
             marginal, per_class = marginal_nll_nats(self.model, x)
-            # Bayes with a uniform prior: log p(y|x) = log p(x|y) + log p(y) - log p(x).
-            class_log_probs = (marginal[:, None] - per_class - math.log(self.config.num_classes)).double().cpu()
+            # Bayes with a uniform prior: p(y|x) is the softmax over classes of log p(x|y).
+            class_log_probs = torch.log_softmax(-per_class.double(), dim=1).cpu()
             labels = per_class.argmin(dim=1)
             nll = marginal.double().cpu()
         else:
@@ -287,6 +288,7 @@ class Engine:
             [torch.full((job.n, 1), float(job.request.temperature), dtype=torch.float64) for job in self._active]
         )
         self._batch_sizes.append(uniforms.shape[0])
+        self._batch_size_counts[uniforms.shape[0]] += 1
         rows, log_prob = self.sampler.decode_row(self._state, uniforms, temperatures)
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         self._counters["rows_decoded"] += 1

@@ -127,8 +127,7 @@ def likelihood_body(model: ServedModel, result: Any, per_pixel: bool) -> dict[st
             "label_name": model.class_name(label),
         }
         if result.class_log_probs is not None:
-            # softmax, not exp: float32 log-probabilities from the engine would sum to 1 +- 1e-5 otherwise
-            probs = torch.softmax(result.class_log_probs[i].double(), dim=0).tolist()
+            probs = result.class_log_probs[i].exp().tolist()  # float64 log p(y|x) from the engine
             entry["class_probabilities"] = {model.class_name(k): p for k, p in enumerate(probs)}
         if per_pixel:
             nats_map = result.per_pixel[i].double().cpu()
