@@ -106,7 +106,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from app.data import load_dataset
     from app.evaluate import evaluate
     from app.model import load
-    from app.train import pick_device
+    from app.model import pick_device
 
     data = args.data
     if data is None:
@@ -162,7 +162,7 @@ def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: i
 
     from app.engine import sample_cached
     from app.model import load, sample_naive
-    from app.train import pick_device
+    from app.model import pick_device
 
     model = load(args.model, pick_device(args.device))
     seed = args.seed if args.seed is not None else secrets.randbits(31)

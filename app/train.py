@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from app.data import ImageDataset, load_dataset
 from app.evaluate import evaluate
-from app.model import ModelConfig, bits_per_dim, build, save
+from app.model import ModelConfig, bits_per_dim, build, pick_device, save
 from app.model.likelihood import nll_per_subpixel
 
 TRAINER_STATE = "trainer_state.json"
@@ -55,14 +55,6 @@ class TrainOptions:
     device: str = "auto"
     sample_grid: bool = True
     command: str = ""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    return torch.device(name)
 
 
 def git_commit() -> str:

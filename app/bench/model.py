@@ -138,7 +138,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
 
-    from app.train import pick_device
+    from app.model import pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,7 +19,7 @@ import torch
 
 from app.engine import CachedSampler, sample_cached
 from app.model import load, nll_nats, sample_naive
-from app.train import pick_device
+from app.model import pick_device
 
 
 def timed(fn) -> float:

@@ -29,7 +29,7 @@ from app.model.gated import GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
-from app.model.sampling import check_temperature, draw, prepare_canvas, resolve_labels, row_uniforms
+from app.model.sampling import draw, row_uniforms, start_sampling
 
 
 class DecodeState:
@@ -302,11 +302,10 @@ def iter_sample(
 
     Same protocol (and so the same images) as app.model.sample_naive."""
     config = model.config
-    check_temperature(temperature)
     sampler = sampler or CachedSampler(model)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    labels = resolve_labels(config, n, labels, generator)
-    canvas = prepare_canvas(config, n, known, known_rows, sampler.device)
+    generator, labels, canvas = start_sampling(
+        config, n, labels, temperature, generator, known, known_rows, sampler.device
+    )
     state = sampler.prefill(canvas, labels, known_rows)
     temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
     log_prob = torch.zeros(n, dtype=torch.float64, device=sampler.device)

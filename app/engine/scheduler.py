@@ -24,7 +24,7 @@ from torch import nn
 
 from app.model import ModelConfig, SampleResult
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
-from app.model.sampling import check_temperature, prepare_canvas, resolve_labels, row_uniforms
+from app.model.sampling import resolve_labels, row_uniforms, start_sampling
 
 from .cached import CachedSampler, DecodeState
 
@@ -186,10 +186,10 @@ class Engine:
         """Queue a request; raises ValueError for a bad request and QueueFullError when the queue is full."""
         if not 1 <= request.n <= self.max_batch_images:
             raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
-        check_temperature(request.temperature)
-        generator = torch.Generator().manual_seed(request.seed)
-        labels = resolve_labels(self.config, request.n, request.labels, generator)
-        canvas = prepare_canvas(self.config, request.n, request.known, request.known_rows, self.device)
+        generator, labels, canvas = start_sampling(
+            self.config, request.n, request.labels, request.temperature, request.seed,
+            request.known, request.known_rows, self.device,
+        )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 

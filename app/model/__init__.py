@@ -1,6 +1,6 @@
 """PixelCNN models: `load(path)` a checkpoint, call `model(x, labels)` for logits (B, 256, C, H, W)."""
 
-from .checkpoint import build, load, save
+from .checkpoint import build, load, pick_device, save
 from .config import ARCHS, LEVELS, ModelConfig
 from .likelihood import bits_per_dim, marginal_nll_nats, nll_nats, nll_per_subpixel
 from .sampling import SampleResult, sample_naive
@@ -16,6 +16,7 @@ __all__ = [
     "marginal_nll_nats",
     "nll_nats",
     "nll_per_subpixel",
+    "pick_device",
     "sample_naive",
     "save",
 ]

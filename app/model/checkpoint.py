@@ -28,6 +28,15 @@ def save(model: nn.Module, path: str | Path) -> None:
     save_file(state, str(path / WEIGHTS_FILE))
 
 
+def pick_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error that says so."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model from a checkpoint folder, in eval mode on `device`."""
     path = Path(path)

@@ -82,6 +82,26 @@ def prepare_canvas(
     return canvas
 
 
+def start_sampling(
+    config: ModelConfig,
+    n: int,
+    labels: torch.Tensor | list[int] | None,
+    temperature: float,
+    seed_or_generator: int | torch.Generator | None,
+    known: torch.Tensor | None,
+    known_rows: int,
+    device: torch.device,
+) -> tuple[torch.Generator, torch.Tensor | None, torch.Tensor]:
+    """Steps 0 and 1 of the protocol, shared by every sampler: check the arguments, make the generator,
+    resolve (or draw) the labels, and lay out the canvas. Returns (generator, labels, canvas)."""
+    check_temperature(temperature)
+    generator = seed_or_generator
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator().manual_seed(generator or 0)
+    labels = resolve_labels(config, n, labels, generator)
+    return generator, labels, prepare_canvas(config, n, known, known_rows, device)
+
+
 @torch.no_grad()
 def sample_naive(
     model: nn.Module,
@@ -98,12 +118,9 @@ def sample_naive(
     conditioned on them (image completion).
     """
     config: ModelConfig = model.config
-    check_temperature(temperature)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
-    labels = resolve_labels(config, n, labels, generator)
+    generator, labels, canvas = start_sampling(config, n, labels, temperature, generator, known, known_rows, device)
     labels_dev = labels.to(device) if labels is not None else None
-    canvas = prepare_canvas(config, n, known, known_rows, device)
     log_prob = torch.zeros(n, dtype=torch.float64, device=device)
     for i in range(known_rows, config.height):
         u = row_uniforms(generator, n, config.image_channels, config.width)

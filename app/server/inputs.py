@@ -167,19 +167,7 @@ def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "lab
 
 
 def class_index(model: ServedModel, value: Any, field: str) -> int:
-    config = model.config
-    if isinstance(value, str):
-        wanted = value.strip().casefold()
-        for index, name in enumerate(config.class_names):
-            if name.casefold() == wanted:
-                return index
-        if wanted.isdigit():
-            value = int(wanted)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < config.num_classes:
-        return value
-    names = ", ".join(repr(model.class_name(i)) for i in range(config.num_classes))
-    raise InvalidRequest(
-        f"unknown label {value!r} for model {model.name!r}: expected a class index 0..{config.num_classes - 1} "
-        f"or a class name (case-insensitive): {names}",
-        field=field,
-    )
+    try:
+        return model.config.class_index(value)
+    except ValueError as error:
+        raise InvalidRequest(f"model {model.name!r}: {error}", field=field) from None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.model import ModelConfig
+from app.model import ModelConfig, pick_device
 from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 from .errors import NotFound, NotReady
@@ -110,14 +110,6 @@ class ModelRegistry:
                 log.exception("engine for %s failed to stop", model.name)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
-    return torch.device(name)
-
-
 def discover(store: Path) -> list[str]:
     """Model folders in the store: every sub-folder with a config.json, sorted by name."""
     if not store.is_dir():
@@ -169,7 +161,7 @@ def load_models(settings: Settings) -> tuple[list[LoadedModel], str | None, list
                         f"(found: {', '.join(names)})")
     try:
         device = pick_device(settings.device)
-    except RuntimeError as error:
+    except ValueError as error:
         return [], default, [str(error)]
     wanted = names if settings.preload == "all" else [n for n in names if n == default]
     loaded = []
