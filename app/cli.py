@@ -105,8 +105,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from app.data import load_dataset
     from app.evaluate import evaluate
-    from app.model import load
-    from app.model import pick_device
+    from app.model import load, pick_device
 
     data = args.data
     if data is None:
@@ -161,8 +160,7 @@ def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: i
     import torch
 
     from app.engine import sample_cached
-    from app.model import load, sample_naive
-    from app.model import pick_device
+    from app.model import load, pick_device, sample_naive
 
     model = load(args.model, pick_device(args.device))
     seed = args.seed if args.seed is not None else secrets.randbits(31)

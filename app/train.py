@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from app.data import ImageDataset, load_dataset
 from app.evaluate import evaluate
-from app.model import ModelConfig, bits_per_dim, build, pick_device, save
+from app.model import ModelConfig, build, pick_device, save
 from app.model.likelihood import nll_per_subpixel
 
 TRAINER_STATE = "trainer_state.json"

@@ -73,8 +73,9 @@ def write_server_store(root: Path) -> Path:
     'rgb' (masked-conv PixelCNN, 3x8x8), plus a metrics.json with a history for 'gray'."""
     import json
 
-    from app.model import save
     from helpers import tiny_model
+
+    from app.model import save
 
     save(tiny_model("gated", 1, seed=1).float(), root / "gray")
     cond = tiny_model("gated", 1, num_classes=3, seed=2).float()
@@ -143,3 +144,17 @@ def pixels(result: dict) -> list[tuple[str, int | None]]:
     """What must be exact between two /sample or /complete results with one seed: each image's PNG and label.
     (log_prob may differ in float32's last bits when the engine batches the request with others.)"""
     return [(image["png"], image["label"]) for image in result["images"]]
+
+
+@pytest.fixture
+def anyio_backend():
+    """The server tests run on asyncio (the event loop uvicorn uses)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def models(server_store):
+    """The tiny server-store models loaded in the test process, to compare responses with."""
+    from app.model import load
+
+    return {name: load(server_store / name) for name in ("gray", "cond", "rgb")}

@@ -11,7 +11,14 @@ import pytest
 import torch
 from conftest import pixels, png_tensor, torch_threads
 
-from app.client import PixelCNNClient, PixelCNNError, parse_sse, png_bytes_of, write_heatmaps, write_pngs
+from app.client import (
+    PixelCNNClient,
+    PixelCNNError,
+    parse_sse,
+    png_bytes_of,
+    write_heatmaps,
+    write_pngs,
+)
 from app.imaging import png_bytes
 from app.server import Settings, create_app
 from app.server.bench import run as bench_run

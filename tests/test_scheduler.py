@@ -7,7 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from app.engine import Engine, GenerationRequest, QueueFullError, RowEvent, sample_cached
+from app.engine import (
+    Engine,
+    GenerationRequest,
+    QueueFullError,
+    RowEvent,
+    sample_cached,
+)
 from tests.helpers import tiny_model
 
 

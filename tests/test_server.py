@@ -13,11 +13,6 @@ from app.server.outputs import choose_format
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def assert_error(response, status: int, type_: str, *fragments: str, field: str | None = None) -> dict:
     """The one error format: {"error": {"type", "message", "field"?}}, with `fragments` in the message."""
     assert response.status_code == status, response.text

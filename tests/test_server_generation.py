@@ -15,19 +15,9 @@ from helpers import tiny_model
 
 from app.engine import Engine
 from app.imaging import png_bytes
-from app.model import load, sample_naive, save
+from app.model import sample_naive, save
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def models(server_store):
-    return {name: load(server_store / name) for name in ("gray", "cond", "rgb")}
 
 
 def naive(model, n, seed, **kwargs):

@@ -10,19 +10,9 @@ import torch
 from conftest import png_tensor, torch_threads
 
 from app.imaging import png_bytes
-from app.model import load, marginal_nll_nats, nll_nats, nll_per_subpixel
+from app.model import marginal_nll_nats, nll_nats, nll_per_subpixel
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def models(server_store):
-    return {name: load(server_store / name) for name in ("gray", "cond", "rgb")}
 
 
 def random_images(n: int, channels: int = 1, seed: int = 0) -> torch.Tensor:

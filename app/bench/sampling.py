@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from app.engine import CachedSampler, sample_cached
-from app.model import load, nll_nats, sample_naive
-from app.model import pick_device
+from app.model import load, nll_nats, pick_device, sample_naive
 
 
 def timed(fn) -> float:

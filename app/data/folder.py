@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.data.dataset import DatasetNotFoundError, ImageDataset, build_dataset, split_indices
+from app.data.dataset import (
+    DatasetNotFoundError,
+    ImageDataset,
+    build_dataset,
+    split_indices,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 GRAY_MODES = {"1", "L", "LA"}

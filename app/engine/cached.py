@@ -20,6 +20,7 @@ share one decode step; that is what lets the scheduler batch requests continuous
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,8 +97,8 @@ class CachedGated:
         self.h_weight = [matrix(layer.horizontal) for layer in self.layers]
         self.h_width = [layer.rows for layer in self.layers]  # horizontal kernel widths
         # Residual and skip 1x1 convolutions fused into one matrix: gated (B, n) -> (B, 2n).
-        self.out_weight = [torch.cat([matrix(l.residual), matrix(l.skip)], dim=1) for l in self.layers]
-        self.out_bias = [torch.cat([l.residual.bias, l.skip.bias]) for l in self.layers]
+        self.out_weight = [torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers]
+        self.out_bias = [torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers]
 
     def class_biases(self, labels: torch.Tensor | None, batch: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.class_bias is None:
@@ -156,7 +157,7 @@ class CachedGated:
         """Logits (B, 256) of sub-pixel (current row, j, colour)."""
         b = s.batch
         skips = None
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             kw, buffer = self.h_width[index], s.h_buffers[index]
             window = buffer[:, j : j + kw].reshape(b, -1)  # (B, kw * in)
             pre = torch.addmm(s.row_bias[index][:, j], window, self.h_weight[index])  # (B, 2n)
@@ -238,7 +239,8 @@ class CachedPixelCNN:
             half = self.k_half[index]
             buffer = s.conv_inputs[index]
             buffer[:, half, j + half] = torch.relu(torch.addmm(b_red, torch.relu(h), w_red))
-            conv = torch.addmm(block.conv.bias, buffer[:, :, j : j + 2 * half + 1].reshape(b, -1), self.conv_weight[index])
+            patch = buffer[:, :, j : j + 2 * half + 1].reshape(b, -1)  # rows i-half .. i, masked beyond (i, j)
+            conv = torch.addmm(block.conv.bias, patch, self.conv_weight[index])
             h = h + torch.addmm(b_exp, torch.relu(conv), w_exp)
         return self.head(h, colour)
 

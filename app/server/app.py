@@ -16,7 +16,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware, ServerMetrics
-from .registry import EngineFactory, ModelRegistry, build_registry, default_engine_factory, load_models
+from .registry import (
+    EngineFactory,
+    ModelRegistry,
+    build_registry,
+    default_engine_factory,
+    load_models,
+)
 from .routes import generation, health, likelihood, metrics, models
 from .settings import Settings
 

@@ -21,7 +21,14 @@ from fastapi import Request
 from app.engine import EngineStoppedError, GenerationRequest, QueueFullError, RowEvent
 from app.model import SampleResult
 
-from .errors import RETRY_AFTER_S, ClientDisconnected, InvalidRequest, NotReady, Overloaded, error_body
+from .errors import (
+    RETRY_AFTER_S,
+    ClientDisconnected,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    error_body,
+)
 from .metrics import ServerMetrics
 from .outputs import generation_body, row_data, sse_event
 from .registry import ServedModel

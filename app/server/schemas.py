@@ -6,7 +6,15 @@ silently ignored option.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 Label = StrictInt | StrictStr  # strict: JSON true is not class 1, 1.0 is not a class index
 LABEL_TYPE_ERROR = "must be a class index (integer), a class name (string), or a list of them"

@@ -12,7 +12,14 @@ from app.engine import GenerationRequest
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..errors import InvalidRequest
-from ..inputs import check_n, check_temperature, decode_images, read_upload, resolve_labels, resolve_seed
+from ..inputs import (
+    check_n,
+    check_temperature,
+    decode_images,
+    read_upload,
+    resolve_labels,
+    resolve_seed,
+)
 from ..jobs import GenerationJob, GenerationRun
 from ..metrics import ServerMetrics
 from ..outputs import SSE_HEADERS, choose_format, generation_headers, generation_png

@@ -9,7 +9,12 @@ from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..inputs import decode_images, read_upload, resolve_labels
 from ..jobs import score
 from ..outputs import likelihood_body
-from ..schemas import ERROR_RESPONSES, LikelihoodFields, LikelihoodRequest, LikelihoodResponse
+from ..schemas import (
+    ERROR_RESPONSES,
+    LikelihoodFields,
+    LikelihoodRequest,
+    LikelihoodResponse,
+)
 from .docs import upload_body
 
 router = APIRouter(tags=["likelihood"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
