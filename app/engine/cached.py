@@ -99,6 +99,9 @@ class CachedGated:
         # Residual and skip 1x1 convolutions fused into one matrix: gated (B, n) -> (B, 2n).
         self.out_weight = [torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers]
         self.out_bias = [torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers]
+        # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases.
+        self.link_weight = [matrix(g.link) for g in self.layers]
+        self.link_bias = [g.link.bias + g.horizontal.bias for g in self.layers]
 
     def class_biases(self, labels: torch.Tensor | None, batch: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.class_bias is None:
@@ -148,8 +151,8 @@ class CachedGated:
                 s.vertical[index] = window[:, :, 1:]
             v_pre = layer.vertical(window) + s.v_bias[index][:, :, None, None]  # (B, 2n, 1, W)
             # Everything the horizontal stack adds that does not depend on the current row, per column.
-            link = layer.link(v_pre)[:, :, 0].transpose(1, 2)  # (B, W, 2n)
-            s.row_bias[index] = (link + layer.horizontal.bias + s.h_bias[index][:, None, :]).contiguous()
+            link = torch.matmul(v_pre[:, :, 0].transpose(1, 2), self.link_weight[index])  # (B, W, 2n)
+            s.row_bias[index] = link + (self.link_bias[index] + s.h_bias[index])[:, None, :]
             v_new = gate(v_pre)
             s.h_buffers[index].zero_()
 
