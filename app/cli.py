@@ -260,12 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    import httpx
+
+    from app.client import PixelCNNError
     from app.data import DatasetNotFoundError
 
     try:
         return args.run(args)
-    except (DatasetNotFoundError, FileNotFoundError, ValueError) as error:
+    except (DatasetNotFoundError, FileNotFoundError, ValueError, PixelCNNError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except httpx.TransportError as error:  # --url: no server there, or the connection broke
+        print(f"error: could not reach the server: {error}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,70 @@
+"""`pixelcnn sample` / `pixelcnn complete`: locally (cached or --naive: the same picture) and via --url."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import png_tensor, torch_threads
+
+from app.cli import main
+from app.imaging import grid, png_bytes
+from app.model import load, sample_naive
+from app.server import Settings, create_app
+from app.server.bench import serve_in_thread
+
+
+def test_sample_cached_and_naive_write_the_same_grid(server_store, tmp_path, capsys):
+    cached, naive = tmp_path / "cached.png", tmp_path / "naive.png"
+    base = ["sample", str(server_store / "cond"), "--n", "3", "--seed", "5", "--label", "sneaker"]
+    assert main([*base, "--out", str(cached)]) == 0
+    assert main([*base, "--naive", "--out", str(naive)]) == 0
+    assert cached.read_bytes() == naive.read_bytes()
+    assert "seed 5" in capsys.readouterr().out
+    model = load(server_store / "cond")
+    expected = sample_naive(model, 3, labels=torch.tensor([1, 1, 1]), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(png_tensor(cached.read_bytes()), grid(expected.images, columns=3))
+
+
+def test_complete_keeps_the_known_rows(server_store, tmp_path):
+    image = (torch.arange(64).reshape(1, 8, 8) * 37 % 256).to(torch.uint8)
+    source, out = tmp_path / "top.png", tmp_path / "done.png"
+    source.write_bytes(png_bytes(image))
+    assert main(["complete", str(server_store / "gray"), str(source), "--rows", "5", "--seed", "1",
+                 "--out", str(out)]) == 0
+    done = png_tensor(out.read_bytes())[:, 2:10, 2:10]  # the grid's 2-pixel border around one image
+    assert torch.equal(done[:, :5], image[:, :5])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "{store}/gray", "--label", "3"], "unconditional"),
+    (["sample", "{store}/cond", "--label", "cat"], "unknown label 'cat'"),
+    (["sample", "{store}/nope"], "is not a model checkpoint"),
+    (["complete", "{store}/gray", "{store}/gray/config.json"], "could not read the image"),
+])
+def test_bad_arguments_exit_2_with_one_line(server_store, tmp_path, capsys, argv, message):
+    argv = [a.format(store=server_store) for a in argv] + ["--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sample_and_complete_through_a_server(server_store, tmp_path):
+    app = create_app(Settings(model_store=server_store, model="cond", device="cpu", threads=1))
+    with torch_threads(torch.get_num_threads()), serve_in_thread(app) as url:
+        remote, local = tmp_path / "remote.png", tmp_path / "local.png"
+        assert main(["sample", "--url", url, "--n", "2", "--seed", "9", "--label", "1", "--out", str(remote)]) == 0
+        assert main(["sample", str(server_store / "cond"), "--n", "2", "--seed", "9", "--label", "1",
+                     "--out", str(local)]) == 0
+        assert torch.equal(png_tensor(remote.read_bytes()), png_tensor(local.read_bytes()))
+        done = tmp_path / "done.png"
+        assert main(["complete", "--url", url, "cond", str(local), "--rows", "3", "--out", str(done)]) == 2, \
+            "the grid is not an 8x8 image: the server must refuse it"
+        single = tmp_path / "single.png"
+        single.write_bytes(png_bytes(png_tensor(local.read_bytes())[:, 2:10, 2:10]))
+        assert main(["complete", "--url", url, "cond", str(single), "--rows", "3", "--out", str(done)]) == 0
+
+
+def test_unreachable_server_is_one_line(tmp_path, capsys):
+    assert main(["sample", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not reach the server") and "Traceback" not in err
