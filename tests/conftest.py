@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+# One torch thread for the whole suite: the models are tiny, results do not depend on the thread count,
+# and on a machine whose other core is busy, OpenMP threads that spin-wait make tests many times slower.
+torch.set_num_threads(1)
+
 TINY_MODEL_ARGS = [
     "--channels", "8", "--layers", "2", "--first-kernel-size", "3", "--kernel-size", "3",
     "--batch-size", "16", "--epochs", "2", "--no-samples", "--device", "cpu",
