@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -21,20 +22,27 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@contextlib.asynccontextmanager
+async def running(model, **limits):
+    """A started engine, stopped however the block ends."""
+    engine = Engine(model, **limits)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
 def test_concurrent_requests_equal_sequential_ones_and_share_steps():
     model = tiny_model("gated", 1, size=6, num_classes=3, seed=21)
     requests = [GenerationRequest(n=1 + k % 3, seed=100 + k, temperature=1.0 if k % 2 else 0.8) for k in range(6)]
     requests.append(GenerationRequest(n=2, seed=7, labels=[1, 2], known=torch.full((1, 1, 6, 6), 200, dtype=torch.uint8), known_rows=3))
 
     async def scenario():
-        engine = Engine(model, max_batch_images=16, max_queue=16)
-        await engine.start()
-        try:
+        async with running(model, max_batch_images=16, max_queue=16) as engine:
             concurrent = await asyncio.gather(*(engine.generate(r) for r in requests))
             sequential = [await engine.generate(r) for r in requests]
             return concurrent, sequential, engine.stats()
-        finally:
-            await engine.stop()
 
     concurrent, sequential, stats = run(scenario())
     for request, a, b in zip(requests, concurrent, sequential):
@@ -54,9 +62,7 @@ def test_a_request_joins_a_running_batch_at_the_next_row():
     model = tiny_model("pixelcnn", 1, size=8, seed=22)
 
     async def scenario():
-        engine = Engine(model, max_batch_images=8)
-        await engine.start()
-        try:
+        async with running(model, max_batch_images=8) as engine:
             first = engine.submit(GenerationRequest(n=1, seed=1))
             first_rows = []
             async for event in first:
@@ -66,8 +72,6 @@ def test_a_request_joins_a_running_batch_at_the_next_row():
                         second = asyncio.ensure_future(engine.generate(GenerationRequest(n=2, seed=2)))
             result_second = await second
             return first_rows, result_second, engine.stats()
-        finally:
-            await engine.stop()
 
     rows, second, stats = run(scenario())
     assert rows == list(range(8))
@@ -79,9 +83,7 @@ def test_cancelled_request_leaves_the_batch_and_others_finish():
     model = tiny_model("gated", 1, size=8, seed=23)
 
     async def scenario():
-        engine = Engine(model, max_batch_images=8)
-        await engine.start()
-        try:
+        async with running(model, max_batch_images=8) as engine:
             doomed = engine.submit(GenerationRequest(n=3, seed=1))
             survivor = engine.submit(GenerationRequest(n=1, seed=2))
             async for event in doomed:
@@ -94,8 +96,6 @@ def test_cancelled_request_leaves_the_batch_and_others_finish():
                     break
                 await asyncio.sleep(0.05)
             return result, engine.stats()
-        finally:
-            await engine.stop()
 
     result, stats = run(scenario())
     assert torch.equal(result.images, sample_cached(model, 1, generator=torch.Generator().manual_seed(2)).images)
