@@ -68,6 +68,7 @@ def bench_size(channels: int, layers: int, args: argparse.Namespace, device: tor
     config = ModelConfig(
         hidden_channels=channels,
         layers=layers,
+        kernel_size=args.kernel_size,
         head_channels=2 * channels,
         num_classes=NUM_CLASSES,
         class_names=[str(i) for i in range(NUM_CLASSES)],
@@ -129,6 +130,7 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench model", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("32x7,64x10"),
                         help="comma-separated CHANNELSxLAYERS (default 32x7,64x10)")
+    parser.add_argument("--kernel-size", type=positive, default=3, help="kernel of the layers after the first")
     parser.add_argument("--batch-size", type=positive, default=64, help="training batch (default 64)")
     parser.add_argument("--forward-batch-size", type=positive, default=256, help="likelihood batch (default 256)")
     parser.add_argument("--steps", type=positive, default=5, help="timed iterations after one warm-up (default 5)")
