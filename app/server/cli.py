@@ -16,7 +16,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (env PIXELCNN_HOST, default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, help="env PIXELCNN_PORT, default 8000")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="env PIXELCNN_DEVICE, default auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads (env PIXELCNN_THREADS; 1 on a shared CPU)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (env PIXELCNN_THREADS, default 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run_serve)
 

@@ -27,9 +27,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"  # loopback unless asked: containers set PIXELCNN_HOST=0.0.0.0
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(
-        None, ge=1, description="torch CPU threads; unset: torch's default. On a CPU shared with other work, "
-        "use 1: oversubscribed OpenMP threads made batched decoding ~100x slower on a busy 2-core machine",
+    threads: int = Field(
+        1, ge=1, description="torch CPU threads. Default 1: a decode step is a few small matrix products per "
+        "pixel, and OpenMP threads competing with the event loop for the cores made 16 concurrent /sample "
+        "requests 2x slower on 2 cores (measured); raise it for large /likelihood batches on many-core CPUs",
     )
     max_batch_images: int = Field(64, ge=1, description="images decoded together by one engine step")
     max_queue: int = Field(64, ge=0, description="requests waiting for a batch slot before 503")
