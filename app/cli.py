@@ -195,40 +195,40 @@ def report(args: argparse.Namespace, images, seed: int, names: list[str]) -> int
     return 0
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    n = args.n
-    if args.url:
-        from app.client import PixelCNNClient
+def generate_remotely(args: argparse.Namespace, route: str) -> int:
+    """--url: the same request through a running server (route "sample" or "complete")."""
+    from app.client import PixelCNNClient
 
-        label = args.label if args.label is None or not args.label.isdigit() else int(args.label)
-        with PixelCNNClient(args.url) as client:
-            result = client.sample(n=n, label=label, temperature=args.temperature, seed=args.seed, model=args.model)
-        return report(args, images_from_response(result), result["seed"],
-                      [item.get("label_name") for item in result["images"] if item.get("label_name")])
+    label = int(args.label) if args.label is not None and args.label.isdigit() else args.label
+    common = dict(n=args.n, label=label, temperature=args.temperature, seed=args.seed, model=args.model)
+    with PixelCNNClient(args.url) as client:
+        if route == "sample":
+            result = client.sample(**common)
+        else:
+            result = client.complete(args.image, rows=args.rows, **common)
+    names = [item["label_name"] for item in result["images"] if item.get("label_name")]
+    return report(args, images_from_response(result), result["seed"], names)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    if args.url:
+        return generate_remotely(args, "sample")
     if args.model is None:
         print("error: give a model folder (or --url URL)", file=sys.stderr)
         return 2
-    return report(args, *generate_locally(args, n))
+    return report(args, *generate_locally(args, args.n))
 
 
 def run_complete(args: argparse.Namespace) -> int:
-    n = args.n
     if args.url:
-        from app.client import PixelCNNClient
-
-        label = args.label if args.label is None or not args.label.isdigit() else int(args.label)
-        with PixelCNNClient(args.url) as client:
-            result = client.complete(args.image, rows=args.rows, n=n, label=label, temperature=args.temperature,
-                                     seed=args.seed, model=args.model)
-        return report(args, images_from_response(result), result["seed"],
-                      [item.get("label_name") for item in result["images"] if item.get("label_name")])
+        return generate_remotely(args, "complete")
     from app.imaging import decode_image
     from app.model import ModelConfig
 
     config = ModelConfig.load(Path(args.model) / "config.json")
     known = decode_image(args.image.read_bytes(), *config.shape)[None]
     rows = config.height // 2 if args.rows is None else args.rows
-    return report(args, *generate_locally(args, n, known=known, known_rows=rows))
+    return report(args, *generate_locally(args, args.n, known=known, known_rows=rows))
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
