@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from app.data import ImageDataset, iterate_batches
-from app.model import bits_per_dim, nll_nats
+from app.model import ModelConfig, bits_per_dim, nll_nats
 
 
 @dataclass
@@ -27,14 +27,19 @@ class Evaluation:
         }
 
 
+def check_dataset(config: ModelConfig, dataset: ImageDataset) -> None:
+    """The dataset fits the model: same image shape, and labels for a class-conditional model."""
+    if tuple(dataset.images.shape[1:]) != config.shape:
+        raise ValueError(f"{dataset.name} images are {tuple(dataset.images.shape[1:])}, the model expects {config.shape}")
+    if config.conditional and dataset.labels is None:
+        raise ValueError(f"a class-conditional model needs labels, and {dataset.name} has none")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 256) -> Evaluation:
     config = model.config
-    if tuple(dataset.images.shape[1:]) != config.shape:
-        raise ValueError(f"dataset images are {tuple(dataset.images.shape[1:])}, the model expects {config.shape}")
+    check_dataset(config, dataset)
     use_labels = config.conditional
-    if use_labels and dataset.labels is None:
-        raise ValueError("a class-conditional model needs a labelled dataset")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

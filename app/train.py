@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from app.data import ImageDataset, load_dataset
-from app.evaluate import evaluate
+from app.evaluate import check_dataset, evaluate
 from app.model import ModelConfig, build, pick_device, save
 from app.model.likelihood import nll_per_subpixel
 
@@ -123,11 +123,11 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     tensors = load_file(str(folder / CHECKPOINT_WEIGHTS))
     device = next(model.parameters()).device
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    for name, p in model.named_parameters():
-        keys = [k for k in tensors if k.startswith("optim.") and k.endswith(f".{name}") and k.count(".") >= 2]
-        state = {k[len("optim.") : -len(name) - 1]: tensors[k].to(device) for k in keys}
-        if state:
-            optimizer.state[p] = state
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, state_key, name = key.split(".", 2)  # optim.<Adam state key, no dots>.<parameter name>
+            optimizer.state[params[name]][state_key] = value.to(device)
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
@@ -140,7 +140,7 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
 
     train_set = load_dataset(options.data, "train", options.data_dir, options.limit)
     test_set = load_dataset(options.data, "test", options.data_dir, options.final_eval_limit)
-    check_dataset(config, train_set)
+    check_dataset(config, train_set)  # before any training work: a mismatch is the user's to fix
 
     torch.manual_seed(options.seed)
     model = build(config).to(device)
@@ -270,13 +270,6 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
     ranks.barrier()
     ranks.close()
     return metrics
-
-
-def check_dataset(config: ModelConfig, dataset: ImageDataset) -> None:
-    if tuple(dataset.images.shape[1:]) != config.shape:
-        raise SystemExit(f"{dataset.name} images are {tuple(dataset.images.shape[1:])}, the model is {config.shape}")
-    if config.conditional and dataset.labels is None:
-        raise SystemExit(f"--conditional needs labels, and {dataset.name} has none")
 
 
 def subset(dataset: ImageDataset, limit: int) -> ImageDataset:
