@@ -47,25 +47,38 @@ def test_completion_is_prefill_then_decode_and_equals_naive(arch, channels, clas
 
 @pytest.mark.parametrize("arch,channels,classes", COMBOS)
 def test_every_step_logits_equal_the_full_forward_in_float32(arch, channels, classes):
+    """Teacher-forced through the compiled decoder's own step and write: prefill two known rows, then
+    every sub-pixel's logits must match the full forward pass over the finished image."""
     model = tiny_model(arch, channels, size=7, num_classes=classes, seed=13, dtype=torch.float32)
     sampler = CachedSampler(model)
-    recorded = []
-    original_step = sampler.impl.step
-
-    def recording_step(state, j, colour):
-        logits = original_step(state, j, colour)
-        recorded.append(logits.clone())
-        return logits
-
-    sampler.impl.step = recording_step
     known = torch.randint(0, 256, (2, channels, 7, 7), generator=seeded(3), dtype=torch.uint8)
     result = sample_cached(model, 2, generator=seeded(4), known=known, known_rows=2, sampler=sampler)
+    images = result.images.long()
+    steps = 0
     with torch.no_grad():
-        full = model(result.images, None if result.labels is None else result.labels)  # (B, 256, C, H, W)
-    expected = [full[:, :, c, i, j] for i in range(2, 7) for j in range(7) for c in range(channels)]
-    assert len(recorded) == len(expected)
-    for step, (got, want) in enumerate(zip(recorded, expected)):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=f"step {step}")
+        full = model(images, result.labels)  # (B, 256, C, H, W)
+        state = sampler.prefill(images, result.labels, 2)
+        for i in range(2, 7):
+            sampler.impl.begin_row(state)
+            for j in range(7):
+                for c in range(channels):
+                    got = sampler.step(state, j, c)
+                    torch.testing.assert_close(got, full[:, :, c, i, j], rtol=0, atol=1e-4, msg=f"pixel {i},{j},{c}")
+                    sampler.write(state, j, c, images[:, c, i, j])
+                    steps += 1
+            sampler.impl.end_row(state, images[:, :, i])
+    assert steps == 5 * 7 * channels
+
+
+@pytest.mark.parametrize("arch,channels", ARCH_CHANNELS)
+def test_the_compiled_decoder_equals_the_same_module_run_eagerly(arch, channels):
+    model = tiny_model(arch, channels, size=6, num_classes=3, seed=16)
+    compiled, eager = CachedSampler(model), CachedSampler(model, compiled=False)
+    assert isinstance(compiled.decoder, torch.jit.ScriptModule) and not isinstance(eager.decoder, torch.jit.ScriptModule)
+    a = sample_cached(model, 3, generator=seeded(2), sampler=compiled)
+    b = sample_cached(model, 3, generator=seeded(2), sampler=eager)
+    assert torch.equal(a.images, b.images)
+    assert torch.equal(a.log_prob, b.log_prob)
 
 
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])

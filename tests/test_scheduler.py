@@ -103,6 +103,50 @@ def test_cancelled_request_leaves_the_batch_and_others_finish():
     assert stats["active_images"] == 0
 
 
+def test_without_rows_only_the_result_is_delivered_and_it_is_the_same():
+    model = tiny_model("gated", 1, size=6, num_classes=3, seed=26)
+    request = GenerationRequest(n=2, seed=5)
+
+    async def scenario():
+        async with running(model) as engine:
+            quiet = [event async for event in engine.submit(request, rows=False)]
+            streamed = engine.submit(request)
+            loud = [event async for event in streamed]
+            return quiet, loud, streamed.time_to_first_row_s
+
+    quiet, loud, first_row_s = run(scenario())
+    assert len(quiet) == 1 and not isinstance(quiet[0], RowEvent)
+    assert [event.row for event in loud[:-1]] == list(range(6))
+    assert torch.equal(quiet[0].images, loud[-1].images)
+    assert first_row_s is not None and first_row_s > 0
+
+
+def test_cancel_wakes_a_consumer_that_is_waiting():
+    model = tiny_model("gated", 1, size=8, seed=27)
+
+    async def scenario():
+        engine = Engine(model)  # not started yet, so the request cannot finish before it is cancelled
+        stream = engine.submit(GenerationRequest(n=1, seed=1), rows=False)
+        waiting = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the consumer is now blocked on the next item
+        await stream.cancel()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(waiting, timeout=5)
+        await engine.start()
+        try:
+            for _ in range(200):  # the decode thread drops the cancelled request instead of running it
+                if engine.stats().get("requests_cancelled"):
+                    break
+                await asyncio.sleep(0.01)
+            return engine.stats()
+        finally:
+            await engine.stop()
+
+    stats = run(scenario())
+    assert stats["requests_cancelled"] == 1 and stats["queue_size"] == 0 and stats["active_images"] == 0
+    assert stats.get("rows_decoded", 0) == 0
+
+
 def test_full_queue_and_bad_requests_are_refused():
     model = tiny_model("gated", 1, size=6, num_classes=3, seed=24)
 

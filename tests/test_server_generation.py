@@ -15,7 +15,7 @@ from helpers import tiny_model
 
 from app.engine import Engine
 from app.imaging import png_bytes
-from app.model import sample_naive, save
+from app.model import SampleResult, sample_naive, save
 
 pytestmark = pytest.mark.anyio
 
@@ -288,8 +288,8 @@ def spying_engine_factory(model, settings):
     engine.cancelled = []
     submit = engine.submit
 
-    def spy(request):
-        stream = submit(request)
+    def spy(request, **kwargs):
+        stream = submit(request, **kwargs)
         cancel = stream.cancel
 
         async def recorded_cancel():
@@ -303,12 +303,20 @@ def spying_engine_factory(model, settings):
     return engine
 
 
-async def call_then_disconnect(app, path: str, body: dict, *, after_first_row: bool, spec_version: str) -> list[bytes]:
-    """Drive the ASGI app like a server whose client hangs up: right after the request (non-streamed) or
-    once the first row event has been sent. Returns the body chunks sent."""
+async def call_then_disconnect(
+    app, path: str, body: dict, *, after_first_row: bool, spec_version: str, hang_up_when=None
+) -> list[bytes]:
+    """Drive the ASGI app like a server whose client hangs up: right after the request, once the first
+    row event has been sent (`after_first_row`), or once `hang_up_when()` is true (polled). Returns the
+    body chunks sent."""
     payload = json.dumps(body).encode()
     gone = anyio.Event()
-    if not after_first_row:
+    if not after_first_row and hang_up_when is None:
+        gone.set()
+
+    async def hang_up_later():
+        while not hang_up_when():
+            await anyio.sleep(0.005)
         gone.set()
     delivered = False
     chunks: list[bytes] = []
@@ -337,7 +345,10 @@ async def call_then_disconnect(app, path: str, body: dict, *, after_first_row: b
                     (b"content-length", str(len(payload)).encode())],
     }
     with anyio.fail_after(20):
-        await app(scope, receive, send)
+        async with anyio.create_task_group() as group:
+            if hang_up_when is not None:
+                group.start_soon(hang_up_later)
+            await app(scope, receive, send)
     return chunks
 
 
@@ -374,6 +385,30 @@ async def test_non_streamed_disconnect_cancels_the_engine_request(serve, tall_st
         await wait_until_left(engine)
 
 
+async def test_non_streamed_disconnect_mid_generation_stops_at_the_next_row(serve, tall_store):
+    async with serve(engine_factory=spying_engine_factory, model_store=tall_store, model="tall") as (app, client):
+        engine = app.state.registry.models["tall"].engine
+        chunks = await call_then_disconnect(
+            app, "/sample", {"n": 2, "seed": 1}, after_first_row=False, spec_version="2.4",
+            hang_up_when=lambda: engine.stats().get("rows_decoded", 0) >= 2,
+        )
+        assert len(engine.cancelled) == 1
+        stats = await wait_until_left(engine)
+        assert stats.get("requests_completed", 0) == 0
+        assert 2 <= stats["rows_decoded"] < 24, "the request must stop mid-image"
+        assert json.loads(b"".join(chunks))["error"]["type"] == "client_disconnected"  # logged as a 499
+        assert 'pixelcnn_failures_total{reason="client_disconnected"} 1.0' in (await client.get("/metrics")).text
+
+
+async def test_non_streamed_requests_still_count_rows_and_time_to_first_row(serve):
+    async with serve() as (_, client):
+        assert (await client.post("/sample", json={"n": 3, "seed": 1})).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    height = 8  # the "gray" test model
+    assert f'pixelcnn_rows_total{{model="gray"}} {3.0 * height}' in metrics
+    assert 'pixelcnn_time_to_first_row_seconds_count{model="gray"} 1.0' in metrics
+
+
 async def test_finished_requests_are_not_cancelled(serve):
     async with serve(engine_factory=spying_engine_factory) as (app, client):
         await client.post("/sample", json={"seed": 1})
@@ -385,7 +420,8 @@ async def test_finished_requests_are_not_cancelled(serve):
 
 
 class FailingStream:
-    """Yields one real row, then raises `error`; records cancel() calls."""
+    """Yields the first real row (if rows were asked for), then raises `error` in place of anything else;
+    records cancel() calls."""
 
     def __init__(self, stream, error):
         self.stream, self.error, self.cancelled = stream, error, False
@@ -397,8 +433,14 @@ class FailingStream:
         if self.error is None:
             raise self.failure
         event = await self.stream.__anext__()
+        if isinstance(event, SampleResult):  # a non-streamed request: fail instead of finishing
+            raise self.error
         self.failure, self.error = self.error, None
         return event
+
+    @property
+    def time_to_first_row_s(self):
+        return self.stream.time_to_first_row_s
 
     async def cancel(self):
         self.cancelled = True
@@ -408,8 +450,8 @@ class FailingStream:
 def failing_submit(engine, error, streams):
     submit = engine.submit
 
-    def wrapped(request):
-        streams.append(FailingStream(submit(request), error))
+    def wrapped(request, **kwargs):
+        streams.append(FailingStream(submit(request, **kwargs), error))
         return streams[-1]
 
     return wrapped
@@ -435,9 +477,11 @@ async def test_engine_stopped_is_503_and_a_bug_is_a_500(serve):
     streams = []
     async with serve() as (app, client):
         engine = app.state.registry.models["gray"].engine
+        real_submit = engine.submit
         engine.submit = failing_submit(engine, EngineStoppedError("shutting down"), streams)
         response = await client.post("/sample", json={"seed": 1})
         assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
+        engine.submit = real_submit
         engine.submit = failing_submit(engine, RuntimeError("bug"), streams)
         transport_raises = False
         try:

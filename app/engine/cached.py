@@ -19,6 +19,7 @@ share one decode step; that is what lets the scheduler batch requests continuous
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -30,7 +31,9 @@ from app.model.gated import GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
-from app.model.sampling import draw, row_uniforms, start_sampling
+from app.model.sampling import row_uniforms, start_sampling
+
+from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder
 
 
 class DecodeState:
@@ -73,19 +76,11 @@ def matrix(conv: nn.Conv2d, rows: slice = slice(None)) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
-class HeadStep:
-    """The output head at one position: features (B, n) -> logits of colour c (B, 256)."""
-
-    def __init__(self, head: OutputHead) -> None:
-        c = head.image_channels
-        self.hidden_w, self.hidden_b = matrix(head.hidden), head.hidden.bias
-        w, b = matrix(head.logits), head.logits.bias  # output channel = level * C + colour
-        self.logits_w = [w[:, k::c].contiguous() for k in range(c)]
-        self.logits_b = [b[k::c].contiguous() for k in range(c)]
-
-    def __call__(self, features: torch.Tensor, colour: int) -> torch.Tensor:
-        hidden = torch.relu(torch.addmm(self.hidden_b, torch.relu(features), self.hidden_w))
-        return torch.addmm(self.logits_b[colour], hidden, self.logits_w[colour])
+def head_step(head: OutputHead) -> HeadStep:
+    c = head.image_channels
+    w, b = matrix(head.logits), head.logits.bias  # output channel = level * C + colour
+    return HeadStep(matrix(head.hidden), head.hidden.bias, [w[:, k::c].contiguous() for k in range(c)],
+                    [b[k::c].contiguous() for k in range(c)])
 
 
 class CachedGated:
@@ -93,12 +88,18 @@ class CachedGated:
         self.config: ModelConfig = model.config
         self.layers = list(model.layers)
         self.n = model.config.hidden_channels
-        self.head = HeadStep(model.head)
-        self.h_weight = [matrix(layer.horizontal) for layer in self.layers]
-        self.h_width = [layer.rows for layer in self.layers]  # horizontal kernel widths
-        # Residual and skip 1x1 convolutions fused into one matrix: gated (B, n) -> (B, 2n).
-        self.out_weight = [torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers]
-        self.out_bias = [torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers]
+        # The decoder keeps the tanh half of every horizontal pre-activation scaled by -2 (see its gate).
+        self.pre_scale = torch.cat([torch.full((self.n,), -2.0), torch.ones(self.n)]).to(self.layers[0].link.bias)
+        self.decoder = GatedRowDecoder(
+            h_weight=[matrix(layer.horizontal) * self.pre_scale for layer in self.layers],
+            h_width=[layer.rows for layer in self.layers],
+            # Residual and skip 1x1 convolutions fused into one matrix: gated (B, n) -> (B, 2n).
+            out_weight=[torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers],
+            out_bias=[torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers],
+            channels=self.n,
+            head=head_step(model.head),
+        )
+        self.h_width = self.decoder.h_width
         # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases.
         self.link_weight = [matrix(g.link) for g in self.layers]
         self.link_bias = [g.link.bias + g.horizontal.bias for g in self.layers]
@@ -113,7 +114,7 @@ class CachedGated:
         """Caches for decoding row `known_rows` onwards: one batched pass of the vertical stack over the
         known rows (which never sees a later row), keeping the last rows of every layer's input."""
         b, c, _, w = canvas.shape
-        dtype = self.h_weight[0].dtype
+        dtype = self.link_weight[0].dtype
         v = scale_pixels(canvas[:, :, :known_rows], dtype)  # (B, C, r, W)
         vertical_queues, v_bias, h_bias = [], [], []
         for index, layer in enumerate(self.layers):
@@ -152,30 +153,13 @@ class CachedGated:
             v_pre = layer.vertical(window) + s.v_bias[index][:, :, None, None]  # (B, 2n, 1, W)
             # Everything the horizontal stack adds that does not depend on the current row, per column.
             link = torch.matmul(v_pre[:, :, 0].transpose(1, 2), self.link_weight[index])  # (B, W, 2n)
-            s.row_bias[index] = link + (self.link_bias[index] + s.h_bias[index])[:, None, :]
+            s.row_bias[index] = (link + (self.link_bias[index] + s.h_bias[index])[:, None, :]) * self.pre_scale
             v_new = gate(v_pre)
             s.h_buffers[index].zero_()
 
-    def step(self, s: DecodeState, j: int, colour: int) -> torch.Tensor:
-        """Logits (B, 256) of sub-pixel (current row, j, colour)."""
-        b = s.batch
-        skips = None
-        for index in range(len(self.layers)):
-            kw, buffer = self.h_width[index], s.h_buffers[index]
-            window = buffer[:, j : j + kw].reshape(b, -1)  # (B, kw * in)
-            pre = torch.addmm(s.row_bias[index][:, j], window, self.h_weight[index])  # (B, 2n)
-            out = torch.addmm(self.out_bias[index], gate(pre), self.out_weight[index])  # (B, 2n)
-            h, skip = out[:, : self.n], out[:, self.n :]
-            if index > 0:
-                h = h + buffer[:, j + kw - 1]
-            if index + 1 < len(self.layers):
-                s.h_buffers[index + 1][:, j + self.h_width[index + 1] - 1] = h
-            skips = skip if skips is None else skips + skip
-        return self.head(skips, colour)
-
-    def write(self, s: DecodeState, j: int, colour: int, values: torch.Tensor) -> None:
-        buffer = s.h_buffers[0]
-        buffer[:, j + self.h_width[0] - 1, colour] = scale_pixels(values, buffer.dtype)
+    def row_state(self, s: DecodeState) -> list[torch.Tensor]:
+        """The caches the decoder reads and writes during a row, in its layout."""
+        return s.h_buffers + s.row_bias
 
     def end_row(self, s: DecodeState, row: torch.Tensor) -> None:
         """Push the finished image row (B, C, W) into the first layer's vertical queue."""
@@ -189,20 +173,27 @@ class CachedPixelCNN:
     def __init__(self, model: PixelCNN) -> None:
         self.config: ModelConfig = model.config
         self.model = model
-        self.head = HeadStep(model.head)
         self.in_half = model.input.kernel_size[0] // 2
-        self.in_weight = matrix(model.input, slice(0, self.in_half + 1))  # rows below the centre are masked
-        self.blocks = list(model.blocks)
-        self.k_half = [blk.conv.kernel_size[0] // 2 for blk in self.blocks]
-        self.conv_weight = [matrix(blk.conv, slice(0, p + 1)) for blk, p in zip(self.blocks, self.k_half)]
-        self.reduce = [(matrix(blk.reduce), blk.reduce.bias) for blk in self.blocks]
-        self.expand = [(matrix(blk.expand), blk.expand.bias) for blk in self.blocks]
+        blocks = list(model.blocks)
+        self.k_half = [blk.conv.kernel_size[0] // 2 for blk in blocks]
+        self.decoder = PixelCNNRowDecoder(
+            in_half=self.in_half,
+            in_weight=matrix(model.input, slice(0, self.in_half + 1)),  # rows below the centre are masked
+            k_half=self.k_half,
+            conv_weight=[matrix(blk.conv, slice(0, p + 1)) for blk, p in zip(blocks, self.k_half)],
+            conv_bias=[blk.conv.bias for blk in blocks],
+            reduce_weight=[matrix(blk.reduce) for blk in blocks],
+            reduce_bias=[blk.reduce.bias for blk in blocks],
+            expand_weight=[matrix(blk.expand) for blk in blocks],
+            expand_bias=[blk.expand.bias for blk in blocks],
+            head=head_step(model.head),
+        )
 
     def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeState:
         """Windows of rows i-k//2 .. i of every masked conv's input, from one pass over the known rows."""
         b, c, _, w = canvas.shape
         m = self.model
-        dtype = self.in_weight.dtype
+        dtype = self.decoder.in_weight.dtype
         known = scale_pixels(canvas[:, :, :known_rows], dtype)
 
         def window(features: torch.Tensor, half: int) -> torch.Tensor:
@@ -214,7 +205,7 @@ class CachedPixelCNN:
         class_bias = m.class_bias(labels) if m.class_bias is not None else canvas.new_zeros(b, 1, dtype=dtype)
         h = m.input(known) + class_bias[:, :, None, None] if known_rows else None
         conv_inputs = []
-        for block, half in zip(self.blocks, self.k_half):
+        for block, half in zip(m.blocks, self.k_half):
             if known_rows:
                 reduced = torch.relu(block.reduce(torch.relu(h)))
                 h = h + block.expand(torch.relu(block.conv(reduced)))
@@ -231,29 +222,31 @@ class CachedPixelCNN:
     def begin_row(self, s: DecodeState) -> None:
         """Nothing is shared across a row: every layer is computed at each new position."""
 
-    def step(self, s: DecodeState, j: int, colour: int) -> torch.Tensor:
-        b = s.batch
-        k = 2 * self.in_half + 1
-        patch = s.inputs[:, :, j : j + k].reshape(b, -1)
-        h = torch.addmm(s.input_bias, patch, self.in_weight)  # (B, n)
-        for index, block in enumerate(self.blocks):
-            w_red, b_red = self.reduce[index]
-            w_exp, b_exp = self.expand[index]
-            half = self.k_half[index]
-            buffer = s.conv_inputs[index]
-            buffer[:, half, j + half] = torch.relu(torch.addmm(b_red, torch.relu(h), w_red))
-            patch = buffer[:, :, j : j + 2 * half + 1].reshape(b, -1)  # rows i-half .. i, masked beyond (i, j)
-            conv = torch.addmm(block.conv.bias, patch, self.conv_weight[index])
-            h = h + torch.addmm(b_exp, torch.relu(conv), w_exp)
-        return self.head(h, colour)
-
-    def write(self, s: DecodeState, j: int, colour: int, values: torch.Tensor) -> None:
-        s.inputs[:, self.in_half, j + self.in_half, colour] = scale_pixels(values, s.inputs.dtype)
+    def row_state(self, s: DecodeState) -> list[torch.Tensor]:
+        return [s.inputs, s.input_bias, *s.conv_inputs]
 
     def end_row(self, s: DecodeState, row: torch.Tensor) -> None:
         """Shift every window up one row; the new current row starts at zero."""
         s.inputs = F.pad(s.inputs[:, 1:], (0, 0, 0, 0, 0, 1))
         s.conv_inputs = [F.pad(buffer[:, 1:], (0, 0, 0, 0, 0, 1)) for buffer in s.conv_inputs]
+
+
+def exact_execution():
+    """Run TorchScript unoptimized: exactly the ops written, as eager mode would, never a rewritten graph
+    (an optimized graph may, say, split addmm into mm + add, which rounds differently), so the compiled
+    loop stays bit-identical to the naive sampler whatever ran before. Costs nothing measurable here: the
+    loop's time is in the ops themselves. Every call into a compiled decoder goes through this."""
+    return torch.jit.optimized_execution(False)
+
+
+def script(decoder: nn.Module) -> torch.jit.ScriptModule:
+    """TorchScript-compile a row decoder. torch.jit.script is deprecated in favour of torch.compile, but
+    on CPU torch.compile needs a C++ toolchain at run time (not in the server image) and does not release
+    the GIL for a Python loop; the pinned torch still runs TorchScript, and `compiled=False` runs the very
+    same module eagerly should that ever stop."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
+        return torch.jit.script(decoder)
 
 
 class CachedSampler:
@@ -263,13 +256,18 @@ class CachedSampler:
     only). On CUDA this is on by default and each bucket's loop is captured once in a CUDA graph, so a row
     costs one graph launch instead of ~20 kernel launches per layer per pixel; elsewhere it is off (the
     copies cost more than they save) but can be forced for testing the same code path eagerly.
+
+    `compiled`: run the row decoder compiled with TorchScript (the default: faster, and GIL-free, which is
+    what lets the engine's decode lanes run in parallel) or as the plain module it also is.
     """
 
-    def __init__(self, model: nn.Module, static_rows: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, static_rows: bool | None = None, compiled: bool = True) -> None:
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
         with torch.no_grad():
             self.impl = CachedGated(model) if isinstance(model, GatedPixelCNN) else CachedPixelCNN(model)
+        self.compiled = compiled
+        self.decoder = script(self.impl.decoder) if compiled else self.impl.decoder
         on_cuda = self.device.type == "cuda"
         if static_rows is None:
             static_rows = on_cuda
@@ -303,13 +301,20 @@ class CachedSampler:
         log_prob: torch.Tensor,
     ) -> None:
         """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place."""
-        for j in range(self.config.width):
-            for colour in range(self.config.image_channels):
-                logits = self.impl.step(state, j, colour)
-                values, lp = draw(logits, uniforms[:, colour, j], temperature)
-                self.impl.write(state, j, colour, values)
-                row[:, colour, j] = values
-                log_prob += lp
+        with exact_execution():
+            self.decoder(self.impl.row_state(state), uniforms, temperature, row, log_prob)
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, j: int, colour: int) -> torch.Tensor:
+        """Logits (B, 256) of sub-pixel (current row, j, colour), between begin_row and end_row."""
+        with exact_execution():
+            return self.decoder.step(self.impl.row_state(state), j, colour)
+
+    @torch.no_grad()
+    def write(self, state: DecodeState, j: int, colour: int, values: torch.Tensor) -> None:
+        """Sub-pixel (current row, j, colour) of every image is `values` (B,) from now on."""
+        with exact_execution():
+            self.decoder.write(self.impl.row_state(state), j, colour, values)
 
 
 class StaticRows:

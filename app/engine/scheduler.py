@@ -73,17 +73,23 @@ class _Job:
     canvas: torch.Tensor  # int64 (n, C, H, W) on the engine's device
     row: int
     deliver: callable
+    wants_rows: bool  # deliver a RowEvent per row, or only the result (one wake-up of the caller in all)
     log_prob: torch.Tensor = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    first_row_at: float | None = None  # perf_counter() when the first generated row was final
 
     @property
     def n(self) -> int:
         return self.request.n
 
 
+_CANCELLED = object()  # queued by Stream.cancel() so that a consumer waiting for the next item wakes up
+
+
 class Stream:
-    """Async iterator over a request's RowEvents, then its SampleResult. Leaving early cancels it."""
+    """Async iterator over a request's RowEvents (when submitted with rows=True), then its SampleResult.
+    Cancelling ends the iteration, also for a consumer already waiting for the next item."""
 
     def __init__(self, job: _Job, queue: asyncio.Queue) -> None:
         self._job = job
@@ -97,6 +103,8 @@ class Stream:
         if self._finished:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if item is _CANCELLED:
+            raise StopAsyncIteration
         if isinstance(item, BaseException):
             self._finished = True
             raise item
@@ -104,11 +112,18 @@ class Stream:
             self._finished = True
         return item
 
+    @property
+    def time_to_first_row_s(self) -> float | None:
+        """Seconds from submission until the first generated row was final; None before that."""
+        first = self._job.first_row_at
+        return None if first is None else first - self._job.submitted
+
     async def cancel(self) -> None:
         """Stop the work: the request leaves the batch at the next row boundary."""
         if not self._finished:
             self._job.cancelled = True
             self._finished = True
+            self._queue.put_nowait(_CANCELLED)
 
     async def aclose(self) -> None:
         await self.cancel()
@@ -182,8 +197,11 @@ class Engine:
         }
 
     # ---- requests --------------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> Stream:
-        """Queue a request; raises ValueError for a bad request and QueueFullError when the queue is full."""
+    def submit(self, request: GenerationRequest, rows: bool = True) -> Stream:
+        """Queue a request; raises ValueError for a bad request and QueueFullError when the queue is full.
+
+        rows=False delivers only the result: a caller that does not stream is then woken once, not once
+        per row, which keeps the event loop (and the GIL) free for the decode thread."""
         if not 1 <= request.n <= self.max_batch_images:
             raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
         generator, labels, canvas = start_sampling(
@@ -199,7 +217,7 @@ class Engine:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
-        job = _Job(request, generator, labels, canvas, request.known_rows, deliver)
+        job = _Job(request, generator, labels, canvas, request.known_rows, deliver, rows)
         job.log_prob = torch.zeros(request.n, dtype=torch.float64)
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -211,7 +229,7 @@ class Engine:
         return Stream(job, queue)
 
     async def generate(self, request: GenerationRequest) -> SampleResult:
-        return await self.submit(request).result()
+        return await self.submit(request, rows=False).result()
 
     async def likelihood(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
         return await asyncio.to_thread(self.likelihood_sync, images, labels)
@@ -302,7 +320,10 @@ class Engine:
                 continue
             job.canvas[:, :, job.row] = rows[part]
             job.log_prob += log_prob[part]
-            job.deliver(RowEvent(job.row, rows_cpu[part].clone()))
+            if job.first_row_at is None:
+                job.first_row_at = time.perf_counter()
+            if job.wants_rows:
+                job.deliver(RowEvent(job.row, rows_cpu[part].clone()))
             job.row += 1
             if job.row == self.config.height:
                 self._counters["requests_completed"] += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import LEVELS, ModelConfig
+from .config import ModelConfig
 
 
 @dataclass
@@ -51,11 +51,13 @@ def row_uniforms(generator: torch.Generator, n: int, channels: int, width: int) 
     return torch.rand((n, channels, width), generator=generator, dtype=torch.float64)
 
 
-def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse-CDF sampling. logits (n, 256), uniforms (n,) -> values int64 (n,), log p(value) (n,) at T=1."""
+def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF sampling. logits (n, 256), uniforms (n,), temperature float64 (n, 1) or () -> values
+    int64 (n,), log p(value) (n,) at T=1. TorchScript-compatible: the cached engine compiles it into its
+    row loop, so both samplers run this very function."""
     logits = logits.double()
     cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1).contiguous()
-    values = torch.searchsorted(cdf, uniforms.to(cdf.device).reshape(-1, 1).contiguous()).clamp_(max=LEVELS - 1)
+    values = torch.searchsorted(cdf, uniforms.to(cdf.device).reshape(-1, 1).contiguous()).clamp_(max=cdf.shape[-1] - 1)
     log_prob = torch.log_softmax(logits, dim=-1).gather(1, values)
     return values[:, 0], log_prob[:, 0]
 
@@ -122,12 +124,13 @@ def sample_naive(
     generator, labels, canvas = start_sampling(config, n, labels, temperature, generator, known, known_rows, device)
     labels_dev = labels.to(device) if labels is not None else None
     log_prob = torch.zeros(n, dtype=torch.float64, device=device)
+    temperature_t = torch.tensor(float(temperature), dtype=torch.float64, device=device)
     for i in range(known_rows, config.height):
         u = row_uniforms(generator, n, config.image_channels, config.width)
         for j in range(config.width):
             for c in range(config.image_channels):
                 logits = model(canvas, labels_dev)[:, :, c, i, j]  # (n, 256)
-                values, lp = draw(logits, u[:, c, j], temperature)
+                values, lp = draw(logits, u[:, c, j], temperature_t)
                 canvas[:, c, i, j] = values
                 log_prob += lp
     return SampleResult(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu())

@@ -1,13 +1,14 @@
 """Running requests on an engine: submit with error mapping, iterate rows, and always clean up.
 
 The rule that matters: an engine request whose HTTP client has gone must leave the batch. Every path
-(client disconnect noticed between rows, the response task cancelled by the server, the SSE generator
-closed, an exception) ends in `GenerationRun.close()`, which cancels the engine request unless it
+(the client's disconnect seen by the run's watcher task, the response task cancelled by the server, the
+SSE generator closed, an exception) ends in `GenerationRun.close()`, which cancels the engine request unless it
 finished. The cancel runs shielded, because it often happens inside a cancelled task.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -50,59 +51,83 @@ def overloaded(model: ServedModel, error: Exception) -> Overloaded:
 
 
 class GenerationRun:
-    """One submitted generation. Iterate `events()` once, then `close()` (always, in a finally)."""
+    """One submitted generation. Iterate `events()` once, then `close()` (always, in a finally).
 
-    def __init__(self, job: GenerationJob, request: Request, metrics: ServerMetrics) -> None:
+    `stream_rows`: ask the engine for every row (SSE) or only for the result (JSON, PNG). Either way one
+    task waits for the client's `http.disconnect` and cancels the engine request when it comes, so a
+    client that hangs up frees its batch slots at the next row without any per-row polling."""
+
+    def __init__(self, job: GenerationJob, request: Request, metrics: ServerMetrics, stream_rows: bool) -> None:
         self.job = job
         self.request = request
         self.metrics = metrics
+        self.stream_rows = stream_rows
         self.started = time.perf_counter()
         self.finished = False
         self.failed = False
         self.closed = False
+        self.cancelled = False
         try:
-            self.stream = job.model.engine.submit(job.request)
+            self.stream = job.model.engine.submit(job.request, rows=stream_rows)
         except QueueFullError as error:
             raise overloaded(job.model, error) from None
         except ValueError as error:  # the engine's own checks: its message is written for the client
             raise InvalidRequest(str(error)) from None
+        self.watcher = asyncio.get_running_loop().create_task(self._cancel_on_disconnect())
 
     @property
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.started
 
+    async def _cancel_on_disconnect(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+        await self._cancel()  # ends events() too, which then returns without a result
+
+    async def _cancel(self) -> None:
+        if not (self.finished or self.cancelled):
+            self.cancelled = True
+            await self.stream.cancel()
+
     async def events(self) -> AsyncIterator[RowEvent | SampleResult]:
-        """Engine events as they come; stops early (without the result) if the client has gone."""
-        name, first = self.job.model.name, True
+        """Engine events as they come; ends early (without the result) if the client has gone."""
+        name, n = self.job.model.name, self.job.request.n
         try:
             async for event in self.stream:
                 if isinstance(event, SampleResult):
                     self.finished = True
-                    self.metrics.images.labels(model=name).inc(self.job.request.n)
+                    if not self.stream_rows:  # no row events came: account for the rows now
+                        self._observe_first_row()
+                        generated_rows = self.job.model.config.height - self.job.request.known_rows
+                        self.metrics.rows.labels(model=name).inc(n * generated_rows)
+                    self.metrics.images.labels(model=name).inc(n)
                     yield event
                     return
-                if first:
-                    self.metrics.first_row.labels(model=name).observe(self.elapsed_s)
-                    first = False
-                self.metrics.rows.labels(model=name).inc(self.job.request.n)
-                if await self.request.is_disconnected():
-                    return
+                if event.row == self.job.request.known_rows:
+                    self._observe_first_row()
+                self.metrics.rows.labels(model=name).inc(n)
                 yield event
         except Exception:
             self.failed = True
             raise
 
+    def _observe_first_row(self) -> None:
+        waited = self.stream.time_to_first_row_s
+        if waited is not None:
+            self.metrics.first_row.labels(model=self.job.model.name).observe(waited)
+
     async def close(self) -> None:
         """Cancel the engine request unless it finished. Unfinished without an error means the client went
-        away (noticed between rows, or the server cancelled the response task): counted as such."""
+        away (noticed by the watcher, or the server cancelled the response task): counted as such."""
         if self.closed:
             return
         self.closed = True
+        self.watcher.cancel()
         if not self.finished:
             if not self.failed:
                 self.metrics.failures.labels(reason=ClientDisconnected.type).inc()
             with anyio.CancelScope(shield=True):
-                await self.stream.cancel()
+                await self._cancel()
 
     async def result(self) -> SampleResult:
         """Run to the end (the non-streamed responses)."""

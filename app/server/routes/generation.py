@@ -94,7 +94,7 @@ def make_job(
 async def respond(job: GenerationJob, request: Request, metrics: ServerMetrics, stream: bool) -> Response:
     fmt = choose_format(request.headers.get("accept"), stream)
     metrics.request_images.labels(route=request.url.path).observe(job.request.n)
-    run = GenerationRun(job, request, metrics)  # submitted now, so a full queue is a real 503
+    run = GenerationRun(job, request, metrics, stream_rows=fmt == "sse")  # submitted now: a full queue is a 503
     if fmt == "sse":
         headers = {**SSE_HEADERS, "X-Model": job.model.name, "X-Seed": str(job.seed)}
         return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
