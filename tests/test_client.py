@@ -167,16 +167,17 @@ def test_serve_flags_override_environment(monkeypatch, tmp_path):
 
 
 def test_bench_json(server, capsys):
-    assert bench_run(["--url", server[0], "--n", "4", "--concurrency", "3", "--json"]) == 0
+    assert bench_run(["--url", server[0], "--n", "4", "--concurrency", "3", "--repeats", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("sample_n_s", "likelihood_n_s", "sample_over_likelihood", "one_sample_s", "concurrent_samples_s",
-                "concurrent_speedup", "first_row_s", "stream_total_s"):
+                "concurrent_over_one", "concurrent_speedup", "first_row_s", "stream_total_s"):
         assert isinstance(result[key], float), key
-    assert result["n"] == 4 and result["concurrency"] == 3 and result["model"] == "gray"
+    assert result["n"] == 4 and result["concurrency"] == 3 and result["model"] == "gray" and result["repeats"] == 2
+    assert len(result["concurrent_over_one_each"]) == 2
 
 
 def test_bench_table_and_unreachable_server(server, capsys):
-    assert bench_run(["--url", server[0], "--n", "2", "--concurrency", "2"]) == 0
+    assert bench_run(["--url", server[0], "--n", "2", "--concurrency", "2", "--repeats", "1"]) == 0
     assert "sample / likelihood" in capsys.readouterr().out
     assert bench_run(["--url", "http://127.0.0.1:9", "--n", "1"]) == 1
     assert "error:" in capsys.readouterr().err

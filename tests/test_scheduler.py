@@ -58,6 +58,30 @@ def test_concurrent_requests_equal_sequential_ones_and_share_steps():
     assert stats["requests_completed"] == 2 * len(requests)
 
 
+def test_two_lanes_share_the_requests_and_give_the_same_images():
+    model = tiny_model("gated", 1, size=8, num_classes=3, seed=28)
+    requests = [GenerationRequest(n=1 + k % 2, seed=200 + k) for k in range(8)]
+
+    async def scenario():
+        async with running(model, max_batch_images=16, lanes=2) as engine:
+            results = await asyncio.gather(*(engine.generate(r) for r in requests))
+            return results, engine.stats()
+
+    results, stats = run(scenario())
+    for request, result in zip(requests, results):
+        alone = sample_cached(model, request.n, generator=torch.Generator().manual_seed(request.seed))
+        assert torch.equal(result.images, alone.images)
+        torch.testing.assert_close(result.log_prob, alone.log_prob, rtol=0, atol=1e-9)
+    assert stats["lanes"] == 2
+    assert all(rows > 0 for rows in stats["rows_decoded_per_lane"]), stats["rows_decoded_per_lane"]
+    assert stats["requests_completed"] == len(requests) and stats["active_images"] == 0
+
+
+def test_lanes_must_be_positive():
+    with pytest.raises(ValueError, match="lanes must be >= 1"):
+        Engine(tiny_model("gated", 1, size=6), lanes=0)
+
+
 def test_a_request_joins_a_running_batch_at_the_next_row():
     model = tiny_model("pixelcnn", 1, size=8, seed=22)
 

@@ -140,6 +140,7 @@ async def test_metrics(serve):
             'pixelcnn_time_to_first_row_seconds_count{model="gray"} 1.0',
             'pixelcnn_queue_size{model="gray"}',
             'pixelcnn_active_images{model="gray"} 0.0',
+            'pixelcnn_engine_lanes{model="gray"}',
             'pixelcnn_model_loaded{model="rgb",running="true"} 1.0',
         ):
             assert line in text, line
@@ -290,6 +291,20 @@ def test_settings_reject_bad_values():
         Settings(device="tpu")
     with pytest.raises(ValidationError):
         Settings(max_batch_images=0)
+
+
+def test_lanes_default_to_one_on_a_gpu_and_one_per_threads_cores_on_a_cpu(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert Settings(_env_file=None).lanes_for("cuda") == 1
+    assert Settings(_env_file=None).lanes_for("cpu") == 6
+    assert Settings(_env_file=None, threads=4).lanes_for("cpu") == 1
+    assert Settings(_env_file=None, lanes=3).lanes_for("cuda") == 3  # an explicit number always wins
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert Settings(_env_file=None).lanes_for("cpu") == 8
+    with pytest.raises(ValueError):
+        Settings(lanes=0)
 
 
 def test_create_app_loads_nothing_at_import_or_creation(tmp_path):

@@ -400,15 +400,6 @@ async def test_non_streamed_disconnect_mid_generation_stops_at_the_next_row(serv
         assert 'pixelcnn_failures_total{reason="client_disconnected"} 1.0' in (await client.get("/metrics")).text
 
 
-async def test_non_streamed_requests_still_count_rows_and_time_to_first_row(serve):
-    async with serve() as (_, client):
-        assert (await client.post("/sample", json={"n": 3, "seed": 1})).status_code == 200
-        metrics = (await client.get("/metrics")).text
-    height = 8  # the "gray" test model
-    assert f'pixelcnn_rows_total{{model="gray"}} {3.0 * height}' in metrics
-    assert 'pixelcnn_time_to_first_row_seconds_count{model="gray"} 1.0' in metrics
-
-
 async def test_finished_requests_are_not_cancelled(serve):
     async with serve(engine_factory=spying_engine_factory) as (app, client):
         await client.post("/sample", json={"seed": 1})

@@ -100,8 +100,12 @@ class CachedGated:
             head=head_step(model.head),
         )
         self.h_width = self.decoder.h_width
+        # The vertical stack per row uses the same gate trick: its convolution comes with the tanh half of
+        # its output channels scaled by -2, undone in the link's matrix (scale[:, None] of its rows).
+        self.v_weight = [g.vertical.weight * self.pre_scale[:, None, None, None] for g in self.layers]
+        self.v_bias = [g.vertical.bias * self.pre_scale for g in self.layers]
         # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases.
-        self.link_weight = [matrix(g.link) for g in self.layers]
+        self.link_weight = [matrix(g.link) / self.pre_scale[:, None] for g in self.layers]
         self.link_bias = [g.link.bias + g.horizontal.bias for g in self.layers]
 
     def class_biases(self, labels: torch.Tensor | None, batch: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +128,7 @@ class CachedGated:
             queue = F.pad(v, (pad, pad, max(0, keep - known_rows), 0))[:, :, -keep:] if keep else v[:, :, :0]
             vertical_queues.append(queue.contiguous() if keep else F.pad(queue, (pad, pad)))
             vb, hb = self.class_biases(labels, b, layer)
-            v_bias.append(vb)
+            v_bias.append(vb * self.pre_scale)
             h_bias.append(hb)
             if known_rows:
                 v = gate(layer.vertical(F.pad(v, layer.vertical_padding)) + vb[:, :, None, None])
@@ -150,11 +154,13 @@ class CachedGated:
             window = queue if index == 0 else torch.cat([queue, F.pad(v_new, (pad, pad))], dim=2)
             if index > 0 and queue.shape[2]:
                 s.vertical[index] = window[:, :, 1:]
-            v_pre = layer.vertical(window) + s.v_bias[index][:, :, None, None]  # (B, 2n, 1, W)
+            # Pre-activations (B, 2n, 1, W), the tanh half scaled by -2; the class bias is scaled in prefill.
+            v_pre = F.conv2d(window, self.v_weight[index], self.v_bias[index]) + s.v_bias[index][:, :, None, None]
             # Everything the horizontal stack adds that does not depend on the current row, per column.
             link = torch.matmul(v_pre[:, :, 0].transpose(1, 2), self.link_weight[index])  # (B, W, 2n)
             s.row_bias[index] = (link + (self.link_bias[index] + s.h_bias[index])[:, None, :]) * self.pre_scale
-            v_new = gate(v_pre)
+            sig_a, sig_b = torch.sigmoid(v_pre).chunk(2, dim=1)  # sigmoid(-2a), sigmoid(b)
+            v_new = torch.addcmul(sig_b, sig_a, sig_b, value=-2.0)  # tanh(a) * sigmoid(b)
             s.h_buffers[index].zero_()
 
     def row_state(self, s: DecodeState) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -65,7 +66,11 @@ async def _post(client: httpx.AsyncClient, path: str, **kwargs: Any) -> dict:
     return response.json()
 
 
-async def measure(url: str, model: str | None, n: int, concurrency: int, api_key: str | None) -> dict:
+async def measure(
+    url: str, model: str | None, n: int, concurrency: int, api_key: str | None, repeats: int = 5
+) -> dict:
+    """Every measurement `repeats` times, interleaved (so each ratio compares runs made side by side, on a
+    machine whose speed drifts); the report gives medians, and each repeat's concurrency ratio."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     extra = {"model": model} if model else {}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
@@ -74,45 +79,54 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
             raise RuntimeError(f"the server at {url} is not ready: {ready.text}")
         await _post(client, "/sample", json={"n": 1, "seed": 0, **extra})  # warm-up
 
-        sample_s, sampled = await _timed(_post(client, "/sample", json={"n": n, "seed": 1, **extra}))
-        images = [image["png"] for image in sampled["images"]]
-        labels = [image["label"] for image in sampled["images"]]
-        # One teacher-forced pass: a conditional model is scored given the labels it sampled with (without
-        # them, /likelihood computes the exact marginal, one pass per class, reported separately).
-        given = {"label": labels} if labels[0] is not None else {}
-        score_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **given, **extra}))
+        runs: dict[str, list[float]] = {key: [] for key in ("sample", "score", "one", "many", "first_row", "stream")}
+        for repeat in range(repeats):
+            sample_s, sampled = await _timed(_post(client, "/sample", json={"n": n, "seed": 1 + repeat, **extra}))
+            images = [image["png"] for image in sampled["images"]]
+            labels = [image["label"] for image in sampled["images"]]
+            # One teacher-forced pass: a conditional model is scored given the labels it sampled with
+            # (without them, /likelihood computes the exact marginal, one pass per class: measured once).
+            given = {"label": labels} if labels[0] is not None else {}
+            score_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **given, **extra}))
+
+            one_s, _ = await _timed(_post(client, "/sample", json={"n": 1, "seed": 2 + repeat, **extra}))
+            requests = [_post(client, "/sample", json={"n": 1, "seed": 100 * (repeat + 1) + i, **extra})
+                        for i in range(concurrency)]
+            many_s, _ = await _timed(asyncio.gather(*requests))
+
+            started, first_row_s = time.perf_counter(), None
+            body = {"n": 1, "seed": 3 + repeat, "stream": True, **extra}
+            async with client.stream("POST", "/sample", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("event: row") and first_row_s is None:
+                        first_row_s = time.perf_counter() - started
+            for key, value in (("sample", sample_s), ("score", score_s), ("one", one_s), ("many", many_s),
+                               ("first_row", first_row_s), ("stream", time.perf_counter() - started)):
+                runs[key].append(value)
         marginal_s = None
         if given:
             marginal_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **extra}))
 
-        one_s, _ = await _timed(_post(client, "/sample", json={"n": 1, "seed": 2, **extra}))
-        requests = [_post(client, "/sample", json={"n": 1, "seed": 100 + i, **extra}) for i in range(concurrency)]
-        many_s, _ = await _timed(asyncio.gather(*requests))
-
-        started, first_row_s = time.perf_counter(), None
-        body = {"n": 1, "seed": 3, "stream": True, **extra}
-        async with client.stream("POST", "/sample", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if line.startswith("event: row") and first_row_s is None:
-                    first_row_s = time.perf_counter() - started
-        stream_s = time.perf_counter() - started
-
+    median = {key: statistics.median(values) for key, values in runs.items()}
     return {
         "url": url,
         "model": sampled["model"],
         "shape": sampled["shape"],
         "n": n,
-        "sample_n_s": round(sample_s, 4),
-        "likelihood_n_s": round(score_s, 4),
-        "sample_over_likelihood": round(sample_s / score_s, 2),
+        "repeats": repeats,
+        "sample_n_s": round(median["sample"], 4),
+        "likelihood_n_s": round(median["score"], 4),
+        "sample_over_likelihood": round(statistics.median(a / b for a, b in zip(runs["sample"], runs["score"])), 2),
         "likelihood_marginal_n_s": None if marginal_s is None else round(marginal_s, 4),
         "concurrency": concurrency,
-        "one_sample_s": round(one_s, 4),
-        "concurrent_samples_s": round(many_s, 4),
-        "concurrent_speedup": round(concurrency * one_s / many_s, 2),
-        "first_row_s": round(first_row_s, 4) if first_row_s is not None else None,
-        "stream_total_s": round(stream_s, 4),
+        "one_sample_s": round(median["one"], 4),
+        "concurrent_samples_s": round(median["many"], 4),
+        "concurrent_over_one": round(statistics.median(a / b for a, b in zip(runs["many"], runs["one"])), 2),
+        "concurrent_over_one_each": [round(a / b, 2) for a, b in zip(runs["many"], runs["one"])],
+        "concurrent_speedup": round(concurrency * median["one"] / median["many"], 2),
+        "first_row_s": round(median["first_row"], 4),
+        "stream_total_s": round(median["stream"], 4),
     }
 
 
@@ -125,12 +139,13 @@ def print_table(result: dict) -> None:
          "-" if result["likelihood_marginal_n_s"] is None else f"{result['likelihood_marginal_n_s']:.3f} s"),
         ("POST /sample n=1", f"{result['one_sample_s']:.3f} s"),
         (f"{result['concurrency']} concurrent /sample n=1", f"{result['concurrent_samples_s']:.3f} s"),
-        ("  all concurrent / one", f"{result['concurrent_samples_s'] / result['one_sample_s']:.2f}x"),
+        ("  all concurrent / one", f"{result['concurrent_over_one']:.2f}x"),
+        ("    each repeat", " ".join(f"{ratio:.2f}" for ratio in result["concurrent_over_one_each"])),
         ("  speedup over sequential", f"{result['concurrent_speedup']:.1f}x"),
         ("first streamed row", f"{result['first_row_s']:.3f} s" if result["first_row_s"] is not None else "-"),
         ("whole streamed request", f"{result['stream_total_s']:.3f} s"),
     ]
-    print(f"{result['model']} {result['shape']} at {result['url']}")
+    print(f"{result['model']} {result['shape']} at {result['url']}, medians of {result['repeats']} repeats")
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value:>10}")
@@ -144,6 +159,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     parser.add_argument("--n", type=int, default=64, help="images for (a)")
     parser.add_argument("--concurrency", type=int, default=16, help="simultaneous requests for (b)")
+    parser.add_argument("--repeats", type=int, default=5, help="times to repeat (a)-(c); medians are reported")
     parser.add_argument("--api-key")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -161,7 +177,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace) -> dict:
     def go(url: str) -> dict:
-        return asyncio.run(measure(url, args.model, args.n, args.concurrency, args.api_key))
+        return asyncio.run(measure(url, args.model, args.n, args.concurrency, args.api_key, args.repeats))
 
     if args.url:
         return go(args.url.rstrip("/"))

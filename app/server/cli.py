@@ -16,7 +16,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (env PIXELCNN_HOST, default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, help="env PIXELCNN_PORT, default 8000")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="env PIXELCNN_DEVICE, default auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads (env PIXELCNN_THREADS, default 1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per decode lane (env PIXELCNN_THREADS, default 1)")
+    p.add_argument("--lanes", type=int, help="decode lanes per model (env PIXELCNN_LANES; default: 1 on a GPU, "
+                   "else one per --threads usable cores, at most 8)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run_serve)
 
@@ -26,7 +28,7 @@ def settings_from_args(args: argparse.Namespace):
     from .settings import Settings
 
     flags = {"model_store": args.model_store, "model": args.model, "preload": args.preload,
-             "host": args.host, "port": args.port, "device": args.device, "threads": args.threads}
+             "host": args.host, "port": args.port, "device": args.device, "threads": args.threads, "lanes": args.lanes}
     return Settings(**{key: value for key, value in flags.items() if value is not None})
 
 

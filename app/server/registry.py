@@ -29,7 +29,8 @@ EngineFactory = Callable[[nn.Module, Settings], Any]
 def default_engine_factory(model: nn.Module, settings: Settings):
     from app.engine import Engine
 
-    return Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue)
+    lanes = settings.lanes_for(next(model.parameters()).device.type)
+    return Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue, lanes=lanes)
 
 
 @dataclass

@@ -5,6 +5,7 @@ Example: PIXELCNN_MODEL_STORE=/models PIXELCNN_API_KEY=secret pixelcnn serve --p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,9 +29,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(
-        1, ge=1, description="torch CPU threads. Default 1: a decode step is a few small matrix products per "
-        "pixel, and OpenMP threads competing with the event loop for the cores made 16 concurrent /sample "
-        "requests 2x slower on 2 cores (measured); raise it for large /likelihood batches on many-core CPUs",
+        1, ge=1, description="torch CPU threads per decode lane (and for /likelihood). Default 1: a decode "
+        "step is a few small matrix products per pixel, and OpenMP threads competing with the event loop "
+        "for the cores made 16 concurrent /sample requests 2x slower on 2 cores (measured); cores are "
+        "better used by more lanes. Raise it for large /likelihood batches on many-core CPUs",
+    )
+    lanes: int | None = Field(
+        None, ge=1, le=64, description="decode lanes (threads, each with its own batch) per model. Unset: "
+        "1 on a GPU; on a CPU one per `threads` usable cores, at most 8",
     )
     max_batch_images: int = Field(64, ge=1, description="images decoded together by one engine step")
     max_queue: int = Field(64, ge=0, description="requests waiting for a batch slot before 503")
@@ -54,3 +60,12 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value):
         """PIXELCNN_API_KEY= (empty) means no key, not a key that is the empty string."""
         return None if value == "" else value
+
+    def lanes_for(self, device_type: str) -> int:
+        """The decode lanes to run on a device of this type ("cpu" or "cuda")."""
+        if self.lanes is not None:
+            return self.lanes
+        if device_type != "cpu":
+            return 1  # one GPU runs one big batch best; lanes would only take turns on it
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(8, cores // self.threads))
