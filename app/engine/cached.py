@@ -93,9 +93,11 @@ class CachedGated:
         self.decoder = GatedRowDecoder(
             h_weight=[matrix(layer.horizontal) * self.pre_scale for layer in self.layers],
             h_width=[layer.rows for layer in self.layers],
-            # Residual and skip 1x1 convolutions fused into one matrix: gated (B, n) -> (B, 2n).
-            out_weight=[torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers],
-            out_bias=[torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers],
+            # Residual and skip 1x1 convolutions fused into one matrix: gated (B, n) -> (B, 2n); the last
+            # layer's residual output reaches nothing, so its matrix is the skip's alone.
+            out_weight=[torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers[:-1]]
+            + [matrix(self.layers[-1].skip)],
+            out_bias=[torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers[:-1]] + [self.layers[-1].skip.bias],
             channels=self.n,
             head=head_step(model.head),
         )
@@ -126,7 +128,8 @@ class CachedGated:
             keep = kernel[0] if index == 0 else kernel[0] - 1  # layer 0 reads rows < i; later ones row i too
             pad = kernel[1] // 2
             queue = F.pad(v, (pad, pad, max(0, keep - known_rows), 0))[:, :, -keep:] if keep else v[:, :, :0]
-            vertical_queues.append(queue.contiguous() if keep else F.pad(queue, (pad, pad)))
+            queue = queue if keep else F.pad(queue, (pad, pad))
+            vertical_queues.append(queue.permute(0, 2, 3, 1).contiguous())  # channels-last: (B, rows, W + 2 pad, in)
             vb, hb = self.class_biases(labels, b, layer)
             v_bias.append(vb * self.pre_scale)
             h_bias.append(hb)
@@ -146,21 +149,27 @@ class CachedGated:
         )
 
     def begin_row(self, s: DecodeState) -> None:
-        """Vertical stack for the row about to be drawn (it depends only on earlier rows)."""
-        v_new = None  # the previous layer's vertical output for this row, (B, n, 1, W)
+        """Vertical stack for the row about to be drawn (it depends only on earlier rows).
+
+        Channels-last throughout: the convolution reads each queue through an NCHW view of it and answers
+        in the same layout, so its output is already (B, W, 2n), one row of pre-activations per column,
+        and the link is one matrix product over all B * W columns."""
+        v_new = None  # the previous layer's vertical output for this row, (B, W, n)
         for index, layer in enumerate(self.layers):
-            queue = s.vertical[index]
+            queue = s.vertical[index]  # (B, rows, W + 2 pad, in)
             pad = layer.vertical.kernel_size[1] // 2
-            window = queue if index == 0 else torch.cat([queue, F.pad(v_new, (pad, pad))], dim=2)
-            if index > 0 and queue.shape[2]:
-                s.vertical[index] = window[:, :, 1:]
-            # Pre-activations (B, 2n, 1, W), the tanh half scaled by -2; the class bias is scaled in prefill.
-            v_pre = F.conv2d(window, self.v_weight[index], self.v_bias[index]) + s.v_bias[index][:, :, None, None]
+            window = queue if index == 0 else torch.cat([queue, F.pad(v_new, (0, 0, pad, pad))[:, None]], dim=1)
+            if index > 0 and queue.shape[1]:
+                s.vertical[index] = window[:, 1:]
+            # Pre-activations (B, W, 2n), the tanh half scaled by -2 (the class bias is scaled in prefill).
+            conv = F.conv2d(window.permute(0, 3, 1, 2), self.v_weight[index], self.v_bias[index])  # (B, 2n, 1, W)
+            v_pre = conv[:, :, 0].transpose(1, 2) + s.v_bias[index][:, None, :]
             # Everything the horizontal stack adds that does not depend on the current row, per column.
-            link = torch.matmul(v_pre[:, :, 0].transpose(1, 2), self.link_weight[index])  # (B, W, 2n)
+            link = torch.matmul(v_pre, self.link_weight[index])  # (B, W, 2n)
             s.row_bias[index] = (link + (self.link_bias[index] + s.h_bias[index])[:, None, :]) * self.pre_scale
-            sig_a, sig_b = torch.sigmoid(v_pre).chunk(2, dim=1)  # sigmoid(-2a), sigmoid(b)
-            v_new = torch.addcmul(sig_b, sig_a, sig_b, value=-2.0)  # tanh(a) * sigmoid(b)
+            if index + 1 < len(self.layers):  # the next layer's vertical input (the last one has none)
+                sig_a, sig_b = torch.sigmoid(v_pre).chunk(2, dim=2)  # sigmoid(-2a), sigmoid(b)
+                v_new = torch.addcmul(sig_b, sig_a, sig_b, value=-2.0)  # tanh(a) * sigmoid(b)
             s.h_buffers[index].zero_()
 
     def row_state(self, s: DecodeState) -> list[torch.Tensor]:
@@ -171,8 +180,8 @@ class CachedGated:
         """Push the finished image row (B, C, W) into the first layer's vertical queue."""
         queue = s.vertical[0]
         pad = self.layers[0].vertical.kernel_size[1] // 2
-        new = F.pad(scale_pixels(row, queue.dtype), (pad, pad))[:, :, None]
-        s.vertical[0] = torch.cat([queue[:, :, 1:], new], dim=2)
+        new = F.pad(scale_pixels(row, queue.dtype), (pad, pad)).transpose(1, 2)[:, None]  # (B, 1, W + 2 pad, C)
+        s.vertical[0] = torch.cat([queue[:, 1:], new], dim=1)
 
 
 class CachedPixelCNN:

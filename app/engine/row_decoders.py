@@ -67,7 +67,7 @@ class GatedRowDecoder(RowDecoder):
                  out_bias: List[Tensor], channels: int, head: HeadStep) -> None:
         super().__init__()
         self.h_weight, self.h_width = h_weight, h_width
-        self.out_weight, self.out_bias = out_weight, out_bias  # residual and skip 1x1s fused: (n, 2n)
+        self.out_weight, self.out_bias = out_weight, out_bias  # residual and skip 1x1s fused: (n, 2n), last (n, n)
         self.n = channels
         self.head = head
 
@@ -82,14 +82,15 @@ class GatedRowDecoder(RowDecoder):
             pre = torch.addmm(state[layers + index][:, j], window, self.h_weight[index])  # (B, 2n)
             sig_a, sig_b = torch.sigmoid(pre).chunk(2, dim=1)  # sigmoid(-2a), sigmoid(b)
             gated = torch.addcmul(sig_b, sig_a, sig_b, value=-2.0)  # = tanh(a) * sigmoid(b)
-            h, skip = torch.addmm(self.out_bias[index], gated, self.out_weight[index]).chunk(2, dim=1)
-            if index == 0:
-                skips = skip
+            out = torch.addmm(self.out_bias[index], gated, self.out_weight[index])
+            if index + 1 == layers:
+                skip = out  # the last layer's residual output would feed nothing: its matrix is the skip's
             else:
-                h = h + buffer[:, j + kw - 1]
-                skips = skips + skip
-            if index + 1 < layers:
+                h, skip = out.chunk(2, dim=1)
+                if index > 0:
+                    h = h + buffer[:, j + kw - 1]
                 state[index + 1][:, j + self.h_width[index + 1] - 1] = h
+            skips = skip if index == 0 else skips + skip
         return self.head(skips, colour)
 
     @torch.jit.export
