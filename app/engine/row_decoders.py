@@ -10,7 +10,7 @@ row, passed as a flat list of tensors whose layout each decoder documents. Kept 
 `from __future__ import annotations`: TorchScript reads the annotations below.
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +75,7 @@ class GatedRowDecoder(RowDecoder):
     def step(self, state: List[Tensor], j: int, colour: int) -> Tensor:
         """Logits (B, 256) of sub-pixel (current row, j, colour)."""
         layers = len(self.h_weight)
-        skips = torch.zeros(0)
+        skips: Optional[Tensor] = None
         for index in range(layers):
             kw, buffer = self.h_width[index], state[index]
             window = buffer[:, j : j + kw].reshape(buffer.shape[0], -1)  # (B, kw * in)
@@ -90,7 +90,8 @@ class GatedRowDecoder(RowDecoder):
                 if index > 0:
                     h = h + buffer[:, j + kw - 1]
                 state[index + 1][:, j + self.h_width[index + 1] - 1] = h
-            skips = skip if index == 0 else skips + skip
+            skips = skip if skips is None else skips + skip
+        assert skips is not None
         return self.head(skips, colour)
 
     @torch.jit.export
