@@ -22,9 +22,10 @@ import app.train
 from app.cli import main
 from app.data import load_dataset
 from app.evaluate import evaluate
-from app.model import ModelConfig, load
+from app.model import ModelConfig, load, save
 from app.train import TrainOptions, train
 from tests.conftest import TINY_MODEL_ARGS, torch_threads, write_tiny_npz
+from tests.helpers import tiny_model
 
 STEPS = 2 * (96 // 16)  # 2 epochs of 96 training images in batches of 16
 
@@ -288,3 +289,22 @@ def test_bench_model_json(capsys: pytest.CaptureFixture) -> None:
     assert (row["channels"], row["layers"]) == (8, 2)
     assert row["params"] > 0 and row["forward_images_per_s"] > 0 and row["train_images_per_s"] > 0
     assert row["torch"] == torch.__version__ and row["threads"] == 1
+
+
+def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from app.bench.sampling import run
+
+    save(tiny_model("gated", 1, size=6, num_classes=3, seed=3).float(), tmp_path / "m")
+    args = [str(tmp_path / "m"), "--batches", "1,2", "--naive-rows", "1", "--lanes", "1,2", "--concurrency", "3",
+            "--repeats", "1"]
+    assert run([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["batch"] for row in result["sampling"]] == [1, 2]
+    for row in result["sampling"]:
+        assert row["naive_extrapolated"] and row["naive_rows_timed"] == 1
+        assert min(row["naive_s"], row["cached_s"], row["eager_decoder_s"], row["forward_s"]) > 0
+    assert [row["lanes"] for row in result["engine"]] == [1, 2]
+    assert all(row["concurrency"] == 3 and row["one_s"] > 0 and row["concurrent_s"] > 0 for row in result["engine"])
+    assert run(args) == 0
+    table = capsys.readouterr().out
+    assert "cached/forward" in table and "concurrent/one" in table

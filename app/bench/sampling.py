@@ -1,23 +1,29 @@
-"""Sampling benchmark: naive vs cached sampling vs one forward pass, side by side in one run.
+"""Sampling benchmark: naive vs cached sampling vs one forward pass, and the engine under concurrency.
 
-    pixelcnn bench sampling MODEL_DIR [--batches 1,16,64] [--naive-rows 2] [--json]
+    pixelcnn bench sampling MODEL_DIR [--batches 1,16,64] [--naive-rows 2] [--lanes 1,2] [--json]
 
 For each batch size: naive sampling (a full forward pass per sub-pixel; timed over --naive-rows rows and
-extrapolated to the whole image unless --naive-rows covers it), cached sampling of whole images, and one
-teacher-forced forward pass over the same number of images (what /likelihood costs). The ratios that
-matter: speedup = naive / cached (naive ~ H*W forwards) and cached_over_forward (the ideal is ~1).
+extrapolated to the whole image unless --naive-rows covers it), cached sampling of whole images with the
+compiled row decoder and with the same decoder run eagerly, and one teacher-forced forward pass over the
+same number of images (what /likelihood costs). The ratios that matter: speedup = naive / cached (naive
+~ H*W forwards) and cached_over_forward (the ideal is ~1).
+
+Then the engine without HTTP, for each number of decode lanes: one request for one image, against
+--concurrency such requests at once (medians of --repeats interleaved runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from app.engine import CachedSampler, sample_cached
+from app.engine import CachedSampler, Engine, GenerationRequest, sample_cached
 from app.model import load, nll_nats, pick_device, sample_naive
 
 
@@ -29,7 +35,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(model, sampler: CachedSampler, batch: int, naive_rows: int, seed: int) -> dict:
+def measure(model, sampler: CachedSampler, eager: CachedSampler, batch: int, naive_rows: int, seed: int) -> dict:
     config = model.config
     device = sampler.device
     generator = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - a fresh, identical stream per run
@@ -41,6 +47,7 @@ def measure(model, sampler: CachedSampler, batch: int, naive_rows: int, seed: in
     sample_cached(model, batch, generator=generator(), sampler=sampler, known=images[:1].cpu(),
                   known_rows=config.height - 1)  # warm-up
     cached_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=sampler))
+    eager_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=eager))
     rows = min(naive_rows, config.height)
     # Naive cost does not depend on the position, so the last `rows` rows of a completion time it fairly.
     zeros = torch.zeros((1, *config.shape), dtype=torch.uint8)
@@ -53,11 +60,41 @@ def measure(model, sampler: CachedSampler, batch: int, naive_rows: int, seed: in
         "naive_extrapolated": rows < config.height,
         "naive_rows_timed": rows,
         "cached_s": round(cached_s, 4),
+        "eager_decoder_s": round(eager_s, 4),
         "speedup": round(naive_s / cached_s, 1),
         "forward_s": round(forward_s, 4),
         "cached_over_forward": round(cached_s / forward_s, 2),
         "cached_images_per_s": round(batch / cached_s, 1),
     }
+
+
+async def measure_engine(model, lanes: int, concurrency: int, repeats: int) -> dict:
+    """One n=1 request alone vs `concurrency` of them at once, on an engine with `lanes` decode lanes."""
+    engine = Engine(model, max_batch_images=max(64, concurrency), lanes=lanes)
+    await engine.start()
+    try:
+        await asyncio.gather(*(engine.generate(GenerationRequest(seed=k)) for k in range(concurrency)))  # warm-up
+        one, many = [], []
+        for repeat in range(repeats):
+            one.append(await timed_async(engine.generate(GenerationRequest(seed=repeat))))
+            burst = asyncio.gather(*(engine.generate(GenerationRequest(seed=1000 * (repeat + 1) + k))
+                                     for k in range(concurrency)))
+            many.append(await timed_async(burst))
+    finally:
+        await engine.stop()
+    return {
+        "lanes": lanes,
+        "concurrency": concurrency,
+        "one_s": round(statistics.median(one), 4),
+        "concurrent_s": round(statistics.median(many), 4),
+        "concurrent_over_one": round(statistics.median(m / o for m, o in zip(many, one)), 2),
+    }
+
+
+async def timed_async(awaitable) -> float:
+    start = time.perf_counter()
+    await awaitable
+    return time.perf_counter() - start
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -68,24 +105,36 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lanes", default="1,2", help="comma-separated decode lane counts for the engine part")
+    parser.add_argument("--concurrency", type=int, default=16, help="simultaneous n=1 requests in the engine part")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the engine part (medians are shown)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model_dir, pick_device(args.device))
-    sampler = CachedSampler(model)
-    results = [measure(model, sampler, int(b), args.naive_rows, args.seed) for b in args.batches.split(",")]
+    sampler, eager = CachedSampler(model), CachedSampler(model, compiled=False)
+    results = [measure(model, sampler, eager, int(b), args.naive_rows, args.seed) for b in args.batches.split(",")]
+    engine = [asyncio.run(measure_engine(model, int(lanes), args.concurrency, args.repeats))
+              for lanes in args.lanes.split(",")]
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({"sampling": results, "engine": engine}))
         return 0
     c = model.config
     print(f"{args.model_dir}: {c.arch}, {c.hidden_channels} channels x {c.layers} layers, image {c.shape}, "
           f"{sampler.device}, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'naive s':>10} {'cached s':>9} {'speedup':>8} {'forward s':>10} {'cached/forward':>15}")
+    print(f"{'batch':>5} {'naive s':>10} {'cached s':>9} {'eager s':>8} {'speedup':>8} {'forward s':>10} "
+          f"{'cached/forward':>15}")
     for r in results:
         mark = "*" if r["naive_extrapolated"] else " "
-        print(f"{r['batch']:>5} {r['naive_s']:>9.2f}{mark} {r['cached_s']:>9.3f} {r['speedup']:>7.0f}x "
-              f"{r['forward_s']:>10.3f} {r['cached_over_forward']:>15.2f}")
+        print(f"{r['batch']:>5} {r['naive_s']:>9.2f}{mark} {r['cached_s']:>9.3f} {r['eager_decoder_s']:>8.3f} "
+              f"{r['speedup']:>7.0f}x {r['forward_s']:>10.3f} {r['cached_over_forward']:>15.2f}")
     if any(r["naive_extrapolated"] for r in results):
         print(f"* naive time extrapolated from {results[0]['naive_rows_timed']} timed rows to {c.height}")
+    print("eager s: the same cached sampler with its row decoder run as plain Python instead of compiled")
+    print(f"\nengine, no HTTP: {args.concurrency} concurrent requests for 1 image vs one (medians of "
+          f"{args.repeats})")
+    print(f"{'lanes':>5} {'one s':>8} {'concurrent s':>13} {'concurrent/one':>15}")
+    for r in engine:
+        print(f"{r['lanes']:>5} {r['one_s']:>8.3f} {r['concurrent_s']:>13.3f} {r['concurrent_over_one']:>15.2f}")
     return 0
