@@ -294,17 +294,35 @@ def test_settings_reject_bad_values():
 
 
 def test_lanes_default_to_one_on_a_gpu_and_one_per_threads_cores_on_a_cpu(monkeypatch):
-    import os
+    import app.server.settings as settings_module
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: 6)
     assert Settings(_env_file=None).lanes_for("cuda") == 1
     assert Settings(_env_file=None).lanes_for("cpu") == 6
     assert Settings(_env_file=None, threads=4).lanes_for("cpu") == 1
     assert Settings(_env_file=None, lanes=3).lanes_for("cuda") == 3  # an explicit number always wins
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: 64)
     assert Settings(_env_file=None).lanes_for("cpu") == 8
     with pytest.raises(ValueError):
         Settings(lanes=0)
+
+
+def test_usable_cpus_follow_affinity_and_a_cgroup_quota(monkeypatch, tmp_path):
+    import os
+
+    from app.server.settings import usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cpus(tmp_path / "absent") == 16
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == 16
+    cpu_max.write_text("250000 100000\n")  # --cpus 2.5
+    assert usable_cpus(cpu_max) == 3
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cpus(cpu_max) == 1
+    cpu_max.write_text("3200000 100000\n")  # a quota above the affinity
+    assert usable_cpus(cpu_max) == 16
 
 
 def test_create_app_loads_nothing_at_import_or_creation(tmp_path):

@@ -18,7 +18,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="env PIXELCNN_DEVICE, default auto")
     p.add_argument("--threads", type=int, help="torch CPU threads per decode lane (env PIXELCNN_THREADS, default 1)")
     p.add_argument("--lanes", type=int, help="decode lanes per model (env PIXELCNN_LANES; default: 1 on a GPU, "
-                   "else one per --threads usable cores, at most 8)")
+                   "else one per --threads usable CPUs, at most 8)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run_serve)
 

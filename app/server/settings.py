@@ -36,9 +36,9 @@ class Settings(BaseSettings):
     )
     lanes: int | None = Field(
         None, ge=1, le=64, description="decode lanes (threads, each with its own batch) per model. Unset: "
-        "1 on a GPU; on a CPU one per `threads` usable cores, at most 8",
+        "1 on a GPU; on a CPU one per `threads` usable CPUs (affinity, cgroup v2 quota), at most 8",
     )
-    max_batch_images: int = Field(64, ge=1, description="images decoded together by one engine step")
+    max_batch_images: int = Field(64, ge=1, description="images decoded together by one lane's step")
     max_queue: int = Field(64, ge=0, description="requests waiting for a batch slot before 503")
     max_images_per_request: int = Field(64, ge=1)
     max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
@@ -67,5 +67,17 @@ class Settings(BaseSettings):
             return self.lanes
         if device_type != "cpu":
             return 1  # one GPU runs one big batch best; lanes would only take turns on it
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, min(8, cores // self.threads))
+        return max(1, min(8, usable_cpus() // self.threads))
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's --cpus,
+    a Kubernetes limit) when there is one, rounded up."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
