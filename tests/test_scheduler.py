@@ -77,9 +77,28 @@ def test_two_lanes_share_the_requests_and_give_the_same_images():
     assert stats["requests_completed"] == len(requests) and stats["active_images"] == 0
 
 
+def test_requests_arriving_together_start_together():
+    """An idle engine waits for a burst to finish arriving (batch_wait_s without a new request), so four
+    requests sent a few milliseconds apart run every row as one batch of 4."""
+    model = tiny_model("gated", 1, size=6, seed=29)
+
+    async def scenario():
+        async with running(model, max_batch_images=8, batch_wait_s=0.05) as engine:
+            streams = []
+            for k in range(4):
+                streams.append(engine.submit(GenerationRequest(seed=k), rows=False))
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*(stream.result() for stream in streams))
+            return engine.stats()
+
+    assert run(scenario())["batch_sizes_seen"] == {4: 6}
+
+
 def test_lanes_must_be_positive():
     with pytest.raises(ValueError, match="lanes must be >= 1"):
         Engine(tiny_model("gated", 1, size=6), lanes=0)
+    with pytest.raises(ValueError, match="batch_wait_s must be >= 0"):
+        Engine(tiny_model("gated", 1, size=6), batch_wait_s=-1)
 
 
 def test_a_request_joins_a_running_batch_at_the_next_row():

@@ -159,15 +159,25 @@ class Engine:
     whose step costs real arithmetic on one core. On a GPU one lane (one big batch) is the right choice.
     """
 
-    def __init__(self, model: nn.Module, max_batch_images: int = 64, max_queue: int = 64, lanes: int = 1) -> None:
+    def __init__(
+        self, model: nn.Module, max_batch_images: int = 64, max_queue: int = 64, lanes: int = 1,
+        batch_wait_s: float = 0.002,
+    ) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
+        if batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
         self.model = model.eval()
         self.config: ModelConfig = model.config
         self.sampler = CachedSampler(model)
         self.device = self.sampler.device
         self.max_batch_images = max_batch_images  # per decode step, i.e. per lane
         self.max_queue = max_queue
+        # An idle lane that finds work first lets a burst finish arriving: it starts once no request has
+        # come for batch_wait_s (at most 5 x batch_wait_s in all), so requests sent together start together
+        # instead of trickling in one row apart. A lone request pays batch_wait_s once.
+        self.batch_wait_s = batch_wait_s
+        self._last_submit = 0.0  # perf_counter() of the latest submit
         self._waiting: collections.deque[_Job] = collections.deque()
         self._lock = threading.Lock()
         self._lanes = [_Lane(index) for index in range(lanes)]
@@ -261,6 +271,7 @@ class Engine:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
             self._waiting.append(job)
             self._counters["requests_submitted"] += 1
+            self._last_submit = time.perf_counter()
         for lane in self._lanes:  # the least loaded lane takes it; an idle lane is always least loaded
             lane.wake.set()
         return Stream(job, queue)
@@ -298,6 +309,8 @@ class Engine:
     def _run(self, lane: _Lane) -> None:
         while not self._stopping:
             try:
+                if not lane.active and self._waiting:
+                    self._let_the_burst_arrive()
                 self._admit(lane)
                 if not lane.active:
                     lane.wake.wait(timeout=0.5)
@@ -311,6 +324,15 @@ class Engine:
                     failed, lane.active, lane.state, lane.images = lane.active, [], None, 0
                 for job in failed:
                     job.deliver(RuntimeError(f"generation failed: {error}"))
+
+    def _let_the_burst_arrive(self) -> None:
+        deadline = time.perf_counter() + 5 * self.batch_wait_s
+        while not self._stopping:
+            now = time.perf_counter()
+            quiet_at = min(self._last_submit + self.batch_wait_s, deadline)
+            if now >= quiet_at:
+                return
+            time.sleep(quiet_at - now)
 
     def _admit(self, lane: _Lane) -> None:
         """Move waiting requests into this lane while they fit, up to its fair share of all the images

@@ -30,7 +30,8 @@ def default_engine_factory(model: nn.Module, settings: Settings):
     from app.engine import Engine
 
     lanes = settings.lanes_for(next(model.parameters()).device.type)
-    return Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue, lanes=lanes)
+    return Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue, lanes=lanes,
+                  batch_wait_s=settings.batch_wait_ms / 1000)
 
 
 @dataclass
