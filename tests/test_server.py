@@ -313,16 +313,18 @@ def test_usable_cpus_follow_affinity_and_a_cgroup_quota(monkeypatch, tmp_path):
     from app.server.settings import usable_cpus
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    cpu_max = tmp_path / "cpu.max"
     assert usable_cpus(tmp_path / "absent") == 16
-    cpu_max.write_text("max 100000\n")
-    assert usable_cpus(cpu_max) == 16
-    cpu_max.write_text("250000 100000\n")  # --cpus 2.5
-    assert usable_cpus(cpu_max) == 3
-    cpu_max.write_text("50000 100000\n")
-    assert usable_cpus(cpu_max) == 1
-    cpu_max.write_text("3200000 100000\n")  # a quota above the affinity
-    assert usable_cpus(cpu_max) == 16
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    for cpu_max, expected in (("max 100000", 16), ("250000 100000", 3), ("50000 100000", 1), ("3200000 100000", 16)):
+        (v2 / "cpu.max").write_text(cpu_max + "\n")  # --cpus 2.5 gives 3; a quota above the affinity is moot
+        assert usable_cpus(v2) == expected, cpu_max
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, expected in (("-1", 16), ("200000", 2)):
+        (v1 / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        assert usable_cpus(v1) == expected, quota
 
 
 def test_create_app_loads_nothing_at_import_or_creation(tmp_path):

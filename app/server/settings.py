@@ -5,6 +5,7 @@ Example: PIXELCNN_MODEL_STORE=/models PIXELCNN_API_KEY=secret pixelcnn serve --p
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
     )
     lanes: int | None = Field(
         None, ge=1, le=64, description="decode lanes (threads, each with its own batch) per model. Unset: "
-        "1 on a GPU; on a CPU one per `threads` usable CPUs (affinity, cgroup v2 quota), at most 8",
+        "1 on a GPU; on a CPU one per `threads` usable CPUs (affinity, cgroup quota), at most 8",
     )
     max_batch_images: int = Field(64, ge=1, description="images decoded together by one lane's step")
     batch_wait_ms: float = Field(
@@ -74,14 +75,27 @@ class Settings(BaseSettings):
         return max(1, min(8, usable_cpus() // self.threads))
 
 
-def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's --cpus,
-    a Kubernetes limit) when there is one, rounded up."""
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's --cpus, a
+    Kubernetes limit) when there is one, rounded up. Reads cgroup v2 (cpu.max) and v1 (cpu.cfs_*_us)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(cgroup: Path) -> float | None:
+    """The CPU quota in CPUs, or None when there is none (or no cgroup file to say so)."""
     try:
-        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "250000 100000"
     except (OSError, ValueError):
-        return cpus
-    if quota == "max":
-        return cpus
-    return max(1, min(cpus, -(-int(quota) // int(period))))
+        try:  # v1: a quota of -1 means none
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
