@@ -15,6 +15,9 @@ Caches start at exact zeros where the full model zero-pads, so row 0 and column 
 as in a full forward pass (bias is added to the convolution of the zeros, never to the padding itself).
 All cache tensors have the batch first and none depends on the row index, so images at different rows
 share one decode step; that is what lets the scheduler batch requests continuously.
+
+This module does the per-row work (prefill, the vertical stack, shifting the caches) in Python; the
+per-sub-pixel loop runs in a compiled row decoder (row_decoders.py).
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ class CachedGated:
         )
         self.h_width = self.decoder.h_width
         # The vertical stack per row uses the same gate trick: its convolution comes with the tanh half of
-        # its output channels scaled by -2, undone in the link's matrix (scale[:, None] of its rows).
+        # its output channels scaled by -2, and the link's matrix divides that scale out of its rows.
         self.v_weight = [g.vertical.weight * self.pre_scale[:, None, None, None] for g in self.layers]
         self.v_bias = [g.vertical.bias * self.pre_scale for g in self.layers]
         # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases.
@@ -281,7 +284,6 @@ class CachedSampler:
         self.device = next(model.parameters()).device
         with torch.no_grad():
             self.impl = CachedGated(model) if isinstance(model, GatedPixelCNN) else CachedPixelCNN(model)
-        self.compiled = compiled
         self.decoder = script(self.impl.decoder) if compiled else self.impl.decoder
         on_cuda = self.device.type == "cuda"
         if static_rows is None:
