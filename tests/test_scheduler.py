@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.engine import (
+    CachedSampler,
     Engine,
     GenerationRequest,
     QueueFullError,
@@ -92,6 +93,28 @@ def test_requests_arriving_together_start_together():
             return engine.stats()
 
     assert run(scenario())["batch_sizes_seen"] == {4: 6}
+
+
+def test_lanes_sharing_the_static_row_buffers_take_turns():
+    """The static-bucket path (CUDA graphs on a GPU, run eagerly here) shares its buffers between lanes;
+    two lanes decoding at once must still give every request its own images."""
+    model = tiny_model("gated", 1, size=16, num_classes=3, seed=30)
+    requests = [GenerationRequest(n=2, seed=300 + k) for k in range(8)]  # 8 images a lane: one bucket
+
+    async def scenario():
+        engine = Engine(model, max_batch_images=16, lanes=2)
+        engine.sampler = CachedSampler(model, static_rows=True)
+        await engine.start()
+        try:
+            return await asyncio.gather(*(engine.generate(r) for r in requests)), engine.stats()
+        finally:
+            await engine.stop()
+
+    results, stats = run(scenario())
+    assert all(rows > 0 for rows in stats["rows_decoded_per_lane"])
+    for request, result in zip(requests, results):
+        alone = sample_cached(model, request.n, generator=torch.Generator().manual_seed(request.seed))
+        assert torch.equal(result.images, alone.images)
 
 
 def test_lanes_must_be_positive():

@@ -22,6 +22,7 @@ per-sub-pixel loop runs in a compiled row decoder (row_decoders.py).
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -341,6 +342,7 @@ class StaticRows:
     (zero features, uniforms of 0.5) that nobody reads. The gated model's per-pixel step only touches the
     horizontal buffers (zeroed at each row start) and the row's per-column biases, so those are all
     that is copied in. With `capture`, each bucket's loop is recorded once as a CUDA graph and replayed.
+    The buffers are shared, so decode lanes (threads) take turns: one row at a time runs here.
     """
 
     def __init__(self, sampler: CachedSampler, capture: bool, buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)):
@@ -349,8 +351,13 @@ class StaticRows:
         self.buckets = buckets
         self.buffers: dict[int, dict] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lock = threading.Lock()
 
     def run(self, state: DecodeState, uniforms: torch.Tensor, temperature: torch.Tensor):
+        with self.lock:
+            return self._run(state, uniforms, temperature)
+
+    def _run(self, state: DecodeState, uniforms: torch.Tensor, temperature: torch.Tensor):
         b = state.batch
         bucket = next(size for size in self.buckets if size >= b)
         buf = self.buffers.get(bucket) or self._allocate(state, bucket)
