@@ -74,7 +74,8 @@ def test_every_step_logits_equal_the_full_forward_in_float32(arch, channels, cla
 def test_the_compiled_decoder_equals_the_same_module_run_eagerly(arch, channels):
     model = tiny_model(arch, channels, size=6, num_classes=3, seed=16)
     compiled, eager = CachedSampler(model), CachedSampler(model, compiled=False)
-    assert isinstance(compiled.decoder, torch.jit.ScriptModule) and not isinstance(eager.decoder, torch.jit.ScriptModule)
+    assert isinstance(compiled.decoder, torch.jit.ScriptModule)
+    assert not isinstance(eager.decoder, torch.jit.ScriptModule)
     a = sample_cached(model, 3, generator=seeded(2), sampler=compiled)
     b = sample_cached(model, 3, generator=seeded(2), sampler=eager)
     assert torch.equal(a.images, b.images)

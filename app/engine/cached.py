@@ -101,7 +101,8 @@ class CachedGated:
             # layer's residual output reaches nothing, so its matrix is the skip's alone.
             out_weight=[torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers[:-1]]
             + [matrix(self.layers[-1].skip)],
-            out_bias=[torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers[:-1]] + [self.layers[-1].skip.bias],
+            out_bias=[torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers[:-1]]
+            + [self.layers[-1].skip.bias],
             channels=self.n,
             head=head_step(model.head),
         )

@@ -34,7 +34,9 @@ class HeadStep(nn.Module):
 class RowDecoder(nn.Module):
     """Draws one row of every image in the batch; subclasses define `step` and `write`."""
 
-    def forward(self, state: List[Tensor], uniforms: Tensor, temperature: Tensor, row: Tensor, log_prob: Tensor) -> None:
+    def forward(
+        self, state: List[Tensor], uniforms: Tensor, temperature: Tensor, row: Tensor, log_prob: Tensor
+    ) -> None:
         """uniforms float64 (B, C, W), temperature float64 (B, 1); writes the values into row int64 (B, C, W)
         and adds their log p to log_prob (B,)."""
         for j in range(uniforms.shape[2]):

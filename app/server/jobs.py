@@ -2,8 +2,8 @@
 
 The rule that matters: an engine request whose HTTP client has gone must leave the batch. Every path
 (the client's disconnect seen by the run's watcher task, the response task cancelled by the server, the
-SSE generator closed, an exception) ends in `GenerationRun.close()`, which cancels the engine request unless it
-finished. The cancel runs shielded, because it often happens inside a cancelled task.
+SSE generator closed, an exception) ends in `GenerationRun.close()`, which cancels the engine request
+unless it finished. The cancel runs shielded, because it often happens inside a cancelled task.
 """
 
 from __future__ import annotations
