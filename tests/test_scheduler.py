@@ -229,6 +229,35 @@ def test_full_queue_and_bad_requests_are_refused():
     run(scenario())
 
 
+def test_likelihood_requests_in_flight_are_bounded():
+    model = tiny_model("gated", 1, size=6, seed=31)
+    images = torch.randint(0, 256, (1, 1, 6, 6), dtype=torch.uint8)
+
+    async def scenario():
+        engine = Engine(model, max_queue=1)
+        release = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        score = engine.likelihood_sync
+
+        def slow_score(*args):  # holds its slot until released
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+            return score(*args)
+
+        engine.likelihood_sync = slow_score
+        first = asyncio.ensure_future(engine.likelihood(images))
+        await asyncio.sleep(0.05)
+        assert engine.stats()["likelihood_in_flight"] == 1
+        with pytest.raises(QueueFullError, match="1 likelihood requests are already running"):
+            await engine.likelihood(images)
+        release.set()
+        await first
+        assert engine.stats()["likelihood_in_flight"] == 0
+        return await engine.likelihood(images)  # the slot is free again
+
+    result = run(scenario())
+    assert result.nll_nats.shape == (1,)
+
+
 def test_likelihood_marginal_and_conditional():
     model = tiny_model("gated", 1, size=6, num_classes=3, seed=25)
     engine = Engine(model)

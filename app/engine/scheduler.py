@@ -178,6 +178,7 @@ class Engine:
         # instead of trickling in one row apart. A lone request pays batch_wait_s once.
         self.batch_wait_s = batch_wait_s
         self._last_submit = 0.0  # perf_counter() of the latest submit
+        self._scoring = 0  # likelihood requests in flight, under the lock
         self._waiting: collections.deque[_Job] = collections.deque()
         self._lock = threading.Lock()
         self._lanes = [_Lane(index) for index in range(lanes)]
@@ -231,6 +232,7 @@ class Engine:
         return {
             "lanes": len(self._lanes),
             "queue_size": waiting,
+            "likelihood_in_flight": self._scoring,
             "active_requests": len(active),
             "active_images": sum(job.n for job in active),
             "max_batch_images": self.max_batch_images,
@@ -280,7 +282,18 @@ class Engine:
         return await self.submit(request, rows=False).result()
 
     async def likelihood(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
-        return await asyncio.to_thread(self.likelihood_sync, images, labels)
+        """likelihood_sync in a worker thread. At most max_queue of them are in flight: each holds its
+        images and a forward pass's activations, so past that QueueFullError asks the caller to retry."""
+        with self._lock:
+            if self._scoring >= self.max_queue:
+                self._counters["rejected_queue_full"] += 1
+                raise QueueFullError(f"{self.max_queue} likelihood requests are already running")
+            self._scoring += 1
+        try:
+            return await asyncio.to_thread(self.likelihood_sync, images, labels)
+        finally:
+            with self._lock:
+                self._scoring -= 1
 
     @torch.no_grad()
     def likelihood_sync(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
         2.0, ge=0, le=100, description="an idle lane that gets work waits until no request has arrived for "
         "this long (at most 5x in all), so that requests sent together start together; 0: start at once",
     )
-    max_queue: int = Field(64, ge=0, description="requests waiting for a batch slot before 503")
+    max_queue: int = Field(64, ge=0, description="generation requests waiting for a batch slot, and likelihood "
+                           "requests running, before 503")
     max_images_per_request: int = Field(64, ge=1)
     max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
     api_key: SecretStr | None = Field(None, description="bearer token required on POST routes; unset: no auth")
