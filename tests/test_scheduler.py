@@ -117,6 +117,55 @@ def test_lanes_sharing_the_static_row_buffers_take_turns():
         assert torch.equal(result.images, alone.images)
 
 
+def test_a_mixed_crowd_on_two_lanes_gets_exactly_its_own_images():
+    """Requests of every kind at once on two lanes (sizes, labels, temperatures, completions, streams),
+    some cancelled mid-image: each survivor gets exactly what it would get alone, and the engine ends
+    empty."""
+    model = tiny_model("gated", 1, size=8, num_classes=3, seed=32)
+    known = torch.randint(0, 256, (1, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    requests = [
+        GenerationRequest(n=1 + k % 4, seed=400 + k, temperature=(1.0, 0.7)[k % 2],
+                          labels=[k % 3] if k % 3 == 0 else None,
+                          known=known if k % 5 == 0 else None, known_rows=3 if k % 5 == 0 else 0)
+        for k in range(24)
+    ]
+    doomed = {k for k in range(24) if k % 7 == 3}
+
+    async def run_one(engine, k):
+        stream = engine.submit(requests[k], rows=k % 2 == 0 or k in doomed)
+        async for event in stream:
+            if k in doomed and isinstance(event, RowEvent):
+                await stream.cancel()
+                return None
+            if not isinstance(event, RowEvent):
+                return event
+
+    async def scenario():
+        async with running(model, max_batch_images=8, max_queue=32, lanes=2) as engine:
+            results = await asyncio.gather(*(run_one(engine, k) for k in range(24)))
+            for _ in range(200):
+                if engine.stats()["active_images"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return results, engine.stats()
+
+    results, stats = run(scenario())
+    for k, (request, result) in enumerate(zip(requests, results)):
+        if k in doomed:
+            assert result is None
+            continue
+        labels = None if request.labels is None else torch.tensor(request.labels)
+        alone = sample_cached(model, request.n, labels=labels, temperature=request.temperature,
+                              generator=torch.Generator().manual_seed(request.seed), known=request.known,
+                              known_rows=request.known_rows)
+        assert torch.equal(result.images, alone.images), k
+        torch.testing.assert_close(result.log_prob, alone.log_prob, rtol=0, atol=1e-9)
+    assert stats["requests_completed"] == 24 - len(doomed)
+    assert stats["requests_cancelled"] == len(doomed)
+    assert stats["active_images"] == 0 and stats["queue_size"] == 0
+    assert all(rows > 0 for rows in stats["rows_decoded_per_lane"])
+
+
 def test_lanes_must_be_positive():
     with pytest.raises(ValueError, match="lanes must be >= 1"):
         Engine(tiny_model("gated", 1, size=6), lanes=0)
