@@ -147,7 +147,9 @@ class _Lane:
         self.active: list[_Job] = []
         self.state: DecodeState | None = None
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
-        self.counters: collections.Counter = collections.Counter()  # decode statistics, under the lock
+        # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
 
 
 class Engine:
@@ -222,17 +224,17 @@ class Engine:
         with self._lock:
             waiting = len(self._waiting)
             active = [job for lane in self._lanes for job in lane.active]
-            counters = collections.Counter(self._counters)
-            lane_counters = [collections.Counter(lane.counters) for lane in self._lanes]
+            scoring = self._scoring
+            counters, batch_sizes = collections.Counter(self._counters), collections.Counter()
+            for lane in self._lanes:  # update(), not +: keeps the counts that are still 0
+                counters.update(lane.counters)
+                batch_sizes.update(lane.batch_sizes)
+            rows_per_lane = [lane.counters["rows_decoded"] for lane in self._lanes]
             sizes = list(self._batch_sizes)
-        batch_sizes = collections.Counter()
-        for lane_count in lane_counters:
-            batch_sizes.update({key[1]: n for key, n in lane_count.items() if isinstance(key, tuple)})
-            counters.update({key: n for key, n in lane_count.items() if isinstance(key, str)})
         return {
             "lanes": len(self._lanes),
             "queue_size": waiting,
-            "likelihood_in_flight": self._scoring,
+            "likelihood_in_flight": scoring,
             "active_requests": len(active),
             "active_images": sum(job.n for job in active),
             "max_batch_images": self.max_batch_images,
@@ -240,7 +242,7 @@ class Engine:
             "max_batch_size_seen": max(sizes, default=0),
             "recent_batch_sizes": sizes[-50:],
             "batch_sizes_seen": dict(batch_sizes),  # decode steps per batch size, all lanes
-            "rows_decoded_per_lane": [lane_count["rows_decoded"] for lane_count in lane_counters],
+            "rows_decoded_per_lane": rows_per_lane,
             **dict(counters),
         }
 
@@ -391,7 +393,7 @@ class Engine:
         )
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
-        counts = collections.Counter({("batch", uniforms.shape[0]): 1, "rows_decoded": 1})
+        counts = collections.Counter(rows_decoded=1)
 
         keep, still_active, finished, offset = [], [], [], 0
         for job in lane.active:
@@ -419,6 +421,7 @@ class Engine:
             lane.active = still_active
             lane.images = sum(job.n for job in still_active)
             lane.counters.update(counts)
+            lane.batch_sizes[uniforms.shape[0]] += 1
             self._batch_sizes.append(uniforms.shape[0])
         # Results last: whoever receives one sees an engine that has already let go of the request.
         for job in finished:
