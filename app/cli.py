@@ -30,6 +30,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", type=Path, help="default ~/.cache/pixelcnn/checkpoints/NAME")
     p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if any")
+    p.add_argument("--init-from", type=Path, help="start from this model folder's weights (fresh optimizer)")
+    p.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
+                   help="bf16 autocast (auto: on CUDA only; bf16 on CPU is fast where it has AMX)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -80,6 +83,8 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
+        init_from=args.init_from,
+        precision=args.precision,
         seed=args.seed,
         device=args.device,
         sample_grid=not args.no_samples,

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from app.data import ImageDataset, load_dataset
 from app.evaluate import check_dataset, evaluate
 from app.model import ModelConfig, build, pick_device, save
+from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from app.model.likelihood import nll_per_subpixel
 
 TRAINER_STATE = "trainer_state.json"
@@ -51,6 +52,8 @@ class TrainOptions:
     checkpoint_every: float = 120.0  # seconds
     checkpoint_dir: Path | None = None
     resume: bool = False
+    init_from: Path | None = None  # a model folder whose weights start a fresh run (new optimizer, new schedule)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU; or "float32" / "bf16" on any device
     seed: int = 0
     device: str = "auto"
     sample_grid: bool = True
@@ -154,9 +157,12 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         if ranks.main:
             print(f"resuming from {checkpoint_dir} at step {state['step']} (epoch {state['epoch']})")
-    elif ranks.main:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        config.save(checkpoint_dir / "config.json")
+    else:
+        if options.init_from is not None:
+            warm_start(model, config, options.init_from)
+        if ranks.main:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            config.save(checkpoint_dir / "config.json")
     # static_graph: the gated model's last `residual` conv never reaches the loss (only its skip output is used);
     # without it DDP waits for that parameter's gradient and fails at the second step.
     ddp_model = nn.parallel.DistributedDataParallel(model, static_graph=True) if ranks.world > 1 else model
@@ -166,7 +172,7 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
     if steps_per_epoch == 0:
         raise SystemExit(f"--batch-size {options.batch_size} is larger than the {len(train_set)} training images")
     total_steps = max(1, round(options.epochs * steps_per_epoch))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(options.precision, device))
 
     interactive = sys.stderr.isatty()  # in a log file, a progress line every 30 s instead of 10 a second
     bar = tqdm(total=total_steps, initial=state["step"], disable=not ranks.main, unit="step",
@@ -270,6 +276,22 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
     ranks.barrier()
     ranks.close()
     return metrics
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: the default on CUDA; on CPU only when asked (fast where the CPU has AMX/AVX512-BF16)."""
+    if precision not in ("auto", "float32", "bf16"):
+        raise ValueError(f"precision must be auto, float32 or bf16, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def warm_start(model: nn.Module, config: ModelConfig, model_dir: Path) -> None:
+    """Start from a trained model's weights; its config must be the one being trained."""
+    saved = ModelConfig.load(model_dir / CONFIG_FILE)
+    if saved != config:
+        raise SystemExit(f"--init-from: {model_dir} holds another model config than the one given")
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in load_file(str(model_dir / WEIGHTS_FILE)).items()})
 
 
 def subset(dataset: ImageDataset, limit: int) -> ImageDataset:
