@@ -18,6 +18,7 @@ def tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     first_kernel_size: int = 5,
+    hidden_channels: int = 24,
 ):
     torch.manual_seed(seed)
     config = ModelConfig(
@@ -25,7 +26,7 @@ def tiny_model(
         image_channels=image_channels,
         height=size,
         width=size,
-        hidden_channels=24,
+        hidden_channels=hidden_channels,
         head_channels=24,
         layers=layers,
         first_kernel_size=first_kernel_size,

@@ -122,4 +122,4 @@ def test_static_bucket_rows_equal_the_dynamic_path(channels, classes):
         b = sample_naive(model, n, generator=seeded(n), known=known, known_rows=rows)
         assert torch.equal(a.images, b.images)
         torch.testing.assert_close(a.log_prob, b.log_prob, rtol=0, atol=1e-9)
-    assert set(static.static_rows.buffers) == {4, 8, 1}
+    assert set(static.static_rows.buffers) == {4, 8, 2}  # batches run padded to an even size (see padded_batch)

@@ -22,9 +22,11 @@ per-sub-pixel loop runs in a compiled row decoder (row_decoders.py).
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import Field, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -37,39 +39,66 @@ from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
 from app.model.sampling import row_uniforms, start_sampling
 
-from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder
+from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder, scaled_gate, tanh_half_scale
 
 
-class DecodeState:
-    """The caches of a batch of images: tensors (or lists of tensors) with the batch dimension first.
+@dataclass
+class DecodeCache:
+    """The caches of a batch of images: tensors, or lists of them (one per layer), batch dimension first.
 
-    None marks per-row scratch that is recomputed at the start of every row, so it is never merged."""
+    Fields marked `scratch` are recomputed at the start of every row (begin_row), so selecting or
+    merging images drops them instead of copying them."""
 
-    def __init__(self, **tensors) -> None:
-        self.__dict__.update(tensors)
-
-    def select(self, index: torch.Tensor) -> "DecodeState":
-        return DecodeState(**{k: _map(v, lambda t: t[index]) for k, v in vars(self).items()})
-
-    @staticmethod
-    def concat(states: list["DecodeState"]) -> "DecodeState":
-        first = vars(states[0])
-        merged = {}
-        for key, value in first.items():
-            parts = [vars(s)[key] for s in states]
-            if isinstance(value, list):
-                merged[key] = [None if any(t is None for t in layer) else torch.cat(layer) for layer in zip(*parts)]
-            else:
-                merged[key] = torch.cat(parts)
-        return DecodeState(**merged)
+    labels: torch.Tensor  # int64 (B,): the class of each image (zeros for an unconditional model)
 
     @property
     def batch(self) -> int:
         return self.labels.shape[0]
 
+    def select(self, index: torch.Tensor) -> "DecodeCache":
+        """The caches of images `index` (B',), in that order (an index may repeat)."""
+        return type(self)(**{f.name: _map(getattr(self, f.name), lambda t: t[index], f) for f in fields(self)})
 
-def _map(value, fn):
-    return [None if t is None else fn(t) for t in value] if isinstance(value, list) else fn(value)
+    @staticmethod
+    def concat(caches: list["DecodeCache"]) -> "DecodeCache":
+        """The caches of all images of `caches` (of one type), in order."""
+        cls = type(caches[0])
+        merged = {}
+        for f in fields(cls):
+            parts = [getattr(c, f.name) for c in caches]
+            if f.metadata.get("scratch"):
+                merged[f.name] = [None] * len(parts[0])
+            elif isinstance(parts[0], list):
+                merged[f.name] = [torch.cat(layer) for layer in zip(*parts)]
+            else:
+                merged[f.name] = torch.cat(parts)
+        return cls(**merged)
+
+
+def _map(value, fn, f: Field):
+    if f.metadata.get("scratch"):
+        return [None] * len(value)
+    return [fn(t) for t in value] if isinstance(value, list) else fn(value)
+
+
+def scratch() -> Field:
+    return field(metadata={"scratch": True})
+
+
+@dataclass
+class GatedCache(DecodeCache):
+    vertical: list[torch.Tensor]  # per layer: the last rows of its vertical input, (B, rows, W + 2 pad, in)
+    v_bias: list[torch.Tensor]  # per layer (B, 2n): class bias of the vertical pre-activation, gate-scaled
+    h_bias: list[torch.Tensor]  # per layer (B, 2n): class bias of the horizontal pre-activation
+    h_buffers: list[torch.Tensor]  # per layer (B, W + kw - 1, in): the current row's horizontal inputs
+    row_bias: list[torch.Tensor | None] = scratch()  # per layer (B, W, 2n): what the vertical stack adds
+
+
+@dataclass
+class PixelCNNCache(DecodeCache):
+    input_bias: torch.Tensor  # (B, n): the input conv's bias plus the class bias
+    inputs: torch.Tensor  # (B, k//2 + 1, W + 2 (k//2), C): rows i - k//2 .. i of the image, current row last
+    conv_inputs: list[torch.Tensor]  # per block (B, half + 1, W + 2 half, n/2): its masked conv's input rows
 
 
 def matrix(conv: nn.Conv2d, rows: slice = slice(None)) -> torch.Tensor:
@@ -92,8 +121,9 @@ class CachedGated:
         self.config: ModelConfig = model.config
         self.layers = list(model.layers)
         self.n = model.config.hidden_channels
-        # The decoder keeps the tanh half of every horizontal pre-activation scaled by -2 (see its gate).
-        self.pre_scale = torch.cat([torch.full((self.n,), -2.0), torch.ones(self.n)]).to(self.layers[0].link.bias)
+        # Every weight and bias that produces a gated pre-activation comes with its tanh half scaled by -2
+        # (see scaled_gate); the link's matrix divides that scale out of its input rows.
+        self.pre_scale = tanh_half_scale(self.n, self.layers[0].link.bias)
         self.decoder = GatedRowDecoder(
             h_weight=[matrix(layer.horizontal) * self.pre_scale for layer in self.layers],
             h_width=[layer.rows for layer in self.layers],
@@ -107,9 +137,12 @@ class CachedGated:
             head=head_step(model.head),
         )
         self.h_width = self.decoder.h_width
-        # The vertical stack per row uses the same gate trick: its convolution comes with the tanh half of
-        # its output channels scaled by -2, and the link's matrix divides that scale out of its rows.
-        self.v_weight = [g.vertical.weight * self.pre_scale[:, None, None, None] for g in self.layers]
+        # Images per step such that every image's pre-activations (2n floats) fill whole 32-float chunks.
+        self.batch_quantum = 32 // math.gcd(2 * self.n, 32)
+        # The vertical stack per row is a matrix product over each column's window (rows, kw, in), not a
+        # conv2d call: the convolution library picks its algorithm (and its rounding) by batch size.
+        self.v_width = [g.vertical.kernel_size[1] for g in self.layers]
+        self.v_weight = [matrix(g.vertical) * self.pre_scale for g in self.layers]
         self.v_bias = [g.vertical.bias * self.pre_scale for g in self.layers]
         # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases.
         self.link_weight = [matrix(g.link) / self.pre_scale[:, None] for g in self.layers]
@@ -121,7 +154,7 @@ class CachedGated:
             return zero, zero
         return layer.class_bias(labels).chunk(2, dim=1)
 
-    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeState:
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
         """Caches for decoding row `known_rows` onwards: one batched pass of the vertical stack over the
         known rows (which never sees a later row), keeping the last rows of every layer's input."""
         b, c, _, w = canvas.shape
@@ -144,7 +177,7 @@ class CachedGated:
                 v = v.new_zeros(b, self.n, 0, w)
         h_buffers = [canvas.new_zeros(b, w + kw - 1, c if i == 0 else self.n, dtype=dtype)
                      for i, kw in enumerate(self.h_width)]
-        return DecodeState(
+        return GatedCache(
             labels=labels if labels is not None else canvas.new_zeros(b),
             vertical=vertical_queues,
             v_bias=v_bias,
@@ -153,35 +186,36 @@ class CachedGated:
             row_bias=[None] * len(self.layers),
         )
 
-    def begin_row(self, s: DecodeState) -> None:
+    def begin_row(self, s: GatedCache) -> None:
         """Vertical stack for the row about to be drawn (it depends only on earlier rows).
 
-        Channels-last throughout: the convolution reads each queue through an NCHW view of it and answers
-        in the same layout, so its output is already (B, W, 2n), one row of pre-activations per column,
-        and the link is one matrix product over all B * W columns."""
+        Channels-last throughout: each layer's window (B, rows, W + 2 pad, in) is unfolded into one
+        (rows, kw, in) patch per column, and one matrix product gives the row's pre-activations
+        (B, W, 2n); the link is one more matrix product over all B * W columns."""
+        b, w = s.batch, self.config.width
         v_new = None  # the previous layer's vertical output for this row, (B, W, n)
         for index, layer in enumerate(self.layers):
             queue = s.vertical[index]  # (B, rows, W + 2 pad, in)
-            pad = layer.vertical.kernel_size[1] // 2
+            kw, pad = self.v_width[index], self.v_width[index] // 2
             window = queue if index == 0 else torch.cat([queue, F.pad(v_new, (0, 0, pad, pad))[:, None]], dim=1)
             if index > 0 and queue.shape[1]:
                 s.vertical[index] = window[:, 1:]
+            patches = window.unfold(2, kw, 1).permute(0, 2, 1, 4, 3).reshape(b * w, -1)  # (B W, rows kw in)
             # Pre-activations (B, W, 2n), the tanh half scaled by -2 (the class bias is scaled in prefill).
-            conv = F.conv2d(window.permute(0, 3, 1, 2), self.v_weight[index], self.v_bias[index])  # (B, 2n, 1, W)
-            v_pre = conv[:, :, 0].transpose(1, 2) + s.v_bias[index][:, None, :]
+            v_pre = torch.addmm(self.v_bias[index], patches, self.v_weight[index]).view(b, w, -1)
+            v_pre = v_pre + s.v_bias[index][:, None, :]
             # Everything the horizontal stack adds that does not depend on the current row, per column.
             link = torch.matmul(v_pre, self.link_weight[index])  # (B, W, 2n)
             s.row_bias[index] = (link + (self.link_bias[index] + s.h_bias[index])[:, None, :]) * self.pre_scale
             if index + 1 < len(self.layers):  # the next layer's vertical input (the last one has none)
-                sig_a, sig_b = torch.sigmoid(v_pre).chunk(2, dim=2)  # sigmoid(-2a), sigmoid(b)
-                v_new = torch.addcmul(sig_b, sig_a, sig_b, value=-2.0)  # tanh(a) * sigmoid(b)
+                v_new = scaled_gate(v_pre)
             s.h_buffers[index].zero_()
 
-    def row_state(self, s: DecodeState) -> list[torch.Tensor]:
+    def row_state(self, s: DecodeCache) -> list[torch.Tensor]:
         """The caches the decoder reads and writes during a row, in its layout."""
         return s.h_buffers + s.row_bias
 
-    def end_row(self, s: DecodeState, row: torch.Tensor) -> None:
+    def end_row(self, s: DecodeCache, row: torch.Tensor) -> None:
         """Push the finished image row (B, C, W) into the first layer's vertical queue."""
         queue = s.vertical[0]
         pad = self.layers[0].vertical.kernel_size[1] // 2
@@ -194,6 +228,7 @@ class CachedPixelCNN:
         self.config: ModelConfig = model.config
         self.model = model
         self.in_half = model.input.kernel_size[0] // 2
+        self.batch_quantum = 1  # no transcendental function: relu and matrix products only
         blocks = list(model.blocks)
         self.k_half = [blk.conv.kernel_size[0] // 2 for blk in blocks]
         self.decoder = PixelCNNRowDecoder(
@@ -209,7 +244,7 @@ class CachedPixelCNN:
             head=head_step(model.head),
         )
 
-    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeState:
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
         """Windows of rows i-k//2 .. i of every masked conv's input, from one pass over the known rows."""
         b, c, _, w = canvas.shape
         m = self.model
@@ -232,20 +267,20 @@ class CachedPixelCNN:
             else:
                 reduced = canvas.new_zeros(b, block.conv.in_channels, 0, w, dtype=dtype)
             conv_inputs.append(window(reduced, half))
-        return DecodeState(
+        return PixelCNNCache(
             labels=labels if labels is not None else canvas.new_zeros(b),
             input_bias=(m.input.bias + class_bias).expand(b, m.input.out_channels).contiguous(),
             inputs=inputs,
             conv_inputs=conv_inputs,
         )
 
-    def begin_row(self, s: DecodeState) -> None:
+    def begin_row(self, s: DecodeCache) -> None:
         """Nothing is shared across a row: every layer is computed at each new position."""
 
-    def row_state(self, s: DecodeState) -> list[torch.Tensor]:
+    def row_state(self, s: DecodeCache) -> list[torch.Tensor]:
         return [s.inputs, s.input_bias, *s.conv_inputs]
 
-    def end_row(self, s: DecodeState, row: torch.Tensor) -> None:
+    def end_row(self, s: DecodeCache, row: torch.Tensor) -> None:
         """Shift every window up one row; the new current row starts at zero."""
         s.inputs = F.pad(s.inputs[:, 1:], (0, 0, 0, 0, 0, 1))
         s.conv_inputs = [F.pad(buffer[:, 1:], (0, 0, 0, 0, 0, 1)) for buffer in s.conv_inputs]
@@ -269,13 +304,29 @@ def script(decoder: nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(decoder)
 
 
+CUDA_BATCH = 64  # on CUDA every decode step runs at this batch size (one fixed shape, one kernel choice)
+
+
 class CachedSampler:
     """Prefill + row-by-row decode for any model of this package.
 
+    Batch invariance: an image's numbers never depend on which other images share its decode steps.
+    Every reduction is a matrix product in which each image is one row of the left operand, and the
+    batch is padded (with copies of its first image) to a size where that holds bit for bit:
+    - CPU (MKL): a product with one row takes another kernel (gemv) than one with two or more, whose
+      rows are all summed alike; so at least 2 images.
+    - Elementwise ops vectorise in chunks of 32 floats and finish a tensor's odd tail with scalar code
+      that rounds transcendental functions differently; so a multiple of `batch_quantum` images, which
+      makes each image's share of a gated pre-activation a whole number of chunks.
+    - CUDA: cuBLAS chooses kernels by shape, so every step runs at CUDA_BATCH images (TF32 is off, see
+      app.model.load).
+    tests/test_batch_invariance.py checks this against crowds of other requests.
+
     `static_rows`: run each row's per-pixel loop on static buffers of fixed batch buckets (gated models
-    only). On CUDA this is on by default and each bucket's loop is captured once in a CUDA graph, so a row
-    costs one graph launch instead of ~20 kernel launches per layer per pixel; elsewhere it is off (the
-    copies cost more than they save) but can be forced for testing the same code path eagerly.
+    only). On CUDA this is on by default and each bucket's loop is captured in a CUDA graph when the
+    sampler is built (`capture_graphs`), so a row costs one graph launch instead of ~20 kernel launches
+    per layer per pixel; elsewhere it is off (the copies cost more than they save) but can be forced for
+    testing the same code path eagerly.
 
     `compiled`: run the row decoder compiled with TorchScript (the default: faster, and GIL-free, which is
     what lets the engine's decode lanes run in parallel) or as the plain module it also is.
@@ -288,22 +339,51 @@ class CachedSampler:
             self.impl = CachedGated(model) if isinstance(model, GatedPixelCNN) else CachedPixelCNN(model)
         self.decoder = script(self.impl.decoder) if compiled else self.impl.decoder
         on_cuda = self.device.type == "cuda"
+        self.batch_quantum = CUDA_BATCH if on_cuda else self.impl.batch_quantum
         if static_rows is None:
             static_rows = on_cuda
         gated = isinstance(self.impl, CachedGated)
-        self.static_rows = StaticRows(self, capture=on_cuda) if static_rows and gated else None
+        buckets = (CUDA_BATCH,) if on_cuda else (2, 4, 8, 16, 32, 64)
+        self.static_rows = StaticRows(self, capture=on_cuda, buckets=buckets) if static_rows and gated else None
+
+    def padded_batch(self, batch: int) -> int:
+        """The batch size a step of `batch` images runs at (see the class docstring)."""
+        q = self.batch_quantum
+        return max(2, -(-batch // q) * q)
 
     @torch.no_grad()
-    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeState:
-        return self.impl.prefill(canvas.to(self.device), None if labels is None else labels.to(self.device), known_rows)
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
+        """Caches for decoding row `known_rows` onwards. One image at a time: the convolutions over the
+        known rows round by batch size, and an image's caches must not depend on its request's size."""
+        canvas = canvas.to(self.device)
+        labels = None if labels is None else labels.to(self.device)
+        return DecodeCache.concat([
+            self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
+            for i in range(canvas.shape[0])
+        ])
 
     @torch.no_grad()
     def decode_row(
-        self, state: DecodeState, uniforms: torch.Tensor, temperature: torch.Tensor
+        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one row for every image in the batch.
+        """Draw one row for every image in the batch; `state` moves on to the next row.
 
         uniforms (B, C, W) float64, temperature (B, 1) -> values int64 (B, C, W), log p of the row (B,)."""
+        b = state.batch
+        padded = self.padded_batch(b)
+        work = state
+        if padded != b:  # extra images: copies of the first, drawn with harmless uniforms, then dropped
+            work = state.select(torch.cat([torch.arange(b), torch.zeros(padded - b, dtype=torch.long)]).to(self.device))
+            uniforms = torch.cat([uniforms, uniforms.new_full((padded - b, *uniforms.shape[1:]), 0.5)])
+            temperature = torch.cat([temperature, temperature.new_ones((padded - b, 1))])
+        row, log_prob = self._decode_row(work, uniforms, temperature)
+        if padded != b:
+            kept = work.select(torch.arange(b, device=self.device))
+            for f in fields(state):
+                setattr(state, f.name, getattr(kept, f.name))
+        return row[:b], log_prob[:b]
+
+    def _decode_row(self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor):
         self.impl.begin_row(state)
         if self.static_rows is not None and state.batch <= self.static_rows.buckets[-1]:
             row, log_prob = self.static_rows.run(state, uniforms, temperature)
@@ -316,7 +396,7 @@ class CachedSampler:
         return row, log_prob
 
     def decode_pixels(
-        self, state: DecodeState, uniforms: torch.Tensor, temperature: torch.Tensor, row: torch.Tensor,
+        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor, row: torch.Tensor,
         log_prob: torch.Tensor,
     ) -> None:
         """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place."""
@@ -324,13 +404,13 @@ class CachedSampler:
             self.decoder(self.impl.row_state(state), uniforms, temperature, row, log_prob)
 
     @torch.no_grad()
-    def step(self, state: DecodeState, j: int, colour: int) -> torch.Tensor:
+    def step(self, state: DecodeCache, j: int, colour: int) -> torch.Tensor:
         """Logits (B, 256) of sub-pixel (current row, j, colour), between begin_row and end_row."""
         with exact_execution():
             return self.decoder.step(self.impl.row_state(state), j, colour)
 
     @torch.no_grad()
-    def write(self, state: DecodeState, j: int, colour: int, values: torch.Tensor) -> None:
+    def write(self, state: DecodeCache, j: int, colour: int, values: torch.Tensor) -> None:
         """Sub-pixel (current row, j, colour) of every image is `values` (B,) from now on."""
         with exact_execution():
             self.decoder.write(self.impl.row_state(state), j, colour, values)
@@ -346,7 +426,7 @@ class StaticRows:
     The buffers are shared, so decode lanes (threads) take turns: one row at a time runs here.
     """
 
-    def __init__(self, sampler: CachedSampler, capture: bool, buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)):
+    def __init__(self, sampler: CachedSampler, capture: bool, buckets: tuple[int, ...]):
         self.sampler = sampler
         self.capture = capture
         self.buckets = buckets
@@ -354,11 +434,11 @@ class StaticRows:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lock = threading.Lock()
 
-    def run(self, state: DecodeState, uniforms: torch.Tensor, temperature: torch.Tensor):
+    def run(self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor):
         with self.lock:
             return self._run(state, uniforms, temperature)
 
-    def _run(self, state: DecodeState, uniforms: torch.Tensor, temperature: torch.Tensor):
+    def _run(self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor):
         b = state.batch
         bucket = next(size for size in self.buckets if size >= b)
         buf = self.buffers.get(bucket) or self._allocate(state, bucket)
@@ -376,15 +456,18 @@ class StaticRows:
             self._body(buf)
         return buf["row"][:b].clone(), buf["log_prob"][:b].clone()
 
-    def _allocate(self, state: DecodeState, bucket: int) -> dict:
+    def _allocate(self, state: DecodeCache, bucket: int) -> dict:
         def like(t: torch.Tensor) -> torch.Tensor:
             return t.new_zeros((bucket, *t.shape[1:]))
 
         c, w = self.sampler.config.image_channels, self.sampler.config.width
         device = self.sampler.device
         self.buffers[bucket] = {
-            "state": DecodeState(
+            "state": GatedCache(
                 labels=like(state.labels),
+                vertical=[],
+                v_bias=[],
+                h_bias=[],
                 h_buffers=[like(t) for t in state.h_buffers],
                 row_bias=[like(t) for t in state.row_bias],
             ),

@@ -18,6 +18,20 @@ from torch import Tensor, nn
 from app.model.sampling import draw
 
 
+def tanh_half_scale(channels: int, like: Tensor) -> Tensor:
+    """(2n,): -2 for the tanh half of a gated pre-activation, 1 for the sigmoid half. Weights and biases
+    that produce a pre-activation come multiplied by it, so that `scaled_gate` needs one sigmoid."""
+    return torch.cat([torch.full((channels,), -2.0), torch.ones(channels)]).to(like)
+
+
+def scaled_gate(pre: Tensor) -> Tensor:
+    """tanh(a) * sigmoid(b) from (..., 2n) pre-activations whose tanh half a comes scaled by -2:
+    sigmoid(b) * (1 - 2 sigmoid(-2a)), one sigmoid and one fused multiply-add instead of four ops (torch's
+    CPU tanh costs 6x a sigmoid)."""
+    sig_a, sig_b = torch.sigmoid(pre).chunk(2, dim=-1)  # sigmoid(-2a), sigmoid(b)
+    return torch.addcmul(sig_b, sig_a, sig_b, value=-2.0)
+
+
 class HeadStep(nn.Module):
     """The output head at one position: features (B, n) -> logits of colour c (B, 256)."""
 
@@ -59,10 +73,7 @@ class GatedRowDecoder(RowDecoder):
 
     state: L horizontal input buffers (B, W + kw - 1, in), then L row biases (B, W, 2n) holding all that
     the vertical stack adds to each column's pre-activation (computed once per row by begin_row).
-
-    The gate tanh(a) * sigmoid(b) is computed as sigmoid(b) * (1 - 2 sigmoid(-2a)), so the weights and
-    row biases of the tanh half come scaled by -2: one sigmoid and one fused multiply-add instead of four
-    ops, and torch's CPU tanh costs 6x a sigmoid.
+    Weights and row biases come scaled by `tanh_half_scale` (see `scaled_gate`).
     """
 
     def __init__(self, h_weight: List[Tensor], h_width: List[int], out_weight: List[Tensor],
@@ -82,8 +93,7 @@ class GatedRowDecoder(RowDecoder):
             kw, buffer = self.h_width[index], state[index]
             window = buffer[:, j : j + kw].reshape(buffer.shape[0], -1)  # (B, kw * in)
             pre = torch.addmm(state[layers + index][:, j], window, self.h_weight[index])  # (B, 2n)
-            sig_a, sig_b = torch.sigmoid(pre).chunk(2, dim=1)  # sigmoid(-2a), sigmoid(b)
-            gated = torch.addcmul(sig_b, sig_a, sig_b, value=-2.0)  # = tanh(a) * sigmoid(b)
+            gated = scaled_gate(pre)
             out = torch.addmm(self.out_bias[index], gated, self.out_weight[index])
             if index + 1 == layers:
                 skip = out  # the last layer's residual output would feed nothing: its matrix is the skip's

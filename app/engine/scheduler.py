@@ -27,7 +27,7 @@ from app.model import ModelConfig, SampleResult
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
 from app.model.sampling import resolve_labels, row_uniforms, start_sampling
 
-from .cached import CachedSampler, DecodeState
+from .cached import CachedSampler, DecodeCache
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class _Lane:
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
         self.active: list[_Job] = []
-        self.state: DecodeState | None = None
+        self.state: DecodeCache | None = None
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
         # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
         self.counters: collections.Counter[str] = collections.Counter()
@@ -383,7 +383,7 @@ class Engine:
                 job.deliver(SampleResult(job.canvas.to(torch.uint8).cpu(), job.labels, job.log_prob))
                 continue
             lane.active.append(job)
-        lane.state = DecodeState.concat(states) if states else None
+        lane.state = DecodeCache.concat(states) if states else None
 
     def _decode_one_row(self, lane: _Lane) -> None:
         c, w = self.config.image_channels, self.config.width
