@@ -98,8 +98,9 @@ def test_rows_stream_in_order_and_log_prob_is_the_likelihood(arch):
 
 def test_bad_arguments_are_rejected_with_a_clear_message():
     model = tiny_model("gated", 1, size=6, num_classes=3)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        sample_cached(model, 1, temperature=0)
+    for temperature in (0, 0.049, 20.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature must be between 0.05 and 20.0"):
+            sample_cached(model, 1, temperature=temperature)
     with pytest.raises(ValueError, match=r"labels must be in 0..2"):
         sample_cached(model, 1, labels=torch.tensor([3]))
     with pytest.raises(ValueError, match="known_rows must be in 0..6"):

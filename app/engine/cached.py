@@ -37,7 +37,7 @@ from app.model.gated import GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
-from app.model.sampling import row_uniforms, start_sampling
+from .protocol import row_uniforms, start_sampling
 
 from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder, scaled_gate, tanh_half_scale
 

@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from app.model.sampling import draw
+from app.engine.protocol import draw
 
 
 def tanh_half_scale(channels: int, like: Tensor) -> Tensor:

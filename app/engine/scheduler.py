@@ -25,7 +25,7 @@ from torch import nn
 
 from app.model import ModelConfig, SampleResult
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
-from app.model.sampling import resolve_labels, row_uniforms, start_sampling
+from .protocol import resolve_labels, row_uniforms, start_sampling
 
 from .cached import CachedSampler, DecodeCache
 

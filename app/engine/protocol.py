@@ -1,0 +1,107 @@
+"""The sampling protocol, the engine's side: what makes a sampler produce the same images from the same seed.
+
+1. A class-conditional model without given labels draws them first: randint(K, (n,)) from the request's
+   generator, seeded with its seed.
+2. At the start of every row that is generated, one block of uniforms U of shape (n, C, W) is drawn in
+   float64. Sub-pixel (c, j) of image b is then the inverse CDF of softmax(logits / T) at U[b, c, j]:
+   the first level whose cumulative probability reaches U.
+Drawing per row (not per pixel) lets the scheduler serve many requests with one generator each without a
+Python call per request per pixel; drawing in float64 keeps the CDF comparison away from float32 rounding.
+
+The naive reference sampler (app.model.sampling) implements the same protocol in its own code, so that a
+test comparing the two is a test of both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from app.model import ModelConfig
+
+# Temperatures outside this range give no useful picture: at 0.05 nearly every draw is already the most
+# likely level (the greedy image), and at 20 softmax(logits / T) is close to uniform noise. Inside it,
+# logits / T stays far from float64 overflow.
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 20.0
+
+
+def check_temperature(temperature: float) -> float:
+    if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {temperature}")
+    return float(temperature)
+
+
+def resolve_labels(
+    config: ModelConfig, n: int, labels: torch.Tensor | list[int] | None, generator: torch.Generator
+) -> torch.Tensor | None:
+    """The labels to condition on: given ones (checked), drawn ones, or None for an unconditional model."""
+    if not config.conditional:
+        if labels is not None:
+            raise ValueError("this model is unconditional: labels are not accepted")
+        return None
+    if labels is None:
+        return torch.randint(config.num_classes, (n,), generator=generator)
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(n).clone()
+    if labels.numel() != n:
+        raise ValueError(f"got {labels.numel()} labels for {n} images")
+    if labels.min() < 0 or labels.max() >= config.num_classes:
+        raise ValueError(f"labels must be in 0..{config.num_classes - 1}")
+    return labels
+
+
+def row_uniforms(generator: torch.Generator, n: int, channels: int, width: int) -> torch.Tensor:
+    """The random numbers for one row of n images: float64 (n, C, W), on the generator's device."""
+    return torch.rand((n, channels, width), generator=generator, dtype=torch.float64)
+
+
+def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF sampling. logits (n, 256), uniforms (n,), temperature float64 (n, 1) or () -> values
+    int64 (n,), log p(value) (n,) at T=1. TorchScript-compatible: the cached engine compiles it into its
+    row loop."""
+    logits = logits.double()
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1).contiguous()
+    values = torch.searchsorted(cdf, uniforms.to(cdf.device).reshape(-1, 1).contiguous()).clamp_(max=cdf.shape[-1] - 1)
+    log_prob = torch.log_softmax(logits, dim=-1).gather(1, values)
+    return values[:, 0], log_prob[:, 0]
+
+
+def prepare_canvas(
+    config: ModelConfig, n: int, known: torch.Tensor | None, known_rows: int, device: torch.device
+) -> torch.Tensor:
+    """The image being generated, int64 (n, C, H, W): known rows copied in, the rest zero."""
+    canvas = torch.zeros((n, *config.shape), dtype=torch.long, device=device)
+    if known is None:
+        if known_rows:
+            raise ValueError("known_rows needs a known image")
+        return canvas
+    known = torch.as_tensor(known)
+    if tuple(known.shape[1:]) != config.shape or known.shape[0] not in (1, n):
+        raise ValueError(f"known image must have shape (1 or {n}, {', '.join(map(str, config.shape))})")
+    if not 0 <= known_rows <= config.height:
+        raise ValueError(f"known_rows must be in 0..{config.height}, got {known_rows}")
+    canvas[:, :, :known_rows] = known[:, :, :known_rows].to(device=device, dtype=torch.long)
+    return canvas
+
+
+def start_sampling(
+    config: ModelConfig,
+    n: int,
+    labels: torch.Tensor | list[int] | None,
+    temperature: float,
+    seed_or_generator: int | torch.Generator | None,
+    known: torch.Tensor | None,
+    known_rows: int,
+    device: torch.device,
+) -> tuple[torch.Generator, torch.Tensor | None, torch.Tensor]:
+    """Step 1 of the protocol: check the arguments, make the generator, resolve (or draw) the labels, and
+    lay out the canvas. Returns (generator, labels, canvas)."""
+    check_temperature(temperature)
+    generator = seed_or_generator
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator().manual_seed(generator or 0)
+    labels = resolve_labels(config, n, labels, generator)
+    return generator, labels, prepare_canvas(config, n, known, known_rows, device)
