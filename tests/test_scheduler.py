@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 import pytest
 import torch
 
 from app.engine import (
+    EngineStoppedError,
     CachedSampler,
     Engine,
     GenerationRequest,
@@ -31,6 +33,27 @@ async def running(model, **limits):
     try:
         yield engine
     finally:
+        await engine.stop()
+
+
+@contextlib.asynccontextmanager
+async def held_lane(model, **limits):
+    """A started engine whose lane holds in its first prefill until `release` is set: what a busy
+    engine looks like, so that later requests wait in the queue."""
+    engine = Engine(model, batch_wait_s=0, **limits)
+    release = threading.Event()
+    prefill = engine.sampler.prefill
+
+    def held_prefill(*args):
+        release.wait(10)
+        return prefill(*args)
+
+    engine.sampler.prefill = held_prefill
+    await engine.start()
+    try:
+        yield engine, release
+    finally:
+        release.set()
         await engine.stop()
 
 
@@ -236,44 +259,55 @@ def test_without_rows_only_the_result_is_delivered_and_it_is_the_same():
     assert first_row_s is not None and first_row_s > 0
 
 
-def test_cancel_wakes_a_consumer_that_is_waiting():
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once_and_wakes_its_consumer():
+    """The only lane is held up by a first request, so the second waits in the queue; cancelling it frees
+    its queue place immediately (a new request gets in, where it would have had a 503), not once it
+    reaches the head of the queue, and it never runs."""
     model = tiny_model("gated", 1, size=8, seed=27)
 
     async def scenario():
-        engine = Engine(model)  # not started yet, so the request cannot finish before it is cancelled
-        stream = engine.submit(GenerationRequest(n=1, seed=1), rows=False)
-        waiting = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0)  # the consumer is now blocked on the next item
-        await stream.cancel()
-        with pytest.raises(StopAsyncIteration):
-            await asyncio.wait_for(waiting, timeout=5)
-        await engine.start()
-        try:
-            for _ in range(200):  # the decode thread drops the cancelled request instead of running it
-                if engine.stats().get("requests_cancelled"):
-                    break
-                await asyncio.sleep(0.01)
-            return engine.stats()
-        finally:
-            await engine.stop()
+        async with held_lane(model, max_queue=1) as (engine, release):
+            first = engine.submit(GenerationRequest(n=1, seed=1), rows=False)
+            while engine.stats()["queue_size"]:  # the lane took it and is now held in its prefill
+                await asyncio.sleep(0.005)
+            second = engine.submit(GenerationRequest(n=1, seed=2), rows=False)
+            waiting = asyncio.ensure_future(second.__anext__())
+            await asyncio.sleep(0)  # the consumer is now blocked on the next item
+            await second.cancel()
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(waiting, timeout=5)
+            stats = engine.stats()
+            third = engine.submit(GenerationRequest(n=1, seed=3), rows=False)  # the freed place
+            release.set()
+            results = await asyncio.wait_for(asyncio.gather(first.result(), third.result()), timeout=30)
+            return stats, results, engine.stats()
 
-    stats = run(scenario())
-    assert stats["requests_cancelled"] == 1 and stats["queue_size"] == 0 and stats["active_images"] == 0
-    assert stats.get("rows_decoded", 0) == 0
+    at_cancel, results, after = run(scenario())
+    assert at_cancel["queue_size"] == 0 and at_cancel["requests_cancelled"] == 1
+    assert len(results) == 2 and after["requests_completed"] == 2
+    assert after["requests_cancelled"] == 1 and max(after["batch_sizes_seen"]) <= 2  # it never ran
 
 
-def test_full_queue_and_bad_requests_are_refused():
+
+def test_full_queue_bad_requests_and_a_stopped_engine_are_refused():
     model = tiny_model("gated", 1, size=6, num_classes=3, seed=24)
 
     async def scenario():
-        engine = Engine(model, max_batch_images=4, max_queue=1)  # not started: nothing leaves the queue
-        engine.submit(GenerationRequest(n=1))
-        with pytest.raises(QueueFullError, match="queue is full"):
+        async with held_lane(model, max_batch_images=4, max_queue=1) as (engine, release):
+            busy = engine.submit(GenerationRequest(n=1))
+            while engine.stats()["queue_size"]:
+                await asyncio.sleep(0.005)
+            waiting = engine.submit(GenerationRequest(n=1))
+            with pytest.raises(QueueFullError, match="queue is full"):
+                engine.submit(GenerationRequest(n=1))
+            with pytest.raises(ValueError, match="n must be between 1 and 4"):
+                engine.submit(GenerationRequest(n=5))
+            with pytest.raises(ValueError, match="labels must be in 0..2"):
+                engine.submit(GenerationRequest(n=1, labels=[9]))
+            release.set()
+            await asyncio.wait_for(asyncio.gather(busy.result(), waiting.result()), timeout=30)
+        with pytest.raises(EngineStoppedError, match="not running"):
             engine.submit(GenerationRequest(n=1))
-        with pytest.raises(ValueError, match="n must be between 1 and 4"):
-            engine.submit(GenerationRequest(n=5))
-        with pytest.raises(ValueError, match="labels must be in 0..2"):
-            engine.submit(GenerationRequest(n=1, labels=[9]))
 
     run(scenario())
 
@@ -286,13 +320,13 @@ def test_likelihood_requests_in_flight_are_bounded():
         engine = Engine(model, max_queue=1)
         release = asyncio.Event()
         loop = asyncio.get_running_loop()
-        score = engine.likelihood_sync
+        score = engine.scorer.score_sync
 
         def slow_score(*args):  # holds its slot until released
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
             return score(*args)
 
-        engine.likelihood_sync = slow_score
+        engine.scorer.score_sync = slow_score
         first = asyncio.ensure_future(engine.likelihood(images))
         await asyncio.sleep(0.05)
         assert engine.stats()["likelihood_in_flight"] == 1

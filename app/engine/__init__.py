@@ -1,24 +1,23 @@
 """The inference engine: cached sampling and the batching scheduler. Knows nothing about HTTP."""
 
 from .cached import CachedSampler, iter_sample, sample_cached
-from .scheduler import (
-    Engine,
-    EngineStoppedError,
-    GenerationRequest,
-    LikelihoodResult,
-    QueueFullError,
-    RowEvent,
-    Stream,
-)
+from .protocol import MAX_TEMPERATURE, MIN_TEMPERATURE
+from .scheduler import Engine, EngineStoppedError, GenerationError, GenerationRequest, RowEvent, Stream
+from .scoring import LikelihoodResult, QueueFullError, Scorer, ScoringError
 
 __all__ = [
     "CachedSampler",
     "Engine",
     "EngineStoppedError",
+    "GenerationError",
+    "MAX_TEMPERATURE",
+    "MIN_TEMPERATURE",
     "GenerationRequest",
     "LikelihoodResult",
     "QueueFullError",
     "RowEvent",
+    "Scorer",
+    "ScoringError",
     "Stream",
     "iter_sample",
     "sample_cached",

@@ -346,6 +346,18 @@ class CachedSampler:
         buckets = (CUDA_BATCH,) if on_cuda else (2, 4, 8, 16, 32, 64)
         self.static_rows = StaticRows(self, capture=on_cuda, buckets=buckets) if static_rows and gated else None
 
+    @torch.no_grad()
+    def capture_graphs(self) -> None:
+        """Record the CUDA graph of every static bucket now (the engine does this before it serves)."""
+        if self.static_rows is None or not self.static_rows.capture:
+            return
+        for bucket in self.static_rows.buckets:
+            canvas = torch.zeros((bucket, *self.config.shape), dtype=torch.long, device=self.device)
+            labels = torch.zeros(bucket, dtype=torch.long, device=self.device) if self.config.conditional else None
+            state = self.impl.prefill(canvas, labels, 0)
+            self.impl.begin_row(state)
+            self.static_rows.prepare(state, bucket)
+
     def padded_batch(self, batch: int) -> int:
         """The batch size a step of `batch` images runs at (see the class docstring)."""
         q = self.batch_quantum
@@ -441,9 +453,8 @@ class StaticRows:
     def _run(self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor):
         b = state.batch
         bucket = next(size for size in self.buckets if size >= b)
-        buf = self.buffers.get(bucket) or self._allocate(state, bucket)
-        # Record before filling the inputs: the warm-up run before capture dirties the buffers.
-        graph = (self.graphs.get(bucket) or self._record(bucket)) if self.capture else None
+        buf = self.prepare(state, bucket)
+        graph = self.graphs.get(bucket)
         for static, live in zip(buf["state"].row_bias, state.row_bias):
             static[:b].copy_(live)
         for static in buf["state"].h_buffers:
@@ -455,6 +466,15 @@ class StaticRows:
         else:
             self._body(buf)
         return buf["row"][:b].clone(), buf["log_prob"][:b].clone()
+
+    def prepare(self, state: GatedCache, bucket: int) -> dict:
+        """The bucket's buffers (shaped like `state`'s), allocated and, with `capture`, recorded once.
+        Recorded before any input is filled in: the warm-up run before capture dirties the buffers."""
+        if bucket not in self.buffers:
+            self._allocate(state, bucket)
+            if self.capture:
+                self._record(bucket)
+        return self.buffers[bucket]
 
     def _allocate(self, state: DecodeCache, bucket: int) -> dict:
         def like(t: torch.Tensor) -> torch.Tensor:
@@ -491,7 +511,8 @@ class StaticRows:
             self._body(buf)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA calls (another model's lanes, /likelihood) cannot break it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._body(buf)
         self.graphs[bucket] = graph
         return graph

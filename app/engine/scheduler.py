@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from app.model import ModelConfig, SampleResult
-from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
-from .protocol import resolve_labels, row_uniforms, start_sampling
 
 from .cached import CachedSampler, DecodeCache
+from .protocol import row_uniforms, start_sampling
+from .scoring import LikelihoodResult, QueueFullError, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +48,12 @@ class RowEvent:
     pixels: torch.Tensor  # uint8 (n, C, W)
 
 
-@dataclass
-class LikelihoodResult:
-    nll_nats: torch.Tensor  # float64 (N,): -log p(x | label), or -log sum_y p(y) p(x|y) without labels
-    per_pixel: torch.Tensor  # float (N, C, H, W) nats, under `labels`
-    labels: torch.Tensor | None  # (N,): the class used (given, or the most likely one)
-    class_log_probs: torch.Tensor | None  # (N, K): log p(y | x), uniform prior; conditional, no labels given
-
-
-class QueueFullError(RuntimeError):
-    """The engine's waiting queue is at its bound; the caller should retry later."""
-
-
 class EngineStoppedError(RuntimeError):
-    """The engine stopped before the request finished."""
+    """The engine stopped (or was never started) before the request finished."""
+
+
+class GenerationError(RuntimeError):
+    """A prefill or decode step failed; the request can be retried."""
 
 
 @dataclass
@@ -74,6 +66,7 @@ class _Job:
     canvas: torch.Tensor  # int64 (n, C, H, W) on the engine's device
     row: int
     deliver: callable
+    withdraw: callable  # takes the job out of the engine's waiting queue, if it is still there
     wants_rows: bool  # deliver a RowEvent per row, or only the result (one wake-up of the caller in all)
     log_prob: torch.Tensor = None
     cancelled: bool = False
@@ -124,6 +117,7 @@ class Stream:
         if not self._finished:
             self._job.cancelled = True
             self._finished = True
+            self._job.withdraw(self._job)  # a waiting request leaves the queue now, not at its head
             self._queue.put_nowait(_CANCELLED)
 
     async def aclose(self) -> None:
@@ -180,7 +174,7 @@ class Engine:
         # instead of trickling in one row apart. A lone request pays batch_wait_s once.
         self.batch_wait_s = batch_wait_s
         self._last_submit = 0.0  # perf_counter() of the latest submit
-        self._scoring = 0  # likelihood requests in flight, under the lock
+        self.scorer = Scorer(self.model, max_in_flight=max_queue)
         self._waiting: collections.deque[_Job] = collections.deque()
         self._lock = threading.Lock()
         self._lanes = [_Lane(index) for index in range(lanes)]
@@ -190,8 +184,11 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the decode lanes; CUDA graphs of every batch bucket are captured first, so nothing else
+        touches the device while they are recorded and no request ever waits for a capture."""
         if self.running:
             return
+        await asyncio.to_thread(self.sampler.capture_graphs)
         self._stopping = False
         for lane in self._lanes:
             lane.thread = threading.Thread(target=self._run, args=(lane,), name=f"pixelcnn-decode-{lane.index}",
@@ -199,10 +196,12 @@ class Engine:
             lane.thread.start()
 
     async def stop(self) -> None:
+        """Stop the lanes after their current row; every request not finished gets EngineStoppedError."""
         threads = [lane.thread for lane in self._lanes if lane.thread is not None]
         if not threads:
             return
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         for lane in self._lanes:
             lane.wake.set()
         for thread in threads:
@@ -224,7 +223,7 @@ class Engine:
         with self._lock:
             waiting = len(self._waiting)
             active = [job for lane in self._lanes for job in lane.active]
-            scoring = self._scoring
+            scoring = self.scorer.in_flight
             counters, batch_sizes = collections.Counter(self._counters), collections.Counter()
             for lane in self._lanes:  # update(), not +: keeps the counts that are still 0
                 counters.update(lane.counters)
@@ -244,6 +243,8 @@ class Engine:
             "batch_sizes_seen": dict(batch_sizes),  # decode steps per batch size, all lanes
             "rows_decoded_per_lane": rows_per_lane,
             **dict(counters),
+            "rejected_queue_full": counters["rejected_queue_full"] + self.scorer.rejected,
+            "likelihood_errors": self.scorer.failed,
         }
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -267,9 +268,11 @@ class Engine:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
-        job = _Job(request, generator, labels, canvas, request.known_rows, deliver, rows)
+        job = _Job(request, generator, labels, canvas, request.known_rows, deliver, self._withdraw, rows)
         job.log_prob = torch.zeros(request.n, dtype=torch.float64)
         with self._lock:
+            if self._stopping or not self.running:
+                raise EngineStoppedError("the engine is not running")
             if len(self._waiting) >= self.max_queue:
                 self._counters["rejected_queue_full"] += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
@@ -283,42 +286,15 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> SampleResult:
         return await self.submit(request, rows=False).result()
 
-    async def likelihood(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
-        """likelihood_sync in a worker thread. At most max_queue of them are in flight: each holds its
-        images and a forward pass's activations, so past that QueueFullError asks the caller to retry."""
+    def _withdraw(self, job: _Job) -> None:
         with self._lock:
-            if self._scoring >= self.max_queue:
-                self._counters["rejected_queue_full"] += 1
-                raise QueueFullError(f"{self.max_queue} likelihood requests are already running")
-            self._scoring += 1
-        try:
-            return await asyncio.to_thread(self.likelihood_sync, images, labels)
-        finally:
-            with self._lock:
-                self._scoring -= 1
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._counters["requests_cancelled"] += 1
 
-    @torch.no_grad()
-    def likelihood_sync(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
-        """Teacher-forced NLL. A class-conditional model without labels gives the exact marginal
-        -log sum_y p(y) p(x|y) (uniform p(y)) and per-pixel values for the most likely class."""
-        if tuple(images.shape[1:]) != self.config.shape:
-            raise ValueError(f"images must have shape (N, {', '.join(map(str, self.config.shape))})")
-        x = images.to(self.device, torch.long)
-        class_log_probs = None
-        if self.config.conditional and labels is None:
-            marginal, per_class = marginal_nll_nats(self.model, x)
-            # Bayes with a uniform prior: p(y|x) is the softmax over classes of log p(x|y).
-            class_log_probs = torch.log_softmax(-per_class.double(), dim=1).cpu()
-            labels = per_class.argmin(dim=1)
-            nll = marginal.double().cpu()
-        else:
-            labels = resolve_labels(self.config, x.shape[0], labels, torch.Generator())
-            nll = None
-        labels_dev = None if labels is None else labels.to(self.device)
-        per_pixel = nll_per_subpixel(self.model(x, labels_dev), x)
-        if nll is None:
-            nll = per_pixel.flatten(1).sum(1).double().cpu()
-        return LikelihoodResult(nll, per_pixel.cpu(), None if labels is None else labels.cpu(), class_log_probs)
+    async def likelihood(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
+        """Teacher-forced NLL (see Scorer.score)."""
+        return await self.scorer.score(images, labels)
 
     # ---- decode loop (one thread per lane) ---------------------------------------------------------------
     def _run(self, lane: _Lane) -> None:
@@ -338,7 +314,7 @@ class Engine:
                     self._counters["decode_errors"] += 1
                     failed, lane.active, lane.state, lane.images = lane.active, [], None, 0
                 for job in failed:
-                    job.deliver(RuntimeError(f"generation failed: {error}"))
+                    job.deliver(GenerationError(f"generation failed ({type(error).__name__}: {error})"))
 
     def _let_the_burst_arrive(self) -> None:
         deadline = time.perf_counter() + 5 * self.batch_wait_s
@@ -373,17 +349,34 @@ class Engine:
         if not joined:
             return
         states = [lane.state] if lane.state is not None else []
-        for job in joined:
-            # Prefill: one pass over the known rows fills this request's caches.
-            states.append(self.sampler.prefill(job.canvas, job.labels, job.row))
-            if job.row >= self.config.height:  # nothing to generate (all rows known)
-                states.pop()
+        pending = list(joined)
+        try:
+            self._prefill(lane, pending, states)
+        finally:  # whatever was not handled fails with the batch in _run, never left waiting
+            lane.active.extend(pending)
+        lane.state = DecodeCache.concat(states) if states else None
+
+    def _prefill(self, lane: _Lane, pending: list[_Job], states: list[DecodeCache]) -> None:
+        """Prefill each joining request, taking it off `pending` once it is active, done or failed."""
+        for job in list(pending):
+            pending.remove(job)
+            try:  # prefill: one pass over the known rows fills this request's caches
+                state = self.sampler.prefill(job.canvas, job.labels, job.row)
+            except Exception as error:  # this request fails; the others, running or joining, go on
+                log.exception("prefill failed")
                 with self._lock:
                     lane.images -= job.n
+                    self._counters["prefill_errors"] += 1
+                job.deliver(GenerationError(f"prefill failed ({type(error).__name__}: {error})"))
+                continue
+            if job.row >= self.config.height:  # nothing to generate (all rows known)
+                with self._lock:
+                    lane.images -= job.n
+                    self._counters["requests_completed"] += 1
                 job.deliver(SampleResult(job.canvas.to(torch.uint8).cpu(), job.labels, job.log_prob))
                 continue
-            lane.active.append(job)
-        lane.state = DecodeCache.concat(states) if states else None
+            states.append(state)
+            lane.active.append(job)  # from here a failure (even of the merge) reaches it via _run
 
     def _decode_one_row(self, lane: _Lane) -> None:
         c, w = self.config.image_channels, self.config.width

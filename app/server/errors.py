@@ -2,8 +2,9 @@
 
 Status codes: 400 invalid_request (any bad input, including FastAPI's validation errors, so clients need
 one rule), 401 unauthorized, 404 not_found, 405 method_not_allowed, 413 payload_too_large,
-415 unsupported_media_type, 503 overloaded (with Retry-After) or not_ready, 500 internal (a bug, never
-bad input). Routes raise ApiError subclasses; the handlers below turn them, and the framework's own
+415 unsupported_media_type, 503 overloaded (with Retry-After) or not_ready, 500 engine_error (a prefill,
+decode step or likelihood pass failed, e.g. out of memory; the message says which) or internal (a bug,
+never bad input). Routes raise ApiError subclasses; the handlers below turn them, and the framework's own
 errors, into responses and count them in the failures metric.
 """
 
@@ -72,6 +73,10 @@ class NotReady(ApiError):
     status, type = 503, "not_ready"
 
 
+class EngineFailed(ApiError):
+    status, type = 500, "engine_error"
+
+
 class ClientDisconnected(ApiError):
     """The client left before the response was ready; nobody reads this answer (499 in nginx terms).
     GenerationRun.close() counts it, since a cancelled stream never reaches a handler."""
@@ -120,7 +125,7 @@ _HTTP_TYPES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from app.engine import EngineStoppedError, QueueFullError
+    from app.engine import EngineStoppedError, GenerationError, QueueFullError, ScoringError
 
     def count(request: Request, type_: str) -> None:
         metrics = getattr(request.app.state, "metrics", None)
@@ -144,6 +149,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStoppedError)
     async def engine_stopped(request: Request, error: EngineStoppedError) -> JSONResponse:
         return await api_error(request, NotReady(f"the model's engine stopped ({error}); retry on another replica"))
+
+    @app.exception_handler(GenerationError)
+    @app.exception_handler(ScoringError)
+    async def engine_error(request: Request, error: Exception) -> JSONResponse:
+        return await api_error(request, EngineFailed(str(error)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -19,12 +19,13 @@ import anyio
 import torch
 from fastapi import Request
 
-from app.engine import EngineStoppedError, GenerationRequest, QueueFullError, RowEvent
+from app.engine import EngineStoppedError, GenerationError, GenerationRequest, QueueFullError, RowEvent
 from app.model import SampleResult
 
 from .errors import (
     RETRY_AFTER_S,
     ClientDisconnected,
+    EngineFailed,
     InvalidRequest,
     NotReady,
     Overloaded,
@@ -73,6 +74,8 @@ class GenerationRun:
             raise overloaded(job.model, error) from None
         except ValueError as error:  # the engine's own checks: its message is written for the client
             raise InvalidRequest(str(error)) from None
+        except EngineStoppedError as error:
+            raise NotReady(f"model {job.model.name!r} is not serving ({error}); retry") from None
         self.watcher = asyncio.get_running_loop().create_task(self._cancel_on_disconnect())
 
     @property
@@ -160,6 +163,8 @@ class GenerationRun:
 def stream_error_body(error: Exception) -> dict[str, Any]:
     if isinstance(error, EngineStoppedError):
         return error_body(NotReady.type, f"the model's engine stopped ({error}); retry")
+    if isinstance(error, GenerationError):
+        return error_body(EngineFailed.type, str(error))
     return error_body("internal", f"generation failed ({type(error).__name__}: {error})")
 
 
