@@ -491,3 +491,40 @@ async def test_openapi_documents_both_upload_forms(serve):
         content = spec["paths"][path]["post"]["requestBody"]["content"]
         assert set(content) == {"multipart/form-data", "application/json"}
         assert content["multipart/form-data"]["schema"]["properties"]["image"]
+
+
+async def test_a_failing_prefill_is_a_500_engine_error_in_json_and_an_error_event_in_a_stream(serve):
+    """A real fault inside the engine (the prefill raises, as CUDA out of memory would): the client gets
+    the error in the one error format, never a hang, and the server goes on serving."""
+    from test_engine_faults import failing_once
+
+    async with serve() as (app, client):
+        engine = app.state.registry.models["gray"].engine
+        prefill = engine.sampler.prefill
+        engine.sampler.prefill = failing_once(prefill, error=RuntimeError("CUDA out of memory"))
+        response = await client.post("/sample", json={"seed": 1})
+        assert response.status_code == 500
+        assert response.json() == {"error": {"type": "engine_error",
+                                             "message": "prefill failed (RuntimeError: CUDA out of memory)"}}
+        engine.sampler.prefill = failing_once(prefill, error=RuntimeError("CUDA out of memory"))
+        streamed = await client.post("/sample", json={"seed": 1, "stream": True})
+        assert streamed.status_code == 200
+        assert sse_events(streamed.text) == [
+            ("error", {"error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}})]
+        assert (await client.post("/sample", json={"seed": 1})).status_code == 200
+        stats = engine.stats()
+        assert stats["queue_size"] == 0 and stats["active_images"] == 0
+
+
+async def test_a_failing_likelihood_pass_is_a_500_engine_error(serve):
+    from test_engine_faults import failing_once
+
+    async with serve() as (app, client):
+        scorer = app.state.registry.models["gray"].engine.scorer
+        scorer._forward = failing_once(scorer._forward, error=MemoryError("out of memory"))
+        files = {"image": ("x.png", png_bytes(pattern()), "image/png")}
+        response = await client.post("/likelihood", files=files)
+        assert response.status_code == 500
+        assert response.json() == {"error": {"type": "engine_error",
+                                             "message": "the likelihood pass failed (MemoryError: out of memory)"}}
+        assert (await client.post("/likelihood", files=files)).status_code == 200

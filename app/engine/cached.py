@@ -369,10 +369,9 @@ class CachedSampler:
         known rows round by batch size, and an image's caches must not depend on its request's size."""
         canvas = canvas.to(self.device)
         labels = None if labels is None else labels.to(self.device)
-        return DecodeCache.concat([
-            self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
-            for i in range(canvas.shape[0])
-        ])
+        caches = [self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
+                  for i in range(canvas.shape[0])]
+        return caches[0] if len(caches) == 1 else DecodeCache.concat(caches)
 
     @torch.no_grad()
     def decode_row(

@@ -4,7 +4,8 @@
    generator, seeded with its seed.
 2. At the start of every row that is generated, one block of uniforms U of shape (n, C, W) is drawn in
    float64. Sub-pixel (c, j) of image b is then the inverse CDF of softmax(logits / T) at U[b, c, j]:
-   the first level whose cumulative probability reaches U.
+   the first level whose cumulative probability exceeds U times the total (the total is 1 up to rounding;
+   scaling by it means a level of probability 0 is never drawn).
 Drawing per row (not per pixel) lets the scheduler serve many requests with one generator each without a
 Python call per request per pixel; drawing in float64 keeps the CDF comparison away from float32 rounding.
 
@@ -64,7 +65,10 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor
     row loop."""
     logits = logits.double()
     cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1).contiguous()
-    values = torch.searchsorted(cdf, uniforms.to(cdf.device).reshape(-1, 1).contiguous()).clamp_(max=cdf.shape[-1] - 1)
+    # u in [0, 1) scaled by the CDF's last value (1 up to rounding): the first level whose CDF exceeds it
+    # always has probability > 0, also for u = 0 and for u above a CDF total that rounded below 1.
+    target = (uniforms.to(cdf.device).reshape(-1, 1) * cdf[:, -1:]).contiguous()
+    values = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
     log_prob = torch.log_softmax(logits, dim=-1).gather(1, values)
     return values[:, 0], log_prob[:, 0]
 

@@ -4,7 +4,7 @@ Slow and obviously right, and written on its own: it shares no code with the cac
 so that comparing the two tests both. It follows the protocol documented in app/engine/protocol.py:
 labels drawn first (randint) when not given, then per generated row one float64 block of uniforms
 (n, C, W), and each sub-pixel is the first level whose cumulative probability under softmax(logits / T)
-reaches its uniform.
+exceeds its uniform times the total.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ class SampleResult:
 
 
 def inverse_cdf(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(n, 256) logits, (n,) uniforms -> (n,) levels: how many levels' cumulative probability under
-    softmax(logits / T) stays below u. Probabilities through exp of a log-softmax, in float64."""
+    """(n, 256) logits, (n,) uniforms in [0, 1) -> (n,) levels: how many levels' cumulative probability
+    under softmax(logits / T) is at most u times the total. Probabilities through exp of a log-softmax,
+    in float64."""
     probabilities = torch.exp(torch.log_softmax(logits.double() / temperature, dim=1))
-    below = torch.cumsum(probabilities, dim=1) < u.double()[:, None]
-    return below.sum(dim=1).clamp(max=LEVELS - 1)
+    cumulative = torch.cumsum(probabilities, dim=1)
+    at_most = cumulative <= u.double()[:, None] * cumulative[:, -1:]
+    return at_most.sum(dim=1).clamp(max=LEVELS - 1)
 
 
 @torch.no_grad()
