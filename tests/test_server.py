@@ -172,13 +172,16 @@ async def test_unknown_route_and_method(serve):
 
 
 @pytest.mark.parametrize("body, fragments, field", [
-    ({"n": 0}, ["n must be between 1 and 64", "got 0"], "n"),
+    ({"n": 0}, ["n: must be at least 1", "got 0"], "n"),
     ({"n": 65}, ["n must be between 1 and 64", "got 65"], "n"),
     ({"n": "many"}, ["n:", "valid integer"], "n"),
     ({"n": 1.5}, ["n:", "integer"], "n"),
-    ({"temperature": 0}, ["temperature must be a finite number > 0", "got 0"], "temperature"),
-    ({"temperature": -1.0}, ["temperature must be a finite number > 0"], "temperature"),
-    ({"seed": -1}, ["seed must be between 0 and"], "seed"),
+    ({"temperature": 0}, ["temperature: must be between 0.05 and 20.0, got 0"], "temperature"),
+    ({"temperature": -1.0}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
+    ({"temperature": 0.049}, ["temperature: must be between 0.05 and 20.0, got 0.049"], "temperature"),
+    ({"temperature": 1e308}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
+    ({"temperature": 1e-309}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
+    ({"seed": -1}, ["seed: must be between 0 and 9223372036854775807, got -1"], "seed"),
     ({"seed": 2**64}, ["seed"], "seed"),
     ({"temprature": 0.5}, ["temprature: unknown field"], "temprature"),
     ({"label": 1}, ["model 'gray' is unconditional"], "label"),

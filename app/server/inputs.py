@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import secrets
 from typing import Any, TypeVar
 
@@ -18,14 +17,15 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from app.engine import GenerationRequest
 from app.imaging import ImageDecodeError, decode_image
 
 from .errors import InvalidRequest, UnsupportedMediaType, from_pydantic
 from .registry import ServedModel
+from .schemas import GenerationFields
 from .settings import Settings
 
 Fields = TypeVar("Fields", bound=BaseModel)
-MAX_SEED = 2**63 - 1
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 IMAGE_KEYS = ("image", "images")
 
@@ -129,26 +129,31 @@ def decode_images(model: ServedModel, files: list[bytes], settings: Settings, fi
     return torch.stack(decoded)
 
 
-def check_n(n: int, settings: Settings) -> int:
+def generation_request(
+    model: ServedModel, fields: GenerationFields, settings: Settings, known: torch.Tensor | None = None,
+    rows: int | None = None,
+) -> GenerationRequest:
+    """The one step from validated fields (their static bounds are in the schemas) to the engine's typed
+    request: the rules that depend on the model or the settings live here, each once."""
     limit = min(settings.max_images_per_request, settings.max_batch_images)
-    if not 1 <= n <= limit:
-        raise InvalidRequest(f"n must be between 1 and {limit} (the per-request image limit), got {n}", field="n")
-    return n
-
-
-def check_temperature(temperature: float) -> float:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise InvalidRequest(f"temperature must be a finite number > 0, got {temperature}", field="temperature")
-    return temperature
-
-
-def resolve_seed(seed: int | None) -> int:
-    """The given seed, or a fresh one that the response returns so the result can be replayed."""
-    if seed is None:
-        return secrets.randbits(31)
-    if not 0 <= seed <= MAX_SEED:
-        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}, got {seed}", field="seed")
-    return seed
+    if not fields.n <= limit:
+        raise InvalidRequest(f"n must be between 1 and {limit} (the per-request image limit), got {fields.n}",
+                             field="n")
+    known_rows = 0
+    if known is not None:
+        height = model.config.height
+        known_rows = height // 2 if rows is None else rows
+        if not known_rows < height:
+            raise InvalidRequest(f"rows must be between 0 and {height - 1} (rows of the image to keep), "
+                                 f"got {known_rows}", field="rows")
+    return GenerationRequest(
+        n=fields.n,
+        seed=secrets.randbits(31) if fields.seed is None else fields.seed,  # returned, so it can be replayed
+        labels=resolve_labels(model, fields.label, fields.n),
+        temperature=fields.temperature,
+        known=known,
+        known_rows=known_rows,
+    )
 
 
 def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "label") -> list[int] | None:

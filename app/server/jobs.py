@@ -38,13 +38,19 @@ from .registry import ServedModel
 
 @dataclass
 class GenerationJob:
+    """What a generation route hands over: the model and the engine's request for it."""
+
     model: ServedModel
     request: GenerationRequest
-    seed: int
-    known_rows: int | None = None  # set for /complete: the response reports it
+    completion: bool = False  # /complete: the response reports the known rows
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
 
     def body(self, result: SampleResult, elapsed_s: float) -> dict[str, Any]:
-        return generation_body(self.model, result, self.seed, self.request.temperature, elapsed_s, self.known_rows)
+        known_rows = self.request.known_rows if self.completion else None
+        return generation_body(self.model, result, self.seed, self.request.temperature, elapsed_s, known_rows)
 
 
 def overloaded(model: ServedModel, error: Exception) -> Overloaded:

@@ -16,6 +16,9 @@ from pydantic import (
     field_validator,
 )
 
+from app.engine import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+MAX_SEED = 2**63 - 1
 Label = StrictInt | StrictStr  # strict: JSON true is not class 1, 1.0 is not a class index
 LABEL_TYPE_ERROR = "must be a class index (integer), a class name (string), or a list of them"
 
@@ -26,6 +29,21 @@ def check_label_type(value, handler):
         return handler(value)
     except ValidationError:
         raise ValueError(LABEL_TYPE_ERROR) from None
+
+
+def in_range(low: float, high: float | None = None):
+    """A wrap validator that states the whole range (pydantic's message names only the bound crossed)."""
+    expected = f"must be at least {low}" if high is None else f"must be between {low} and {high}"
+
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError as error:
+            if error.errors()[0]["type"] in ("greater_than_equal", "less_than_equal", "finite_number"):
+                raise ValueError(f"{expected}, got {value}") from None
+            raise
+
+    return check
 
 
 LabelField = Field(
@@ -40,13 +58,21 @@ class GenerationFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model name (GET /models); absent: the default model")
-    n: int = Field(1, description="images to generate, 1..max_images_per_request")
+    n: int = Field(1, ge=1, description="images to generate, 1..max_images_per_request")
     label: Label | list[Label] | None = LabelField
-    temperature: float = Field(1.0, description="softmax temperature, > 0; below 1 is sharper")
-    seed: int | None = Field(None, description="0..2^63-1; absent: drawn and returned, so any result can be replayed")
+    temperature: float = Field(
+        1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False,
+        description=f"softmax temperature, {MIN_TEMPERATURE}..{MAX_TEMPERATURE}; below 1 is sharper, at "
+        f"{MIN_TEMPERATURE} nearly the most likely image, at {MAX_TEMPERATURE} nearly uniform noise",
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="0..2^63-1; absent: drawn and returned, so any result can be replayed")
     stream: bool = Field(False, description="stream rows as Server-Sent Events (same as Accept: text/event-stream)")
 
     _label = field_validator("label", mode="wrap")(check_label_type)
+    _n = field_validator("n", mode="wrap")(in_range(1))
+    _temperature = field_validator("temperature", mode="wrap")(in_range(MIN_TEMPERATURE, MAX_TEMPERATURE))
+    _seed = field_validator("seed", mode="wrap")(in_range(0, MAX_SEED))
 
 
 class SampleRequest(GenerationFields):
@@ -56,7 +82,9 @@ class SampleRequest(GenerationFields):
 
 
 class CompleteFields(GenerationFields):
-    rows: int | None = Field(None, description="rows of the given image to keep, 0..H-1; absent: H // 2")
+    rows: int | None = Field(None, ge=0, description="rows of the given image to keep, 0..H-1; absent: H // 2")
+
+    _rows = field_validator("rows", mode="wrap")(in_range(0))
 
 
 class CompleteRequest(CompleteFields):

@@ -8,31 +8,19 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.engine import GenerationRequest
-
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..errors import InvalidRequest
-from ..inputs import (
-    check_n,
-    check_temperature,
-    decode_images,
-    read_upload,
-    resolve_labels,
-    resolve_seed,
-)
+from ..inputs import decode_images, generation_request, read_upload
 from ..jobs import GenerationJob, GenerationRun
 from ..metrics import ServerMetrics
 from ..outputs import SSE_HEADERS, choose_format, generation_headers, generation_png
-from ..registry import ServedModel
 from ..schemas import (
     ERROR_RESPONSES,
     CompleteFields,
     CompleteRequest,
-    GenerationFields,
     GenerationResponse,
     SampleRequest,
 )
-from ..settings import Settings
 from .docs import upload_body
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -52,7 +40,8 @@ async def sample(
     body: SampleRequest, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Response:
     model = registry.get(body.model)
-    return await respond(make_job(model, body, settings), request, metrics, body.stream)
+    job = GenerationJob(model, generation_request(model, body, settings))
+    return await respond(job, request, metrics, body.stream)
 
 
 @router.post(
@@ -67,28 +56,8 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
         raise InvalidRequest(f"/complete takes one image, got {len(files)}", field="image")
     model = registry.get(fields.model)
     known = decode_images(model, files, settings, "image")
-    height = model.config.height
-    rows = height // 2 if fields.rows is None else fields.rows
-    if not 0 <= rows < height:
-        raise InvalidRequest(f"rows must be between 0 and {height - 1} (rows of the image to keep), got {rows}",
-                             field="rows")
-    return await respond(make_job(model, fields, settings, known, rows), request, metrics, fields.stream)
-
-
-def make_job(
-    model: ServedModel, fields: GenerationFields, settings: Settings, known=None, known_rows: int | None = None
-) -> GenerationJob:
-    n = check_n(fields.n, settings)
-    seed = resolve_seed(fields.seed)
-    request = GenerationRequest(
-        n=n,
-        seed=seed,
-        labels=resolve_labels(model, fields.label, n),
-        temperature=check_temperature(fields.temperature),
-        known=known,
-        known_rows=known_rows or 0,
-    )
-    return GenerationJob(model, request, seed, known_rows)
+    job = GenerationJob(model, generation_request(model, fields, settings, known, fields.rows), completion=True)
+    return await respond(job, request, metrics, fields.stream)
 
 
 async def respond(job: GenerationJob, request: Request, metrics: ServerMetrics, stream: bool) -> Response:
