@@ -237,8 +237,9 @@ def run_complete(args: argparse.Namespace) -> int:
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: model (throughput), sampling (naive vs cached), http (server)")
-    p.add_argument("what", choices=["model", "sampling", "http"])
+    p = sub.add_parser("bench", help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
+                       "agreement (cached vs naive images in the served dtype)")
+    p.add_argument("what", choices=["model", "sampling", "http", "agreement"])
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(run=run_bench)
 
@@ -252,7 +253,8 @@ def add_card(sub: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    module = {"model": "app.bench.model", "sampling": "app.bench.sampling", "http": "app.server.bench"}[args.what]
+    module = {"model": "app.bench.model", "sampling": "app.bench.sampling", "http": "app.server.bench",
+              "agreement": "app.bench.agreement"}[args.what]
     return importlib.import_module(module).run(args.options)
 
 
