@@ -183,12 +183,12 @@ def images_from_response(result: dict):
     """uint8 (n, C, H, W) from a /sample or /complete JSON response."""
     import base64
 
-    import torch
+    import numpy as np
 
     from app.imaging import decode_image
 
     c, h, w = result["shape"]
-    return torch.stack([decode_image(base64.b64decode(item["png"]), c, h, w) for item in result["images"]])
+    return np.stack([decode_image(base64.b64decode(item["png"]), c, h, w) for item in result["images"]])
 
 
 def report(args: argparse.Namespace, images, seed: int, names: list[str]) -> int:

@@ -1,4 +1,7 @@
-"""PNG in and out: uint8 tensors (C, H, W) <-> PNG bytes, and grids of several images."""
+"""PNG in and out: uint8 arrays (C, H, W) <-> PNG bytes, and grids of several images.
+
+Plain numpy: torch tensors (on the CPU) are accepted wherever an array is, and nothing here needs torch.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 
@@ -14,26 +16,27 @@ class ImageDecodeError(ValueError):
     """An uploaded image that cannot be used; the message says what was wrong and what was expected."""
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
+def to_pil(image) -> Image.Image:
     """uint8 (C, H, W), C in {1, 3} -> a PIL image in mode L or RGB."""
-    array = image.to(torch.uint8).cpu().numpy()
+    array = np.asarray(image, dtype=np.uint8)
     if array.shape[0] == 1:
         return Image.fromarray(array[0], mode="L")
     return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
+def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     to_pil(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> torch.Tensor:
+def grid(images, columns: int | None = None, padding: int = 2) -> np.ndarray:
     """uint8 (N, C, H, W) -> one uint8 (C, H', W') image, `columns` per row, separated by black lines."""
+    images = np.asarray(images, dtype=np.uint8)
     n, c, h, w = images.shape
     columns = max(1, min(columns or n, n))
     rows = -(-n // columns)
-    out = torch.zeros((c, rows * (h + padding) + padding, columns * (w + padding) + padding), dtype=torch.uint8)
+    out = np.zeros((c, rows * (h + padding) + padding, columns * (w + padding) + padding), dtype=np.uint8)
     for k in range(n):
         top = padding + (k // columns) * (h + padding)
         left = padding + (k % columns) * (w + padding)
@@ -41,14 +44,14 @@ def grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> 
     return out
 
 
-def save_grid(images: torch.Tensor, path: Path | str, columns: int | None = None, scale: int = 1) -> None:
+def save_grid(images, path: Path | str, columns: int | None = None, scale: int = 1) -> None:
     picture = to_pil(grid(images, columns))
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     picture.save(path)
 
 
-def decode_image(data: bytes, channels: int, height: int, width: int) -> torch.Tensor:
+def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndarray:
     """Image file bytes -> uint8 (C, H, W) for a model with `channels` colours of size height x width.
 
     Conversions (documented for users): a grayscale model takes L directly and converts RGB, RGBA,
@@ -74,4 +77,4 @@ def decode_image(data: bytes, channels: int, height: int, width: int) -> torch.T
         array = np.array(picture.convert("L"))[None]
     else:
         array = np.array(picture.convert("RGB")).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return np.ascontiguousarray(array)

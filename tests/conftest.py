@@ -145,8 +145,7 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
 
 
 def pixels(result: dict) -> list[tuple[str, int | None]]:
-    """What must be exact between two /sample or /complete results with one seed: each image's PNG and label.
-    (log_prob may differ in float32's last bits when the engine batches the request with others.)"""
+    """What must be exact between two /sample or /complete results with one seed: each image's PNG and label."""
     return [(image["png"], image["label"]) for image in result["images"]]
 
 

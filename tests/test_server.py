@@ -350,3 +350,20 @@ def test_create_app_loads_nothing_at_import_or_creation(tmp_path):
 ])
 def test_choose_format(accept, stream, expected):
     assert choose_format(accept, stream) == expected
+
+
+def test_the_http_layer_does_not_import_torch():
+    """Routes decode requests into plain arrays and encode plain arrays: torch stays in the engine."""
+    import ast
+    from pathlib import Path
+
+    import app.server
+
+    offenders = []
+    for path in Path(app.server.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "torch"]
+    assert offenders == []

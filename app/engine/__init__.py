@@ -1,9 +1,18 @@
 """The inference engine: cached sampling and the batching scheduler. Knows nothing about HTTP."""
 
 from .cached import CachedSampler, iter_sample, sample_cached
+import torch
+
 from .protocol import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .scheduler import Engine, EngineStoppedError, GenerationError, GenerationRequest, RowEvent, Stream
 from .scoring import LikelihoodResult, QueueFullError, Scorer, ScoringError
+
+
+
+def set_cpu_threads(threads: int) -> None:
+    """torch's intra-op CPU threads, for the whole process (every lane's decode steps use them)."""
+    torch.set_num_threads(threads)
+
 
 __all__ = [
     "CachedSampler",
@@ -21,4 +30,5 @@ __all__ = [
     "Stream",
     "iter_sample",
     "sample_cached",
+    "set_cpu_threads",
 ]

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,7 +39,7 @@ class GenerationRequest:
     seed: int = 0
     labels: list[int] | torch.Tensor | None = None  # None: drawn with the seed (class-conditional models)
     temperature: float = 1.0
-    known: torch.Tensor | None = None  # uint8 (1 or n, C, H, W): image to complete
+    known: np.ndarray | torch.Tensor | None = None  # uint8 (1 or n, C, H, W): image to complete
     known_rows: int = 0  # rows of `known` kept; generation starts at this row
 
 
@@ -292,7 +293,7 @@ class Engine:
                 self._waiting.remove(job)
                 self._counters["requests_cancelled"] += 1
 
-    async def likelihood(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
+    async def likelihood(self, images, labels=None) -> LikelihoodResult:
         """Teacher-forced NLL (see Scorer.score)."""
         return await self.scorer.score(images, labels)
 

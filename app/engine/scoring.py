@@ -49,8 +49,9 @@ class Scorer:
         self.failed = 0
         self._lock = threading.Lock()
 
-    async def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
-        """score_sync in a worker thread. ValueError for bad input; QueueFullError; ScoringError when the
+    async def score(self, images, labels=None) -> LikelihoodResult:
+        """score_sync in a worker thread: images uint8 (N, C, H, W) and labels (N,) or one, as tensors or
+        plain arrays and lists. ValueError for bad input; QueueFullError; ScoringError when the
         pass itself fails."""
         with self._lock:
             if self.in_flight >= self.max_in_flight:
@@ -63,7 +64,8 @@ class Scorer:
             with self._lock:
                 self.in_flight -= 1
 
-    def score_sync(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> LikelihoodResult:
+    def score_sync(self, images, labels=None) -> LikelihoodResult:
+        images = torch.as_tensor(images)
         if tuple(images.shape[1:]) != self.config.shape:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, self.config.shape))})")
         if not self.config.conditional or labels is not None:

@@ -44,9 +44,9 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
-            import torch
+            from app.engine import set_cpu_threads
 
-            torch.set_num_threads(settings.threads)  # process-wide: the engines' decode threads follow it
+            set_cpu_threads(settings.threads)  # process-wide: the engines' decode threads follow it
         # torch loading blocks for seconds: keep it off the event loop thread.
         loaded, default, problems = await anyio.to_thread.run_sync(load_models, settings)
         registry = build_registry(loaded, default, problems, settings, factory)

@@ -12,7 +12,7 @@ import json
 import secrets
 from typing import Any, TypeVar
 
-import torch
+import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -111,7 +111,7 @@ def decode_base64(value: Any, field: str) -> bytes:
         raise InvalidRequest(message, field=field) from None
 
 
-def decode_images(model: ServedModel, files: list[bytes], settings: Settings, field: str) -> torch.Tensor:
+def decode_images(model: ServedModel, files: list[bytes], settings: Settings, field: str) -> np.ndarray:
     """Image files -> uint8 (N, C, H, W) in the model's shape, or 400 with decode_image's explanation."""
     if not files:
         raise InvalidRequest(f"no image given: send {field} as a file upload or base64 string", field=field)
@@ -126,11 +126,11 @@ def decode_images(model: ServedModel, files: list[bytes], settings: Settings, fi
             decoded.append(decode_image(data, c, h, w))
         except ImageDecodeError as error:
             raise InvalidRequest(f"{name}: {error} (model {model.name!r})", field=name) from None
-    return torch.stack(decoded)
+    return np.stack(decoded)
 
 
 def generation_request(
-    model: ServedModel, fields: GenerationFields, settings: Settings, known: torch.Tensor | None = None,
+    model: ServedModel, fields: GenerationFields, settings: Settings, known: np.ndarray | None = None,
     rows: int | None = None,
 ) -> GenerationRequest:
     """The one step from validated fields (their static bounds are in the schemas) to the engine's typed

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import torch
+import numpy as np
 from fastapi import Request
 
 from app.engine import EngineStoppedError, GenerationError, GenerationRequest, QueueFullError, RowEvent
@@ -174,11 +174,10 @@ def stream_error_body(error: Exception) -> dict[str, Any]:
     return error_body("internal", f"generation failed ({type(error).__name__}: {error})")
 
 
-async def score(model: ServedModel, images: torch.Tensor, labels: list[int] | None) -> Any:
+async def score(model: ServedModel, images: np.ndarray, labels: list[int] | None) -> Any:
     """engine.likelihood with its errors mapped to the API's."""
-    label_tensor = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     try:
-        return await model.engine.likelihood(images, label_tensor)
+        return await model.engine.likelihood(images, labels)
     except QueueFullError as error:
         raise overloaded(model, error) from None
     except ValueError as error:

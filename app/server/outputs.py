@@ -11,10 +11,9 @@ import json
 import math
 from typing import Any, Literal
 
-import torch
+import numpy as np
 
 from app.imaging import grid, png_bytes
-from app.model import SampleResult
 
 from .registry import ServedModel
 
@@ -61,7 +60,7 @@ def bits_per_dim(nats: float, dims: int) -> float:
 
 
 def generation_body(
-    model: ServedModel, result: SampleResult, seed: int, temperature: float, elapsed_s: float,
+    model: ServedModel, result: Any, seed: int, temperature: float, elapsed_s: float,
     known_rows: int | None = None,
 ) -> dict[str, Any]:
     """The JSON response of /sample and /complete (also the `done` event of a stream).
@@ -70,11 +69,11 @@ def generation_body(
     """
     c, h, w = model.config.shape
     generated_dims = c * (h - (known_rows or 0)) * w
-    log_prob = [float(v) for v in result.log_prob.tolist()]
-    labels = result.labels.tolist() if result.labels is not None else [None] * len(log_prob)
+    log_prob = [float(v) for v in np.asarray(result.log_prob)]
+    labels = np.asarray(result.labels).tolist() if result.labels is not None else [None] * len(log_prob)
     images = [
         {"png": b64(png_bytes(image)), "label": label, "label_name": model.class_name(label), "log_prob": lp}
-        for image, label, lp in zip(result.images, labels, log_prob)
+        for image, label, lp in zip(np.asarray(result.images), labels, log_prob)
     ]
     body = {
         "model": model.name,
@@ -92,12 +91,12 @@ def generation_body(
     return body
 
 
-def generation_png(result: SampleResult) -> bytes:
-    images = result.images
+def generation_png(result: Any) -> bytes:
+    images = np.asarray(result.images)
     return png_bytes(images[0] if len(images) == 1 else grid(images, columns=min(len(images), GRID_COLUMNS)))
 
 
-def generation_headers(model: ServedModel, result: SampleResult, seed: int) -> dict[str, str]:
+def generation_headers(model: ServedModel, result: Any, seed: int) -> dict[str, str]:
     headers = {"X-Model": model.name, "X-Seed": str(seed)}
     if result.labels is not None:
         headers["X-Labels"] = ",".join(str(v) for v in result.labels.tolist())
@@ -109,15 +108,15 @@ def sse_event(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def row_data(row: int, pixels: torch.Tensor) -> dict[str, Any]:
-    return {"row": row, "pixels": pixels.tolist()}
+def row_data(row: int, pixels) -> dict[str, Any]:
+    return {"row": row, "pixels": np.asarray(pixels).tolist()}
 
 
 def likelihood_body(model: ServedModel, result: Any, per_pixel: bool) -> dict[str, Any]:
     """The JSON response of /likelihood from the engine's LikelihoodResult."""
     config = model.config
-    nll = result.nll_nats.tolist()
-    labels = result.labels.tolist() if result.labels is not None else [None] * len(nll)
+    nll = np.asarray(result.nll_nats).tolist()
+    labels = np.asarray(result.labels).tolist() if result.labels is not None else [None] * len(nll)
     results = []
     for i, (nats, label) in enumerate(zip(nll, labels)):
         entry: dict[str, Any] = {
@@ -127,23 +126,23 @@ def likelihood_body(model: ServedModel, result: Any, per_pixel: bool) -> dict[st
             "label_name": model.class_name(label),
         }
         if result.class_log_probs is not None:
-            probs = result.class_log_probs[i].exp().tolist()  # float64 log p(y|x) from the engine
+            probs = np.exp(np.asarray(result.class_log_probs[i], dtype=np.float64)).tolist()  # log p(y|x)
             entry["class_probabilities"] = {model.class_name(k): p for k, p in enumerate(probs)}
         if per_pixel:
-            nats_map = result.per_pixel[i].double().cpu()
+            nats_map = np.asarray(result.per_pixel[i], dtype=np.float64)
             values = nats_map[0] if config.image_channels == 1 else nats_map
-            entry["per_pixel_nll"] = values.mul(1e5).round().div(1e5).tolist()  # 5 decimals: plenty, and short
+            entry["per_pixel_nll"] = np.round(values, 5).tolist()  # 5 decimals: plenty, and short
             entry["heatmap_png"] = b64(heatmap_png(nats_map))
         results.append(entry)
     return {"model": model.name, "results": results}
 
 
-def heatmap_png(per_pixel: torch.Tensor) -> bytes:
+def heatmap_png(per_pixel: np.ndarray) -> bytes:
     """Per-pixel NLL (C, H, W), summed over colours, as an RGB PNG in a "hot" map: black at 0 nats, then
     red, yellow and white at the image's largest value. Normalised per image: it shows where the model is
     surprised, not how much (per_pixel_nll has the numbers)."""
-    heat = per_pixel.double().sum(0)
-    peak = float(heat.max()) if heat.numel() else 0.0
-    t = (heat / peak).clamp(0, 1) if peak > 0 else torch.zeros_like(heat)
-    rgb = torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)])
-    return png_bytes((rgb * 255).round().to(torch.uint8))
+    heat = np.asarray(per_pixel, dtype=np.float64).sum(0)
+    peak = float(heat.max()) if heat.size else 0.0
+    t = np.clip(heat / peak, 0, 1) if peak > 0 else np.zeros_like(heat)
+    rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)])
+    return png_bytes(np.round(rgb * 255).astype(np.uint8))

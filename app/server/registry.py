@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from app.model import ModelConfig, pick_device
 from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
@@ -23,10 +21,10 @@ from .settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger("pixelcnn.server")
 
-EngineFactory = Callable[[nn.Module, Settings], Any]
+EngineFactory = Callable[[Any, Settings], Any]  # (a loaded model, the settings) -> its engine
 
 
-def default_engine_factory(model: nn.Module, settings: Settings):
+def default_engine_factory(model: Any, settings: Settings):
     from app.engine import Engine
 
     lanes = settings.lanes_for(next(model.parameters()).device.type)
@@ -142,7 +140,7 @@ def read_metrics(folder: Path) -> dict | None:
 class LoadedModel:
     name: str
     path: Path
-    model: nn.Module
+    model: Any  # a PixelCNN (torch.nn.Module) in eval mode
     metrics: dict | None
 
 
