@@ -200,7 +200,12 @@ class CachedGated:
             window = queue if index == 0 else torch.cat([queue, F.pad(v_new, (0, 0, pad, pad))[:, None]], dim=1)
             if index > 0 and queue.shape[1]:
                 s.vertical[index] = window[:, 1:]
-            patches = window.unfold(2, kw, 1).permute(0, 2, 1, 4, 3).reshape(b * w, -1)  # (B W, rows kw in)
+            # Column j's patch: rows x (kw columns x in channels), and those kw * in floats lie side by side.
+            window = window.contiguous()  # a no-op: cat, select and prefill all give contiguous caches
+            rows, padded_width, channels = window.shape[1:]
+            patches = window.as_strided((b, w, rows, kw * channels),
+                                        (window.stride(0), channels, padded_width * channels, 1))
+            patches = patches.reshape(b * w, -1)  # (B W, rows kw in), the layout of `matrix`
             # Pre-activations (B, W, 2n), the tanh half scaled by -2 (the class bias is scaled in prefill).
             v_pre = torch.addmm(self.v_bias[index], patches, self.v_weight[index]).view(b, w, -1)
             v_pre = v_pre + s.v_bias[index][:, None, :]
