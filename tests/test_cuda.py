@@ -22,7 +22,36 @@ def test_cuda_cached_sampling_with_graphs_equals_naive(arch, channels):
         naive = sample_naive(model, n, generator=torch.Generator().manual_seed(n))
         assert torch.equal(cached.images, naive.images)
     if sampler.static_rows is not None:
-        assert set(sampler.static_rows.graphs) == {1, 4, 16}
+        assert set(sampler.static_rows.graphs) == {64}  # every step runs at CUDA_BATCH images
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def test_cuda_graphs_are_captured_when_the_engine_starts():
+    import asyncio
+
+    from app.engine import Engine
+
+    model = tiny_model("gated", 1, size=6, seed=32).cuda()
+
+    async def scenario():
+        engine = Engine(model)
+        assert engine.sampler.static_rows.graphs == {}
+        await engine.start()
+        try:
+            return set(engine.sampler.static_rows.graphs)
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == {64}
+
+
+def test_cuda_is_batch_invariant_in_float32():
+    from app.engine import GenerationRequest
+    from tests.test_batch_invariance import check_invariance
+
+    model = tiny_model("gated", 1, size=8, num_classes=3, seed=34, dtype=torch.float32, hidden_channels=12).cuda()
+    check_invariance(model, [GenerationRequest(n=1, seed=7, labels=[2]), GenerationRequest(n=3, seed=8)],
+                     [(1, 0, 0), (4, 3, 2), (9, 6, 5)], lanes=(1,))
 
 
 def test_cuda_engine_batches_concurrent_requests_exactly():

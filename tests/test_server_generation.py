@@ -137,9 +137,8 @@ async def test_concurrent_requests_equal_sequential(serve):
     assert all(r.status_code == 200 for r in responses)
     for response, alone in zip(responses, sequential):
         together = response.json()
-        # Pixels and labels are exact; log_prob may differ in float32's last bits with the batch's make-up.
-        assert pixels(together) == pixels(alone)
-        assert together["log_prob"] == pytest.approx(alone["log_prob"], rel=1e-6)
+        assert pixels(together) == pixels(alone)  # batch invariance: the same bytes, in float32
+        assert together["log_prob"] == alone["log_prob"]
 
 
 async def test_full_queue_is_503_with_retry_after(serve):

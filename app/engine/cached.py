@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.model import ModelConfig, SampleResult
+from app.model.checkpoint import full_float32_on_cuda
 from app.model.gated import GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
@@ -344,6 +345,8 @@ class CachedSampler:
             self.impl = CachedGated(model) if isinstance(model, GatedPixelCNN) else CachedPixelCNN(model)
         self.decoder = script(self.impl.decoder) if compiled else self.impl.decoder
         on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            full_float32_on_cuda()
         self.batch_quantum = CUDA_BATCH if on_cuda else self.impl.batch_quantum
         if static_rows is None:
             static_rows = on_cuda

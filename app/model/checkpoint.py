@@ -30,13 +30,24 @@ def save(model: nn.Module, path: str | Path) -> None:
     (path / WEIGHTS_FILE).chmod(0o644)
 
 
+def full_float32_on_cuda() -> None:
+    """No TF32 on CUDA: its 10-bit mantissa would make the naive convolutions and the cached matrix
+    products disagree (and depend on the kernel chosen for a batch size). Process-wide, set before any
+    model runs on a GPU; costs matmul speed on Ampere and later, which the sampler does not need."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error that says so."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available (torch.cuda.is_available() is False)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        full_float32_on_cuda()
+    return device
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -47,4 +58,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             raise FileNotFoundError(f"{path} is not a model checkpoint: {name} is missing")
     model = build(ModelConfig.load(path / CONFIG_FILE))
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    if torch.device(device).type == "cuda":
+        full_float32_on_cuda()
     return model.to(device).eval()
