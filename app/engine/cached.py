@@ -58,7 +58,11 @@ class DecodeCache:
 
     def select(self, index: torch.Tensor) -> "DecodeCache":
         """The caches of images `index` (B',), in that order (an index may repeat)."""
-        return type(self)(**{f.name: _map(getattr(self, f.name), lambda t: t[index], f) for f in fields(self)})
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = [None] * len(value) if f.metadata.get("scratch") else _apply(value, lambda t: t[index])
+        return type(self)(**picked)
 
     @staticmethod
     def concat(caches: list["DecodeCache"]) -> "DecodeCache":
@@ -67,19 +71,18 @@ class DecodeCache:
         merged = {}
         for f in fields(cls):
             parts = [getattr(c, f.name) for c in caches]
-            if f.metadata.get("scratch"):
-                merged[f.name] = [None] * len(parts[0])
-            elif isinstance(parts[0], list):
-                merged[f.name] = [torch.cat(layer) for layer in zip(*parts)]
-            else:
-                merged[f.name] = torch.cat(parts)
+            merged[f.name] = [None] * len(parts[0]) if f.metadata.get("scratch") else _merge(parts)
         return cls(**merged)
 
 
-def _map(value, fn, f: Field):
-    if f.metadata.get("scratch"):
-        return [None] * len(value)
-    return [fn(t) for t in value] if isinstance(value, list) else fn(value)
+def _apply(value, fn):
+    """fn on every tensor of a tensor or a (nested) list of them."""
+    return [_apply(v, fn) for v in value] if isinstance(value, list) else fn(value)
+
+
+def _merge(parts: list):
+    """torch.cat of corresponding tensors in equally shaped (nested) lists."""
+    return [_merge(list(group)) for group in zip(*parts)] if isinstance(parts[0], list) else torch.cat(parts)
 
 
 def scratch() -> Field:
@@ -88,9 +91,11 @@ def scratch() -> Field:
 
 @dataclass
 class GatedCache(DecodeCache):
-    vertical: list[torch.Tensor]  # per layer: the last rows of its vertical input, (B, rows, W + 2 pad, in)
+    # Per layer, the kept rows of its vertical input, oldest first, each unfolded: (B, W, kw * in) holds,
+    # for column j, the kw columns j - kw//2 .. j + kw//2 of that row (zero-padded), channels innermost.
+    vertical: list[list[torch.Tensor]]
     v_bias: list[torch.Tensor]  # per layer (B, 2n): class bias of the vertical pre-activation, gate-scaled
-    h_bias: list[torch.Tensor]  # per layer (B, 2n): class bias of the horizontal pre-activation
+    h_bias: list[torch.Tensor]  # per layer (B, 2n): class bias of the horizontal pre-activation, gate-scaled
     h_buffers: list[torch.Tensor]  # per layer (B, W + kw - 1, in): the current row's horizontal inputs
     row_bias: list[torch.Tensor | None] = scratch()  # per layer (B, W, 2n): what the vertical stack adds
 
@@ -142,12 +147,17 @@ class CachedGated:
         self.batch_quantum = 32 // math.gcd(2 * self.n, 32)
         # The vertical stack per row is a matrix product over each column's window (rows, kw, in), not a
         # conv2d call: the convolution library picks its algorithm (and its rounding) by batch size.
+        # One matrix per kernel row: pre-activations = bias + the sum over the kept rows (oldest first) of
+        # row @ its matrix, accumulated in place in a fixed order; every product has the images' columns
+        # as its rows.
         self.v_width = [g.vertical.kernel_size[1] for g in self.layers]
-        self.v_weight = [matrix(g.vertical) * self.pre_scale for g in self.layers]
+        self.v_weight = [[matrix(g.vertical, slice(r, r + 1)) * self.pre_scale for r in range(g.vertical.kernel_size[0])]
+                         for g in self.layers]
         self.v_bias = [g.vertical.bias * self.pre_scale for g in self.layers]
-        # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases.
-        self.link_weight = [matrix(g.link) / self.pre_scale[:, None] for g in self.layers]
-        self.link_bias = [g.link.bias + g.horizontal.bias for g in self.layers]
+        # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases;
+        # it takes the gate-scaled vertical pre-activations and gives gate-scaled horizontal ones.
+        self.link_weight = [matrix(g.link) / self.pre_scale[:, None] * self.pre_scale for g in self.layers]
+        self.link_bias = [(g.link.bias + g.horizontal.bias) * self.pre_scale for g in self.layers]
 
     def class_biases(self, labels: torch.Tensor | None, batch: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.class_bias is None:
@@ -168,10 +178,11 @@ class CachedGated:
             pad = kernel[1] // 2
             queue = F.pad(v, (pad, pad, max(0, keep - known_rows), 0))[:, :, -keep:] if keep else v[:, :, :0]
             queue = queue if keep else F.pad(queue, (pad, pad))
-            vertical_queues.append(queue.permute(0, 2, 3, 1).contiguous())  # channels-last: (B, rows, W + 2 pad, in)
+            queue = queue.permute(0, 2, 3, 1)  # channels-last: (B, rows, W + 2 pad, in)
+            vertical_queues.append([self.unfold_row(queue[:, k], kernel[1]) for k in range(keep)])
             vb, hb = self.class_biases(labels, b, layer)
             v_bias.append(vb * self.pre_scale)
-            h_bias.append(hb)
+            h_bias.append(hb * self.pre_scale)
             if known_rows:
                 v = gate(layer.vertical(F.pad(v, layer.vertical_padding)) + vb[:, :, None, None])
             else:
@@ -187,32 +198,37 @@ class CachedGated:
             row_bias=[None] * len(self.layers),
         )
 
+    @staticmethod
+    def unfold_row(row: torch.Tensor, kw: int) -> torch.Tensor:
+        """A zero-padded row (B, W + kw - 1, ch), channels-last -> (B, W, kw * ch): for each column, its kw
+        neighbours' channels side by side (one strided copy: they already lie side by side in memory)."""
+        row = row.contiguous()
+        b, padded_width, ch = row.shape
+        return row.as_strided((b, padded_width - kw + 1, kw * ch), (row.stride(0), ch, 1)).contiguous()
+
     def begin_row(self, s: GatedCache) -> None:
         """Vertical stack for the row about to be drawn (it depends only on earlier rows).
 
-        Channels-last throughout: each layer's window (B, rows, W + 2 pad, in) is unfolded into one
-        (rows, kw, in) patch per column, and one matrix product gives the row's pre-activations
-        (B, W, 2n); the link is one more matrix product over all B * W columns."""
+        Channels-last throughout: each kept input row is already unfolded (B, W, kw * in), so a layer's
+        pre-activations (B, W, 2n) are one matrix product per kernel row over all B * W columns, summed
+        in place; the link is one more product."""
         b, w = s.batch, self.config.width
         v_new = None  # the previous layer's vertical output for this row, (B, W, n)
-        for index, layer in enumerate(self.layers):
-            queue = s.vertical[index]  # (B, rows, W + 2 pad, in)
-            kw, pad = self.v_width[index], self.v_width[index] // 2
-            window = queue if index == 0 else torch.cat([queue, F.pad(v_new, (0, 0, pad, pad))[:, None]], dim=1)
-            if index > 0 and queue.shape[1]:
-                s.vertical[index] = window[:, 1:]
-            # Column j's patch: rows x (kw columns x in channels), and those kw * in floats lie side by side.
-            window = window.contiguous()  # a no-op: cat, select and prefill all give contiguous caches
-            rows, padded_width, channels = window.shape[1:]
-            patches = window.as_strided((b, w, rows, kw * channels),
-                                        (window.stride(0), channels, padded_width * channels, 1))
-            patches = patches.reshape(b * w, -1)  # (B W, rows kw in), the layout of `matrix`
+        for index in range(len(self.layers)):
+            kw = self.v_width[index]
+            rows = s.vertical[index]
+            if index > 0:  # later layers also read this row of the layer below, then keep it
+                rows = rows + [self.unfold_row(F.pad(v_new, (0, 0, kw // 2, kw // 2)), kw)]
+                s.vertical[index] = rows[1:]
             # Pre-activations (B, W, 2n), the tanh half scaled by -2 (the class bias is scaled in prefill).
-            v_pre = torch.addmm(self.v_bias[index], patches, self.v_weight[index]).view(b, w, -1)
-            v_pre = v_pre + s.v_bias[index][:, None, :]
+            weights = self.v_weight[index]
+            v_pre = torch.addmm(self.v_bias[index], rows[0].view(b * w, -1), weights[0])  # (B W, 2n)
+            for row, weight in zip(rows[1:], weights[1:]):
+                v_pre.addmm_(row.view(b * w, -1), weight)  # in place: no copy of the running sum
+            v_pre = v_pre.view(b, w, -1) + s.v_bias[index][:, None, :]
             # Everything the horizontal stack adds that does not depend on the current row, per column.
-            link = torch.matmul(v_pre, self.link_weight[index])  # (B, W, 2n)
-            s.row_bias[index] = (link + (self.link_bias[index] + s.h_bias[index])[:, None, :]) * self.pre_scale
+            link = torch.matmul(v_pre, self.link_weight[index])  # (B, W, 2n), gate-scaled
+            s.row_bias[index] = link + (self.link_bias[index] + s.h_bias[index])[:, None, :]
             if index + 1 < len(self.layers):  # the next layer's vertical input (the last one has none)
                 v_new = scaled_gate(v_pre)
             s.h_buffers[index].zero_()
@@ -221,12 +237,12 @@ class CachedGated:
         """The caches the decoder reads and writes during a row, in its layout."""
         return s.h_buffers + s.row_bias
 
-    def end_row(self, s: DecodeCache, row: torch.Tensor) -> None:
-        """Push the finished image row (B, C, W) into the first layer's vertical queue."""
-        queue = s.vertical[0]
-        pad = self.layers[0].vertical.kernel_size[1] // 2
-        new = F.pad(scale_pixels(row, queue.dtype), (pad, pad)).transpose(1, 2)[:, None]  # (B, 1, W + 2 pad, C)
-        s.vertical[0] = torch.cat([queue[:, 1:], new], dim=1)
+    def end_row(self, s: GatedCache, row: torch.Tensor) -> None:
+        """Push the finished image row (B, C, W) into the first layer's kept rows."""
+        kw = self.v_width[0]
+        dtype = self.link_weight[0].dtype
+        padded = F.pad(scale_pixels(row, dtype), (kw // 2, kw // 2)).transpose(1, 2)  # (B, W + 2 pad, C)
+        s.vertical[0] = s.vertical[0][1:] + [self.unfold_row(padded, kw)]
 
 
 class CachedPixelCNN:
