@@ -5,6 +5,7 @@ must serve the next request normally."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -54,6 +55,15 @@ async def outcomes(streams) -> list:
     return await asyncio.gather(*(one(s) for s in streams))
 
 
+@contextlib.asynccontextmanager
+async def started(engine: Engine):
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
 def assert_idle(engine: Engine) -> None:
     stats = engine.stats()
     assert stats["queue_size"] == 0 and stats["active_requests"] == 0 and stats["active_images"] == 0, stats
@@ -72,8 +82,7 @@ def test_a_failing_prefill_fails_only_its_request(lanes):
     async def scenario():
         engine = Engine(model, lanes=lanes, batch_wait_s=0.05)  # the four arrive as one burst
         engine.sampler.prefill = failing_once(engine.sampler.prefill, after_calls=1)
-        await engine.start()
-        try:
+        async with started(engine):
             streams = [engine.submit(GenerationRequest(n=1, seed=k), rows=False) for k in range(4)]
             results = await outcomes(streams)
             failed = [r for r in results if isinstance(r, Exception)]
@@ -82,8 +91,6 @@ def test_a_failing_prefill_fails_only_its_request(lanes):
             assert engine.stats()["prefill_errors"] == 1
             assert_idle(engine)
             await still_serving(engine)
-        finally:
-            await engine.stop()
 
     run(scenario())
 
@@ -98,8 +105,7 @@ def test_a_failing_decode_step_or_merge_fails_its_batch_with_an_error_and_the_en
             engine.sampler.decode_row = failing_once(engine.sampler.decode_row, after_calls=2)
         else:
             monkeypatch.setattr(DecodeCache, "concat", staticmethod(failing_once(DecodeCache.concat)))
-        await engine.start()
-        try:
+        async with started(engine):
             sizes = [1, 2, 1] if stage == "decode_row" else [1, 1, 1]  # a one-image prefill merges nothing
             streams = [engine.submit(GenerationRequest(n=n, seed=k), rows=k % 2 == 0) for k, n in enumerate(sizes)]
             results = await outcomes(streams)
@@ -108,8 +114,6 @@ def test_a_failing_decode_step_or_merge_fails_its_batch_with_an_error_and_the_en
             assert engine.stats()["decode_errors"] == 1
             assert_idle(engine)
             await still_serving(engine)
-        finally:
-            await engine.stop()
 
     run(scenario())
 
@@ -143,8 +147,7 @@ def test_a_client_that_leaves_frees_its_slots_and_the_others_finish():
 
     async def scenario():
         engine = Engine(model, batch_wait_s=0.02)
-        await engine.start()
-        try:
+        async with started(engine):
             leaving = engine.submit(GenerationRequest(n=3, seed=1), rows=True)
             staying = engine.submit(GenerationRequest(n=1, seed=2), rows=False)
             await leaving.__anext__()
@@ -154,8 +157,6 @@ def test_a_client_that_leaves_frees_its_slots_and_the_others_finish():
             assert_idle(engine)
             assert engine.stats()["requests_cancelled"] == 1
             await still_serving(engine)
-        finally:
-            await engine.stop()
 
     run(scenario())
 
