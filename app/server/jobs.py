@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -36,36 +35,23 @@ from .outputs import generation_body, row_data, sse_event
 from .registry import ServedModel
 
 
-@dataclass
-class GenerationJob:
-    """What a generation route hands over: the model and the engine's request for it."""
-
-    model: ServedModel
-    request: GenerationRequest
-    completion: bool = False  # /complete: the response reports the known rows
-
-    @property
-    def seed(self) -> int:
-        return self.request.seed
-
-    def body(self, result: SampleResult, elapsed_s: float) -> dict[str, Any]:
-        known_rows = self.request.known_rows if self.completion else None
-        return generation_body(self.model, result, self.seed, self.request.temperature, elapsed_s, known_rows)
-
-
 def overloaded(model: ServedModel, error: Exception) -> Overloaded:
     return Overloaded(f"model {model.name!r} has a full queue ({error}); retry after {RETRY_AFTER_S} s")
 
 
 class GenerationRun:
-    """One submitted generation. Iterate `events()` once, then `close()` (always, in a finally).
+    """One generation request's HTTP life: submitted to the model's engine when built (a full queue is a
+    503 then), then iterated with `events()` once and closed with `close()` (always, in a finally).
 
     `stream_rows`: ask the engine for every row (SSE) or only for the result (JSON, PNG). Either way one
     task waits for the client's `http.disconnect` and cancels the engine request when it comes, so a
     client that hangs up frees its batch slots at the next row without any per-row polling."""
 
-    def __init__(self, job: GenerationJob, request: Request, metrics: ServerMetrics, stream_rows: bool) -> None:
-        self.job = job
+    def __init__(self, model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
+                 metrics: ServerMetrics, stream_rows: bool) -> None:
+        self.model = model
+        self.engine_request = engine_request
+        self.completion = completion  # /complete: the response reports the known rows
         self.request = request
         self.metrics = metrics
         self.stream_rows = stream_rows
@@ -75,18 +61,28 @@ class GenerationRun:
         self.closed = False
         self.cancelled = False
         try:
-            self.stream = job.model.engine.submit(job.request, rows=stream_rows)
+            self.stream = model.engine.submit(engine_request, rows=stream_rows)
         except QueueFullError as error:
-            raise overloaded(job.model, error) from None
+            raise overloaded(model, error) from None
         except ValueError as error:  # the engine's own checks: its message is written for the client
             raise InvalidRequest(str(error)) from None
         except EngineStoppedError as error:
-            raise NotReady(f"model {job.model.name!r} is not serving ({error}); retry") from None
+            raise NotReady(f"model {model.name!r} is not serving ({error}); retry") from None
         self.watcher = asyncio.get_running_loop().create_task(self._cancel_on_disconnect())
 
     @property
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.started
+
+    @property
+    def seed(self) -> int:
+        return self.engine_request.seed
+
+    def body(self, result: SampleResult) -> dict[str, Any]:
+        """The JSON response (also the `done` event of a stream)."""
+        known_rows = self.engine_request.known_rows if self.completion else None
+        return generation_body(self.model, result, self.seed, self.engine_request.temperature, self.elapsed_s,
+                               known_rows)
 
     async def _cancel_on_disconnect(self) -> None:
         while (await self.request.receive())["type"] != "http.disconnect":
@@ -100,19 +96,19 @@ class GenerationRun:
 
     async def events(self) -> AsyncIterator[RowEvent | SampleResult]:
         """Engine events as they come; ends early (without the result) if the client has gone."""
-        name, n = self.job.model.name, self.job.request.n
+        name, n = self.model.name, self.engine_request.n
         try:
             async for event in self.stream:
                 if isinstance(event, SampleResult):
                     self.finished = True
                     if not self.stream_rows:  # no row events came: account for the rows now
                         self._observe_first_row()
-                        generated_rows = self.job.model.config.height - self.job.request.known_rows
+                        generated_rows = self.model.config.height - self.engine_request.known_rows
                         self.metrics.rows.labels(model=name).inc(n * generated_rows)
                     self.metrics.images.labels(model=name).inc(n)
                     yield event
                     return
-                if event.row == self.job.request.known_rows:
+                if event.row == self.engine_request.known_rows:
                     self._observe_first_row()
                 self.metrics.rows.labels(model=name).inc(n)
                 yield event
@@ -123,7 +119,7 @@ class GenerationRun:
     def _observe_first_row(self) -> None:
         waited = self.stream.time_to_first_row_s
         if waited is not None:
-            self.metrics.first_row.labels(model=self.job.model.name).observe(waited)
+            self.metrics.first_row.labels(model=self.model.name).observe(waited)
 
     async def close(self) -> None:
         """Cancel the engine request unless it finished. Unfinished without an error means the client went
@@ -156,7 +152,7 @@ class GenerationRun:
             async with aclosing(self.events()) as events:
                 async for event in events:
                     if isinstance(event, SampleResult):
-                        yield sse_event("done", self.job.body(event, self.elapsed_s))
+                        yield sse_event("done", self.body(event))
                     else:
                         yield sse_event("row", row_data(event.row, event.pixels))
         except Exception as error:  # noqa: BLE001 - reported to the client as an event

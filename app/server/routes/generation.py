@@ -8,12 +8,15 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from app.engine import GenerationRequest
+
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..errors import InvalidRequest
 from ..inputs import decode_images, generation_request, read_upload
-from ..jobs import GenerationJob, GenerationRun
+from ..jobs import GenerationRun
 from ..metrics import ServerMetrics
 from ..outputs import SSE_HEADERS, choose_format, generation_headers, generation_png
+from ..registry import ServedModel
 from ..schemas import (
     ERROR_RESPONSES,
     CompleteFields,
@@ -40,8 +43,7 @@ async def sample(
     body: SampleRequest, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Response:
     model = registry.get(body.model)
-    job = GenerationJob(model, generation_request(model, body, settings))
-    return await respond(job, request, metrics, body.stream)
+    return await respond(model, generation_request(model, body, settings), False, request, metrics, body.stream)
 
 
 @router.post(
@@ -56,22 +58,23 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
         raise InvalidRequest(f"/complete takes one image, got {len(files)}", field="image")
     model = registry.get(fields.model)
     known = decode_images(model, files, settings, "image")
-    job = GenerationJob(model, generation_request(model, fields, settings, known, fields.rows), completion=True)
-    return await respond(job, request, metrics, fields.stream)
+    engine_request = generation_request(model, fields, settings, known, fields.rows)
+    return await respond(model, engine_request, True, request, metrics, fields.stream)
 
 
-async def respond(job: GenerationJob, request: Request, metrics: ServerMetrics, stream: bool) -> Response:
+async def respond(model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
+                  metrics: ServerMetrics, stream: bool) -> Response:
     fmt = choose_format(request.headers.get("accept"), stream)
-    metrics.request_images.labels(route=request.url.path).observe(job.request.n)
-    run = GenerationRun(job, request, metrics, stream_rows=fmt == "sse")  # submitted now: a full queue is a 503
+    metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
+    run = GenerationRun(model, engine_request, completion, request, metrics, stream_rows=fmt == "sse")
     if fmt == "sse":
-        headers = {**SSE_HEADERS, "X-Model": job.model.name, "X-Seed": str(job.seed)}
+        headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed)}
         return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
     result = await run.result()
     if fmt == "png":
         return Response(generation_png(result), media_type="image/png",
-                        headers=generation_headers(job.model, result, job.seed))
-    return JSONResponse(job.body(result, run.elapsed_s))
+                        headers=generation_headers(model, result, run.seed))
+    return JSONResponse(run.body(result))
 
 
 class RunStreamingResponse(StreamingResponse):
