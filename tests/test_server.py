@@ -142,8 +142,13 @@ async def test_metrics(serve):
             'pixelcnn_active_images{model="gray"} 0.0',
             'pixelcnn_engine_lanes{model="gray"}',
             'pixelcnn_model_loaded{model="rgb",running="true"} 1.0',
+            '# TYPE pixelcnn_engine_requests_completed_total counter',  # monotonic engine stats are counters
+            'pixelcnn_engine_requests_completed_total{model="gray"} 1.0',
+            'pixelcnn_engine_rows_decoded_total{model="gray"} 8.0',
+            '# TYPE pixelcnn_engine_active_requests gauge',
         ):
             assert line in text, line
+        assert "pixelcnn_engine_requests_completed{" not in text  # no gauge twin of a counter
         assert 'pixelcnn_request_duration_seconds_count{method="POST",route="/sample",status="200"} 1.0' in text
 
 

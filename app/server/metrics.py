@@ -12,13 +12,19 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from .registry import ModelRegistry
 
+# engine.stats() keys that only ever grow: exported as counters (pixelcnn_engine_<key>_total), so that
+# rate() and increase() work on them; every other numeric stat is a gauge.
+ENGINE_COUNTERS = frozenset({
+    "requests_submitted", "requests_completed", "requests_cancelled", "rows_decoded", "rejected_queue_full",
+    "decode_errors", "prefill_errors", "likelihood_errors",
+})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -64,7 +70,7 @@ class EngineCollector(Collector):
         batches = HistogramMetricFamily("pixelcnn_batch_size", "images per engine decode step", labels=["model"])
         recent_mean = GaugeMetricFamily("pixelcnn_batch_size_recent_mean", "mean images per decode step over the "
                                         "engine's recent window", labels=["model"])
-        extra: dict[str, GaugeMetricFamily] = {}
+        extra: dict[str, Metric] = {}
         for model in served:
             loaded.add_metric([model.name, str(model.engine.running).lower()], 1)
             stats = model.engine.stats()
@@ -83,7 +89,8 @@ class EngineCollector(Collector):
                 if isinstance(value, (int, float)):
                     name = f"pixelcnn_engine_{key}"
                     if name not in extra:
-                        extra[name] = GaugeMetricFamily(name, f"engine.stats()[{key!r}]", labels=["model"])
+                        family = CounterMetricFamily if key in ENGINE_COUNTERS else GaugeMetricFamily
+                        extra[name] = family(name, f"engine.stats()[{key!r}]", labels=["model"])
                     extra[name].add_metric([model.name], float(value))
         yield from (loaded, queue, active, batches, recent_mean, *extra.values())
 
