@@ -372,3 +372,30 @@ def test_the_http_layer_does_not_import_torch():
                 names = [node.module]
             offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "torch"]
     assert offenders == []
+
+
+async def test_pickled_weights_are_refused_with_a_clear_message_and_never_unpickled(serve, server_store, tmp_path):
+    """A model folder holding a .pt/.pkl/.bin instead of model.safetensors: the pickle would write a file
+    if it were ever loaded; the server reports the folder and stays up with the other models."""
+    import pickle
+
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    store = tmp_path / "store"
+    shutil.copytree(server_store / "gray", store / "gray")
+    for name in ("model.pt", "weights.pkl", "pytorch_model.bin"):
+        folder = store / f"pickled-{name.split('.')[1]}"
+        folder.mkdir()
+        shutil.copy(server_store / "gray" / "config.json", folder / "config.json")
+        (folder / name).write_bytes(pickle.dumps(Trap()))
+    async with serve(model_store=store) as (_, client):
+        ready = (await client.get("/ready")).json()
+        assert ready["models"] == ["gray"]
+        problems = " ".join(ready["problems"])
+        for name in ("model.pt", "weights.pkl", "pytorch_model.bin"):
+            assert f"never from pickle files (found {name}, not opened)" in problems
+    assert not marker.exists()

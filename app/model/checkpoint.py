@@ -14,6 +14,7 @@ from .pixelcnn import PixelCNN
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")  # refused: unpickling runs code
 
 
 def build(config: ModelConfig) -> nn.Module:
@@ -53,6 +54,12 @@ def pick_device(name: str) -> torch.device:
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model from a checkpoint folder, in eval mode on `device`."""
     path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        pickles = sorted(p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise FileNotFoundError(
+                f"{path}: weights are loaded only from {WEIGHTS_FILE}, never from pickle files (found "
+                f"{', '.join(pickles)}, not opened); convert them with safetensors.torch.save_file")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a model checkpoint: {name} is missing")
