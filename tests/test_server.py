@@ -399,3 +399,18 @@ async def test_pickled_weights_are_refused_with_a_clear_message_and_never_unpick
         for name in ("model.pt", "weights.pkl", "pytorch_model.bin"):
             assert f"never from pickle files (found {name}, not opened)" in problems
     assert not marker.exists()
+
+
+async def test_docs_load_everything_from_the_server_itself(serve):
+    """Behind a gateway without internet /docs must still work: no script, style or font from a CDN."""
+    import re
+
+    async with serve() as (_, client):
+        for page in ("/docs", "/redoc"):
+            html = (await client.get(page)).text
+            urls = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+            assert urls, page
+            assert not [u for u in urls if "://" in u or u.startswith("//")], (page, urls)
+            for url in (u for u in urls if u.endswith((".js", ".css"))):
+                asset = await client.get(url)
+                assert asset.status_code == 200 and len(asset.content) > 10_000, url

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
@@ -61,7 +62,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             await registry.stop()
             app.state.registry = ModelRegistry(problems=["shutting down"])
 
-    app = FastAPI(title="PixelCNN server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the package, not a CDN.
+    app = FastAPIOffline(title="PixelCNN server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = ModelRegistry(problems=["starting up"])
     app.state.metrics = ServerMetrics()
