@@ -161,3 +161,10 @@ def models(server_store):
     from app.model import load
 
     return {name: load(server_store / name) for name in ("gray", "cond", "rgb")}
+
+
+def without_request_id(body: dict, response) -> dict:
+    """An error body minus its request_id, after checking that the id is the response's X-Request-ID."""
+    error = dict(body["error"])
+    assert error.pop("request_id") == response.headers["x-request-id"]
+    return {"error": error}

@@ -414,3 +414,25 @@ async def test_docs_load_everything_from_the_server_itself(serve):
             for url in (u for u in urls if u.endswith((".js", ".css"))):
                 asset = await client.get(url)
                 assert asset.status_code == 200 and len(asset.content) > 10_000, url
+
+
+async def test_every_response_has_a_request_id_that_errors_and_the_access_log_repeat(serve, caplog):
+    import json
+    import logging
+
+    async with serve() as (_, client):
+        with caplog.at_level(logging.INFO, logger="pixelcnn.access"):
+            ok = await client.post("/sample", json={"n": 2, "seed": 1})
+            bad = await client.post("/sample", json={"temperature": 99})
+            mine = await client.get("/health", headers={"X-Request-ID": "gateway-7f3a"})
+            odd = await client.get("/health", headers={"X-Request-ID": "not ok\\n"})
+    assert len(ok.headers["x-request-id"]) == 32 and ok.headers["x-request-id"] != bad.headers["x-request-id"]
+    assert bad.json()["error"]["request_id"] == bad.headers["x-request-id"]
+    assert mine.headers["x-request-id"] == "gateway-7f3a"  # a sane id from the caller is kept
+    assert odd.headers["x-request-id"] != "not ok\\n"
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pixelcnn.access"]
+    by_id = {line["request_id"]: line for line in lines}
+    sample = by_id[ok.headers["x-request-id"]]
+    assert sample["route"] == "/sample" and sample["status"] == 200 and sample["model"] == "gray"
+    assert sample["images"] == 2 and sample["duration_s"] > 0
+    assert by_id[bad.headers["x-request-id"]]["status"] == 400

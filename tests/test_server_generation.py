@@ -10,7 +10,7 @@ import json
 import anyio
 import pytest
 import torch
-from conftest import pixels, png_tensor, sse_events, torch_threads
+from conftest import pixels, png_tensor, sse_events, torch_threads, without_request_id
 from helpers import tiny_model
 
 from app.engine import Engine
@@ -456,7 +456,8 @@ async def test_engine_failure_mid_stream_is_an_error_event(serve):
         assert response.status_code == 200
         events = sse_events(response.text)
         assert [name for name, _ in events] == ["row", "error"]
-        assert events[-1][1] == {"error": {"type": "internal", "message": "generation failed (RuntimeError: boom)"}}
+        assert without_request_id(events[-1][1], response) == {
+            "error": {"type": "internal", "message": "generation failed (RuntimeError: boom)"}}
         assert streams[0].cancelled  # the engine request was released
         assert 'pixelcnn_failures_total{reason="stream_error"} 1.0' in (await client.get("/metrics")).text
 
@@ -503,13 +504,14 @@ async def test_a_failing_prefill_is_a_500_engine_error_in_json_and_an_error_even
         engine.sampler.prefill = failing_once(prefill, error=RuntimeError("CUDA out of memory"))
         response = await client.post("/sample", json={"seed": 1})
         assert response.status_code == 500
-        assert response.json() == {"error": {"type": "engine_error",
-                                             "message": "prefill failed (RuntimeError: CUDA out of memory)"}}
+        assert without_request_id(response.json(), response) == {
+            "error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}}
         engine.sampler.prefill = failing_once(prefill, error=RuntimeError("CUDA out of memory"))
         streamed = await client.post("/sample", json={"seed": 1, "stream": True})
         assert streamed.status_code == 200
-        assert sse_events(streamed.text) == [
-            ("error", {"error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}})]
+        [(name, body)] = sse_events(streamed.text)
+        assert name == "error" and without_request_id(body, streamed) == {
+            "error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}}
         assert (await client.post("/sample", json={"seed": 1})).status_code == 200
         stats = engine.stats()
         assert stats["queue_size"] == 0 and stats["active_images"] == 0
@@ -524,6 +526,6 @@ async def test_a_failing_likelihood_pass_is_a_500_engine_error(serve):
         files = {"image": ("x.png", png_bytes(pattern()), "image/png")}
         response = await client.post("/likelihood", files=files)
         assert response.status_code == 500
-        assert response.json() == {"error": {"type": "engine_error",
-                                             "message": "the likelihood pass failed (MemoryError: out of memory)"}}
+        assert without_request_id(response.json(), response) == {
+            "error": {"type": "engine_error", "message": "the likelihood pass failed (MemoryError: out of memory)"}}
         assert (await client.post("/likelihood", files=files)).status_code == 200

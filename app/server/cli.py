@@ -46,5 +46,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: invalid server settings:\n{error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    # access_log=False: the app writes its own access line per request (with its request id, model, images).
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=False)
     return 0

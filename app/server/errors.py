@@ -11,6 +11,7 @@ errors, into responses and count them in the failures metric.
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("pixelcnn.server")
 
 RETRY_AFTER_S = 1
+# The id of the request being handled (set by MetricsMiddleware): every error body carries it, so that a
+# client's complaint leads to the server's log line.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 class ApiError(Exception):
@@ -88,6 +92,9 @@ def error_body(type_: str, message: str, field: str | None = None) -> dict[str, 
     error: dict[str, Any] = {"type": type_, "message": message}
     if field:
         error["field"] = field
+    request_id = REQUEST_ID.get()
+    if request_id:
+        error["request_id"] = request_id
     return {"error": error}
 
 

@@ -7,7 +7,11 @@ they cost nothing between scrapes.
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -16,8 +20,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import REQUEST_ID
+
 if TYPE_CHECKING:
     from .registry import ModelRegistry
+
+access_log = logging.getLogger("pixelcnn.access")
+REQUEST_ID_HEADER = b"x-request-id"
+_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")  # a caller's (or gateway's) id is kept if it looks sane
 
 # engine.stats() keys that only ever grow: exported as counters (pixelcnn_engine_<key>_total), so that
 # rate() and increase() work on them; every other numeric stat is a gauge.
@@ -107,7 +117,9 @@ def _histogram(counts: Mapping) -> tuple[list[tuple[str, float]], float]:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request by route template, method and status, and times it to the last byte."""
+    """Every HTTP request: counted by route template, method and status, timed to the last byte, given a
+    request id (the caller's X-Request-ID if sane, else a new one; echoed in the response header and in
+    every error body) and logged as one JSON access line (route, status, duration, model, images, id)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -119,17 +131,30 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # what the client sees if the app raises before answering
+        given = dict(scope.get("headers", ())).get(REQUEST_ID_HEADER, b"")
+        request_id = given.decode() if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER, request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            route = scope.get("route")
-            labels = dict(route=getattr(route, "path", "unmatched"), method=scope["method"], status=str(status))
+            REQUEST_ID.reset(token)
+            duration = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            labels = dict(route=route, method=scope["method"], status=str(status))
             self.metrics.requests.labels(**labels).inc()
-            self.metrics.request_duration.labels(**labels).observe(time.perf_counter() - started)
+            self.metrics.request_duration.labels(**labels).observe(duration)
+            state = scope.get("state", {})  # routes note the model and the image count in request.state
+            access_log.info(json.dumps({
+                "request_id": request_id, "method": scope["method"], "route": route, "path": scope["path"],
+                "status": status, "duration_s": round(duration, 4), "model": state.get("model"),
+                "images": state.get("images"),
+            }))

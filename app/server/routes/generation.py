@@ -65,6 +65,7 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
 async def respond(model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
                   metrics: ServerMetrics, stream: bool) -> Response:
     fmt = choose_format(request.headers.get("accept"), stream)
+    request.state.model, request.state.images = model.name, engine_request.n  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
     run = GenerationRun(model, engine_request, completion, request, metrics, stream_rows=fmt == "sse")
     if fmt == "sse":

@@ -33,6 +33,7 @@ async def likelihood(
     model = registry.get(fields.model)
     images = decode_images(model, files, settings, "image" if len(files) <= 1 else "images")
     labels = resolve_labels(model, fields.label, len(images))
+    request.state.model, request.state.images = model.name, len(images)  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(len(images))
     result = await score(model, images, labels)
     metrics.scored.labels(model=model.name).inc(len(images))
