@@ -436,3 +436,20 @@ async def test_every_response_has_a_request_id_that_errors_and_the_access_log_re
     assert sample["route"] == "/sample" and sample["status"] == 200 and sample["model"] == "gray"
     assert sample["images"] == 2 and sample["duration_s"] > 0
     assert by_id[bad.headers["x-request-id"]]["status"] == 400
+
+
+async def test_metrics_pass_promtool_check(serve):
+    """Prometheus' own linter accepts the exposition (counters named _total, HELP and TYPE for all).
+    .ci/run installs Debian's prometheus package for promtool."""
+    import shutil as sh
+    import subprocess
+
+    promtool = sh.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    async with serve() as (_, client):
+        assert (await client.post("/sample", json={"n": 1, "seed": 1})).status_code == 200
+        assert (await client.post("/sample", json={"n": 0})).status_code == 400
+        text = (await client.get("/metrics")).text
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
