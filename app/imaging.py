@@ -69,12 +69,17 @@ def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndar
         raise ImageDecodeError(
             f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}"
         )
-    if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(picture, dtype=np.int64)
-        shift = 8 if array.max(initial=0) > 255 or picture.mode.startswith("I;16") else 0
-        picture = Image.fromarray((array >> shift).clip(0, 255).astype(np.uint8), mode="L")
-    if channels == 1:
-        array = np.array(picture.convert("L"))[None]
-    else:
-        array = np.array(picture.convert("RGB")).transpose(2, 0, 1)
+    try:
+        if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(picture, dtype=np.int64)
+            shift = 8 if array.max(initial=0) > 255 or picture.mode.startswith("I;16") else 0
+            picture = Image.fromarray((array >> shift).clip(0, 255).astype(np.uint8), mode="L")
+        if channels == 1:
+            array = np.array(picture.convert("L"))[None]
+        else:
+            array = np.array(picture.convert("RGB")).transpose(2, 0, 1)
+    except (ValueError, OSError) as error:  # modes PIL cannot convert (LAB, HSV, ...) or bad pixel data
+        raise ImageDecodeError(
+            f"could not use a {picture.mode} image ({error}); expected grayscale, RGB, RGBA, palette or 16-bit"
+        ) from None
     return np.ascontiguousarray(array)

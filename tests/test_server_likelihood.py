@@ -144,3 +144,17 @@ async def test_likelihood_queue_full_maps_to_503(serve):
         response = await client.post("/likelihood", json={"images": [b64png(random_images(1)[0])]})
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["type"] == "overloaded"
+
+
+async def test_an_image_mode_pil_cannot_convert_is_a_400_not_a_500(serve):
+    """Found by tests/test_image_decoding_fuzz.py: a LAB TIFF used to escape as a ValueError (500)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).convert("LAB").save(buffer, format="TIFF")
+    async with serve() as (_, client):
+        response = await client.post("/likelihood", files={"image": ("x.tif", buffer.getvalue(), "image/tiff")})
+    assert response.status_code == 400
+    assert "could not use a LAB image" in response.json()["error"]["message"]
