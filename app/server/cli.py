@@ -32,6 +32,47 @@ def settings_from_args(args: argparse.Namespace):
     return Settings(**{key: value for key, value in flags.items() if value is not None})
 
 
+def draining_server_class():
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, with a drain before it stops: the first SIGTERM (or Ctrl-C) runs the registry's drain
+        (/ready 503, running requests finish, then the rest end with an error event naming the shutdown),
+        then uvicorn's own shutdown; a second signal stops at once. Exits 0 after a SIGTERM."""
+
+        def __init__(self, config, app, settings) -> None:
+            super().__init__(config)
+            self.app, self.settings = app, settings
+            self.loop: asyncio.AbstractEventLoop | None = None
+            self.drain_task: asyncio.Task | None = None
+
+        def run(self, sockets=None) -> None:
+            # uvicorn re-raises a caught SIGTERM once it has stopped; a no-op handler makes that a clean exit.
+            signal.signal(signal.SIGTERM, lambda *_: None)
+            super().run(sockets)
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.drain_task is not None or self.loop is None:
+                return super().handle_exit(sig, frame)
+            self.loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+        def _start_drain(self, sig, frame) -> None:
+            if self.drain_task is not None:
+                return
+            drain = self.app.state.registry.drain(self.settings.shutdown_notice_s, self.settings.shutdown_timeout_s)
+            self.drain_task = self.loop.create_task(drain)
+            self.drain_task.add_done_callback(lambda _: uvicorn.Server.handle_exit(self, sig, frame))
+
+    return DrainingServer
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -46,7 +87,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: invalid server settings:\n{error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
     # access_log=False: the app writes its own access line per request (with its request id, model, images).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            access_log=False)
+    draining_server_class()(config, app, settings).run()
     return 0

@@ -6,8 +6,10 @@ starts, /health answers and /ready explains in words why it is not ready.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +68,13 @@ class ModelRegistry:
     models: dict[str, ServedModel] = field(default_factory=dict)
     default: str | None = None
     problems: list[str] = field(default_factory=list)
+    draining: str | None = None  # set on shutdown: /ready turns 503 and new work is refused with it
 
     @property
     def not_ready_reason(self) -> str | None:
         """None when ready: the default model is loaded and every engine is running."""
+        if self.draining:
+            return self.draining
         if not self.models:
             return "; ".join(self.problems) or "no model is loaded"
         if self.default not in self.models:
@@ -81,6 +86,8 @@ class ModelRegistry:
 
     def get(self, name: str | None) -> ServedModel:
         """The named model, or the default; 404 naming what is available."""
+        if self.draining:
+            raise NotReady(f"{self.draining}; retry on another replica")
         if not self.models:
             raise NotReady(f"no model is loaded: {self.not_ready_reason}")
         wanted = name if name is not None else self.default
@@ -100,6 +107,28 @@ class ModelRegistry:
                 log.exception("engine for %s failed to start", model.name)
                 self.problems.append(f"{model.name}: engine failed to start ({error})")
                 del self.models[model.name]
+
+    def busy(self) -> bool:
+        """Any generation waiting or running, or likelihood pass in flight, in any engine."""
+        for model in self.models.values():
+            stats = model.engine.stats()
+            if stats.get("queue_size") or stats.get("active_requests") or stats.get("likelihood_in_flight"):
+                return True
+        return False
+
+    async def drain(self, notice_s: float, timeout_s: float) -> None:
+        """Graceful shutdown: refuse new work at once (/ready 503 so a gateway stops sending), give the
+        gateway `notice_s` to notice, let running requests finish for up to `timeout_s` in all, then stop
+        the engines, which ends what is left with an error naming the shutdown."""
+        self.draining = "the server is shutting down"
+        log.info("draining: /ready is 503; waiting up to %.0f s for running requests", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        await asyncio.sleep(min(notice_s, timeout_s))
+        while self.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.busy():
+            log.warning("drain timeout: ending the requests still running")
+        await self.stop()
 
     async def stop(self) -> None:
         for model in self.models.values():

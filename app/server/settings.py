@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         "1 on a GPU; on a CPU one per `threads` usable CPUs (affinity, cgroup quota), at most 8",
     )
     max_batch_images: int = Field(64, ge=1, description="images decoded together by one lane's step")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long running requests may take to finish before the rest "
+        "end with an error event naming the shutdown (keep below the orchestrator's grace period)",
+    )
+    shutdown_notice_s: float = Field(
+        1.0, ge=0, description="on SIGTERM, how long /ready answers 503 before the drain starts counting, so "
+        "a gateway's health check sees it (part of shutdown_timeout_s)",
+    )
     batch_wait_ms: float = Field(
         2.0, ge=0, le=100, description="an idle lane that gets work waits until no request has arrived for "
         "this long (at most 5x in all), so that requests sent together start together; 0: start at once",

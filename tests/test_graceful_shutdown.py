@@ -1,0 +1,108 @@
+"""SIGTERM to a real `pixelcnn serve` with streams open: /ready turns 503 at once and new work is refused,
+running requests finish (within PIXELCNN_SHUTDOWN_TIMEOUT_S), what is still running after that ends
+with an `error` event naming the shutdown, and the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.model import save
+from tests.helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory) -> Path:
+    """One model whose images take seconds to draw (96x96), so streams are open when the signal comes."""
+    store = tmp_path_factory.mktemp("store")
+    save(tiny_model("gated", 1, size=96, layers=2, seed=8).float(), store / "slow")
+    return store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(store: Path, timeout_s: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PIXELCNN_SHUTDOWN_TIMEOUT_S": str(timeout_s), "PIXELCNN_SHUTDOWN_NOTICE_S": "0.3"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--model-store", str(store), "--port", str(port),
+         "--threads", "1", "--lanes", "1", "--device", "cpu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"server did not become ready: {process.stdout.read()}")
+
+
+class OpenStream(threading.Thread):
+    """A streamed /sample read in the background: its event names, and the last event's data."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.events, self.first_row = url, [], threading.Event()
+
+    def run(self) -> None:
+        body = {"n": 1, "seed": 1, "stream": True}
+        with httpx.stream("POST", f"{self.url}/sample", json=body, timeout=120) as response:
+            name = None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    self.events.append((name, json.loads(line[6:])))
+                    if name == "row":
+                        self.first_row.set()
+
+
+@pytest.mark.parametrize("timeout_s, ending", [(60.0, "done"), (0.5, "error")])
+def test_sigterm_drains_then_exits_zero(slow_store, timeout_s, ending):
+    process, url = start_server(slow_store, timeout_s)
+    try:
+        stream = OpenStream(url)
+        stream.start()
+        assert stream.first_row.wait(30), "the stream never started"
+        process.send_signal(signal.SIGTERM)
+        rows_at_signal = len(stream.events)
+        time.sleep(0.1)
+        ready = httpx.get(f"{url}/ready", timeout=5)
+        assert ready.status_code == 503 and "shutting down" in ready.json()["reason"]
+        refused = httpx.post(f"{url}/sample", json={"n": 1}, timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
+        assert "shutting down" in refused.json()["error"]["message"]
+        stream.join(120)
+        assert not stream.is_alive()
+        name, data = stream.events[-1]
+        assert name == ending, stream.events[-1]
+        assert rows_at_signal < 96 - 5  # the image was far from finished when the signal came
+        if ending == "done":
+            assert len(stream.events) == 96 + 1  # every row, then the result
+        if ending == "error":
+            assert data["error"]["type"] == "not_ready" and "shutting down" in data["error"]["message"]
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read()
+    assert "draining" in output, output
