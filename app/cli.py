@@ -238,8 +238,9 @@ def run_complete(args: argparse.Namespace) -> int:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
-                       "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier)")
-    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality"])
+                       "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
+                       "load (many clients, mixed routes, for a fixed time)")
+    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load"])
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(run=run_bench)
 
@@ -254,7 +255,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import importlib
 
     module = {"model": "app.bench.model", "sampling": "app.bench.sampling", "http": "app.server.bench",
-              "agreement": "app.bench.agreement", "quality": "app.bench.quality"}[args.what]
+              "agreement": "app.bench.agreement", "quality": "app.bench.quality",
+              "load": "app.server.loadtest"}[args.what]
     return importlib.import_module(module).run(args.options)
 
 
