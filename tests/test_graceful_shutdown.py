@@ -5,11 +5,7 @@ with an `error` event naming the shutdown, and the process exits 0."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +14,7 @@ import httpx
 import pytest
 
 from app.model import save
-from tests.helpers import tiny_model
+from tests.helpers import start_server, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -27,33 +23,6 @@ def slow_store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("store")
     save(tiny_model("gated", 1, size=96, layers=2, seed=8).float(), store / "slow")
     return store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(store: Path, timeout_s: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PIXELCNN_SHUTDOWN_TIMEOUT_S": str(timeout_s), "PIXELCNN_SHUTDOWN_NOTICE_S": "0.3"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--model-store", str(store), "--port", str(port),
-         "--threads", "1", "--lanes", "1", "--device", "cpu"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"server did not become ready: {process.stdout.read()}")
 
 
 class OpenStream(threading.Thread):
@@ -78,7 +47,8 @@ class OpenStream(threading.Thread):
 
 @pytest.mark.parametrize("timeout_s, ending", [(60.0, "done"), (0.5, "error")])
 def test_sigterm_drains_then_exits_zero(slow_store, timeout_s, ending):
-    process, url = start_server(slow_store, timeout_s)
+    process, url = start_server(slow_store, {"PIXELCNN_SHUTDOWN_TIMEOUT_S": str(timeout_s),
+                                             "PIXELCNN_SHUTDOWN_NOTICE_S": "0.3"})
     try:
         stream = OpenStream(url)
         stream.start()
@@ -104,5 +74,5 @@ def test_sigterm_drains_then_exits_zero(slow_store, timeout_s, ending):
     finally:
         if process.poll() is None:
             process.kill()
-        output = process.stdout.read()
+        output = process.log_path.read_text()
     assert "draining" in output, output

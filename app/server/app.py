@@ -37,6 +37,22 @@ input), 401 unauthorized, 404 not_found, 413 payload_too_large, 415 unsupported_
 """
 
 
+def without_security(app: FastAPI):
+    """The OpenAPI schema minus the bearer-token requirement: without PIXELCNN_API_KEY no route asks for
+    one, and the schema must say what the server really accepts (clients and fuzzers read it)."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+            schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """Build the app. `engine_factory(model, settings)` makes each model's engine (tests may wrap it)."""
     settings = settings or Settings()
@@ -69,6 +85,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.metrics = ServerMetrics()
     app.state.metrics.watch(lambda: app.state.registry)
 
+    if settings.api_key is None:
+        app.openapi = without_security(app)
     install_error_handlers(app)
     for module in (health, models, generation, likelihood, metrics):
         app.include_router(module.router)

@@ -89,12 +89,12 @@ async def _read_form(request: Request, settings: Settings, fields_model: type[Fi
             raise InvalidRequest(f"{key} was given {len(values)} times; give it once", field=key)
         else:
             flat[key] = values[0]
-    return validate(fields_model, flat), images
+    return validate(fields_model, flat, form=True), images
 
 
-def validate(fields_model: type[Fields], data: dict[str, Any]) -> Fields:
+def validate(fields_model: type[Fields], data: dict[str, Any], form: bool = False) -> Fields:
     try:
-        return fields_model.model_validate(data)
+        return fields_model.model_validate(data, context={"form": form})
     except ValidationError as error:
         raise from_pydantic(error) from None
 

@@ -13,6 +13,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -46,6 +47,26 @@ def in_range(low: float, high: float | None = None):
     return check
 
 
+def json_bool(value, info: ValidationInfo):
+    """A JSON boolean is true or false, not 0 or "yes" (the schema says boolean); multipart form fields are
+    text, so there "true"/"false" (and pydantic's other spellings) are parsed as usual."""
+    if isinstance(value, bool) or (isinstance(value, str) and (info.context or {}).get("form")):
+        return value
+    raise ValueError("must be true or false")
+
+
+def json_typed(kind: str):
+    """A before-validator: a JSON number is a number, not true/false or a string ("3"), as the schema
+    says; multipart form fields are text, so there strings are parsed as usual."""
+
+    def check(value, info: ValidationInfo):
+        if isinstance(value, bool) or (isinstance(value, str) and not (info.context or {}).get("form")):
+            raise ValueError(f"must be {kind}")
+        return value
+
+    return check
+
+
 LabelField = Field(
     None,
     description="class index or name (case-insensitive), or one per image; conditional models only; "
@@ -70,6 +91,9 @@ class GenerationFields(BaseModel):
     stream: bool = Field(False, description="stream rows as Server-Sent Events (same as Accept: text/event-stream)")
 
     _label = field_validator("label", mode="wrap")(check_label_type)
+    _stream = field_validator("stream", mode="before")(json_bool)
+    _integers = field_validator("n", "seed", mode="before")(json_typed("an integer"))
+    _number = field_validator("temperature", mode="before")(json_typed("a number"))
     _n = field_validator("n", mode="wrap")(in_range(1))
     _temperature = field_validator("temperature", mode="wrap")(in_range(MIN_TEMPERATURE, MAX_TEMPERATURE))
     _seed = field_validator("seed", mode="wrap")(in_range(0, MAX_SEED))
@@ -85,6 +109,7 @@ class CompleteFields(GenerationFields):
     rows: int | None = Field(None, ge=0, description="rows of the given image to keep, 0..H-1; absent: H // 2")
 
     _rows = field_validator("rows", mode="wrap")(in_range(0))
+    _rows_integer = field_validator("rows", mode="before")(json_typed("an integer"))
 
 
 class CompleteRequest(CompleteFields):
@@ -104,6 +129,7 @@ class LikelihoodFields(BaseModel):
     per_pixel: bool = Field(False, description="add per_pixel_nll and heatmap_png to each result")
 
     _label = field_validator("label", mode="wrap")(check_label_type)
+    _per_pixel = field_validator("per_pixel", mode="before")(json_bool)
 
 
 class LikelihoodRequest(LikelihoodFields):
