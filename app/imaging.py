@@ -64,7 +64,8 @@ def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndar
         picture = Image.open(io.BytesIO(data))
         picture.load()
     except Exception as error:  # PIL raises many types for bad bytes
-        raise ImageDecodeError(f"could not read the image ({error}); expected a PNG, JPEG, BMP or WebP file") from None
+        reason = "unknown or damaged image format" if "cannot identify" in str(error) else str(error)
+        raise ImageDecodeError(f"could not read the image ({reason}); expected a PNG, JPEG, BMP or WebP file") from None
     if picture.size != (width, height):
         raise ImageDecodeError(
             f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}"

@@ -108,16 +108,18 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> InvalidRequest:
     for error in errors:
         loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "form")]
         field = ".".join(loc) or None
-        first_field = first_field or field
         message = error.get("msg", "invalid value")
         if error.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            message, field = "the request body is not valid JSON", None  # loc is a character position
+        elif error.get("type") == "model_type" and not field:
+            message = "the request body must be a JSON object"
         elif error.get("type") == "extra_forbidden":
             message = "unknown field"
         elif error.get("type") == "value_error":
             message = message.removeprefix("Value error, ")
         elif error.get("type") == "missing" and not field:
             message = "a JSON request body is required"
+        first_field = first_field or field
         parts.append(f"{field}: {message}" if field else message)
     return InvalidRequest("; ".join(parts) or "invalid request", field=first_field)
 
