@@ -111,7 +111,7 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> InvalidRequest:
         message = error.get("msg", "invalid value")
         if error.get("type") == "json_invalid":
             message, field = "the request body is not valid JSON", None  # loc is a character position
-        elif error.get("type") == "model_type" and not field:
+        elif error.get("type") in ("model_type", "model_attributes_type", "dict_type") and not field:
             message = "the request body must be a JSON object"
         elif error.get("type") == "extra_forbidden":
             message = "unknown field"
