@@ -456,3 +456,25 @@ async def test_metrics_pass_promtool_check(serve):
         text = (await client.get("/metrics")).text
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_the_grafana_dashboard_only_uses_metrics_the_server_exports(serve):
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy/grafana/pixelcnn-dashboard.json").read_text())
+    async with serve() as (_, client):
+        await client.post("/sample", json={"n": 1, "seed": 1})
+        await client.post("/sample", json={"n": 0})
+        image = (await client.post("/sample", json={"n": 1}, headers={"Accept": "image/png"})).content
+        await client.post("/likelihood", files={"image": ("x.png", image, "image/png")})
+        exported = {line.split("{")[0].split(" ")[0] for line in (await client.get("/metrics")).text.splitlines()
+                    if line and not line.startswith("#")}
+        exported |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported}
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"\b(pixelcnn_[a-z_]+|process_[a-z_]+)", target["expr"])}
+    for name in used:  # engine error counters appear only once an error happened: check the family name
+        family = name.removesuffix("_total")
+        assert name in exported or any(e.startswith(family) for e in exported) or "errors" in name, name
+    assert len(dashboard["panels"]) >= 8
