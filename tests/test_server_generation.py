@@ -529,3 +529,29 @@ async def test_a_failing_likelihood_pass_is_a_500_engine_error(serve):
         assert without_request_id(response.json(), response) == {
             "error": {"type": "engine_error", "message": "the likelihood pass failed (MemoryError: out of memory)"}}
         assert (await client.post("/likelihood", files=files)).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory):
+    """One 96x96 model: an image takes seconds, far longer than the time limits set below."""
+    root = tmp_path_factory.mktemp("slow_store")
+    save(tiny_model("gated", 1, size=96, layers=2, seed=5).float(), root / "slow")
+    return root
+
+
+async def test_a_request_past_the_time_limit_is_stopped_with_a_clear_error(serve, slow_store):
+    async with serve(model_store=slow_store, model="slow", request_timeout_s=0.5) as (app, client):
+        engine = app.state.registry.models["slow"].engine
+        plain = await client.post("/sample", json={"n": 2, "seed": 1})
+        assert plain.status_code == 503 and plain.json()["error"]["type"] == "timeout"
+        assert "longer than the server's limit of 0.5 s (PIXELCNN_REQUEST_TIMEOUT_S)" in plain.json()["error"]["message"]
+        streamed = await client.post("/sample", json={"n": 1, "seed": 2, "stream": True})
+        events = sse_events(streamed.text)
+        assert events[0][0] == "row" and events[-1][0] == "error"
+        assert events[-1][1]["error"]["type"] == "timeout"
+        for _ in range(200):  # the engine let go of both
+            if engine.stats()["active_images"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats()["active_images"] == 0 and engine.stats()["requests_cancelled"] == 2
+        assert 'pixelcnn_failures_total{reason="timeout"} 2.0' in (await client.get("/metrics")).text

@@ -13,7 +13,6 @@ from .metrics import ServerMetrics
 from .registry import ModelRegistry
 from .settings import Settings
 
-
 # All async: FastAPI runs a plain `def` dependency in its thread pool, a hop per dependency per request
 # that these lookups do not need (and that slowed bursts of requests when the decode lanes are busy).
 

@@ -2,7 +2,7 @@
 
 Status codes: 400 invalid_request (any bad input, including FastAPI's validation errors, so clients need
 one rule), 401 unauthorized, 404 not_found, 405 method_not_allowed, 413 payload_too_large,
-415 unsupported_media_type, 503 overloaded (with Retry-After) or not_ready, 500 engine_error (a prefill,
+415 unsupported_media_type, 503 overloaded (with Retry-After), not_ready or timeout (past PIXELCNN_REQUEST_TIMEOUT_S), 500 engine_error (a prefill,
 decode step or likelihood pass failed, e.g. out of memory; the message says which) or internal (a bug,
 never bad input). Routes raise ApiError subclasses; the handlers below turn them, and the framework's own
 errors, into responses and count them in the failures metric.
@@ -75,6 +75,13 @@ class Overloaded(ApiError):
 
 class NotReady(ApiError):
     status, type = 503, "not_ready"
+
+
+class RequestTimedOut(ApiError):
+    """The request ran past PIXELCNN_REQUEST_TIMEOUT_S; its engine work was stopped. GenerationRun.close()
+    counts it (a stream's timeout never reaches a handler)."""
+
+    status, type, counted = 503, "timeout", True
 
 
 class EngineFailed(ApiError):

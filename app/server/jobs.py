@@ -28,6 +28,7 @@ from .errors import (
     InvalidRequest,
     NotReady,
     Overloaded,
+    RequestTimedOut,
     error_body,
 )
 from .metrics import ServerMetrics
@@ -48,7 +49,7 @@ class GenerationRun:
     client that hangs up frees its batch slots at the next row without any per-row polling."""
 
     def __init__(self, model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
-                 metrics: ServerMetrics, stream_rows: bool) -> None:
+                 metrics: ServerMetrics, stream_rows: bool, time_limit_s: float) -> None:
         self.model = model
         self.engine_request = engine_request
         self.completion = completion  # /complete: the response reports the known rows
@@ -60,6 +61,8 @@ class GenerationRun:
         self.failed = False
         self.closed = False
         self.cancelled = False
+        self.timed_out = False
+        self.time_limit_s = time_limit_s
         try:
             self.stream = model.engine.submit(engine_request, rows=stream_rows)
         except QueueFullError as error:
@@ -68,7 +71,9 @@ class GenerationRun:
             raise InvalidRequest(str(error)) from None
         except EngineStoppedError as error:
             raise NotReady(f"model {model.name!r} is not serving ({error}); retry") from None
-        self.watcher = asyncio.get_running_loop().create_task(self._cancel_on_disconnect())
+        loop = asyncio.get_running_loop()
+        self.watcher = loop.create_task(self._cancel_on_disconnect())
+        self.timer = loop.create_task(self._cancel_at_time_limit())
 
     @property
     def elapsed_s(self) -> float:
@@ -88,6 +93,16 @@ class GenerationRun:
         while (await self.request.receive())["type"] != "http.disconnect":
             pass
         await self._cancel()  # ends events() too, which then returns without a result
+
+    async def _cancel_at_time_limit(self) -> None:
+        await asyncio.sleep(self.time_limit_s)
+        if not self.finished:
+            self.timed_out = True
+            await self._cancel()  # events() ends; result() and sse() report the time limit
+
+    def _timeout_error(self) -> RequestTimedOut:
+        return RequestTimedOut(f"the request took longer than the server's limit of {self.time_limit_s:g} s "
+                               "(PIXELCNN_REQUEST_TIMEOUT_S) and was stopped; ask for fewer images or retry")
 
     async def _cancel(self) -> None:
         if not (self.finished or self.cancelled):
@@ -128,8 +143,11 @@ class GenerationRun:
             return
         self.closed = True
         self.watcher.cancel()
+        self.timer.cancel()
         if not self.finished:
-            if not self.failed:
+            if self.timed_out:
+                self.metrics.failures.labels(reason=RequestTimedOut.type).inc()
+            elif not self.failed:
                 self.metrics.failures.labels(reason=ClientDisconnected.type).inc()
             with anyio.CancelScope(shield=True):
                 await self._cancel()
@@ -141,6 +159,8 @@ class GenerationRun:
                 async for event in events:
                     if isinstance(event, SampleResult):
                         return event
+            if self.timed_out:
+                raise self._timeout_error()
             raise ClientDisconnected("the client disconnected; the generation was cancelled")
         finally:
             await self.close()
@@ -155,6 +175,8 @@ class GenerationRun:
                         yield sse_event("done", self.body(event))
                     else:
                         yield sse_event("row", row_data(event.row, event.pixels))
+            if self.timed_out:
+                yield sse_event("error", self._timeout_error().body())
         except Exception as error:  # noqa: BLE001 - reported to the client as an event
             self.metrics.failures.labels(reason="stream_error").inc()
             yield sse_event("error", stream_error_body(error))

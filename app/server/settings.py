@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         "1 on a GPU; on a CPU one per `threads` usable CPUs (affinity, cgroup quota), at most 8",
     )
     max_batch_images: int = Field(64, ge=1, description="images decoded together by one lane's step")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a generation running longer is stopped: a 503 `timeout`, or an `error` event "
+        "in a stream; a stream whose client stopped reading is cut this long (plus 5 s) after it started",
+    )
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long running requests may take to finish before the rest "
         "end with an error event naming the shutdown (keep below the orchestrator's grace period)",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -24,7 +26,10 @@ from ..schemas import (
     GenerationResponse,
     SampleRequest,
 )
+from ..settings import Settings
 from .docs import upload_body
+
+log = logging.getLogger("pixelcnn.server")
 
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -43,7 +48,8 @@ async def sample(
     body: SampleRequest, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Response:
     model = registry.get(body.model)
-    return await respond(model, generation_request(model, body, settings), False, request, metrics, body.stream)
+    engine_request = generation_request(model, body, settings)
+    return await respond(model, engine_request, False, request, metrics, settings, body.stream)
 
 
 @router.post(
@@ -59,15 +65,16 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
     model = registry.get(fields.model)
     known = decode_images(model, files, settings, "image")
     engine_request = generation_request(model, fields, settings, known, fields.rows)
-    return await respond(model, engine_request, True, request, metrics, fields.stream)
+    return await respond(model, engine_request, True, request, metrics, settings, fields.stream)
 
 
 async def respond(model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
-                  metrics: ServerMetrics, stream: bool) -> Response:
+                  metrics: ServerMetrics, settings: Settings, stream: bool) -> Response:
     fmt = choose_format(request.headers.get("accept"), stream)
     request.state.model, request.state.images = model.name, engine_request.n  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
-    run = GenerationRun(model, engine_request, completion, request, metrics, stream_rows=fmt == "sse")
+    run = GenerationRun(model, engine_request, completion, request, metrics, stream_rows=fmt == "sse",
+                        time_limit_s=settings.request_timeout_s)
     if fmt == "sse":
         headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed)}
         return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
@@ -76,6 +83,9 @@ async def respond(model: ServedModel, engine_request: GenerationRequest, complet
         return Response(generation_png(result), media_type="image/png",
                         headers=generation_headers(model, result, run.seed))
     return JSONResponse(run.body(result))
+
+
+CUT_GRACE_S = 5.0
 
 
 class RunStreamingResponse(StreamingResponse):
@@ -87,7 +97,14 @@ class RunStreamingResponse(StreamingResponse):
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A client that stops reading blocks the body in `send`, where no error event can reach it: past
+        # the time limit (and a grace for the error event itself) the response is cut, which closes the
+        # connection and frees everything the stream held.
         try:
-            await super().__call__(scope, receive, send)
+            with anyio.move_on_after(self.run.time_limit_s + CUT_GRACE_S) as scope_:
+                await super().__call__(scope, receive, send)
+            if scope_.cancelled_caught:
+                log.warning("stream cut: its client read nothing for the request's time limit")
+                self.run.metrics.failures.labels(reason="stream_cut").inc()
         finally:
             await self.run.close()
