@@ -146,6 +146,9 @@ async def test_metrics(serve):
             'pixelcnn_engine_requests_completed_total{model="gray"} 1.0',
             'pixelcnn_engine_rows_decoded_total{model="gray"} 8.0',
             '# TYPE pixelcnn_engine_active_requests gauge',
+            'pixelcnn_queue_wait_seconds_count{model="gray"} 1.0',  # one request joined a batch
+            'pixelcnn_row_decode_seconds_count{model="gray"} 8.0',  # 8 decode steps
+            '# TYPE pixelcnn_row_decode_seconds histogram',
         ):
             assert line in text, line
         assert "pixelcnn_engine_requests_completed{" not in text  # no gauge twin of a counter

@@ -132,6 +132,26 @@ class Stream:
         raise EngineStoppedError("the stream ended without a result")
 
 
+TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class TimeHistogram:
+    """Cumulative counts of durations per upper bound (seconds) and their sum; what a Prometheus
+    histogram exports, kept here so that the engine needs no metrics library. Changed under a lock."""
+
+    def __init__(self, bounds: tuple[float, ...] = TIME_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.total_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))] += 1
+        self.total_s += seconds
+
+    def snapshot(self) -> dict:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total_s}
+
+
 class _Lane:
     """One decode thread and the batch it runs: its requests and their caches, which only it touches."""
 
@@ -182,6 +202,8 @@ class Engine:
         self._stopping = False
         self._counters = collections.Counter()  # changed under the lock
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # under the lock
+        self._queue_wait = TimeHistogram()  # submit -> joining a lane's batch, under the lock
+        self._row_time = TimeHistogram()  # one decode step (a row of every image in a lane), under the lock
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -231,6 +253,7 @@ class Engine:
                 batch_sizes.update(lane.batch_sizes)
             rows_per_lane = [lane.counters["rows_decoded"] for lane in self._lanes]
             sizes = list(self._batch_sizes)
+            timings = {"queue_wait_seconds": self._queue_wait.snapshot(), "row_decode_seconds": self._row_time.snapshot()}
         return {
             "lanes": len(self._lanes),
             "queue_size": waiting,
@@ -242,6 +265,7 @@ class Engine:
             "max_batch_size_seen": max(sizes, default=0),
             "recent_batch_sizes": sizes[-50:],
             "batch_sizes_seen": dict(batch_sizes),  # decode steps per batch size, all lanes
+            "histograms": timings,
             "rows_decoded_per_lane": rows_per_lane,
             **dict(counters),
             "rejected_queue_full": counters["rejected_queue_full"] + self.scorer.rejected,
@@ -346,6 +370,7 @@ class Engine:
                     break
                 self._waiting.popleft()
                 lane.images += job.n
+                self._queue_wait.observe(time.perf_counter() - job.submitted)
                 joined.append(job)
         if not joined:
             return
@@ -385,7 +410,9 @@ class Engine:
         temperatures = torch.cat(
             [torch.full((job.n, 1), float(job.request.temperature), dtype=torch.float64) for job in lane.active]
         )
+        step_started = time.perf_counter()
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
+        step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
 
@@ -417,6 +444,7 @@ class Engine:
             lane.counters.update(counts)
             lane.batch_sizes[uniforms.shape[0]] += 1
             self._batch_sizes.append(uniforms.shape[0])
+            self._row_time.observe(step_s)
         # Results last: whoever receives one sees an engine that has already let go of the request.
         for job in finished:
             job.deliver(SampleResult(job.canvas.to(torch.uint8).cpu(), job.labels, job.log_prob.clone()))

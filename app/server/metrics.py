@@ -81,6 +81,14 @@ class EngineCollector(Collector):
         batches = HistogramMetricFamily("pixelcnn_batch_size", "images per engine decode step", labels=["model"])
         recent_mean = GaugeMetricFamily("pixelcnn_batch_size_recent_mean", "mean images per decode step over the "
                                         "engine's recent window", labels=["model"])
+        timings = {
+            "queue_wait_seconds": HistogramMetricFamily(
+                "pixelcnn_queue_wait_seconds", "from a generation request's arrival to its joining a decode batch",
+                labels=["model"]),
+            "row_decode_seconds": HistogramMetricFamily(
+                "pixelcnn_row_decode_seconds", "one decode step: a row of every image in a lane's batch",
+                labels=["model"]),
+        }
         extra: dict[str, Metric] = {}
         for model in served:
             loaded.add_metric([model.name, str(model.engine.running).lower()], 1)
@@ -91,6 +99,10 @@ class EngineCollector(Collector):
             if isinstance(seen, Mapping) and seen:
                 buckets, total = _histogram(seen)
                 batches.add_metric([model.name], buckets, total)
+            for key, family in timings.items():
+                histogram = stats.get("histograms", {}).get(key)
+                if histogram:
+                    family.add_metric([model.name], *_time_buckets(histogram))
             recent = stats.get("recent_batch_sizes")  # a window of the last steps' sizes
             if isinstance(recent, (list, tuple)) and recent:
                 recent_mean.add_metric([model.name], sum(recent) / len(recent))
@@ -103,7 +115,17 @@ class EngineCollector(Collector):
                         family = CounterMetricFamily if key in ENGINE_COUNTERS else GaugeMetricFamily
                         extra[name] = family(name, f"engine.stats()[{key!r}]", labels=["model"])
                     extra[name].add_metric([model.name], float(value))
-        yield from (loaded, queue, active, batches, recent_mean, *extra.values())
+        yield from (loaded, queue, active, batches, recent_mean, *timings.values(), *extra.values())
+
+
+def _time_buckets(histogram: Mapping) -> tuple[list[tuple[str, float]], float]:
+    """The engine's {bounds, counts per bound (+ one above), sum} -> cumulative Prometheus buckets, sum."""
+    buckets, cumulative = [], 0
+    for bound, count in zip(histogram["bounds"], histogram["counts"]):
+        cumulative += count
+        buckets.append((repr(float(bound)), cumulative))
+    buckets.append(("+Inf", cumulative + histogram["counts"][-1]))
+    return buckets, float(histogram["sum"])
 
 
 def _histogram(counts: Mapping) -> tuple[list[tuple[str, float]], float]:
