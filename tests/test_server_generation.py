@@ -555,3 +555,36 @@ async def test_a_request_past_the_time_limit_is_stopped_with_a_clear_error(serve
             await asyncio.sleep(0.01)
         assert engine.stats()["active_images"] == 0 and engine.stats()["requests_cancelled"] == 2
         assert 'pixelcnn_failures_total{reason="timeout"} 2.0' in (await client.get("/metrics")).text
+
+
+async def test_a_stream_whose_client_stops_reading_is_cut_and_frees_everything(serve, slow_store, monkeypatch):
+    """The client sends its request, then never reads: the body's first `send` blocks forever. Past the
+    time limit (plus the grace for the error event) the response is cut, the engine lets go of the
+    request, and the failure is counted as `stream_cut`."""
+    import app.server.routes.generation as generation
+
+    monkeypatch.setattr(generation, "CUT_GRACE_S", 0.2)
+    async with serve(model_store=slow_store, model="slow", request_timeout_s=0.3) as (app, client):
+        body = json.dumps({"n": 1, "seed": 1, "stream": True}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/sample", "raw_path": b"/sample", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                              (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+        sent_body = False
+
+        async def receive():
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client never hangs up
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                await asyncio.Event().wait()  # ... and never reads
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=10)
+        engine = app.state.registry.models["slow"].engine
+        assert engine.stats()["active_images"] == 0 and engine.stats()["queue_size"] == 0
+        assert 'pixelcnn_failures_total{reason="stream_cut"} 1.0' in (await client.get("/metrics")).text
