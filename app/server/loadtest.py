@@ -49,8 +49,9 @@ def scrape(text: str) -> dict[str, float]:
 
 
 class Load:
-    def __init__(self, client: httpx.AsyncClient, image_png: bytes, seed: int) -> None:
+    def __init__(self, client: httpx.AsyncClient, image_png: bytes, seed: int, scenarios: dict[str, int]) -> None:
         self.client = client
+        self.scenarios = scenarios
         self.image_png = image_png
         self.height = Image.open(io.BytesIO(image_png)).height
         self.rng = random.Random(seed)
@@ -108,7 +109,7 @@ class Load:
                 self.record(scenario, started, f"stream ended with {last_event}", "")
 
     async def client_loop(self, deadline: float) -> None:
-        names, weights = list(SCENARIOS), list(SCENARIOS.values())
+        names, weights = list(self.scenarios), list(self.scenarios.values())
         while time.perf_counter() < deadline:
             await self.one(self.rng.choices(names, weights)[0])
 
@@ -117,12 +118,15 @@ async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
     return scrape((await client.get("/metrics")).text)
 
 
-async def run_load(url: str, clients: int, duration_s: float, seed: int, warmup_s: float) -> dict:
+async def run_load(url: str, clients: int, duration_s: float, seed: int, warmup_s: float,
+                   scenarios: dict[str, int] | None = None) -> dict:
+    """`scenarios`: a subset of SCENARIOS (name: weight); all of them by default."""
+    scenarios = scenarios or SCENARIOS
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         first = await client.post("/sample", json={"n": 1, "seed": seed}, headers={"Accept": "image/png"})
         first.raise_for_status()
-        load = Load(client, first.content, seed)
+        load = Load(client, first.content, seed, scenarios)
         at_start = await metrics(client)
         started = time.perf_counter()
         deadline = started + duration_s
@@ -181,9 +185,16 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds before the warm-up RSS reading")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", help=f"comma-separated scenarios to run (default all: {', '.join(SCENARIOS)})")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = asyncio.run(run_load(args.url, args.clients, args.duration, args.seed, args.warmup))
+    scenarios = SCENARIOS
+    if args.only:
+        unknown = set(args.only.split(",")) - set(SCENARIOS)
+        if unknown:
+            parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+        scenarios = {name: SCENARIOS[name] for name in args.only.split(",")}
+    result = asyncio.run(run_load(args.url, args.clients, args.duration, args.seed, args.warmup, scenarios))
     print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
     if not args.json:
         print_report(result)
