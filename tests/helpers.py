@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -50,18 +49,14 @@ def tiny_model(
     return model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(store: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """A real `pixelcnn serve` of `store` on a free loopback port, once /ready says so: (process, url)."""
     import httpx
     import pytest
 
     import tempfile
+
+    from app.server.bench import free_port
 
     port = free_port()
     env = {**os.environ, **(env or {})}

@@ -195,8 +195,9 @@ def run(argv: list[str] | None = None) -> int:
             parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
         scenarios = {name: SCENARIOS[name] for name in args.only.split(",")}
     result = asyncio.run(run_load(args.url, args.clients, args.duration, args.seed, args.warmup, scenarios))
-    print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
-    if not args.json:
+    if args.json:
+        print(json.dumps(result))
+    else:
         print_report(result)
     ok = result["unexpected_errors"] == 0 and result["all_freed_after_s"] is not None
     return 0 if ok else 1
