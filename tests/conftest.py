@@ -101,6 +101,7 @@ def serve(server_store: Path):
     """`async with serve(**settings) as (app, client)`: the real app on the test store, lifespan run, with an
     httpx.AsyncClient on it. Settings default to the store above, 'gray' as the default model, 1 torch thread
     (batched decoding with 2 threads on this busy 2-core machine is ~100x slower)."""
+    import asyncio
     from contextlib import asynccontextmanager
 
     import httpx
@@ -114,6 +115,8 @@ def serve(server_store: Path):
         app = create_app(settings, engine_factory=engine_factory)
         with torch_threads(torch.get_num_threads()):  # the app sets 1 thread process-wide: restore it after
             async with app.router.lifespan_context(app):
+                while app.state.registry.loading:  # the models load in the background; wait for the outcome
+                    await asyncio.sleep(0.01)
                 transport = httpx.ASGITransport(app=app)
                 async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
                     yield app, client

@@ -1,15 +1,15 @@
-"""The FastAPI application: `create_app(settings)`; models are loaded in the lifespan, never at import.
+"""The FastAPI application: `create_app(settings)`; models are loaded once the server listens (in the
+background, so /health answers and /ready says 503 "loading models" meanwhile), never at import.
 
     uvicorn --factory app.server.app:create_app      # or: pixelcnn serve
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
@@ -20,14 +20,11 @@ from .metrics import MetricsMiddleware, ServerMetrics
 from .registry import (
     EngineFactory,
     ModelRegistry,
-    build_registry,
     default_engine_factory,
-    load_models,
+    load_and_start,
 )
 from .routes import generation, health, likelihood, metrics, models
 from .settings import Settings
-
-log = logging.getLogger("pixelcnn.server")
 
 DESCRIPTION = """Sample, complete and score images with PixelCNN models.
 
@@ -64,17 +61,16 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             from app.engine import set_cpu_threads
 
             set_cpu_threads(settings.threads)  # process-wide: the engines' decode threads follow it
-        # torch loading blocks for seconds: keep it off the event loop thread.
-        loaded, default, problems = await anyio.to_thread.run_sync(load_models, settings)
-        registry = build_registry(loaded, default, problems, settings, factory)
-        await registry.start()
-        app.state.registry = registry
-        for problem in registry.problems:
-            log.warning("%s", problem)
-        log.info("serving %s (default %s)", ", ".join(sorted(registry.models)) or "no model", registry.default)
+        # The load runs beside the server rather than before it: uvicorn opens its port only when the
+        # lifespan has started, and a gateway or orchestrator should see /health 200 and /ready 503
+        # (not a refused connection) while a replica loads.
+        registry = app.state.registry = ModelRegistry(loading=True)
+        loader = asyncio.create_task(load_and_start(registry, settings, factory))
         try:
             yield
         finally:
+            loader.cancel()  # a shutdown during the load: stop loading, then stop what has started
+            await asyncio.wait([loader])
             await registry.stop()
             app.state.registry = ModelRegistry(problems=["shutting down"])
 

@@ -40,7 +40,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def serve_in_thread(app: Any, host: str = "127.0.0.1", startup_timeout_s: float = 60.0) -> Iterator[str]:
-    """Run `app` with uvicorn in a background thread; yields its base URL, stops it on exit."""
+    """Run `app` with uvicorn in a background thread; yields its base URL once the app has finished
+    loading its models (successfully or not: /ready says which), stops it on exit."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=free_port(host), log_level="warning", lifespan="on")
@@ -48,7 +49,7 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", startup_timeout_s: float 
     thread = threading.Thread(target=server.run, name="pixelcnn-bench-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
-    while not server.started:
+    while not server.started or app.state.registry.loading:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
             raise RuntimeError("the in-process server did not start")

@@ -1,7 +1,9 @@
-"""The models being served: discovered in the model store, loaded in the lifespan, each behind an Engine.
+"""The models being served: discovered in the model store, loaded in the background once the server
+listens (`load_and_start`), each behind an Engine.
 
 Loading never raises: a model that cannot be loaded is recorded as a problem, so the server still
-starts, /health answers and /ready explains in words why it is not ready.
+starts, /health answers and /ready explains in words why it is not ready (503 "loading models" while
+the load runs).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from app.model import ModelConfig, pick_device
 from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
@@ -69,12 +73,15 @@ class ModelRegistry:
     default: str | None = None
     problems: list[str] = field(default_factory=list)
     draining: str | None = None  # set on shutdown: /ready turns 503 and new work is refused with it
+    loading: bool = False  # true until load_and_start has loaded the models and started their engines
 
     @property
     def not_ready_reason(self) -> str | None:
         """None when ready: the default model is loaded and every engine is running."""
         if self.draining:
             return self.draining
+        if self.loading:
+            return "loading models"
         if not self.models:
             return "; ".join(self.problems) or "no model is loaded"
         if self.default not in self.models:
@@ -88,6 +95,8 @@ class ModelRegistry:
         """The named model, or the default; 404 naming what is available."""
         if self.draining:
             raise NotReady(f"{self.draining}; retry on another replica")
+        if self.loading:
+            raise NotReady("the server is still loading its models; retry shortly or on another replica")
         if not self.models:
             raise NotReady(f"no model is loaded: {self.not_ready_reason}")
         wanted = name if name is not None else self.default
@@ -222,3 +231,25 @@ def build_registry(
             item.name, item.path, item.model.config, engine, parameters, item.metrics
         )
     return registry
+
+
+async def load_and_start(registry: ModelRegistry, settings: Settings, factory: EngineFactory) -> None:
+    """Fill `registry` in place (the drain on SIGTERM holds the same object) and start its engines, then
+    clear `loading`. Run as a task once the server listens, so /health answers during the load. Any
+    failure ends up in `problems`, which /ready reports. Cancelled (shutdown during the load), it leaves
+    the torch load to finish in its thread and drops the result; whatever engine started is in
+    `registry.models`, so the lifespan's `registry.stop()` stops it."""
+    try:
+        # torch loading blocks for seconds: keep it off the event loop thread.
+        loaded, default, problems = await anyio.to_thread.run_sync(load_models, settings, abandon_on_cancel=True)
+        built = build_registry(loaded, default, problems, settings, factory)
+        registry.models, registry.default, registry.problems = built.models, built.default, built.problems
+        await registry.start()
+    except Exception as error:  # e.g. torch itself failing: say so in /ready instead of "loading" forever
+        log.exception("loading the models failed")
+        registry.problems.append(f"loading the models failed ({type(error).__name__}: {error})")
+    finally:
+        registry.loading = False
+    for problem in registry.problems:
+        log.warning("%s", problem)
+    log.info("serving %s (default %s)", ", ".join(sorted(registry.models)) or "no model", registry.default)
