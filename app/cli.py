@@ -239,8 +239,8 @@ def run_complete(args: argparse.Namespace) -> int:
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
                        "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
-                       "load (many clients, mixed routes, for a fixed time)")
-    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load"])
+                       "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx)")
+    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale"])
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(run=run_bench)
 
@@ -256,7 +256,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     module = {"model": "app.bench.model", "sampling": "app.bench.sampling", "http": "app.server.bench",
               "agreement": "app.bench.agreement", "quality": "app.bench.quality",
-              "load": "app.server.loadtest"}[args.what]
+              "load": "app.server.loadtest", "scale": "app.server.scale"}[args.what]
     return importlib.import_module(module).run(args.options)
 
 

@@ -106,15 +106,36 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def test_compose_service_port_and_healthcheck(compose):
+def test_compose_service_scales_behind_the_gateway(compose):
     service = compose["services"]["pixelcnn"]
     assert service["build"]["context"] == "."
-    assert any(str(port).endswith(":8000") for port in service["ports"])
+    # --scale pixelcnn=N: replicas cannot share a fixed host port; the gateway publishes one instead.
+    assert "ports" not in service and "container_name" not in service
+    assert [str(port) for port in service["expose"]] == ["8000"]
+    gateway = compose["services"]["gateway"]
+    assert any(str(port).endswith(":8080") for port in gateway["ports"])
     test = service["healthcheck"]["test"]
     assert test[0] in ("CMD", "CMD-SHELL") and "/health" in " ".join(test)
     assert service["restart"] in ("unless-stopped", "always", "on-failure")
     assert service["environment"]["PIXELCNN_HOST"] == "0.0.0.0"
-    assert "profiles" not in service  # the default service starts with a plain `up`
+    assert "profiles" not in service and "profiles" not in gateway  # both start with a plain `up`
+
+
+def test_compose_stop_grace_period_covers_the_drain(compose):
+    from app.server.settings import Settings
+
+    def seconds(text: str) -> float:
+        match = re.fullmatch(r"(\d+)s", text)
+        assert match, f"stop_grace_period {text!r}: expected whole seconds like 40s"
+        return float(match[1])
+
+    service = compose["services"]["pixelcnn"]
+    timeout_s = float(service["environment"]["PIXELCNN_SHUTDOWN_TIMEOUT_S"])
+    notice_s = Settings.model_fields["shutdown_notice_s"].default
+    assert seconds(service["stop_grace_period"]) >= timeout_s + notice_s + 5  # and a margin to exit
+    gateway = compose["services"]["gateway"]
+    assert gateway["stop_signal"] == "SIGQUIT"  # nginx's graceful stop lets open streams finish
+    assert seconds(gateway["stop_grace_period"]) >= timeout_s
 
 
 def test_compose_gpu_variant(compose):
@@ -128,12 +149,21 @@ def test_compose_gpu_variant(compose):
 
 def test_compose_gateway_and_nginx_conf(compose):
     gateway = compose["services"]["gateway"]
-    assert gateway["profiles"] == ["gateway"]
     assert any("deploy/nginx.conf" in volume for volume in gateway["volumes"])
+    # service_healthy would wait forever where health checks never run (podman without systemd).
+    assert gateway["depends_on"] == {"pixelcnn": {"condition": "service_started"}}
     conf = NGINX.read_text()
     for directive in ("proxy_buffering off;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
-                      "proxy_read_timeout 3600s;", "server pixelcnn:8000;"):
+                      "proxy_read_timeout 3600s;", "least_conn;", "server pixelcnn:8000 max_fails=2 fail_timeout=5s;",
+                      "proxy_next_upstream error timeout http_503 non_idempotent;", "proxy_next_upstream_tries 2;"):
         assert directive in conf, directive
+    # A body sent unbuffered cannot be sent again: retries on 503 need request buffering (nginx's default).
+    assert "proxy_request_buffering off" not in conf
+    # least_conn must come before keepalive in the upstream block (nginx applies them in that order).
+    upstream = re.search(r"upstream pixelcnn \{(.*?)\n    \}", conf, flags=re.DOTALL)[1]
+    directives = [line.strip().split()[0] for line in upstream.splitlines() if line.strip() and not
+                  line.strip().startswith("#")]
+    assert directives.index("least_conn;") < directives.index("keepalive")
     from app.server.settings import Settings
 
     size = re.search(r"client_max_body_size\s+(\d+)([kKmM]?);", conf)
@@ -142,7 +172,7 @@ def test_compose_gateway_and_nginx_conf(compose):
     assert int(size.group(1)) * factor == Settings.model_fields["max_upload_bytes"].default
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/python-base.Dockerfile"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/python-base.Dockerfile", "deploy/nginx.Dockerfile"])
 def test_hadolint_clean(dockerfile):
     hadolint = shutil.which("hadolint")
     if hadolint is None:
@@ -160,3 +190,29 @@ def test_docker_compose_config_valid():
         run = subprocess.run([compose_cli, "-f", str(COMPOSE), *profiles, "config", "-q"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60, check=False)
         assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_nginx_accepts_the_gateway_config(tmp_path):
+    """`nginx -t` of deploy/nginx.conf as compose runs it, with the replicas' name made resolvable
+    (rendered for loopback: the names are the only part that needs compose's DNS)."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    from app.server.gateway import render_gateway_config
+
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_gateway_config(NGINX.read_text(), ["127.0.0.1:8000"], "127.0.0.1:8080", tmp_path))
+    run = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+
+
+def test_smoke_script_parses_and_passes_shellcheck():
+    script = ROOT / "deploy" / "smoke.sh"
+    run = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not on PATH (apt-get install -y shellcheck)")
+    run = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr

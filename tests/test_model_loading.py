@@ -1,6 +1,7 @@
 """Models load in the background once the server listens: /health answers 200 at once, /ready answers
 503 "loading models" and the POST routes 503 not_ready until the load is done; a failed load is reported
-by /ready; a SIGTERM during the load drains and stops the server without waiting for the load.
+by /ready; a SIGTERM during the load drains and stops the server without waiting for the load (the
+process itself exits once the load's thread is done: a thread inside torch cannot be stopped safely).
 
 The slow load is the real `load_models` held in its worker thread until the test lets it go."""
 
@@ -26,14 +27,17 @@ class HeldLoad:
     """Replaces registry.load_models: the real load, run only once `release` is set."""
 
     def __init__(self) -> None:
-        self.started, self.release = threading.Event(), threading.Event()
+        self.started, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
         self.real = registry_module.load_models
 
     def __call__(self, settings: Settings):
         self.started.set()
-        if not self.release.wait(120):
-            raise TimeoutError("the test never released the load")
-        return self.real(settings)
+        try:
+            if not self.release.wait(120):
+                raise TimeoutError("the test never released the load")
+            return self.real(settings)
+        finally:
+            self.finished.set()
 
 
 @pytest.fixture
@@ -41,7 +45,9 @@ def held_load(monkeypatch):
     held = HeldLoad()
     monkeypatch.setattr(registry_module, "load_models", held)
     yield held
-    held.release.set()  # a thread still waiting finishes (its result is dropped)
+    held.release.set()  # a thread still waiting finishes (its result is dropped) before the next test
+    if held.started.is_set():
+        assert held.finished.wait(60)
 
 
 def settings_for(store, **overrides) -> Settings:
