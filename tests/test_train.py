@@ -23,6 +23,7 @@ from app.cli import main
 from app.data import load_dataset
 from app.evaluate import evaluate
 from app.model import ModelConfig, load, save
+from app.server.bench import free_port
 from app.train import TrainOptions, train
 from tests.conftest import TINY_MODEL_ARGS, torch_threads, write_tiny_npz
 from tests.helpers import tiny_model
@@ -225,39 +226,88 @@ def test_resume_of_a_finished_run_trains_no_further(tmp_path: Path, straight_run
 # ---- DDP ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "arch",
-    [
-        "gated",
-        "pixelcnn",
-    ],
-)
-def test_ddp_two_processes(tmp_path: Path, tiny_npz: Path, arch: str) -> None:
-    """torchrun with 2 CPU (gloo) processes trains the same model as one process: each rank takes half of the
-    same global batch, and DDP averages the gradients, so only the order of floating-point sums differs."""
-    args = ["--data", str(tiny_npz), "--arch", arch, *TINY_MODEL_ARGS]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "app.cli", "train", *args, "--threads", "1",
-        "--checkpoint-dir", str(tmp_path / "ddp_ck"), "--out", str(tmp_path / "ddp"),
-    ]
+def torchrun(launcher: list[str], train_args: list[str]) -> list[str]:
+    """A torchrun command (launcher options, then `pixelcnn train` with one torch thread per process)."""
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "app.cli", "train", *train_args,
+            "--threads", "1"]
+
+
+def run_together(commands: list[list[str]], timeout: float = 180) -> None:
+    """Start every command at once (the nodes of one run wait for each other) and require each to succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    metrics = read_metrics(tmp_path / "ddp")
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=Path(__file__).resolve().parents[1]) for command in commands]
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()  # only those still running after a timeout; a finished one ignores it
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+
+
+def ddp_train_args(data: Path, arch: str, root: Path) -> list[str]:
+    return ["--data", str(data), "--arch", arch, *TINY_MODEL_ARGS,
+            "--checkpoint-dir", str(root / "ck"), "--out", str(root / "m")]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path):
+    """The model folder of one process trained on the same global batches, per arch (trained once)."""
+    runs: dict[str, Path] = {}
+
+    def run(arch: str) -> Path:
+        if arch not in runs:
+            root = tmp_path_factory.mktemp(f"single-{arch}")
+            with torch_threads(1):
+                assert main(["train", *ddp_train_args(tiny_npz, arch, root)]) == 0
+            runs[arch] = root / "m"
+        return runs[arch]
+
+    return run
+
+
+def check_matches_single_process(ddp: Path, single: Path) -> None:
+    """A 2-process run trains the same model as one process: each rank takes half of the same global batch,
+    and DDP averages the gradients, so only the order of floating-point sums differs (float32 roundings of
+    ~1e-7 per step, which 12 Adam steps of lr 3e-3 leave far below 1e-4)."""
+    metrics = read_metrics(ddp)
     assert metrics["processes"] == 2
     assert metrics["steps"] == STEPS and metrics["images_seen"] == STEPS * 16
     assert metrics["command"].startswith("pixelcnn train")
+    single_weights = load_file(str(single / "model.safetensors"))
+    ddp_weights = load_file(str(ddp / "model.safetensors"))
+    assert single_weights.keys() == ddp_weights.keys()
+    for name in single_weights:
+        torch.testing.assert_close(ddp_weights[name], single_weights[name], rtol=0, atol=1e-4, msg=name)
+    assert metrics["test_bits_per_dim"] == pytest.approx(read_metrics(single)["test_bits_per_dim"], abs=1e-3)
 
-    assert main(["train", *args, "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "single")]) == 0
-    single = load_file(str(tmp_path / "single" / "model.safetensors"))
-    ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
-    assert single.keys() == ddp.keys()
-    for name in single:
-        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-4, msg=name)
-    assert metrics["test_bits_per_dim"] == pytest.approx(read_metrics(tmp_path / "single")["test_bits_per_dim"],
-                                                         abs=1e-3)
+
+@pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
+def test_ddp_two_processes(tmp_path: Path, tiny_npz: Path, single_process_run, arch: str) -> None:
+    """torchrun with 2 CPU (gloo) processes on one node."""
+    run_together([torchrun(["--standalone", "--nproc_per_node=2"], ddp_train_args(tiny_npz, arch, tmp_path))])
+    check_matches_single_process(tmp_path / "m", single_process_run(arch))
+
+
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_ddp_two_nodes(tmp_path: Path, tiny_npz: Path, single_process_run, rendezvous: str) -> None:
+    """Two torchrun launchers of one process each, as the two nodes of a multi-node run (README, "Training past
+    one machine"), meeting on loopback: through the c10d rendezvous (the same command on both nodes; the
+    rendezvous hands out the ranks), and through the static form with a node rank each (what the Kubernetes
+    Job in deploy/k8s/training does)."""
+    port = free_port()
+
+    def launcher(node_rank: int) -> list[str]:
+        if rendezvous == "c10d":
+            where = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-node-test"]
+        else:
+            where = [f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+        return ["--nnodes=2", "--nproc-per-node=1", *where]
+
+    train_args = ddp_train_args(tiny_npz, "gated", tmp_path)
+    run_together([torchrun(launcher(node_rank), train_args) for node_rank in (0, 1)])
+    check_matches_single_process(tmp_path / "m", single_process_run("gated"))
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
