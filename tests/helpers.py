@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,32 +47,19 @@ def tiny_model(
 
 
 def start_server(store: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """A real `pixelcnn serve` of `store` on a free loopback port, once /ready says so: (process, url)."""
-    import httpx
-    import pytest
-
+    """A real `pixelcnn serve` of `store` on a free loopback port (one lane, one thread), once /ready says
+    so: (process, url); `process.log_path` is its log."""
     import tempfile
 
-    from app.server.bench import free_port
+    import pytest
 
-    port = free_port()
-    env = {**os.environ, **(env or {})}
-    # The log goes to a file: a pipe nobody reads fills up (an access line per request) and blocks the server.
-    log = tempfile.NamedTemporaryFile("w+", prefix="pixelcnn-serve-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--model-store", str(store), "--port", str(port),
-         "--threads", "1", "--lanes", "1", "--device", "cpu"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    process.log_path = Path(log.name)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"server did not become ready: {process.log_path.read_text()}")
+    from app.server.gateway import Replica
+
+    replica = Replica(store, Path(tempfile.mkdtemp(prefix="pixelcnn-serve-")), env=env)
+    replica.process.log_path = replica.log_path
+    try:
+        replica.wait_ready(60)
+    except RuntimeError as error:
+        replica.stop()
+        pytest.fail(f"server did not become ready: {error}")
+    return replica.process, replica.url

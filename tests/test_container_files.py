@@ -150,6 +150,10 @@ def test_compose_gpu_variant(compose):
 def test_compose_gateway_and_nginx_conf(compose):
     gateway = compose["services"]["gateway"]
     assert any("deploy/nginx.conf" in volume for volume in gateway["volumes"])
+    # The command is deploy/gateway.sh (nginx, reloaded when the replicas' addresses change), mounted.
+    script = next(volume.split(":")[1] for volume in gateway["volumes"] if "deploy/gateway.sh" in volume)
+    assert gateway["command"] == ["sh", script]
+    assert "nginx -c \"$CONF\" -s reload" in (ROOT / "deploy" / "gateway.sh").read_text()
     # service_healthy would wait forever where health checks never run (podman without systemd).
     assert gateway["depends_on"] == {"pixelcnn": {"condition": "service_started"}}
     conf = NGINX.read_text()
@@ -207,9 +211,10 @@ def test_nginx_accepts_the_gateway_config(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
-def test_smoke_script_parses_and_passes_shellcheck():
-    script = ROOT / "deploy" / "smoke.sh"
-    run = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60, check=False)
+@pytest.mark.parametrize("script, shell", [("deploy/smoke.sh", "bash"), ("deploy/gateway.sh", "sh")])
+def test_shell_scripts_parse_and_pass_shellcheck(script, shell):
+    script = ROOT / script
+    run = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
