@@ -21,7 +21,7 @@ from tests.helpers import start_server, tiny_model
 def slow_store(tmp_path_factory) -> Path:
     """One model whose images take seconds to draw (96x96), so streams are open when the signal comes."""
     store = tmp_path_factory.mktemp("store")
-    save(tiny_model("gated", 1, size=96, layers=2, seed=8).float(), store / "slow")
+    save(tiny_model("gated", 1, size=96, layers=4, seed=8, hidden_channels=192).float(), store / "slow")
     return store
 
 

@@ -277,7 +277,7 @@ async def test_complete_input_errors(serve, kwargs, status, fragments, field):
 def tall_store(tmp_path_factory):
     """One 24x24 model: enough rows that a disconnect after the first row lands mid-generation."""
     root = tmp_path_factory.mktemp("tall_store")
-    save(tiny_model("gated", 1, size=24, layers=2, seed=4).float(), root / "tall")
+    save(tiny_model("gated", 1, size=24, layers=4, seed=4, hidden_channels=192).float(), root / "tall")
     return root
 
 
@@ -535,7 +535,7 @@ async def test_a_failing_likelihood_pass_is_a_500_engine_error(serve):
 def slow_store(tmp_path_factory):
     """One 96x96 model: an image takes seconds, far longer than the time limits set below."""
     root = tmp_path_factory.mktemp("slow_store")
-    save(tiny_model("gated", 1, size=96, layers=2, seed=5).float(), root / "slow")
+    save(tiny_model("gated", 1, size=96, layers=4, seed=5, hidden_channels=192).float(), root / "slow")
     return root
 
 

@@ -38,6 +38,7 @@ from app.model.gated import GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
+from .native import NativeGatedDecoder, NativePixelCNNDecoder, load_kernel
 from .protocol import row_uniforms, start_sampling
 
 from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder, scaled_gate, tanh_half_scale
@@ -350,8 +351,11 @@ class CachedSampler:
     per layer per pixel; elsewhere it is off (the copies cost more than they save) but can be forced for
     testing the same code path eagerly.
 
-    `compiled`: run the row decoder compiled with TorchScript (the default: faster, and GIL-free, which is
-    what lets the engine's decode lanes run in parallel) or as the plain module it also is.
+    `compiled`: run the row loop compiled (the default: faster, and GIL-free, which is what lets the
+    engine's decode lanes run in parallel) or as the plain module it also is. Compiled means, for a
+    float32 model on the CPU, the C kernel of native.py when it builds, else TorchScript.
+    The C kernel computes every image on its own, so it needs no padding to 2 images (only the chunk
+    padding of the vertical stack's elementwise ops, see `padded_batch`).
     """
 
     def __init__(self, model: nn.Module, static_rows: bool | None = None, compiled: bool = True) -> None:
@@ -361,12 +365,18 @@ class CachedSampler:
             self.impl = CachedGated(model) if isinstance(model, GatedPixelCNN) else CachedPixelCNN(model)
         self.decoder = script(self.impl.decoder) if compiled else self.impl.decoder
         on_cuda = self.device.type == "cuda"
+        self.native = None
+        gated = isinstance(self.impl, CachedGated)
+        if compiled and not on_cuda and next(model.parameters()).dtype == torch.float32:
+            library = load_kernel()
+            if library is not None:
+                native = NativeGatedDecoder if gated else NativePixelCNNDecoder
+                self.native = native(library, self.impl.decoder, self.config.width, self.config.image_channels)
         if on_cuda:
             full_float32_on_cuda()
         self.batch_quantum = CUDA_BATCH if on_cuda else self.impl.batch_quantum
         if static_rows is None:
             static_rows = on_cuda
-        gated = isinstance(self.impl, CachedGated)
         buckets = (CUDA_BATCH,) if on_cuda else (2, 4, 8, 16, 32, 64)
         self.static_rows = StaticRows(self, capture=on_cuda, buckets=buckets) if static_rows and gated else None
 
@@ -385,6 +395,9 @@ class CachedSampler:
     def padded_batch(self, batch: int) -> int:
         """The batch size a step of `batch` images runs at (see the class docstring)."""
         q = self.batch_quantum
+        if self.native is not None:  # only the gated vertical stack's (B, W, 2n) elementwise ops need chunks
+            q = 32 // math.gcd(self.config.width * 2 * self.impl.n, 32) if isinstance(self.impl, CachedGated) else 1
+            return -(-batch // q) * q
         return max(2, -(-batch // q) * q)
 
     @torch.no_grad()
@@ -435,6 +448,9 @@ class CachedSampler:
         log_prob: torch.Tensor,
     ) -> None:
         """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place."""
+        if self.native is not None:
+            self.native(self.impl.row_state(state), uniforms, temperature, row, log_prob)
+            return
         with exact_execution():
             self.decoder(self.impl.row_state(state), uniforms, temperature, row, log_prob)
 
