@@ -102,6 +102,20 @@ class Distributed:
         if self.world > 1:
             dist.barrier()
 
+    def require_same_start(self, step: int, checkpoint_dir: Path) -> None:
+        """On --resume, every process must start at the same step. A node that does not see rank 0's
+        checkpoint folder (not on shared storage) would start over while the others resume: the processes
+        would then train on different batches with different Adam states and wait for each other at the
+        end. Stop all of them with the reason instead."""
+        if self.world == 1:
+            return
+        steps: list[int | None] = [None] * self.world
+        dist.all_gather_object(steps, step)
+        if len(set(steps)) > 1:
+            by_rank = ", ".join(f"rank {rank}: step {start}" for rank, start in enumerate(steps))
+            raise SystemExit(f"--resume: the processes would start at different steps ({by_rank}); every node "
+                             f"must see the same checkpoint folder {checkpoint_dir} (shared storage)")
+
     def close(self) -> None:
         if self.world > 1:
             dist.destroy_process_group()
@@ -163,6 +177,8 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
         if ranks.main:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             config.save(checkpoint_dir / "config.json")
+    if options.resume:
+        ranks.require_same_start(state["step"], checkpoint_dir)
     # static_graph: the gated model's last `residual` conv never reaches the loss (only its skip output is used);
     # without it DDP waits for that parameter's gradient and fails at the second step.
     ddp_model = nn.parallel.DistributedDataParallel(model, static_graph=True) if ranks.world > 1 else model
