@@ -50,7 +50,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PIXELCNN_HOST=0.0.0.0 \
     PIXELCNN_PORT=8000 \
-    PIXELCNN_MODEL_STORE=/srv/model_store
+    PIXELCNN_MODEL_STORE=/srv/model_store \
+    PIXELCNN_KERNEL_CACHE=/tmp/pixelcnn-kernels
+
+# A C compiler: the sampler builds its per-pixel kernel for this CPU at first start (app/engine/native.py,
+# about a second, into PIXELCNN_KERNEL_CACHE); without one it runs the slower TorchScript decoder.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --gid 10001 pixelcnn \
     && useradd --uid 10001 --gid pixelcnn --home-dir /srv --no-create-home --shell /usr/sbin/nologin pixelcnn
