@@ -362,6 +362,7 @@ def test_bench_model_json(capsys: pytest.CaptureFixture) -> None:
 
 def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from app.bench.sampling import run
+    from app.engine import native
 
     save(tiny_model("gated", 1, size=6, num_classes=3, seed=3).float(), tmp_path / "m")
     args = [str(tmp_path / "m"), "--batches", "1,2", "--naive-rows", "1", "--lanes", "1,2", "--concurrency", "3",
@@ -371,9 +372,10 @@ def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert [row["batch"] for row in result["sampling"]] == [1, 2]
     for row in result["sampling"]:
         assert row["naive_extrapolated"] and row["naive_rows_timed"] == 1
-        assert min(row["naive_s"], row["cached_s"], row["eager_decoder_s"], row["forward_s"]) > 0
+        assert min(row["naive_s"], row["cached_s"], row["torchscript_s"], row["eager_decoder_s"], row["forward_s"]) > 0
+        assert row["native_kernel"] == (native._compiler() is not None)
     assert [row["lanes"] for row in result["engine"]] == [1, 2]
     assert all(row["concurrency"] == 3 and row["one_s"] > 0 and row["concurrent_s"] > 0 for row in result["engine"])
     assert run(args) == 0
     table = capsys.readouterr().out
-    assert "cached/forward" in table and "concurrent/one" in table
+    assert "cached/forward" in table and "torchscript/forward" in table and "concurrent/one" in table

@@ -3,8 +3,9 @@
     pixelcnn bench sampling MODEL_DIR [--batches 1,16,64] [--naive-rows 2] [--lanes 1,2] [--json]
 
 For each batch size: naive sampling (a full forward pass per sub-pixel; timed over --naive-rows rows and
-extrapolated to the whole image unless --naive-rows covers it), cached sampling of whole images with the
-compiled row decoder and with the same decoder run eagerly, and one teacher-forced forward pass over the
+extrapolated to the whole image unless --naive-rows covers it), cached sampling of whole images as served
+(the C row kernel where it builds), with the TorchScript row decoder, and with the same decoder run
+eagerly, and one teacher-forced forward pass over the
 same number of images (what /likelihood costs). The ratios that matter: speedup = naive / cached (naive
 ~ H*W forwards) and cached_over_forward (the ideal is ~1).
 
@@ -35,7 +36,8 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(model, sampler: CachedSampler, eager: CachedSampler, batch: int, naive_rows: int, seed: int) -> dict:
+def measure(model, sampler: CachedSampler, torchscript: CachedSampler, eager: CachedSampler, batch: int,
+            naive_rows: int, seed: int) -> dict:
     config = model.config
     device = sampler.device
     generator = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - a fresh, identical stream per run
@@ -47,6 +49,7 @@ def measure(model, sampler: CachedSampler, eager: CachedSampler, batch: int, nai
     sample_cached(model, batch, generator=generator(), sampler=sampler, known=images[:1].cpu(),
                   known_rows=config.height - 1)  # warm-up
     cached_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=sampler))
+    torchscript_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=torchscript))
     eager_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=eager))
     rows = min(naive_rows, config.height)
     # Naive cost does not depend on the position, so the last `rows` rows of a completion time it fairly.
@@ -60,10 +63,13 @@ def measure(model, sampler: CachedSampler, eager: CachedSampler, batch: int, nai
         "naive_extrapolated": rows < config.height,
         "naive_rows_timed": rows,
         "cached_s": round(cached_s, 4),
+        "native_kernel": sampler.native is not None,
+        "torchscript_s": round(torchscript_s, 4),
         "eager_decoder_s": round(eager_s, 4),
         "speedup": round(naive_s / cached_s, 1),
         "forward_s": round(forward_s, 4),
         "cached_over_forward": round(cached_s / forward_s, 2),
+        "torchscript_over_forward": round(torchscript_s / forward_s, 2),
         "cached_images_per_s": round(batch / cached_s, 1),
     }
 
@@ -114,7 +120,10 @@ def run(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = load(args.model_dir, pick_device(args.device))
     sampler, eager = CachedSampler(model), CachedSampler(model, compiled=False)
-    results = [measure(model, sampler, eager, int(b), args.naive_rows, args.seed) for b in args.batches.split(",")]
+    torchscript = CachedSampler(model)
+    torchscript.native = None  # the compiled TorchScript decoder, what runs without the C kernel
+    results = [measure(model, sampler, torchscript, eager, int(b), args.naive_rows, args.seed)
+               for b in args.batches.split(",")]
     engine = [asyncio.run(measure_engine(model, int(lanes), args.concurrency, args.repeats))
               for lanes in args.lanes.split(",")]
     if args.json:
@@ -123,15 +132,18 @@ def run(argv: list[str] | None = None) -> int:
     c = model.config
     print(f"{args.model_dir}: {c.arch}, {c.hidden_channels} channels x {c.layers} layers, image {c.shape}, "
           f"{sampler.device}, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'naive s':>10} {'cached s':>9} {'eager s':>8} {'speedup':>8} {'forward s':>10} "
-          f"{'cached/forward':>15}")
+    print(f"{'batch':>5} {'naive s':>10} {'cached s':>9} {'torchscript s':>14} {'eager s':>8} {'speedup':>8} "
+          f"{'forward s':>10} {'cached/forward':>15} {'torchscript/forward':>20}")
     for r in results:
         mark = "*" if r["naive_extrapolated"] else " "
-        print(f"{r['batch']:>5} {r['naive_s']:>9.2f}{mark} {r['cached_s']:>9.3f} {r['eager_decoder_s']:>8.3f} "
-              f"{r['speedup']:>7.0f}x {r['forward_s']:>10.3f} {r['cached_over_forward']:>15.2f}")
+        print(f"{r['batch']:>5} {r['naive_s']:>9.2f}{mark} {r['cached_s']:>9.3f} {r['torchscript_s']:>14.3f} "
+              f"{r['eager_decoder_s']:>8.3f} {r['speedup']:>7.0f}x {r['forward_s']:>10.3f} "
+              f"{r['cached_over_forward']:>15.2f} {r['torchscript_over_forward']:>20.2f}")
     if any(r["naive_extrapolated"] for r in results):
         print(f"* naive time extrapolated from {results[0]['naive_rows_timed']} timed rows to {c.height}")
-    print("eager s: the same cached sampler with its row decoder run as plain Python instead of compiled")
+    kernel = "the C row kernel" if sampler.native is not None else "TorchScript (the C kernel did not build)"
+    print(f"cached s: as served ({kernel}); torchscript s: the TorchScript row decoder; eager s: the same "
+          "decoder run as plain Python")
     print(f"\nengine, no HTTP: {args.concurrency} concurrent requests for 1 image vs one (medians of "
           f"{args.repeats})")
     print(f"{'lanes':>5} {'one s':>8} {'concurrent s':>13} {'concurrent/one':>15}")
