@@ -124,6 +124,16 @@ static int draw(const float *restrict logits, double u, double temperature, doub
     return value;
 }
 
+/* Draw sub-pixel `at` of the row: its value into *value, its log p added to *log_prob; returns the value. */
+static int draw_into(const float *logits, double u, double temperature, int64_t *value, double *log_prob,
+                     double *cdf) {
+    double lp;
+    const int drawn = draw(logits, u, temperature, &lp, cdf);
+    *value = drawn;
+    *log_prob += lp;
+    return drawn;
+}
+
 /* Logits (256) of sub-pixel (j, colour) of image b; writes each later layer's input at column j. */
 static void step(const GatedWeights *w, int batch_index, int j, int colour, float *const *h_buffers,
                  const float *const *row_bias, float *scratch, float *logits) {
@@ -171,10 +181,7 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
             for (int colour = 0; colour < c; colour++) {
                 step(w, b, j, colour, h_buffers, row_bias, scratch, logits);
                 const size_t at = ((size_t)b * c + colour) * width + j;
-                double lp;
-                const int value = draw(logits, uniforms[at], temperature[b], &lp, cdf);
-                row[at] = value;
-                log_prob[b] += lp;
+                const int value = draw_into(logits, uniforms[at], temperature[b], row + at, log_prob + b, cdf);
                 /* the first layer's input, scaled like scale_pixels */
                 h_buffers[0][((size_t)b * (width + kw0 - 1) + j + kw0 - 1) * c + colour] = (float)value / 127.5f - 1.0f;
             }
@@ -263,10 +270,7 @@ int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, 
                 relu(hidden, w->head);
                 affine(logits, w->logits_b[colour], hidden, w->logits_w[colour], w->head, LEVELS);
                 const size_t at = ((size_t)b * c + colour) * width + j;
-                double lp;
-                const int value = draw(logits, uniforms[at], temperature[b], &lp, cdf);
-                row[at] = value;
-                log_prob[b] += lp;
+                const int value = draw_into(logits, uniforms[at], temperature[b], row + at, log_prob + b, cdf);
                 image_inputs[((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
                     (float)value / 127.5f - 1.0f;
             }
