@@ -137,7 +137,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--url", help="use a running server (pixelcnn serve) instead of loading the model here")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--out", type=Path, required=True, help="PNG to write (a grid when n > 1)")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write: the image itself, or a grid when n > 1")
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -192,9 +192,9 @@ def images_from_response(result: dict):
 
 
 def report(args: argparse.Namespace, images, seed: int, names: list[str]) -> int:
-    from app.imaging import save_grid
+    from app.imaging import picture, png_bytes
 
-    save_grid(images, args.out, columns=min(len(images), 8))
+    args.out.write_bytes(png_bytes(picture(images)))  # one image as itself, like the API's PNG
     labels = f", labels {names}" if names else ""
     print(f"wrote {args.out}: {len(images)} image(s), seed {seed}{labels}")
     return 0

@@ -44,11 +44,22 @@ def grid(images, columns: int | None = None, padding: int = 2) -> np.ndarray:
     return out
 
 
+def enlarge(image, scale: int) -> np.ndarray:
+    """uint8 (C, H, W) -> (C, H*scale, W*scale): every pixel becomes a scale x scale block (nearest
+    neighbour, so the picture stays exact and a person can see the pixels)."""
+    array = np.asarray(image, dtype=np.uint8)
+    return array if scale == 1 else array.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def picture(images, columns: int = 8) -> np.ndarray:
+    """What one PNG of generated images shows: the image itself when there is one (the same bytes the API
+    returns for it), else a grid of up to `columns` per row."""
+    images = np.asarray(images, dtype=np.uint8)
+    return images[0] if len(images) == 1 else grid(images, columns=min(len(images), columns))
+
+
 def save_grid(images, path: Path | str, columns: int | None = None, scale: int = 1) -> None:
-    picture = to_pil(grid(images, columns))
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    picture.save(path)
+    to_pil(enlarge(grid(images, columns), scale)).save(path)
 
 
 def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndarray:

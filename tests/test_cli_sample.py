@@ -31,8 +31,32 @@ def test_complete_keeps_the_known_rows(server_store, tmp_path):
     source.write_bytes(png_bytes(image))
     assert main(["complete", str(server_store / "gray"), str(source), "--rows", "5", "--seed", "1",
                  "--out", str(out)]) == 0
-    done = png_tensor(out.read_bytes())[:, 2:10, 2:10]  # the grid's 2-pixel border around one image
-    assert torch.equal(done[:, :5], image[:, :5])
+    done = png_tensor(out.read_bytes())
+    assert done.shape == image.shape and torch.equal(done[:, :5], image[:, :5])
+
+
+def test_n_1_writes_exactly_the_image_the_api_returns(server_store, tmp_path):
+    """One image is written as itself (no grid border), locally and through --url, the same picture as
+    the server's PNG for the same request."""
+    import httpx
+
+    known = tmp_path / "known.png"
+    known.write_bytes(png_bytes((torch.arange(64).reshape(1, 8, 8) * 53 % 256).to(torch.uint8)))
+    app = create_app(Settings(model_store=server_store, model="cond", device="cpu", threads=1))
+    with torch_threads(torch.get_num_threads()), serve_in_thread(app) as url:
+        api_sample = httpx.post(f"{url}/sample", json={"n": 1, "seed": 4, "label": 2},
+                                headers={"Accept": "image/png"}).content
+        with known.open("rb") as file:
+            api_complete = httpx.post(f"{url}/complete", data={"seed": "4", "rows": "3", "label": "2"},
+                                      files={"image": file}, headers={"Accept": "image/png"}).content
+        for where in (["--url", url, "cond"], [str(server_store / "cond")]):
+            sample, done = tmp_path / "sample.png", tmp_path / "done.png"
+            assert main(["sample", *where, "--n", "1", "--seed", "4", "--label", "2", "--out", str(sample)]) == 0
+            assert main(["complete", *where, str(known), "--n", "1", "--rows", "3", "--seed", "4", "--label", "2",
+                         "--out", str(done)]) == 0
+            assert png_tensor(sample.read_bytes()).shape == (1, 8, 8)
+            assert torch.equal(png_tensor(sample.read_bytes()), png_tensor(api_sample)), where
+            assert torch.equal(png_tensor(done.read_bytes()), png_tensor(api_complete)), where
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -49,13 +49,14 @@ class GenerationRun:
     client that hangs up frees its batch slots at the next row without any per-row polling."""
 
     def __init__(self, model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
-                 metrics: ServerMetrics, stream_rows: bool, time_limit_s: float) -> None:
+                 metrics: ServerMetrics, stream_rows: bool, time_limit_s: float, png_scale: int = 1) -> None:
         self.model = model
         self.engine_request = engine_request
         self.completion = completion  # /complete: the response reports the known rows
         self.request = request
         self.metrics = metrics
         self.stream_rows = stream_rows
+        self.png_scale = png_scale  # the request's `scale`, for the PNGs of the body
         self.started = time.perf_counter()
         self.finished = False
         self.failed = False
@@ -87,7 +88,7 @@ class GenerationRun:
         """The JSON response (also the `done` event of a stream)."""
         known_rows = self.engine_request.known_rows if self.completion else None
         return generation_body(self.model, result, self.seed, self.engine_request.temperature, self.elapsed_s,
-                               known_rows)
+                               known_rows, self.png_scale)
 
     async def _cancel_on_disconnect(self) -> None:
         while (await self.request.receive())["type"] != "http.disconnect":

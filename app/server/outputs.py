@@ -2,6 +2,9 @@
 
 Content negotiation: `"stream": true` or `Accept: text/event-stream` -> SSE; `Accept: image/png` -> the PNG
 (a grid when n > 1); anything else (`application/json`, `*/*`, no header) -> JSON.
+
+`scale` (the request field) enlarges every PNG a response carries, the PNG body and the base64 PNGs of
+JSON bodies alike, by whole pixels (nearest neighbour); rows of a stream are pixel values, not PNGs.
 """
 
 from __future__ import annotations
@@ -13,14 +16,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.imaging import grid, png_bytes
+from app.imaging import enlarge, picture, png_bytes
 
 from .registry import ServedModel
 
 Format = Literal["json", "png", "sse"]
 _MEDIA = {"application/json": "json", "image/png": "png", "text/event-stream": "sse",
           "application/*": "json", "image/*": "png", "*/*": "json"}
-GRID_COLUMNS = 8
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -55,13 +57,17 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def png_b64(image, scale: int) -> str:
+    return b64(png_bytes(enlarge(image, scale)))
+
+
 def bits_per_dim(nats: float, dims: int) -> float:
     return nats / (dims * math.log(2)) if dims else 0.0
 
 
 def generation_body(
     model: ServedModel, result: Any, seed: int, temperature: float, elapsed_s: float,
-    known_rows: int | None = None,
+    known_rows: int | None = None, scale: int = 1,
 ) -> dict[str, Any]:
     """The JSON response of /sample and /complete (also the `done` event of a stream).
 
@@ -72,7 +78,7 @@ def generation_body(
     log_prob = [float(v) for v in np.asarray(result.log_prob)]
     labels = np.asarray(result.labels).tolist() if result.labels is not None else [None] * len(log_prob)
     images = [
-        {"png": b64(png_bytes(image)), "label": label, "label_name": model.class_name(label), "log_prob": lp}
+        {"png": png_b64(image, scale), "label": label, "label_name": model.class_name(label), "log_prob": lp}
         for image, label, lp in zip(np.asarray(result.images), labels, log_prob)
     ]
     body = {
@@ -91,9 +97,8 @@ def generation_body(
     return body
 
 
-def generation_png(result: Any) -> bytes:
-    images = np.asarray(result.images)
-    return png_bytes(images[0] if len(images) == 1 else grid(images, columns=min(len(images), GRID_COLUMNS)))
+def generation_png(result: Any, scale: int = 1) -> bytes:
+    return png_bytes(enlarge(picture(result.images), scale))
 
 
 def generation_headers(model: ServedModel, result: Any, seed: int) -> dict[str, str]:
@@ -112,7 +117,7 @@ def row_data(row: int, pixels) -> dict[str, Any]:
     return {"row": row, "pixels": np.asarray(pixels).tolist()}
 
 
-def likelihood_body(model: ServedModel, result: Any, per_pixel: bool) -> dict[str, Any]:
+def likelihood_body(model: ServedModel, result: Any, per_pixel: bool, scale: int = 1) -> dict[str, Any]:
     """The JSON response of /likelihood from the engine's LikelihoodResult."""
     config = model.config
     nll = np.asarray(result.nll_nats).tolist()
@@ -132,17 +137,17 @@ def likelihood_body(model: ServedModel, result: Any, per_pixel: bool) -> dict[st
             nats_map = np.asarray(result.per_pixel[i], dtype=np.float64)
             values = nats_map[0] if config.image_channels == 1 else nats_map
             entry["per_pixel_nll"] = np.round(values, 5).tolist()  # 5 decimals: plenty, and short
-            entry["heatmap_png"] = b64(heatmap_png(nats_map))
+            entry["heatmap_png"] = png_b64(heatmap(nats_map), scale)
         results.append(entry)
     return {"model": model.name, "results": results}
 
 
-def heatmap_png(per_pixel: np.ndarray) -> bytes:
-    """Per-pixel NLL (C, H, W), summed over colours, as an RGB PNG in a "hot" map: black at 0 nats, then
-    red, yellow and white at the image's largest value. Normalised per image: it shows where the model is
-    surprised, not how much (per_pixel_nll has the numbers)."""
+def heatmap(per_pixel: np.ndarray) -> np.ndarray:
+    """Per-pixel NLL (C, H, W), summed over colours, as an RGB uint8 (3, H, W) image in a "hot" map: black
+    at 0 nats, then red, yellow and white at the image's largest value. Normalised per image: it shows
+    where the model is surprised, not how much (per_pixel_nll has the numbers)."""
     heat = np.asarray(per_pixel, dtype=np.float64).sum(0)
     peak = float(heat.max()) if heat.size else 0.0
     t = np.clip(heat / peak, 0, 1) if peak > 0 else np.zeros_like(heat)
     rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)])
-    return png_bytes(np.round(rgb * 255).astype(np.uint8))
+    return np.round(rgb * 255).astype(np.uint8)

@@ -20,6 +20,7 @@ from pydantic import (
 from app.engine import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 MAX_SEED = 2**63 - 1
+MAX_PNG_SCALE = 16  # a 64-image grid at 16x is about 3900 px square: any larger is no easier to look at
 Label = StrictInt | StrictStr  # strict: JSON true is not class 1, 1.0 is not a class index
 LABEL_TYPE_ERROR = "must be a class index (integer), a class name (string), or a list of them"
 
@@ -67,6 +68,19 @@ def json_typed(kind: str):
     return check
 
 
+class PngScale(BaseModel):
+    """The `scale` field of every route that answers with PNGs."""
+
+    scale: int = Field(
+        1, ge=1, le=MAX_PNG_SCALE,
+        description=f"enlarge every PNG in the response (the PNG body, or the base64 PNGs of JSON) by this "
+        f"whole factor, 1..{MAX_PNG_SCALE}, each pixel a block (nearest neighbour): 8 makes 28x28 224x224",
+    )
+
+    _scale_integer = field_validator("scale", mode="before")(json_typed("an integer"))
+    _scale = field_validator("scale", mode="wrap")(in_range(1, MAX_PNG_SCALE))
+
+
 LabelField = Field(
     None,
     description="class index or name (case-insensitive), or one per image; conditional models only; "
@@ -75,7 +89,7 @@ LabelField = Field(
 )
 
 
-class GenerationFields(BaseModel):
+class GenerationFields(PngScale):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model name (GET /models); absent: the default model")
@@ -118,7 +132,7 @@ class CompleteRequest(CompleteFields):
     image: str = Field(description="base64 image file (PNG, JPEG, BMP, WebP), optionally a data: URL")
 
 
-class LikelihoodFields(BaseModel):
+class LikelihoodFields(PngScale):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None

@@ -23,6 +23,7 @@ from ..schemas import (
     ERROR_RESPONSES,
     CompleteFields,
     CompleteRequest,
+    GenerationFields,
     GenerationResponse,
     SampleRequest,
 )
@@ -49,7 +50,7 @@ async def sample(
 ) -> Response:
     model = registry.get(body.model)
     engine_request = generation_request(model, body, settings)
-    return await respond(model, engine_request, False, request, metrics, settings, body.stream)
+    return await respond(model, engine_request, False, request, metrics, settings, body)
 
 
 @router.post(
@@ -65,22 +66,22 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
     model = registry.get(fields.model)
     known = decode_images(model, files, settings, "image")
     engine_request = generation_request(model, fields, settings, known, fields.rows)
-    return await respond(model, engine_request, True, request, metrics, settings, fields.stream)
+    return await respond(model, engine_request, True, request, metrics, settings, fields)
 
 
 async def respond(model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
-                  metrics: ServerMetrics, settings: Settings, stream: bool) -> Response:
-    fmt = choose_format(request.headers.get("accept"), stream)
+                  metrics: ServerMetrics, settings: Settings, fields: GenerationFields) -> Response:
+    fmt = choose_format(request.headers.get("accept"), fields.stream)
     request.state.model, request.state.images = model.name, engine_request.n  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
     run = GenerationRun(model, engine_request, completion, request, metrics, stream_rows=fmt == "sse",
-                        time_limit_s=settings.request_timeout_s)
+                        time_limit_s=settings.request_timeout_s, png_scale=fields.scale)
     if fmt == "sse":
         headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed)}
         return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
     result = await run.result()
     if fmt == "png":
-        return Response(generation_png(result), media_type="image/png",
+        return Response(generation_png(result, fields.scale), media_type="image/png",
                         headers=generation_headers(model, result, run.seed))
     return JSONResponse(run.body(result))
 

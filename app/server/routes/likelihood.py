@@ -37,4 +37,4 @@ async def likelihood(
     metrics.request_images.labels(route=request.url.path).observe(len(images))
     result = await score(model, images, labels)
     metrics.scored.labels(model=model.name).inc(len(images))
-    return JSONResponse(likelihood_body(model, result, fields.per_pixel))
+    return JSONResponse(likelihood_body(model, result, fields.per_pixel, fields.scale))
