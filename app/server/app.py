@@ -23,7 +23,7 @@ from .registry import (
     default_engine_factory,
     load_and_start,
 )
-from .routes import generation, health, likelihood, metrics, models
+from .routes import demo, generation, health, likelihood, metrics, models
 from .settings import Settings
 
 DESCRIPTION = """Sample, complete and score images with PixelCNN models.
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     if settings.api_key is None:
         app.openapi = without_security(app)
     install_error_handlers(app)
-    for module in (health, models, generation, likelihood, metrics):
+    for module in (health, models, generation, likelihood, metrics, demo):
         app.include_router(module.router)
 
     # Added innermost first: CORS -> body limit -> metrics (outermost, so it sees 413s too).
