@@ -372,12 +372,8 @@ def test_the_example_images_are_what_their_manifest_says():
     assert {item["in_distribution"] for item in manifest} == {True, False}
 
 
-@pytest.mark.anyio
-async def test_the_page_and_its_files_are_served_under_a_same_origin_policy(serve):
-    async with serve() as (_, client):
-        page = await client.get("/")
-        script = await client.get("/static/demo.js")
-        missing = await client.get("/static/nope.js")
+def test_the_page_and_its_files_are_served_under_a_same_origin_policy(server):
+    page, script, missing = (httpx.get(f"{server}{path}") for path in ("/", "/static/demo.js", "/static/nope.js"))
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.text == (STATIC_DIR / "index.html").read_text()
     assert "default-src 'self'" in page.headers["content-security-policy"]

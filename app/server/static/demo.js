@@ -289,6 +289,8 @@ class GenerationView {
   setRunning(running) {
     this.start.disabled = running;
     this.stop.disabled = !running;
+    document.getElementById("model").disabled = running; // the canvases have the running model's shape
+    this.stats.setAttribute("aria-busy", String(running)); // screen readers: the numbers once, at the end
     this.section.dataset.state = running ? "running" : "idle";
   }
 
@@ -301,8 +303,9 @@ class GenerationView {
     }
   }
 
-  // Cards with one canvas each; `prefill(canvas)` draws what is known before the first row arrives.
-  makeCards(count, prefill) {
+  // Cards with one canvas each; `prefill(canvas)` draws what is known before the first row arrives, and
+  // a completion's cards mark where the kept rows end.
+  makeCards(count, prefill, firstRow) {
     const { width, height } = modelShape();
     this.cards = [];
     this.gallery.replaceChildren();
@@ -312,7 +315,13 @@ class GenerationView {
       const cursor = element("div", { class: "cursor", "aria-hidden": "true" });
       const caption = element("figcaption", {}, element("span", { class: "caption-title", text: "…" }),
         element("span", { class: "caption-value" }));
-      const card = element("figure", { class: "card" }, element("div", { class: "frame" }, canvas, cursor), caption);
+      const frame = element("div", { class: "frame" }, canvas, cursor);
+      if (firstRow > 0) {
+        const kept = element("div", { class: "kept-line", title: `the top ${firstRow} rows are the image's own` });
+        kept.style.top = `${(firstRow / height) * 100}%`;
+        frame.append(kept);
+      }
+      const card = element("figure", { class: "card" }, frame, caption);
       this.gallery.append(card);
       this.cards.push({ canvas, cursor, caption, card });
     }
@@ -350,7 +359,7 @@ class GenerationView {
     try {
       const response = await call(path, { method: "POST", body, headers, signal: this.controller.signal });
       seed = response.headers.get("X-Seed");
-      this.makeCards(count, prefill); // once the server has accepted the request
+      this.makeCards(count, prefill, firstRow); // once the server has accepted the request
       this.moveCursors(firstRow - 1);
       let result = null;
       for await (const { event, data } of serverSentEvents(response)) {
