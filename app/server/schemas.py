@@ -157,7 +157,7 @@ class LikelihoodRequest(LikelihoodFields):
 
 
 class ImageOut(BaseModel):
-    png: str = Field(description="base64 PNG")
+    png: str = Field(description="base64 PNG of the image, enlarged `scale` times")
     label: int | None
     label_name: str | None
     log_prob: float = Field(description="log p of the generated sub-pixels at temperature 1, nats")
@@ -200,7 +200,7 @@ class LikelihoodOut(BaseModel):
     class_probabilities: dict[str, float] | None = Field(None, description="p(class | image), no label given")
     per_pixel_nll: list | None = Field(None, description="H x W (grayscale) or C x H x W (RGB) nats")
     heatmap_png: str | None = Field(
-        None, description="base64 PNG: per-pixel NLL, black (0) -> red -> yellow -> white (max)"
+        None, description="base64 PNG: per-pixel NLL, black (0) -> red -> yellow -> white (max), enlarged `scale` times"
     )
 
 
