@@ -32,8 +32,7 @@ def test_float32_cpu_sampling_runs_the_native_kernel(arch):
 def test_native_kernel_draws_what_the_torchscript_decoder_draws(arch, channels, classes):
     model = tiny_model(arch, image_channels=channels, num_classes=classes, dtype=torch.float32, hidden_channels=18)
     fast = CachedSampler(model)
-    reference = CachedSampler(model)
-    reference.native = None  # the TorchScript decoder
+    reference = CachedSampler(model, native=False)  # the TorchScript decoder
     for seed, temperature in [(0, 1.0), (1, 0.7), (2, 3.0)]:
         a = sample_cached(model, 5, generator=torch.Generator().manual_seed(seed), sampler=fast, temperature=temperature)
         b = sample_cached(model, 5, generator=torch.Generator().manual_seed(seed), sampler=reference,

@@ -120,8 +120,7 @@ def run(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = load(args.model_dir, pick_device(args.device))
     sampler, eager = CachedSampler(model), CachedSampler(model, compiled=False)
-    torchscript = CachedSampler(model)
-    torchscript.native = None  # the compiled TorchScript decoder, what runs without the C kernel
+    torchscript = CachedSampler(model, native=False)  # what runs without the C kernel
     results = [measure(model, sampler, torchscript, eager, int(b), args.naive_rows, args.seed)
                for b in args.batches.split(",")]
     engine = [asyncio.run(measure_engine(model, int(lanes), args.concurrency, args.repeats))

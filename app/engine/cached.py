@@ -144,8 +144,10 @@ class CachedGated:
             head=head_step(model.head),
         )
         self.h_width = self.decoder.h_width
-        # Images per step such that every image's pre-activations (2n floats) fill whole 32-float chunks.
+        # Images per step such that every image's pre-activations (2n floats) fill whole 32-float chunks;
+        # with the C kernel only the vertical stack's per-row pre-activations (W * 2n floats) must.
         self.batch_quantum = 32 // math.gcd(2 * self.n, 32)
+        self.row_batch_quantum = 32 // math.gcd(self.config.width * 2 * self.n, 32)
         # The vertical stack per row is a matrix product over each column's window (rows, kw, in), not a
         # conv2d call: the convolution library picks its algorithm (and its rounding) by batch size.
         # One matrix per kernel row: pre-activations = bias + the sum over the kept rows (oldest first) of
@@ -251,7 +253,7 @@ class CachedPixelCNN:
         self.config: ModelConfig = model.config
         self.model = model
         self.in_half = model.input.kernel_size[0] // 2
-        self.batch_quantum = 1  # no transcendental function: relu and matrix products only
+        self.batch_quantum = self.row_batch_quantum = 1  # no transcendental function: relu and matrix products
         blocks = list(model.blocks)
         self.k_half = [blk.conv.kernel_size[0] // 2 for blk in blocks]
         self.decoder = PixelCNNRowDecoder(
@@ -355,10 +357,12 @@ class CachedSampler:
     engine's decode lanes run in parallel) or as the plain module it also is. Compiled means, for a
     float32 model on the CPU, the C kernel of native.py when it builds, else TorchScript.
     The C kernel computes every image on its own, so it needs no padding to 2 images (only the chunk
-    padding of the vertical stack's elementwise ops, see `padded_batch`).
+    padding of the vertical stack's elementwise ops, `row_batch_quantum`). `native=False` keeps the
+    TorchScript decoder even where the kernel builds (the reference it is compared with).
     """
 
-    def __init__(self, model: nn.Module, static_rows: bool | None = None, compiled: bool = True) -> None:
+    def __init__(self, model: nn.Module, static_rows: bool | None = None, compiled: bool = True,
+                 native: bool = True) -> None:
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
         with torch.no_grad():
@@ -367,14 +371,20 @@ class CachedSampler:
         on_cuda = self.device.type == "cuda"
         self.native = None
         gated = isinstance(self.impl, CachedGated)
-        if compiled and not on_cuda and next(model.parameters()).dtype == torch.float32:
+        if native and compiled and not on_cuda and next(model.parameters()).dtype == torch.float32:
             library = load_kernel()
             if library is not None:
                 native = NativeGatedDecoder if gated else NativePixelCNNDecoder
                 self.native = native(library, self.impl.decoder, self.config.width, self.config.image_channels)
         if on_cuda:
             full_float32_on_cuda()
-        self.batch_quantum = CUDA_BATCH if on_cuda else self.impl.batch_quantum
+        # The padding of every decode step (see padded_batch), fixed by the decoder that runs.
+        if on_cuda:
+            self.batch_quantum, self.min_batch = CUDA_BATCH, CUDA_BATCH
+        elif self.native is not None:
+            self.batch_quantum, self.min_batch = self.impl.row_batch_quantum, 1
+        else:
+            self.batch_quantum, self.min_batch = self.impl.batch_quantum, 2
         if static_rows is None:
             static_rows = on_cuda
         buckets = (CUDA_BATCH,) if on_cuda else (2, 4, 8, 16, 32, 64)
@@ -395,10 +405,7 @@ class CachedSampler:
     def padded_batch(self, batch: int) -> int:
         """The batch size a step of `batch` images runs at (see the class docstring)."""
         q = self.batch_quantum
-        if self.native is not None:  # only the gated vertical stack's (B, W, 2n) elementwise ops need chunks
-            q = 32 // math.gcd(self.config.width * 2 * self.impl.n, 32) if isinstance(self.impl, CachedGated) else 1
-            return -(-batch // q) * q
-        return max(2, -(-batch // q) * q)
+        return max(self.min_batch, -(-batch // q) * q)
 
     @torch.no_grad()
     def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
