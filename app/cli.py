@@ -174,7 +174,7 @@ def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: i
         labels = torch.tensor([model.config.class_index(args.label)] * n)
     sampler = sample_naive if args.naive else sample_cached
     result = sampler(model, n, labels=labels, temperature=args.temperature,
-                     generator=torch.Generator().manual_seed(seed), known=known, known_rows=known_rows)
+                     seed=seed, known=known, known_rows=known_rows)
     names = [model.config.class_name(int(y)) for y in result.labels] if result.labels is not None else []
     return result.images, seed, names
 

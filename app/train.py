@@ -332,7 +332,7 @@ def write_sample_grid(model: nn.Module, path: Path, seed: int) -> None:
     config = model.config
     n = config.num_classes if config.conditional else 8
     labels = torch.arange(n) if config.conditional else None
-    result = sample_naive(model, n, labels, generator=torch.Generator().manual_seed(seed))
+    result = sample_naive(model, n, labels, seed=seed)
     save_grid(result.images, path, columns=n)
 
 

@@ -21,15 +21,15 @@ def seeded(seed: int) -> torch.Generator:
 def test_cached_sampling_equals_naive_sampling(arch, channels, classes):
     model = tiny_model(arch, channels, size=6, num_classes=classes, seed=11)
     for temperature in (1.0, 0.7):
-        naive = sample_naive(model, 3, temperature=temperature, generator=seeded(5))
-        cached = sample_cached(model, 3, temperature=temperature, generator=seeded(5))
+        naive = sample_naive(model, 3, temperature=temperature, seed=5)
+        cached = sample_cached(model, 3, temperature=temperature, seed=5)
         assert torch.equal(naive.images, cached.images)
         assert (naive.labels is None) == (classes == 0)
         if classes:
             assert torch.equal(naive.labels, cached.labels)
         torch.testing.assert_close(naive.log_prob, cached.log_prob, rtol=0, atol=1e-9)
     # Not a constant: another seed gives other images.
-    assert not torch.equal(cached.images, sample_cached(model, 3, generator=seeded(6)).images)
+    assert not torch.equal(cached.images, sample_cached(model, 3, seed=6).images)
 
 
 @pytest.mark.parametrize("arch,channels,classes", COMBOS)
@@ -38,8 +38,8 @@ def test_completion_is_prefill_then_decode_and_equals_naive(arch, channels, clas
     known = torch.randint(0, 256, (2, channels, 6, 6), generator=seeded(1), dtype=torch.uint8)
     labels = torch.tensor([1, 2]) if classes else None
     for rows in (1, 3, 5):
-        naive = sample_naive(model, 2, labels=labels, generator=seeded(rows), known=known, known_rows=rows)
-        cached = sample_cached(model, 2, labels=labels, generator=seeded(rows), known=known, known_rows=rows)
+        naive = sample_naive(model, 2, labels=labels, seed=rows, known=known, known_rows=rows)
+        cached = sample_cached(model, 2, labels=labels, seed=rows, known=known, known_rows=rows)
         assert torch.equal(cached.images[:, :, :rows], known[:, :, :rows]), "known rows must come back unchanged"
         assert torch.equal(naive.images, cached.images)
         torch.testing.assert_close(naive.log_prob, cached.log_prob, rtol=0, atol=1e-9)
@@ -52,7 +52,7 @@ def test_every_step_logits_equal_the_full_forward_in_float32(arch, channels, cla
     model = tiny_model(arch, channels, size=7, num_classes=classes, seed=13, dtype=torch.float32)
     sampler = CachedSampler(model)
     known = torch.randint(0, 256, (2, channels, 7, 7), generator=seeded(3), dtype=torch.uint8)
-    result = sample_cached(model, 2, generator=seeded(4), known=known, known_rows=2, sampler=sampler)
+    result = sample_cached(model, 2, seed=4, known=known, known_rows=2, sampler=sampler)
     images = result.images.long()
     steps = 0
     with torch.no_grad():
@@ -76,8 +76,8 @@ def test_the_compiled_decoder_equals_the_same_module_run_eagerly(arch, channels)
     compiled, eager = CachedSampler(model), CachedSampler(model, compiled=False)
     assert isinstance(compiled.decoder, torch.jit.ScriptModule)
     assert not isinstance(eager.decoder, torch.jit.ScriptModule)
-    a = sample_cached(model, 3, generator=seeded(2), sampler=compiled)
-    b = sample_cached(model, 3, generator=seeded(2), sampler=eager)
+    a = sample_cached(model, 3, seed=2, sampler=compiled)
+    b = sample_cached(model, 3, seed=2, sampler=eager)
     assert torch.equal(a.images, b.images)
     assert torch.equal(a.log_prob, b.log_prob)
 
@@ -85,12 +85,12 @@ def test_the_compiled_decoder_equals_the_same_module_run_eagerly(arch, channels)
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
 def test_rows_stream_in_order_and_log_prob_is_the_likelihood(arch):
     model = tiny_model(arch, 1, size=6, num_classes=3, seed=14)
-    events = list(iter_sample(model, 2, generator=seeded(8), known=torch.zeros(1, 1, 6, 6, dtype=torch.uint8), known_rows=2))
+    events = list(iter_sample(model, 2, seed=8, known=torch.zeros(1, 1, 6, 6, dtype=torch.uint8), known_rows=2))
     *rows, result = events
     assert [i for i, _ in rows] == [2, 3, 4, 5]
     for i, row in rows:
         assert torch.equal(row, result.images[:, :, i])
-    full = sample_cached(model, 2, generator=seeded(9))
+    full = sample_cached(model, 2, seed=9)
     with torch.no_grad():
         nll = nll_nats(model, full.images, full.labels).double()
     torch.testing.assert_close(full.log_prob, -nll, rtol=0, atol=1e-8)
@@ -119,8 +119,8 @@ def test_static_bucket_rows_equal_the_dynamic_path(channels, classes):
     assert static.static_rows is not None and not static.static_rows.capture
     for n, rows in ((3, 0), (5, 2), (1, 0)):
         known = torch.randint(0, 256, (n, channels, 6, 6), generator=seeded(n), dtype=torch.uint8) if rows else None
-        a = sample_cached(model, n, generator=seeded(n), known=known, known_rows=rows, sampler=static)
-        b = sample_naive(model, n, generator=seeded(n), known=known, known_rows=rows)
+        a = sample_cached(model, n, seed=n, known=known, known_rows=rows, sampler=static)
+        b = sample_naive(model, n, seed=n, known=known, known_rows=rows)
         assert torch.equal(a.images, b.images)
         torch.testing.assert_close(a.log_prob, b.log_prob, rtol=0, atol=1e-9)
     assert set(static.static_rows.buffers) == {4, 8, 2}  # batches run padded to an even size (see padded_batch)
@@ -135,8 +135,8 @@ def test_cached_equals_naive_in_float32_on_a_small_model(arch):
 
     model = tiny_model(arch, 1, size=8, num_classes=3, seed=60, dtype=torch.float32)
     for seed in range(4):
-        cached = sample_cached(model, 4, generator=seeded(seed))
-        naive = sample_naive(model, 4, generator=seeded(seed))
+        cached = sample_cached(model, 4, seed=seed)
+        naive = sample_naive(model, 4, seed=seed)
         assert torch.equal(cached.images, naive.images) and torch.equal(cached.labels, naive.labels)
         torch.testing.assert_close(cached.log_prob, naive.log_prob, rtol=0, atol=1e-3)
         assert naive_agreement(model, 4, seed)["identical"] == 4

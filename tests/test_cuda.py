@@ -18,8 +18,8 @@ def test_cuda_cached_sampling_with_graphs_equals_naive(arch, channels):
     sampler = CachedSampler(model)
     assert (sampler.static_rows is not None) == (arch == "gated"), "graphs are on by default for gated on CUDA"
     for n in (1, 3, 16):
-        cached = sample_cached(model, n, generator=torch.Generator().manual_seed(n), sampler=sampler)
-        naive = sample_naive(model, n, generator=torch.Generator().manual_seed(n))
+        cached = sample_cached(model, n, seed=n, sampler=sampler)
+        naive = sample_naive(model, n, seed=n)
         assert torch.equal(cached.images, naive.images)
     if sampler.static_rows is not None:
         assert set(sampler.static_rows.graphs) == {64}  # every step runs at CUDA_BATCH images
@@ -75,5 +75,5 @@ def test_cuda_engine_batches_concurrent_requests_exactly():
     results, stats = asyncio.run(scenario())
     assert stats["max_batch_size_seen"] > 1
     for request, result in zip(requests, results):
-        alone = sample_cached(model, request.n, generator=torch.Generator().manual_seed(request.seed))
+        alone = sample_cached(model, request.n, seed=request.seed)
         assert torch.equal(result.images, alone.images)

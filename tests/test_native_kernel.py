@@ -34,8 +34,8 @@ def test_native_kernel_draws_what_the_torchscript_decoder_draws(arch, channels, 
     fast = CachedSampler(model)
     reference = CachedSampler(model, native=False)  # the TorchScript decoder
     for seed, temperature in [(0, 1.0), (1, 0.7), (2, 3.0)]:
-        a = sample_cached(model, 5, generator=torch.Generator().manual_seed(seed), sampler=fast, temperature=temperature)
-        b = sample_cached(model, 5, generator=torch.Generator().manual_seed(seed), sampler=reference,
+        a = sample_cached(model, 5, seed=seed, sampler=fast, temperature=temperature)
+        b = sample_cached(model, 5, seed=seed, sampler=reference,
                           temperature=temperature)
         # Rounding differs (~1e-6 in the logits), so a uniform that close to a CDF boundary could part them:
         # with 5 x 64 x C draws per image set that is far rarer than one in a million runs.
@@ -45,7 +45,7 @@ def test_native_kernel_draws_what_the_torchscript_decoder_draws(arch, channels, 
 
 def test_without_the_kernel_sampling_falls_back_to_torchscript(monkeypatch, tmp_path, caplog):
     model = tiny_model("gated", dtype=torch.float32)
-    expected = sample_cached(model, 2, generator=torch.Generator().manual_seed(3),
+    expected = sample_cached(model, 2, seed=3,
                              sampler=CachedSampler(model, compiled=False))
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_KERNEL_CACHE", str(tmp_path))  # nothing built before can be found
@@ -54,7 +54,7 @@ def test_without_the_kernel_sampling_falls_back_to_torchscript(monkeypatch, tmp_
         sampler = CachedSampler(model)
     assert sampler.native is None
     assert "TorchScript" in caplog.text
-    result = sample_cached(model, 2, generator=torch.Generator().manual_seed(3), sampler=sampler)
+    result = sample_cached(model, 2, seed=3, sampler=sampler)
     assert torch.equal(result.images, expected.images)
 
     monkeypatch.setattr(native, "_loaded", {})

@@ -95,7 +95,7 @@ def test_the_naive_sampler_follows_the_distribution_too():
         bias = torch.randn(256, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
         model.head.logits.bias.copy_(bias)
     t = 0.7
-    result = sample_naive(model, 200, temperature=t, generator=torch.Generator().manual_seed(9))
+    result = sample_naive(model, 200, temperature=t, seed=9)
     observed = torch.bincount(result.images.flatten().long(), minlength=256).double()
     expected = observed.sum() * torch.softmax(bias / t, 0)
     fits, statistic = chi_square_fits(observed, expected)

@@ -75,7 +75,7 @@ def test_concurrent_requests_equal_sequential_ones_and_share_steps():
         torch.testing.assert_close(a.log_prob, b.log_prob, rtol=0, atol=1e-9)
         # ... and equal to the stand-alone cached sampler with the same seed.
         alone = sample_cached(model, request.n, labels=None if request.labels is None else torch.tensor(request.labels),
-                              temperature=request.temperature, generator=torch.Generator().manual_seed(request.seed),
+                              temperature=request.temperature, seed=request.seed,
                               known=request.known, known_rows=request.known_rows)
         assert torch.equal(a.images, alone.images)
     assert stats["max_batch_size_seen"] > 1, "concurrent requests must share decode steps"
@@ -93,7 +93,7 @@ def test_two_lanes_share_the_requests_and_give_the_same_images():
 
     results, stats = run(scenario())
     for request, result in zip(requests, results):
-        alone = sample_cached(model, request.n, generator=torch.Generator().manual_seed(request.seed))
+        alone = sample_cached(model, request.n, seed=request.seed)
         assert torch.equal(result.images, alone.images)
         torch.testing.assert_close(result.log_prob, alone.log_prob, rtol=0, atol=1e-9)
     assert stats["lanes"] == 2
@@ -136,7 +136,7 @@ def test_lanes_sharing_the_static_row_buffers_take_turns():
     results, stats = run(scenario())
     assert all(rows > 0 for rows in stats["rows_decoded_per_lane"])
     for request, result in zip(requests, results):
-        alone = sample_cached(model, request.n, generator=torch.Generator().manual_seed(request.seed))
+        alone = sample_cached(model, request.n, seed=request.seed)
         assert torch.equal(result.images, alone.images)
 
 
@@ -179,7 +179,7 @@ def test_a_mixed_crowd_on_two_lanes_gets_exactly_its_own_images():
             continue
         labels = None if request.labels is None else torch.tensor(request.labels)
         alone = sample_cached(model, request.n, labels=labels, temperature=request.temperature,
-                              generator=torch.Generator().manual_seed(request.seed), known=request.known,
+                              seed=request.seed, known=request.known,
                               known_rows=request.known_rows)
         assert torch.equal(result.images, alone.images), k
         torch.testing.assert_close(result.log_prob, alone.log_prob, rtol=0, atol=1e-9)
@@ -213,7 +213,7 @@ def test_a_request_joins_a_running_batch_at_the_next_row():
 
     rows, second, stats = run(scenario())
     assert rows == list(range(8))
-    assert torch.equal(second.images, sample_cached(model, 2, generator=torch.Generator().manual_seed(2)).images)
+    assert torch.equal(second.images, sample_cached(model, 2, seed=2).images)
     assert 3 in stats["recent_batch_sizes"], "the second request should have run beside the first"
 
 
@@ -236,7 +236,7 @@ def test_cancelled_request_leaves_the_batch_and_others_finish():
             return result, engine.stats()
 
     result, stats = run(scenario())
-    assert torch.equal(result.images, sample_cached(model, 1, generator=torch.Generator().manual_seed(2)).images)
+    assert torch.equal(result.images, sample_cached(model, 1, seed=2).images)
     assert stats["requests_cancelled"] == 1
     assert stats["active_images"] == 0
 

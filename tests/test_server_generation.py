@@ -23,7 +23,7 @@ pytestmark = pytest.mark.anyio
 def naive(model, n, seed, **kwargs):
     """The reference sampler with the seed protocol the server promises (1 thread, like the server)."""
     with torch_threads(1):
-        return sample_naive(model, n, generator=torch.Generator().manual_seed(seed), **kwargs)
+        return sample_naive(model, n, seed=seed, **kwargs)
 
 
 def images_of(body: dict) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from app.engine import sample_cached
+from app.engine.protocol import image_streams, resolve_labels, row_uniforms
 from app.model import load
 from app.model.sampling import inverse_cdf
 
@@ -31,12 +32,11 @@ def naive_agreement(model: nn.Module, n: int, seed: int, temperature: float = 1.
     naive sampler would draw otherwise (None: the same image)."""
     config = model.config
     c, h, w = config.shape
-    cached = sample_cached(model, n, temperature=temperature, generator=torch.Generator().manual_seed(seed))
-    # The naive sampler's random numbers, in its order: labels first (when drawn), then one block a row.
-    generator = torch.Generator().manual_seed(seed)
-    if config.conditional:
-        torch.randint(config.num_classes, (n,), generator=generator)
-    uniforms = torch.stack([torch.rand((n, c, w), generator=generator, dtype=torch.float64) for _ in range(h)])
+    cached = sample_cached(model, n, temperature=temperature, seed=seed)
+    # The protocol's random numbers, in its order: each image's label first (when drawn), then a block a row.
+    streams = image_streams(seed, 0, n)
+    resolve_labels(config, None, streams)
+    uniforms = torch.stack([row_uniforms(streams, c, w) for _ in range(h)])  # (H, n, C, W)
     device = next(model.parameters()).device
     with torch.no_grad():
         labels = None if cached.labels is None else cached.labels.to(device)

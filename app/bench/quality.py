@@ -121,7 +121,7 @@ def evaluate_model(model_dir: Path, classifier: Classifier, test_features: torch
     for start in range(0, len(labels), 64):
         part = labels[start : start + 64]
         result = sample_cached(model, len(part), labels=part,
-                               generator=torch.Generator().manual_seed(seed * 1000 + start))
+                               seed=seed * 1000 + start)
         images.append(result.images)
     images = torch.cat(images)
     feats, preds = features_and_predictions(classifier, images)

@@ -10,7 +10,9 @@ same number of images (what /likelihood costs). The ratios that matter: speedup 
 ~ H*W forwards) and cached_over_forward (the ideal is ~1).
 
 Then the engine without HTTP, for each number of decode lanes: one request for one image, against
---concurrency such requests at once (medians of --repeats interleaved runs).
+--concurrency such requests at once, and one request for --big images, which the engine splits across
+its lanes (medians of --repeats interleaved runs; the big request's images must be the same bytes for
+every lane count, or the benchmark fails).
 """
 
 from __future__ import annotations
@@ -46,15 +48,15 @@ def measure(model, sampler: CachedSampler, torchscript: CachedSampler, eager: Ca
     with torch.no_grad():
         nll_nats(model, images, labels)  # warm-up
         forward_s = timed(lambda: nll_nats(model, images, labels))
-    sample_cached(model, batch, generator=generator(), sampler=sampler, known=images[:1].cpu(),
+    sample_cached(model, batch, seed=seed, sampler=sampler, known=images[:1].cpu(),
                   known_rows=config.height - 1)  # warm-up
-    cached_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=sampler))
-    torchscript_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=torchscript))
-    eager_s = timed(lambda: sample_cached(model, batch, generator=generator(), sampler=eager))
+    cached_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=sampler))
+    torchscript_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=torchscript))
+    eager_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=eager))
     rows = min(naive_rows, config.height)
     # Naive cost does not depend on the position, so the last `rows` rows of a completion time it fairly.
     zeros = torch.zeros((1, *config.shape), dtype=torch.uint8)
-    naive_part = timed(lambda: sample_naive(model, batch, generator=generator(), known=zeros,
+    naive_part = timed(lambda: sample_naive(model, batch, seed=seed, known=zeros,
                                             known_rows=config.height - rows))
     naive_s = naive_part * config.height / rows
     return {
@@ -74,18 +76,22 @@ def measure(model, sampler: CachedSampler, torchscript: CachedSampler, eager: Ca
     }
 
 
-async def measure_engine(model, lanes: int, concurrency: int, repeats: int) -> dict:
-    """One n=1 request alone vs `concurrency` of them at once, on an engine with `lanes` decode lanes."""
-    engine = Engine(model, max_batch_images=max(64, concurrency), lanes=lanes)
+async def measure_engine(model, lanes: int, concurrency: int, big: int, repeats: int) -> tuple[dict, torch.Tensor]:
+    """One n=1 request alone vs `concurrency` of them at once, and one request of `big` images, on an engine
+    with `lanes` decode lanes. Returns the timings and the big request's images (seed 0)."""
+    engine = Engine(model, max_batch_images=max(64, concurrency, big), lanes=lanes)
     await engine.start()
     try:
         await asyncio.gather(*(engine.generate(GenerationRequest(seed=k)) for k in range(concurrency)))  # warm-up
-        one, many = [], []
+        one, many, whole = [], [], []
         for repeat in range(repeats):
             one.append(await timed_async(engine.generate(GenerationRequest(seed=repeat))))
             burst = asyncio.gather(*(engine.generate(GenerationRequest(seed=1000 * (repeat + 1) + k))
                                      for k in range(concurrency)))
             many.append(await timed_async(burst))
+            started = time.perf_counter()
+            big_images = (await engine.generate(GenerationRequest(n=big, seed=0))).images
+            whole.append(time.perf_counter() - started)
     finally:
         await engine.stop()
     return {
@@ -94,7 +100,9 @@ async def measure_engine(model, lanes: int, concurrency: int, repeats: int) -> d
         "one_s": round(statistics.median(one), 4),
         "concurrent_s": round(statistics.median(many), 4),
         "concurrent_over_one": round(statistics.median(m / o for m, o in zip(many, one)), 2),
-    }
+        "big_n": big,
+        "big_s": round(statistics.median(whole), 4),
+    }, big_images
 
 
 async def timed_async(awaitable) -> float:
@@ -113,6 +121,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lanes", default="1,2", help="comma-separated decode lane counts for the engine part")
     parser.add_argument("--concurrency", type=int, default=16, help="simultaneous n=1 requests in the engine part")
+    parser.add_argument("--big", type=int, default=64, help="images of the one big request in the engine part")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the engine part (medians are shown)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -123,8 +132,15 @@ def run(argv: list[str] | None = None) -> int:
     torchscript = CachedSampler(model, native=False)  # what runs without the C kernel
     results = [measure(model, sampler, torchscript, eager, int(b), args.naive_rows, args.seed)
                for b in args.batches.split(",")]
-    engine = [asyncio.run(measure_engine(model, int(lanes), args.concurrency, args.repeats))
-              for lanes in args.lanes.split(",")]
+    engine, big_images = [], []
+    for lanes in args.lanes.split(","):
+        timings, images = asyncio.run(measure_engine(model, int(lanes), args.concurrency, args.big, args.repeats))
+        engine.append(timings)
+        big_images.append(images)
+    if not all(torch.equal(images, big_images[0]) for images in big_images):
+        raise SystemExit(f"the request for {args.big} images gave different images with different lane counts")
+    for r in engine:
+        r["big_speedup"] = round(engine[0]["big_s"] / r["big_s"], 2)
     if args.json:
         print(json.dumps({"sampling": results, "engine": engine}))
         return 0
@@ -143,9 +159,11 @@ def run(argv: list[str] | None = None) -> int:
     kernel = "the C row kernel" if sampler.native is not None else "TorchScript (the C kernel did not build)"
     print(f"cached s: as served ({kernel}); torchscript s: the TorchScript row decoder; eager s: the same "
           "decoder run as plain Python")
-    print(f"\nengine, no HTTP: {args.concurrency} concurrent requests for 1 image vs one (medians of "
-          f"{args.repeats})")
-    print(f"{'lanes':>5} {'one s':>8} {'concurrent s':>13} {'concurrent/one':>15}")
+    print(f"\nengine, no HTTP: {args.concurrency} concurrent requests for 1 image vs one, and one request for "
+          f"{args.big} images (medians of {args.repeats}; its images were the same bytes for every lane count)")
+    print(f"{'lanes':>5} {'one s':>8} {'concurrent s':>13} {'concurrent/one':>15} {f'n={args.big} s':>9} "
+          f"{'n=' + str(args.big) + ' speedup':>14}")
     for r in engine:
-        print(f"{r['lanes']:>5} {r['one_s']:>8.3f} {r['concurrent_s']:>13.3f} {r['concurrent_over_one']:>15.2f}")
+        print(f"{r['lanes']:>5} {r['one_s']:>8.3f} {r['concurrent_s']:>13.3f} {r['concurrent_over_one']:>15.2f} "
+              f"{r['big_s']:>9.3f} {r['big_speedup']:>13.2f}x")
     return 0

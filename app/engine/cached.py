@@ -569,7 +569,7 @@ def iter_sample(
     n: int = 1,
     labels: torch.Tensor | None = None,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     known: torch.Tensor | None = None,
     known_rows: int = 0,
     sampler: CachedSampler | None = None,
@@ -579,14 +579,12 @@ def iter_sample(
     Same protocol (and so the same images) as app.model.sample_naive."""
     config = model.config
     sampler = sampler or CachedSampler(model)
-    generator, labels, canvas = start_sampling(
-        config, n, labels, temperature, generator, known, known_rows, sampler.device
-    )
+    streams, labels, canvas = start_sampling(config, n, labels, temperature, seed, known, known_rows, sampler.device)
     state = sampler.prefill(canvas, labels, known_rows)
     temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
     log_prob = torch.zeros(n, dtype=torch.float64, device=sampler.device)
     for i in range(known_rows, config.height):
-        uniforms = row_uniforms(generator, n, config.image_channels, config.width)
+        uniforms = row_uniforms(streams, config.image_channels, config.width)
         row, lp = sampler.decode_row(state, uniforms, temperatures)
         canvas[:, :, i] = row
         log_prob += lp

@@ -1,13 +1,18 @@
 """The sampling protocol, the engine's side: what makes a sampler produce the same images from the same seed.
 
-1. A class-conditional model without given labels draws them first: randint(K, (n,)) from the request's
-   generator, seeded with its seed.
-2. At the start of every row that is generated, one block of uniforms U of shape (n, C, W) is drawn in
-   float64. Sub-pixel (c, j) of image b is then the inverse CDF of softmax(logits / T) at U[b, c, j]:
-   the first level whose cumulative probability exceeds U times the total (the total is 1 up to rounding;
-   scaling by it means a level of probability 0 is never drawn).
-Drawing per row (not per pixel) lets the scheduler serve many requests with one generator each without a
-Python call per request per pixel; drawing in float64 keeps the CDF comparison away from float32 rounding.
+1. Every image has its own random stream: image k of a request with seed s draws from
+   numpy.random.Generator(PCG64(SeedSequence(s, spawn_key=(k,)))), numpy's way of splitting one seed
+   into independent streams (the same as SeedSequence(s).spawn(n)[k]). All 63 bits of the seed count.
+2. A class-conditional model without given labels draws image k's label first: integers(K) from its stream.
+3. At the start of every row that is generated, image k draws its uniforms, random((C, W)) in float64.
+   Sub-pixel (c, j) of image k is then the inverse CDF of softmax(logits / T) at U[c, j]: the first level
+   whose cumulative probability exceeds U times the total (the total is 1 up to rounding; scaling by it
+   means a level of probability 0 is never drawn).
+An image's numbers therefore depend only on (seed, k), never on how many images its request has or on
+which of them are drawn together: the scheduler may split a request across decode lanes and the images
+stay the same, and image k of a request of n is image k of any longer request with the same seed.
+Drawing per row (not per pixel) keeps the Python work per decode step to one call per image; drawing in
+float64 keeps the CDF comparison away from float32 rounding.
 
 The naive reference sampler (app.model.sampling) implements the same protocol in its own code, so that a
 test comparing the two is a test of both.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from app.model import ModelConfig
@@ -34,16 +40,20 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def resolve_labels(
-    config: ModelConfig, n: int, labels: torch.Tensor | list[int] | None, generator: torch.Generator
-) -> torch.Tensor | None:
-    """The labels to condition on: given ones (checked), drawn ones, or None for an unconditional model."""
+def image_streams(seed: int, first: int, count: int) -> list[np.random.Generator]:
+    """The random streams of images first .. first + count - 1 of a request with this seed (step 1)."""
+    return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,))) for k in range(first, first + count)]
+
+
+def check_labels(config: ModelConfig, n: int, labels: torch.Tensor | list[int] | None) -> torch.Tensor | None:
+    """Given labels as int64 (n,) (one label is repeated n times), checked against the model; None if none
+    were given. Raises ValueError naming what is wrong."""
     if not config.conditional:
         if labels is not None:
             raise ValueError("this model is unconditional: labels are not accepted")
         return None
     if labels is None:
-        return torch.randint(config.num_classes, (n,), generator=generator)
+        return None
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() == 1:
         labels = labels.expand(n).clone()
@@ -54,9 +64,20 @@ def resolve_labels(
     return labels
 
 
-def row_uniforms(generator: torch.Generator, n: int, channels: int, width: int) -> torch.Tensor:
-    """The random numbers for one row of n images: float64 (n, C, W), on the generator's device."""
-    return torch.rand((n, channels, width), generator=generator, dtype=torch.float64)
+def resolve_labels(
+    config: ModelConfig, labels: torch.Tensor | list[int] | None, streams: list[np.random.Generator]
+) -> torch.Tensor | None:
+    """The labels to condition on (step 2): given ones (checked), one drawn from each image's stream, or None
+    for an unconditional model."""
+    labels = check_labels(config, len(streams), labels)
+    if config.conditional and labels is None:
+        labels = torch.tensor([int(stream.integers(config.num_classes)) for stream in streams], dtype=torch.long)
+    return labels
+
+
+def row_uniforms(streams: list[np.random.Generator], channels: int, width: int) -> torch.Tensor:
+    """The random numbers for one row of these images (step 3): float64 (n, C, W), on the CPU."""
+    return torch.from_numpy(np.stack([stream.random((channels, width)) for stream in streams]))
 
 
 def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,16 +117,16 @@ def start_sampling(
     n: int,
     labels: torch.Tensor | list[int] | None,
     temperature: float,
-    seed_or_generator: int | torch.Generator | None,
+    seed: int,
     known: torch.Tensor | None,
     known_rows: int,
     device: torch.device,
-) -> tuple[torch.Generator, torch.Tensor | None, torch.Tensor]:
-    """Step 1 of the protocol: check the arguments, make the generator, resolve (or draw) the labels, and
-    lay out the canvas. Returns (generator, labels, canvas)."""
+) -> tuple[list[np.random.Generator], torch.Tensor | None, torch.Tensor]:
+    """Steps 1 and 2 of the protocol: check the arguments, make each image's stream, resolve (or draw) the
+    labels, and lay out the canvas. Returns (streams, labels, canvas)."""
     check_temperature(temperature)
-    generator = seed_or_generator
-    if not isinstance(generator, torch.Generator):
-        generator = torch.Generator().manual_seed(generator or 0)
-    labels = resolve_labels(config, n, labels, generator)
-    return generator, labels, prepare_canvas(config, n, known, known_rows, device)
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    canvas = prepare_canvas(config, n, known, known_rows, device)
+    streams = image_streams(seed, 0, n)
+    return streams, resolve_labels(config, labels, streams), canvas

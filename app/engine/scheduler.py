@@ -9,16 +9,23 @@ a request's images are the same whether it runs alone or beside others.
 Decode lanes: each lane is a thread with its own batch and caches (see Engine). The compiled row loop
 releases the GIL, so the lanes and the asyncio event loop run side by side. Results reach each
 request's asyncio queue through call_soon_threadsafe.
+
+A request of several images is split into shards, one per lane (at most one image each), which join
+lanes like requests of their own: every image has its own random stream (protocol.py), so where an image
+is drawn changes nothing. A row reaches the caller once every shard has drawn it, and the result once
+every shard has finished; the first failure ends the request with that error, and the other shards leave
+their lanes at their next row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,26 +64,88 @@ class GenerationError(RuntimeError):
     """A prefill or decode step failed; the request can be retried."""
 
 
-@dataclass
-class _Job:
-    """One request inside the engine."""
+class _Request:
+    """One request inside the engine: what its shards share and what its caller receives. Shards in
+    different lanes report to it concurrently, so its rows and its ending are changed under its own lock."""
 
-    request: GenerationRequest
-    generator: torch.Generator
-    labels: torch.Tensor | None
-    canvas: torch.Tensor  # int64 (n, C, H, W) on the engine's device
-    row: int
-    deliver: callable
-    withdraw: callable  # takes the job out of the engine's waiting queue, if it is still there
-    wants_rows: bool  # deliver a RowEvent per row, or only the result (one wake-up of the caller in all)
-    log_prob: torch.Tensor = None
-    cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-    first_row_at: float | None = None  # perf_counter() when the first generated row was final
+    def __init__(self, request: GenerationRequest, labels: torch.Tensor | None, canvas: torch.Tensor, shards: int,
+                 deliver: callable, withdraw: callable, wants_rows: bool) -> None:
+        self.request = request
+        self.labels = labels
+        self.images = canvas.to(torch.uint8).cpu()  # (n, C, H, W): the known rows, then each row as it is final
+        self.log_prob = torch.zeros(request.n, dtype=torch.float64)
+        self.shards = shards
+        self.deliver = deliver
+        self.withdraw = withdraw  # takes its shards out of the engine's waiting queue, if they are still there
+        self.wants_rows = wants_rows  # deliver a RowEvent per row, or only the result (one wake-up in all)
+        self.cancelled = False  # by the caller
+        self.closed = False  # a result or an error was delivered: its shards leave the engine
+        self.cancel_counted = False  # changed under the engine's lock: a cancellation counts once
+        self.admitted = False  # changed under the engine's lock: its queue wait is observed once
+        self.submitted = time.perf_counter()
+        self.first_row_at: float | None = None  # perf_counter() when the first generated row was final
+        self._lock = threading.Lock()
+        self._rows_ready: collections.Counter[int] = collections.Counter()  # shards that have drawn each row
 
     @property
     def n(self) -> int:
         return self.request.n
+
+    @property
+    def gone(self) -> bool:
+        """Its shards have nothing more to do."""
+        return self.cancelled or self.closed
+
+    def row_done(self, shard: "_Shard", row: int, pixels: torch.Tensor, log_prob: torch.Tensor) -> bool:
+        """A shard drew `row` (pixels uint8 (m, C, W), log p (m,)). The row goes to the caller once every
+        shard has it; True when that completed the request (the lane then delivers the result by finish)."""
+        with self._lock:
+            if self.closed:
+                return False
+            self.images[shard.start : shard.stop, :, row] = pixels
+            self.log_prob[shard.start : shard.stop] += log_prob
+            self._rows_ready[row] += 1
+            if self._rows_ready[row] < self.shards:
+                return False
+            del self._rows_ready[row]
+            if self.first_row_at is None:
+                self.first_row_at = time.perf_counter()
+            if self.wants_rows:  # under the lock: rows leave in order even when two lanes finish them
+                self.deliver(RowEvent(row, self.images[:, :, row].clone()))
+            return row == self.images.shape[2] - 1
+
+    def finish(self) -> None:
+        """Deliver the result, unless the request already ended."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.deliver(SampleResult(self.images, self.labels, self.log_prob))
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with `error`, unless it already ended; its other shards leave at their next row."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.deliver(error)
+
+
+@dataclass
+class _Shard:
+    """Images start .. stop - 1 of a request: what a lane batches, prefills and decodes."""
+
+    owner: _Request
+    start: int
+    stop: int
+    streams: list[np.random.Generator]  # each image's random stream (protocol.py)
+    labels: torch.Tensor | None
+    canvas: torch.Tensor  # int64 (m, C, H, W) on the engine's device: the known rows, for the prefill
+    row: int  # the next row to draw
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
 
 
 _CANCELLED = object()  # queued by Stream.cancel() so that a consumer waiting for the next item wakes up
@@ -86,8 +155,8 @@ class Stream:
     """Async iterator over a request's RowEvents (when submitted with rows=True), then its SampleResult.
     Cancelling ends the iteration, also for a consumer already waiting for the next item."""
 
-    def __init__(self, job: _Job, queue: asyncio.Queue) -> None:
-        self._job = job
+    def __init__(self, request: _Request, queue: asyncio.Queue) -> None:
+        self._request = request
         self._queue = queue
         self._finished = False
 
@@ -110,15 +179,15 @@ class Stream:
     @property
     def time_to_first_row_s(self) -> float | None:
         """Seconds from submission until the first generated row was final; None before that."""
-        first = self._job.first_row_at
-        return None if first is None else first - self._job.submitted
+        first = self._request.first_row_at
+        return None if first is None else first - self._request.submitted
 
     async def cancel(self) -> None:
         """Stop the work: the request leaves the batch at the next row boundary."""
         if not self._finished:
-            self._job.cancelled = True
+            self._request.cancelled = True
             self._finished = True
-            self._job.withdraw(self._job)  # a waiting request leaves the queue now, not at its head
+            self._request.withdraw(self._request)  # waiting shards leave the queue now, not at its head
             self._queue.put_nowait(_CANCELLED)
 
     async def aclose(self) -> None:
@@ -131,6 +200,12 @@ class Stream:
                 return item
         raise EngineStoppedError("the stream ended without a result")
 
+
+# The counts engine.stats() reports, each from 0, that only ever grow.
+ENGINE_COUNTERS = (
+    "requests_submitted", "requests_completed", "requests_cancelled", "rows_decoded", "rejected_queue_full",
+    "decode_errors", "prefill_errors", "likelihood_errors",
+)
 
 TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -159,7 +234,7 @@ class _Lane:
         self.index = index
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
-        self.active: list[_Job] = []
+        self.active: list[_Shard] = []
         self.state: DecodeCache | None = None
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
         # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
@@ -196,7 +271,7 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self._last_submit = 0.0  # perf_counter() of the latest submit
         self.scorer = Scorer(self.model, max_in_flight=max_queue)
-        self._waiting: collections.deque[_Job] = collections.deque()
+        self._waiting: collections.deque[_Shard] = collections.deque()
         self._lock = threading.Lock()
         self._lanes = [_Lane(index) for index in range(lanes)]
         self._stopping = False
@@ -235,8 +310,8 @@ class Engine:
             for lane in self._lanes:
                 leftover += lane.active
                 lane.thread, lane.active, lane.state, lane.images = None, [], None, 0
-        for job in leftover:
-            job.deliver(EngineStoppedError("the server is shutting down"))
+        for shard in leftover:
+            shard.owner.fail(EngineStoppedError("the server is shutting down"))
 
     @property
     def running(self) -> bool:
@@ -244,10 +319,11 @@ class Engine:
 
     def stats(self) -> dict:
         with self._lock:
-            waiting = len(self._waiting)
-            active = [job for lane in self._lanes for job in lane.active]
+            waiting = self._waiting_requests()
+            active = [shard for lane in self._lanes for shard in lane.active]
             scoring = self.scorer.in_flight
-            counters, batch_sizes = collections.Counter(self._counters), collections.Counter()
+            counters, batch_sizes = collections.Counter(dict.fromkeys(ENGINE_COUNTERS, 0)), collections.Counter()
+            counters.update(self._counters)
             for lane in self._lanes:  # update(), not +: keeps the counts that are still 0
                 counters.update(lane.counters)
                 batch_sizes.update(lane.batch_sizes)
@@ -258,8 +334,8 @@ class Engine:
             "lanes": len(self._lanes),
             "queue_size": waiting,
             "likelihood_in_flight": scoring,
-            "active_requests": len(active),
-            "active_images": sum(job.n for job in active),
+            "active_requests": len({id(shard.owner) for shard in active}),
+            "active_images": sum(shard.n for shard in active),
             "max_batch_images": self.max_batch_images,
             "last_batch_size": sizes[-1] if sizes else 0,
             "max_batch_size_seen": max(sizes, default=0),
@@ -280,7 +356,7 @@ class Engine:
         per row, which keeps the event loop (and the GIL) free for the decode lanes."""
         if not 1 <= request.n <= self.max_batch_images:
             raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
-        generator, labels, canvas = start_sampling(
+        streams, labels, canvas = start_sampling(
             self.config, request.n, request.labels, request.temperature, request.seed,
             request.known, request.known_rows, self.device,
         )
@@ -293,29 +369,48 @@ class Engine:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
-        job = _Job(request, generator, labels, canvas, request.known_rows, deliver, self._withdraw, rows)
-        job.log_prob = torch.zeros(request.n, dtype=torch.float64)
+        # One shard per lane, so that an idle engine draws a big request on every core; a completion with
+        # nothing to generate is answered by its prefill alone.
+        parts = 1 if request.known_rows >= self.config.height else min(len(self._lanes), request.n)
+        owner = _Request(request, labels, canvas, parts, deliver, self._withdraw, rows)
+        bounds = [request.n * k // parts for k in range(parts + 1)]
+        shards = [
+            _Shard(owner, a, b, streams[a:b], None if labels is None else labels[a:b], canvas[a:b], request.known_rows)
+            for a, b in itertools.pairwise(bounds)
+        ]
         with self._lock:
             if self._stopping or not self.running:
                 raise EngineStoppedError("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
+            if self._waiting_requests() >= self.max_queue:
                 self._counters["rejected_queue_full"] += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
-            self._waiting.append(job)
+            self._waiting.extend(shards)
             self._counters["requests_submitted"] += 1
             self._last_submit = time.perf_counter()
         for lane in self._lanes:  # the least loaded lane takes it; an idle lane is always least loaded
             lane.wake.set()
-        return Stream(job, queue)
+        return Stream(owner, queue)
 
     async def generate(self, request: GenerationRequest) -> SampleResult:
         return await self.submit(request, rows=False).result()
 
-    def _withdraw(self, job: _Job) -> None:
+    def _waiting_requests(self) -> int:
+        """Requests with a shard in the queue; under the lock."""
+        return len({id(shard.owner) for shard in self._waiting})
+
+    def _withdraw(self, owner: _Request) -> None:
         with self._lock:
-            if job in self._waiting:
-                self._waiting.remove(job)
-                self._counters["requests_cancelled"] += 1
+            left = [shard for shard in self._waiting if shard.owner is not owner]
+            if len(left) != len(self._waiting):
+                self._waiting = collections.deque(left)
+                self._count_cancelled(owner, self._counters)
+
+    @staticmethod
+    def _count_cancelled(owner: _Request, counts: collections.Counter) -> None:
+        """Count a cancelled request once, whichever of its shards leaves first; under the lock."""
+        if owner.cancelled and not owner.cancel_counted:
+            owner.cancel_counted = True
+            counts["requests_cancelled"] += 1
 
     async def likelihood(self, images, labels=None) -> LikelihoodResult:
         """Teacher-forced NLL (see Scorer.score)."""
@@ -338,8 +433,8 @@ class Engine:
                 with self._lock:
                     self._counters["decode_errors"] += 1
                     failed, lane.active, lane.state, lane.images = lane.active, [], None, 0
-                for job in failed:
-                    job.deliver(GenerationError(f"generation failed ({type(error).__name__}: {error})"))
+                for shard in failed:
+                    shard.owner.fail(GenerationError(f"generation failed ({type(error).__name__}: {error})"))
 
     def _let_the_burst_arrive(self) -> None:
         deadline = time.perf_counter() + 5 * self.batch_wait_s
@@ -351,27 +446,31 @@ class Engine:
             time.sleep(quiet_at - now)
 
     def _admit(self, lane: _Lane) -> None:
-        """Move waiting requests into this lane while they fit, up to its fair share of all the images
-        (running and waiting), and beyond that only while it is the least loaded lane. FIFO, so none
-        starves: a lane that leaves a request to a less loaded one lets it take the request within a row."""
+        """Move waiting shards into this lane while they fit, up to its fair share of all the images
+        (running and waiting), and beyond that only while it is the least loaded lane (so the shards of
+        a request on an idle engine go one to each lane). FIFO, so none
+        starves: a lane that leaves a shard to a less loaded one lets it take the shard within a row."""
         joined = []
         with self._lock:
             others = [other.images for other in self._lanes if other is not lane]
-            total = lane.images + sum(others) + sum(job.n for job in self._waiting if not job.cancelled)
+            total = lane.images + sum(others) + sum(shard.n for shard in self._waiting if not shard.owner.gone)
             fair_share = -(-total // len(self._lanes))
             while self._waiting:
-                job = self._waiting[0]
-                if job.cancelled:
+                shard = self._waiting[0]
+                if shard.owner.gone:  # cancelled, or failed in another lane
                     self._waiting.popleft()
-                    self._counters["requests_cancelled"] += 1
+                    self._count_cancelled(shard.owner, self._counters)
                     continue
                 least_loaded = lane.images <= min(others, default=lane.images)
-                if job.n > self.max_batch_images - lane.images or not (lane.images < fair_share or least_loaded):
+                within_share = lane.images + shard.n <= fair_share
+                if shard.n > self.max_batch_images - lane.images or not (within_share or least_loaded):
                     break
                 self._waiting.popleft()
-                lane.images += job.n
-                self._queue_wait.observe(time.perf_counter() - job.submitted)
-                joined.append(job)
+                lane.images += shard.n
+                if not shard.owner.admitted:
+                    shard.owner.admitted = True
+                    self._queue_wait.observe(time.perf_counter() - shard.owner.submitted)
+                joined.append(shard)
         if not joined:
             return
         states = [lane.state] if lane.state is not None else []
@@ -382,69 +481,68 @@ class Engine:
             lane.active.extend(pending)
         lane.state = DecodeCache.concat(states) if states else None
 
-    def _prefill(self, lane: _Lane, pending: list[_Job], states: list[DecodeCache]) -> None:
-        """Prefill each joining request, taking it off `pending` once it is active, done or failed."""
-        for job in list(pending):
-            pending.remove(job)
-            try:  # prefill: one pass over the known rows fills this request's caches
-                state = self.sampler.prefill(job.canvas, job.labels, job.row)
+    def _prefill(self, lane: _Lane, pending: list[_Shard], states: list[DecodeCache]) -> None:
+        """Prefill each joining shard, taking it off `pending` once it is active, done or failed."""
+        for shard in list(pending):
+            pending.remove(shard)
+            try:  # prefill: one pass over the known rows fills this shard's caches
+                state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
                 log.exception("prefill failed")
                 with self._lock:
-                    lane.images -= job.n
+                    lane.images -= shard.n
                     self._counters["prefill_errors"] += 1
-                job.deliver(GenerationError(f"prefill failed ({type(error).__name__}: {error})"))
+                shard.owner.fail(GenerationError(f"prefill failed ({type(error).__name__}: {error})"))
                 continue
-            if job.row >= self.config.height:  # nothing to generate (all rows known)
+            if shard.row >= self.config.height:  # nothing to generate (all rows known): never split
                 with self._lock:
-                    lane.images -= job.n
+                    lane.images -= shard.n
                     self._counters["requests_completed"] += 1
-                job.deliver(SampleResult(job.canvas.to(torch.uint8).cpu(), job.labels, job.log_prob))
+                shard.owner.finish()
                 continue
             states.append(state)
-            lane.active.append(job)  # from here a failure (even of the merge) reaches it via _run
+            lane.active.append(shard)  # from here a failure (even of the merge) reaches it via _run
 
     def _decode_one_row(self, lane: _Lane) -> None:
         c, w = self.config.image_channels, self.config.width
-        uniforms = torch.cat([row_uniforms(job.generator, job.n, c, w) for job in lane.active])
-        temperatures = torch.cat(
-            [torch.full((job.n, 1), float(job.request.temperature), dtype=torch.float64) for job in lane.active]
-        )
+        uniforms = torch.cat([row_uniforms(shard.streams, c, w) for shard in lane.active])
+        temperatures = torch.cat([
+            torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
+            for shard in lane.active
+        ])
         step_started = time.perf_counter()
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
 
-        keep, still_active, finished, offset = [], [], [], 0
-        for job in lane.active:
-            part = slice(offset, offset + job.n)
-            offset += job.n
-            if job.cancelled:
-                counts["requests_cancelled"] += 1
+        keep, still_active, left, finished, offset = [], [], [], [], 0
+        for shard in lane.active:
+            part = slice(offset, offset + shard.n)
+            offset += shard.n
+            if shard.owner.gone:  # cancelled, or ended by another shard's failure
+                left.append(shard.owner)
                 continue
-            job.canvas[:, :, job.row] = rows[part]
-            job.log_prob += log_prob[part]
-            if job.first_row_at is None:
-                job.first_row_at = time.perf_counter()
-            if job.wants_rows:
-                job.deliver(RowEvent(job.row, rows_cpu[part].clone()))
-            job.row += 1
-            if job.row == self.config.height:
-                finished.append(job)
+            completed = shard.owner.row_done(shard, shard.row, rows_cpu[part], log_prob[part])
+            shard.row += 1
+            if shard.row == self.config.height:
+                if completed:
+                    finished.append(shard.owner)
                 continue
             keep.extend(range(part.start, part.stop))
-            still_active.append(job)
+            still_active.append(shard)
         if len(still_active) != len(lane.active):
             lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
         counts["requests_completed"] += len(finished)
         with self._lock:
+            for owner in left:
+                self._count_cancelled(owner, counts)
             lane.active = still_active
-            lane.images = sum(job.n for job in still_active)
+            lane.images = sum(shard.n for shard in still_active)
             lane.counters.update(counts)
             lane.batch_sizes[uniforms.shape[0]] += 1
             self._batch_sizes.append(uniforms.shape[0])
             self._row_time.observe(step_s)
         # Results last: whoever receives one sees an engine that has already let go of the request.
-        for job in finished:
-            job.deliver(SampleResult(job.canvas.to(torch.uint8).cpu(), job.labels, job.log_prob.clone()))
+        for owner in finished:
+            owner.finish()

@@ -16,7 +16,7 @@ from torch import nn
 from app.model import ModelConfig
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
 
-from .protocol import resolve_labels
+from .protocol import check_labels
 
 
 class QueueFullError(RuntimeError):
@@ -68,8 +68,7 @@ class Scorer:
         images = torch.as_tensor(images)
         if tuple(images.shape[1:]) != self.config.shape:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, self.config.shape))})")
-        if not self.config.conditional or labels is not None:
-            labels = resolve_labels(self.config, images.shape[0], labels, torch.Generator())
+        labels = check_labels(self.config, images.shape[0], labels)
         try:
             return self._forward(images, labels)
         except Exception as error:

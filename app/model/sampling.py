@@ -1,16 +1,17 @@
 """The naive reference sampler: one full forward pass per sub-pixel (H * W * C passes).
 
 Slow and obviously right, and written on its own: it shares no code with the cached engine but the model,
-so that comparing the two tests both. It follows the protocol documented in app/engine/protocol.py:
-labels drawn first (randint) when not given, then per generated row one float64 block of uniforms
-(n, C, W), and each sub-pixel is the first level whose cumulative probability under softmax(logits / T)
-exceeds its uniform times the total.
+so that comparing the two tests both. It follows the protocol documented in app/engine/protocol.py: the
+seed is spawned into one numpy stream per image; each image draws its label first (when not given), then
+per generated row a float64 block of uniforms (C, W), and each sub-pixel is the first level whose
+cumulative probability under softmax(logits / T) exceeds its uniform times the total.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,19 +41,19 @@ def sample_naive(
     n: int = 1,
     labels: torch.Tensor | None = None,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     known: torch.Tensor | None = None,
     known_rows: int = 0,
 ) -> SampleResult:
     """With `known` (n or 1, C, H, W) and `known_rows` r, rows < r are kept and rows >= r are generated
-    conditioned on them (image completion). `generator` defaults to seed 0."""
+    conditioned on them (image completion)."""
     config: ModelConfig = model.config
     device = next(model.parameters()).device
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    streams = [np.random.Generator(np.random.PCG64(child)) for child in np.random.SeedSequence(seed).spawn(n)]
     if config.conditional and labels is None:
-        labels = torch.randint(config.num_classes, (n,), generator=generator)
+        labels = torch.tensor([stream.integers(config.num_classes) for stream in streams])
     elif labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone()
     c, h, w = config.shape
@@ -62,7 +63,7 @@ def sample_naive(
     on_device_labels = None if labels is None else labels.to(device)
     log_prob = torch.zeros(n, dtype=torch.float64)
     for i in range(known_rows, h):
-        u = torch.rand((n, c, w), generator=generator, dtype=torch.float64)
+        u = torch.tensor(np.array([stream.random((c, w)) for stream in streams]), dtype=torch.float64)
         for j in range(w):
             for colour in range(c):
                 logits = model(canvas, on_device_labels)[:, :, colour, i, j].double().cpu()  # (n, 256)

@@ -20,6 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.engine.scheduler import ENGINE_COUNTERS
+
 from .errors import REQUEST_ID
 
 if TYPE_CHECKING:
@@ -29,12 +31,6 @@ access_log = logging.getLogger("pixelcnn.access")
 REQUEST_ID_HEADER = b"x-request-id"
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")  # a caller's (or gateway's) id is kept if it looks sane
 
-# engine.stats() keys that only ever grow: exported as counters (pixelcnn_engine_<key>_total), so that
-# rate() and increase() work on them; every other numeric stat is a gauge.
-ENGINE_COUNTERS = frozenset({
-    "requests_submitted", "requests_completed", "requests_cancelled", "rows_decoded", "rejected_queue_full",
-    "decode_errors", "prefill_errors", "likelihood_errors",
-})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -112,6 +108,8 @@ class EngineCollector(Collector):
                 if isinstance(value, (int, float)):
                     name = f"pixelcnn_engine_{key}"
                     if name not in extra:
+                        # Counts that only grow are counters (pixelcnn_engine_<key>_total), so that rate() and
+                        # increase() work on them; every other numeric stat is a gauge.
                         family = CounterMetricFamily if key in ENGINE_COUNTERS else GaugeMetricFamily
                         extra[name] = family(name, f"engine.stats()[{key!r}]", labels=["model"])
                     extra[name].add_metric([model.name], float(value))
