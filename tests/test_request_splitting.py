@@ -90,7 +90,12 @@ def test_a_big_request_on_an_idle_engine_runs_on_every_lane_and_gives_the_same_i
     model = tiny_model(arch, 1, size=6, num_classes=3, seed=62, dtype=torch.float32)
 
     async def scenario():
-        async with started(Engine(model, lanes=2, batch_wait_s=0)) as engine:
+        engine = Engine(model, lanes=2, batch_wait_s=0)
+        # The two shards' prefills must meet: one lane holding both would wait here until the timeout.
+        # (Without it a lane could finish a shard of this tiny model before the other lane's thread runs.)
+        prefill, both_lanes = engine.sampler.prefill, threading.Barrier(2, timeout=TIMEOUT_S)
+        engine.sampler.prefill = lambda *args: (both_lanes.wait(), prefill(*args))[1]
+        async with started(engine):
             result = await engine.generate(GenerationRequest(n=7, seed=11, temperature=0.8))
             return result, engine.stats()
 

@@ -422,10 +422,12 @@ class Engine:
             try:
                 if not lane.active and self._waiting:
                     self._let_the_burst_arrive()
+                # Cleared before looking for work: a request submitted after this wakes the wait below,
+                # one submitted before is seen by _admit (clearing after the wait could lose it).
+                lane.wake.clear()
                 self._admit(lane)
                 if not lane.active:
                     lane.wake.wait(timeout=0.5)
-                    lane.wake.clear()
                     continue
                 self._decode_one_row(lane)
             except Exception as error:  # never leave a client hanging: fail the batch, keep serving
