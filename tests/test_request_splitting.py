@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -171,8 +172,13 @@ def test_a_failing_prefill_of_one_shard_fails_its_request_once_and_the_other_sha
         def second_shard_fails(canvas, labels, known_rows):
             with lock:
                 calls.append(canvas.shape[0])
-                if len(calls) == 2:
-                    raise RuntimeError("injected fault")
+                fails = len(calls) == 2
+            if fails:
+                raise RuntimeError("injected fault")
+            for _ in range(1000):  # the healthy shard starts decoding once the other has failed
+                if engine.stats()["prefill_errors"]:
+                    break
+                time.sleep(0.002)
             return prefill(canvas, labels, known_rows)
 
         engine.sampler.prefill = second_shard_fails
@@ -189,6 +195,7 @@ def test_a_failing_prefill_of_one_shard_fails_its_request_once_and_the_other_sha
             stats = engine.stats()
             assert stats["prefill_errors"] == 1 and stats["requests_completed"] == 0
             assert stats["requests_cancelled"] == 0  # failed, not cancelled
+            assert stats["rows_decoded"] <= 2  # the healthy shard left at once instead of drawing its 8 rows
             assert stream._queue.empty()  # nothing was delivered after the error
             after = await asyncio.wait_for(engine.generate(GenerationRequest(n=4, seed=2)), TIMEOUT_S)
             assert torch.equal(after.images, sample_cached(model, 4, seed=2).images)
@@ -206,8 +213,10 @@ def test_a_failing_decode_step_in_one_lane_fails_the_split_request_once():
         def fails_on_the_fifth_step(*args):
             with lock:
                 calls.append(1)
-                if len(calls) == 5:
-                    raise RuntimeError("injected fault")
+                fails = len(calls) == 5
+            if fails:
+                raise RuntimeError("injected fault")
+            time.sleep(0.02)  # rows of a real model's length, so that the healthy lane's next row is later
             return decode_row(*args)
 
         engine.sampler.decode_row = fails_on_the_fifth_step
@@ -224,6 +233,9 @@ def test_a_failing_decode_step_in_one_lane_fails_the_split_request_once():
                 await asyncio.sleep(0.01)
             assert_idle(engine)
             assert engine.stats()["decode_errors"] == 1
+            # 4 steps before the fault, then the other lane's shard leaves within a row or two (it would
+            # take 8 + the failed lane's steps to finish its 8 rows).
+            assert engine.stats()["rows_decoded"] <= 7
             assert stream._queue.empty()
             after = await asyncio.wait_for(engine.generate(GenerationRequest(n=4, seed=2)), TIMEOUT_S)
             assert torch.equal(after.images, sample_cached(model, 4, seed=2).images)

@@ -86,6 +86,7 @@ class _Request:
         self.first_row_at: float | None = None  # perf_counter() when the first generated row was final
         self._lock = threading.Lock()
         self._rows_ready: collections.Counter[int] = collections.Counter()  # shards that have drawn each row
+        self._in_lanes = shards  # shards that have not yet drawn their last row and left their lane
 
     @property
     def n(self) -> int:
@@ -96,23 +97,29 @@ class _Request:
         """Its shards have nothing more to do."""
         return self.cancelled or self.closed
 
-    def row_done(self, shard: "_Shard", row: int, pixels: torch.Tensor, log_prob: torch.Tensor) -> bool:
-        """A shard drew `row` (pixels uint8 (m, C, W), log p (m,)). The row goes to the caller once every
-        shard has it; True when that completed the request (the lane then delivers the result by finish)."""
+    def row_done(self, shard: _Shard, row: int, pixels: torch.Tensor, log_prob: torch.Tensor) -> None:
+        """A shard drew `row` (pixels uint8 (m, C, W), log p (m,)); the row goes to the caller once every
+        shard has it."""
         with self._lock:
             if self.closed:
-                return False
+                return
             self.images[shard.start : shard.stop, :, row] = pixels
             self.log_prob[shard.start : shard.stop] += log_prob
             self._rows_ready[row] += 1
             if self._rows_ready[row] < self.shards:
-                return False
+                return
             del self._rows_ready[row]
             if self.first_row_at is None:
                 self.first_row_at = time.perf_counter()
             if self.wants_rows:  # under the lock: rows leave in order even when two lanes finish them
                 self.deliver(RowEvent(row, self.images[:, :, row].clone()))
-            return row == self.images.shape[2] - 1
+
+    def shard_left(self) -> bool:
+        """A shard drew its last row and left its lane; True when it was the last one of a request that
+        has not ended (the caller then delivers the result by finish)."""
+        with self._lock:
+            self._in_lanes -= 1
+            return self._in_lanes == 0 and not self.closed
 
     def finish(self) -> None:
         """Deliver the result, unless the request already ended."""
@@ -431,12 +438,12 @@ class Engine:
                     continue
                 self._decode_one_row(lane)
             except Exception as error:  # never leave a client hanging: fail the batch, keep serving
-                log.exception("decode step failed")
                 with self._lock:
                     self._counters["decode_errors"] += 1
                     failed, lane.active, lane.state, lane.images = lane.active, [], None, 0
-                for shard in failed:
+                for shard in failed:  # first, so that other lanes' shards of these requests stop at once
                     shard.owner.fail(GenerationError(f"generation failed ({type(error).__name__}: {error})"))
+                log.exception("decode step failed")
 
     def _let_the_burst_arrive(self) -> None:
         deadline = time.perf_counter() + 5 * self.batch_wait_s
@@ -490,11 +497,11 @@ class Engine:
             try:  # prefill: one pass over the known rows fills this shard's caches
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
-                log.exception("prefill failed")
                 with self._lock:
                     lane.images -= shard.n
                     self._counters["prefill_errors"] += 1
                 shard.owner.fail(GenerationError(f"prefill failed ({type(error).__name__}: {error})"))
+                log.exception("prefill failed")
                 continue
             if shard.row >= self.config.height:  # nothing to generate (all rows known): never split
                 with self._lock:
@@ -518,33 +525,34 @@ class Engine:
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
 
-        keep, still_active, left, finished, offset = [], [], [], [], 0
+        keep, still_active, left, done, offset = [], [], [], [], 0
         for shard in lane.active:
             part = slice(offset, offset + shard.n)
             offset += shard.n
             if shard.owner.gone:  # cancelled, or ended by another shard's failure
                 left.append(shard.owner)
                 continue
-            completed = shard.owner.row_done(shard, shard.row, rows_cpu[part], log_prob[part])
+            shard.owner.row_done(shard, shard.row, rows_cpu[part], log_prob[part])
             shard.row += 1
             if shard.row == self.config.height:
-                if completed:
-                    finished.append(shard.owner)
+                done.append(shard)
                 continue
             keep.extend(range(part.start, part.stop))
             still_active.append(shard)
         if len(still_active) != len(lane.active):
             lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
-        counts["requests_completed"] += len(finished)
         with self._lock:
             for owner in left:
                 self._count_cancelled(owner, counts)
+            # A request is finished once its last shard has left its lane, so that (below) whoever receives
+            # the result sees an engine that has let go of all of it, in every lane.
+            finished = [shard.owner for shard in done if shard.owner.shard_left()]
+            counts["requests_completed"] += len(finished)
             lane.active = still_active
             lane.images = sum(shard.n for shard in still_active)
             lane.counters.update(counts)
             lane.batch_sizes[uniforms.shape[0]] += 1
             self._batch_sizes.append(uniforms.shape[0])
             self._row_time.observe(step_s)
-        # Results last: whoever receives one sees an engine that has already let go of the request.
         for owner in finished:
             owner.finish()
