@@ -211,7 +211,7 @@ def test_nginx_accepts_the_gateway_config(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
-@pytest.mark.parametrize("script, shell", [("deploy/smoke.sh", "bash"), ("deploy/gateway.sh", "sh")])
+@pytest.mark.parametrize("script, shell", [("deploy/smoke.sh", "bash"), ("deploy/gateway.sh", "sh"), ("deploy/gpu_check.sh", "bash")])
 def test_shell_scripts_parse_and_pass_shellcheck(script, shell):
     script = ROOT / script
     run = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=60, check=False)
