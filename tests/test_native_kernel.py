@@ -95,3 +95,82 @@ def test_a_level_of_probability_zero_is_never_drawn(arch, compiled):
                                        torch.ones((3, 1), dtype=torch.float64))
     assert (row > 0).all(), row
     assert torch.isfinite(log_prob).all()
+
+
+def _vertical_shapes():
+    """The shipped model's vertical shapes (hidden 48, kernel rows 3 x 5, first layer 7 wide) on a
+    smaller image, and a conditional RGB model (hidden a multiple of 6)."""
+    return [
+        dict(image_channels=1, num_classes=0, hidden_channels=48, layers=7, first_kernel_size=7, size=12),
+        dict(image_channels=3, num_classes=3, hidden_channels=18, layers=3, first_kernel_size=5, size=8),
+    ]
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", _vertical_shapes(), ids=["shipped-like", "rgb-conditional"])
+@pytest.mark.parametrize("batch", [1, 5, 11])
+def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
+    """The C begin_row / end_row compute what the torch reference does, up to float32 rounding (their sums
+    run in another order than MKL's), on caches with known rows and random labels."""
+    import copy
+
+    model = tiny_model("gated", dtype=torch.float32, **shape)
+    sampler = CachedSampler(model)
+    assert sampler.vertical is not None and sampler.batch_quantum == 1
+    c, h, w = model.config.shape
+    generator = torch.Generator().manual_seed(batch)
+    canvas = torch.randint(0, 256, (batch, c, h, w), generator=generator)
+    labels = torch.randint(0, shape["num_classes"], (batch,), generator=generator) if shape["num_classes"] else None
+    state = sampler.prefill(canvas, labels, 4)
+    for i in range(4, 7):  # a few rows, so that rows the kernel wrote are read again
+        reference, fast = copy.deepcopy(state), copy.deepcopy(state)
+        for t in fast.h_buffers:
+            t.fill_(1.0)  # the kernel zeroes them
+        sampler.impl.begin_row(reference)
+        sampler.vertical.begin_row(fast)
+        for layer in range(len(model.layers)):
+            torch.testing.assert_close(fast.row_bias[layer], reference.row_bias[layer], rtol=1e-5, atol=1e-5)
+            assert len(fast.vertical[layer]) == len(reference.vertical[layer])
+            for a, b in zip(fast.vertical[layer], reference.vertical[layer]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert not fast.h_buffers[layer].any()
+        row = canvas[:, :, i]
+        sampler.impl.end_row(reference, row)
+        sampler.vertical.end_row(fast, row)
+        assert all(torch.equal(a, b) for a, b in zip(fast.vertical[0], reference.vertical[0])), "scaling is exact"
+        state = fast
+
+
+@needs_compiler
+def test_native_vertical_stack_numbers_do_not_depend_on_the_batch():
+    """An image's row biases are bit for bit the same alone and among others, at any position."""
+    model = tiny_model("gated", image_channels=3, num_classes=3, hidden_channels=18, dtype=torch.float32)
+    sampler = CachedSampler(model)
+    c, h, w = model.config.shape
+    canvas = torch.randint(0, 256, (9, c, h, w), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(9) % 3
+    crowd = sampler.prefill(canvas, labels, 3)
+    alone = sampler.prefill(canvas[6:7], labels[6:7], 3)
+    sampler.vertical.begin_row(crowd)
+    sampler.vertical.begin_row(alone)
+    for layer in range(len(model.layers)):
+        assert torch.equal(crowd.row_bias[layer][6:7], alone.row_bias[layer])
+        for a, b in zip(crowd.vertical[layer], alone.vertical[layer]):
+            assert torch.equal(a[6:7], b)
+
+
+@needs_compiler
+def test_the_torch_vertical_stack_runs_without_the_native_kernel(monkeypatch):
+    """native=False (and float64) keep the torch begin_row / end_row, the readable reference."""
+    model = tiny_model("gated", dtype=torch.float32)
+    reference = CachedSampler(model, native=False)
+    assert reference.native is None and reference.vertical is None
+    assert CachedSampler(tiny_model("gated")).vertical is None, "float64 models run the torch vertical stack"
+    calls = []
+    begin_row = type(reference.impl).begin_row
+    monkeypatch.setattr(type(reference.impl), "begin_row", lambda self, s: calls.append(1) or begin_row(self, s))
+    sample_cached(model, 2, seed=0, sampler=reference)
+    assert len(calls) == model.config.height
+    calls.clear()
+    sample_cached(model, 2, seed=0, sampler=CachedSampler(model))
+    assert not calls, "the native sampler runs the C vertical stack"

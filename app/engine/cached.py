@@ -17,7 +17,10 @@ All cache tensors have the batch first and none depends on the row index, so ima
 share one decode step; that is what lets the scheduler batch requests continuously.
 
 This module does the per-row work (prefill, the vertical stack, shifting the caches) in Python; the
-per-sub-pixel loop runs in a compiled row decoder (row_decoders.py).
+per-sub-pixel loop runs in a compiled row decoder (row_decoders.py). For float32 models on the CPU the
+per-pixel loop and the gated model's vertical stack (begin_row, end_row) run in the C kernel instead
+(native.py); the torch methods here stay the readable reference for everything else, and the two differ
+only by the rounding of their sums (~1e-7 relative).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from app.model.gated import GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
-from .native import NativeGatedDecoder, NativePixelCNNDecoder, load_kernel
+from .native import NativeGatedDecoder, NativeGatedVertical, NativePixelCNNDecoder, load_kernel
 from .protocol import row_uniforms, start_sampling
 
 from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder, scaled_gate, tanh_half_scale
@@ -145,7 +148,8 @@ class CachedGated:
         )
         self.h_width = self.decoder.h_width
         # Images per step such that every image's pre-activations (2n floats) fill whole 32-float chunks;
-        # with the C kernel only the vertical stack's per-row pre-activations (W * 2n floats) must.
+        # with the C per-pixel loop but the torch vertical stack, only its per-row pre-activations (W * 2n
+        # floats) must; with the C vertical stack too, nothing needs padding (CachedSampler.vertical).
         self.batch_quantum = 32 // math.gcd(2 * self.n, 32)
         self.row_batch_quantum = 32 // math.gcd(self.config.width * 2 * self.n, 32)
         # The vertical stack per row is a matrix product over each column's window (rows, kw, in), not a
@@ -210,7 +214,9 @@ class CachedGated:
         return row.as_strided((b, padded_width - kw + 1, kw * ch), (row.stride(0), ch, 1)).contiguous()
 
     def begin_row(self, s: GatedCache) -> None:
-        """Vertical stack for the row about to be drawn (it depends only on earlier rows).
+        """Vertical stack for the row about to be drawn (it depends only on earlier rows). The readable
+        reference: float32 CPU sampling with the C kernel runs NativeGatedVertical.begin_row instead, the
+        same arithmetic with its sums in C's written order (they differ from MKL's by ~1e-7 relative).
 
         Channels-last throughout: each kept input row is already unfolded (B, W, kw * in), so a layer's
         pre-activations (B, W, 2n) are one matrix product per kernel row over all B * W columns, summed
@@ -356,8 +362,10 @@ class CachedSampler:
     `compiled`: run the row loop compiled (the default: faster, and GIL-free, which is what lets the
     engine's decode lanes run in parallel) or as the plain module it also is. Compiled means, for a
     float32 model on the CPU, the C kernel of native.py when it builds, else TorchScript.
-    The C kernel computes every image on its own, so it needs no padding to 2 images (only the chunk
-    padding of the vertical stack's elementwise ops, `row_batch_quantum`). `native=False` keeps the
+    The C kernel computes every image on its own, so it needs no padding to 2 images; for a gated model
+    it runs the vertical stack too (`vertical`, NativeGatedVertical), so there is no torch elementwise op
+    left to pad for and a step runs at its own batch size (without it, the chunk padding of the vertical
+    stack's elementwise ops, `row_batch_quantum`, would still apply). `native=False` keeps the
     TorchScript decoder even where the kernel builds (the reference it is compared with).
     """
 
@@ -370,17 +378,24 @@ class CachedSampler:
         self.decoder = script(self.impl.decoder) if compiled else self.impl.decoder
         on_cuda = self.device.type == "cuda"
         self.native = None
+        self.vertical = None  # the C vertical stack of a gated model (NativeGatedVertical), with `native`
         gated = isinstance(self.impl, CachedGated)
         if native and compiled and not on_cuda and next(model.parameters()).dtype == torch.float32:
             library = load_kernel()
             if library is not None:
                 native = NativeGatedDecoder if gated else NativePixelCNNDecoder
                 self.native = native(library, self.impl.decoder, self.config.width, self.config.image_channels)
+                if gated:  # the vertical stack too (begin_row, end_row), in the same C library
+                    h_size = [(self.config.width + kw - 1) * (self.config.image_channels if i == 0 else self.impl.n)
+                              for i, kw in enumerate(self.impl.h_width)]
+                    self.vertical = NativeGatedVertical(library, self.impl, h_size)
         if on_cuda:
             full_float32_on_cuda()
         # The padding of every decode step (see padded_batch), fixed by the decoder that runs.
         if on_cuda:
             self.batch_quantum, self.min_batch = CUDA_BATCH, CUDA_BATCH
+        elif self.vertical is not None:  # every per-row and per-pixel number computed in C, image by image
+            self.batch_quantum, self.min_batch = 1, 1
         elif self.native is not None:
             self.batch_quantum, self.min_batch = self.impl.row_batch_quantum, 1
         else:
@@ -443,7 +458,8 @@ class CachedSampler:
         return row[:b], log_prob[:b]
 
     def _decode_row(self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor):
-        self.impl.begin_row(state)
+        per_row = self.vertical if self.vertical is not None else self.impl  # C, else the torch reference
+        per_row.begin_row(state)
         if self.static_rows is not None and state.batch <= self.static_rows.buckets[-1]:
             row, log_prob = self.static_rows.run(state, uniforms, temperature)
         else:
@@ -451,7 +467,7 @@ class CachedSampler:
                               dtype=torch.long, device=self.device)
             log_prob = torch.zeros(state.batch, dtype=torch.float64, device=self.device)
             self.decode_pixels(state, uniforms.to(self.device), temperature.to(self.device), row, log_prob)
-        self.impl.end_row(state, row)
+        per_row.end_row(state, row)
         return row, log_prob
 
     def decode_pixels(

@@ -2,7 +2,9 @@
 
 At batch 1 a row step in torch is ~50 small ops per sub-pixel whose cost is per-op overhead; the C loop
 does the same arithmetic (~150k multiply-adds per pixel for the shipped model) with none. Both
-architectures have one (gated_decode_row, pixelcnn_decode_row). It is compiled
+architectures have one (gated_decode_row, pixelcnn_decode_row); the gated model's vertical stack, once per
+row (~13M multiply-adds per image for the shipped model, ~130 small torch ops), runs there too
+(gated_begin_row, gated_end_row: NativeGatedVertical). It is compiled
 once per machine with the system C compiler (`cc`, or $CC) into a cache folder ($PIXELCNN_KERNEL_CACHE,
 else ~/.cache/pixelcnn/kernels, else the temp folder), keyed by the source, the flags and the CPU, and
 loaded with ctypes, which releases the GIL during the call (the decode lanes run in parallel).
@@ -57,6 +59,22 @@ class GatedWeights(ctypes.Structure):
         ("hidden_b", ctypes.c_void_p),
         ("logits_w", ctypes.POINTER(ctypes.c_void_p)),
         ("logits_b", ctypes.POINTER(ctypes.c_void_p)),
+    ]
+
+
+class GatedVertical(ctypes.Structure):
+    _fields_ = [
+        ("layers", ctypes.c_int32),
+        ("channels", ctypes.c_int32),
+        ("image_channels", ctypes.c_int32),
+        ("width", ctypes.c_int32),
+        ("v_rows", ctypes.POINTER(ctypes.c_int32)),
+        ("v_width", ctypes.POINTER(ctypes.c_int32)),
+        ("h_size", ctypes.POINTER(ctypes.c_int32)),
+        ("v_weight", ctypes.POINTER(ctypes.c_void_p)),
+        ("v_bias", ctypes.POINTER(ctypes.c_void_p)),
+        ("link_weight", ctypes.POINTER(ctypes.c_void_p)),
+        ("link_bias", ctypes.POINTER(ctypes.c_void_p)),
     ]
 
 
@@ -151,6 +169,10 @@ def _load() -> ctypes.CDLL | None:
     library.gated_decode_row.argtypes = [
         ctypes.POINTER(GatedWeights), ctypes.c_int32, pointers, pointers, pointer, pointer, pointer, pointer,
     ]
+    library.gated_begin_row.restype = ctypes.c_int
+    library.gated_begin_row.argtypes = [ctypes.POINTER(GatedVertical), ctypes.c_int32, *[pointers] * 5]
+    library.gated_end_row.restype = None
+    library.gated_end_row.argtypes = [ctypes.POINTER(GatedVertical), ctypes.c_int32, pointer, pointer]
     library.pixelcnn_decode_row.restype = ctypes.c_int
     library.pixelcnn_decode_row.argtypes = [
         ctypes.POINTER(PixelCNNWeights), ctypes.c_int32, pointer, pointer, pointers, pointer, pointer, pointer,
@@ -247,3 +269,60 @@ class NativePixelCNNDecoder(NativeDecoder):
     def _run(self, state, batch, *outputs) -> int:
         return self._library.pixelcnn_decode_row(ctypes.byref(self._weights), batch, state[0].data_ptr(),
                                                  state[1].data_ptr(), _pointers(state[2:]), *outputs)
+
+
+class NativeGatedVertical(NativeDecoder):
+    """CachedGated's per-row work in C: `begin_row` (the vertical stack) and `end_row` (the push of the
+    drawn row), called like CachedGated's methods, reading and writing the GatedCache's tensors.
+
+    The torch methods stay the readable reference (float64, CUDA, no compiler, native=False). The C sums
+    run in their written order (bias, then each kept row's product, then the class bias; the link's
+    biases before its product), MKL's in its own, so the vertical stack's numbers differ from the torch
+    ones by rounding (~1e-7 relative); the gate is the per-sub-pixel kernel's own (row_kernels.c `gate`).
+    Each column of each image is computed on its own, so no batch padding is needed."""
+
+    def __init__(self, library: ctypes.CDLL, impl, h_size: list[int]) -> None:
+        super().__init__(library)
+        config = impl.config
+        self.layers, self.n, self.width = len(impl.v_weight), impl.n, config.width
+        self.channels = config.image_channels
+        self.v_width = list(impl.v_width)
+        self.v_rows = [len(w) for w in impl.v_weight]
+        self._weights = GatedVertical(
+            self.layers, self.n, self.channels, self.width,
+            self._ints(self.v_rows), self._ints(self.v_width), self._ints(h_size),
+            self._tensors([w for layer in impl.v_weight for w in layer]), self._tensors(impl.v_bias),
+            self._tensors(impl.link_weight), self._tensors(impl.link_bias),
+        )
+
+    @staticmethod
+    def _check(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors):
+            raise ValueError("the native vertical stack needs contiguous float32 caches")
+        return tensors
+
+    def begin_row(self, s) -> None:
+        """CachedGated.begin_row: row_bias, the new kept rows of layers 1.., h_buffers zeroed."""
+        b, w, n = s.batch, self.width, self.n
+        rows = []
+        for index in range(self.layers):
+            kept = s.vertical[index]
+            if index > 0:  # layer index - 1's output for this row, written by the kernel
+                kept = kept + [torch.empty((b, w, self.v_width[index] * n), dtype=torch.float32)]
+                s.vertical[index] = kept[1:]
+            rows += kept
+        for index, bias in enumerate(s.row_bias):
+            if bias is None or bias.shape[0] != b:  # scratch: reused from the last row when there is one
+                s.row_bias[index] = torch.empty((b, w, 2 * n), dtype=torch.float32)
+        status = self._library.gated_begin_row(
+            ctypes.byref(self._weights), b, _pointers(self._check(rows)), _pointers(self._check(s.v_bias)),
+            _pointers(self._check(s.h_bias)), _pointers(s.row_bias), _pointers(self._check(s.h_buffers)))
+        if status != 0:
+            raise MemoryError("the native vertical stack could not allocate its scratch memory")
+
+    def end_row(self, s, row: torch.Tensor) -> None:
+        """CachedGated.end_row: the drawn row (B, C, W) int64 joins layer 0's kept rows."""
+        row = row.to(torch.int64).contiguous()
+        fresh = torch.empty((s.batch, self.width, self.v_width[0] * self.channels), dtype=torch.float32)
+        self._library.gated_end_row(ctypes.byref(self._weights), s.batch, row.data_ptr(), fresh.data_ptr())
+        s.vertical[0] = s.vertical[0][1:] + [fresh]

@@ -241,6 +241,14 @@ static int draw_into(const float *logits, double u, double temperature, int64_t 
     return drawn;
 }
 
+/* The gate on a pre-activation (2n) whose tanh half a comes scaled by -2 (see row_decoders.scaled_gate):
+ * tanh(a) sigmoid(b) = sigmoid(b) (1 - 2 sigmoid(-2a)). Overwrites pre with its sigmoids, writes gated (n).
+ * The one gate of every C path (the per-sub-pixel loop and the vertical stack), so both compute it alike. */
+static inline void gate(float *restrict gated, float *restrict pre, int n) {
+    for (int o = 0; o < 2 * n; o++) pre[o] = 1.0f / (1.0f + exp_float(-pre[o]));  /* sigmoid */
+    for (int o = 0; o < n; o++) gated[o] = pre[n + o] + -2.0f * (pre[o] * pre[n + o]);  /* tanh(a) sigmoid(b) */
+}
+
 /* Each image's working vectors in a block of the gated loop (slot b holds image first + b). */
 typedef struct {
     float *pre[BLOCK], *gated[BLOCK], *out[BLOCK], *skips[BLOCK], *hidden[BLOCK], *logits[BLOCK];
@@ -267,8 +275,7 @@ static void step_block(const GatedWeights *w, int first, int count, int j, int c
         affine_block(s->pre, bias, x, w->h_weight[l], kw * in, 2 * n, count);
         for (int b = 0; b < count; b++) {
             float *pre = s->pre[b], *gated = s->gated[b];
-            for (int o = 0; o < 2 * n; o++) pre[o] = 1.0f / (1.0f + exp_float(-pre[o]));  /* sigmoid */
-            for (int o = 0; o < n; o++) gated[o] = pre[n + o] + -2.0f * (pre[o] * pre[n + o]);  /* tanh(a) sigmoid(b) */
+            gate(gated, pre, n);
             x[b] = gated;
         }
         same_for_block(bias, w->out_bias[l], count);
@@ -340,6 +347,103 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
     free(scratch);
     free(cdf);
     return 0;
+}
+
+/* The gated model's vertical stack for the row about to be drawn (CachedGated.begin_row, the readable
+ * torch reference), and the push of a drawn row into the first layer's kept rows (CachedGated.end_row).
+ * Layouts (float32, row-major, batch first), as in GatedCache:
+ *   rows        per layer l, its kh_l kept input rows, oldest first, each (B, W, kw_l * in_l) unfolded:
+ *               column j holds the channels of columns j - kw_l/2 .. j + kw_l/2 (zero-padded). For l > 0
+ *               the last of them is this row's output of layer l - 1, which this function writes.
+ *   v_weight    per layer, kh_l matrices (kw_l * in_l, 2n), one per kernel row, tanh half scaled by -2
+ *   v_bias[l], link_bias[l] (2n); link_weight[l] (2n, 2n); class_v[l], class_h[l] (B, 2n)
+ *   row_bias[l] (B, W, 2n) out: link_bias + class_h + v_pre @ link_weight, where
+ *               v_pre = (v_bias + sum over the kept rows r, in order, of rows[r] @ v_weight[r]) + class_v
+ * Every column of every image is one input vector of affine_block (a block of 8 columns shares each weight
+ * row), so each column's sums run in the same order whatever the batch or its place in it. */
+typedef struct {
+    int32_t layers, channels, image_channels, width;
+    const int32_t *v_rows;   /* kh_l */
+    const int32_t *v_width;  /* kw_l */
+    const int32_t *h_size;   /* floats per image of h_buffers[l], zeroed here */
+    const float *const *v_weight;  /* all layers' kernel-row matrices, layer after layer */
+    const float *const *v_bias;
+    const float *const *link_weight;
+    const float *const *link_bias;
+} GatedVertical;
+
+int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, const float *const *class_v,
+                    const float *const *class_h, float *const *row_bias, float *const *h_buffers) {
+    const int n = v->channels, width = v->width, columns = batch * width;
+    float *scratch = malloc(sizeof(float) * ((size_t)BLOCK * 3 * n + (size_t)batch * 2 * n));
+    if (scratch == NULL) return 1;
+    float *pre[BLOCK], *gated[BLOCK], *out[BLOCK];
+    const float *x[BLOCK], *bias[BLOCK];
+    for (int b = 0; b < BLOCK; b++) {
+        pre[b] = scratch + (size_t)b * 3 * n;
+        gated[b] = pre[b] + 2 * n;
+    }
+    float *link_bias = scratch + (size_t)BLOCK * 3 * n;  /* (B, 2n): link_bias + class_h per image */
+    int first_row = 0;  /* index in rows of layer l's oldest kept row */
+    for (int l = 0; l < v->layers; l++) {
+        const int kh = v->v_rows[l], kw = v->v_width[l], in = l == 0 ? v->image_channels : n;
+        const int last = l + 1 == v->layers;
+        const int kw_next = last ? 0 : v->v_width[l + 1], pad_next = kw_next / 2;
+        /* the next layer's new input row: its last kept row */
+        float *next = last ? NULL : rows[first_row + kh + v->v_rows[l + 1] - 1];
+        if (!last) memset(next, 0, sizeof(float) * (size_t)columns * kw_next * n);
+        for (int b = 0; b < batch; b++)
+            for (int o = 0; o < 2 * n; o++)
+                link_bias[(size_t)b * 2 * n + o] = v->link_bias[l][o] + class_h[l][(size_t)b * 2 * n + o];
+        for (int c0 = 0; c0 < columns; c0 += BLOCK) {
+            const int count = columns - c0 < BLOCK ? columns - c0 : BLOCK;
+            same_for_block(bias, v->v_bias[l], count);
+            for (int r = 0; r < kh; r++) {
+                for (int k = 0; k < count; k++) x[k] = rows[first_row + r] + (size_t)(c0 + k) * kw * in;
+                affine_block(pre, bias, x, v->v_weight[first_row + r], kw * in, 2 * n, count);
+                for (int k = 0; k < count; k++) bias[k] = pre[k];  /* the running sum, in place */
+            }
+            for (int k = 0; k < count; k++) {
+                const int b = (c0 + k) / width;
+                const float *cv = class_v[l] + (size_t)b * 2 * n;
+                for (int o = 0; o < 2 * n; o++) pre[k][o] += cv[o];
+                x[k] = pre[k];
+                bias[k] = link_bias + (size_t)b * 2 * n;
+                out[k] = row_bias[l] + (size_t)(c0 + k) * 2 * n;
+            }
+            affine_block(out, bias, x, v->link_weight[l], 2 * n, 2 * n, count);
+            if (last) continue;
+            for (int k = 0; k < count; k++) {
+                const int b = (c0 + k) / width, j = (c0 + k) % width;
+                gate(gated[k], pre[k], n);
+                /* column j of this output is slot s of the next layer's column j + pad_next - s */
+                for (int s = 0; s < kw_next; s++) {
+                    const int to = j + pad_next - s;
+                    if (to >= 0 && to < width)
+                        memcpy(next + ((size_t)b * width + to) * kw_next * n + (size_t)s * n, gated[k],
+                               sizeof(float) * n);
+                }
+            }
+        }
+        memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
+        first_row += kh;
+    }
+    free(scratch);
+    return 0;
+}
+
+/* The drawn row (B, C, W) int64, scaled like scale_pixels, unfolded like rows[0] into out (B, W, kw_0 C). */
+void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, float *out) {
+    const int c = v->image_channels, width = v->width, kw = v->v_width[0], pad = kw / 2;
+    for (int b = 0; b < batch; b++)
+        for (int j = 0; j < width; j++)
+            for (int s = 0; s < kw; s++)
+                for (int colour = 0; colour < c; colour++) {
+                    const int from = j - pad + s;
+                    out[(((size_t)b * width + j) * kw + s) * c + colour] =
+                        from >= 0 && from < width ? (float)row[((size_t)b * c + colour) * width + from] / 127.5f - 1.0f
+                                                  : 0.0f;
+                }
 }
 
 /* The masked-conv PixelCNN (PixelCNNRowDecoder's layout):
