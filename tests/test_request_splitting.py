@@ -8,7 +8,6 @@ fails in any shard."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 
@@ -18,26 +17,16 @@ import torch
 from app.engine import Engine, EngineStoppedError, GenerationError, GenerationRequest, RowEvent, sample_cached
 from app.model import sample_naive
 from tests.helpers import tiny_model
-
-TIMEOUT_S = 20
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=4 * TIMEOUT_S))
+from tests.test_engine_faults import TIMEOUT_S, assert_idle, failing_once, run, started
 
 
-@contextlib.asynccontextmanager
-async def started(engine: Engine):
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
-def assert_idle(engine: Engine) -> None:
-    stats = engine.stats()
-    assert stats["queue_size"] == 0 and stats["active_requests"] == 0 and stats["active_images"] == 0, stats
+async def until_idle(engine: Engine) -> None:
+    """Wait (at most 2 s) for every shard to have left its lane, then check the engine is empty."""
+    for _ in range(200):
+        if engine.stats()["active_images"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert_idle(engine)
 
 
 async def next_item(stream):
@@ -167,31 +156,22 @@ def test_a_failing_prefill_of_one_shard_fails_its_request_once_and_the_other_sha
 
     async def scenario():
         engine = Engine(model, lanes=2, batch_wait_s=0.05)
-        prefill, calls, lock = engine.sampler.prefill, [], threading.Lock()
+        prefill = engine.sampler.prefill
 
-        def second_shard_fails(canvas, labels, known_rows):
-            with lock:
-                calls.append(canvas.shape[0])
-                fails = len(calls) == 2
-            if fails:
-                raise RuntimeError("injected fault")
-            for _ in range(1000):  # the healthy shard starts decoding once the other has failed
+        def after_the_failure(*args):  # the healthy shard starts decoding once the other has failed
+            for _ in range(1000):
                 if engine.stats()["prefill_errors"]:
                     break
                 time.sleep(0.002)
-            return prefill(canvas, labels, known_rows)
+            return prefill(*args)
 
-        engine.sampler.prefill = second_shard_fails
+        engine.sampler.prefill = failing_once(after_the_failure, after_calls=1)  # the second shard's
         async with started(engine):
             stream = engine.submit(GenerationRequest(n=6, seed=1), rows=True)
             items = await drained(stream)
             assert len(items) == 1 and isinstance(items[0], GenerationError), items
-            assert "prefill failed (RuntimeError: injected fault)" in str(items[0])
-            for _ in range(200):  # the healthy shard leaves its lane at its next row
-                if engine.stats()["active_images"] == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert_idle(engine)
+            assert "prefill failed (Boom: injected fault)" in str(items[0])
+            await until_idle(engine)  # the healthy shard leaves its lane at its next row
             stats = engine.stats()
             assert stats["prefill_errors"] == 1 and stats["requests_completed"] == 0
             assert stats["requests_cancelled"] == 0  # failed, not cancelled
@@ -208,30 +188,21 @@ def test_a_failing_decode_step_in_one_lane_fails_the_split_request_once():
 
     async def scenario():
         engine = Engine(model, lanes=2, batch_wait_s=0.05)
-        decode_row, calls, lock = engine.sampler.decode_row, [], threading.Lock()
+        decode_row = engine.sampler.decode_row
 
-        def fails_on_the_fifth_step(*args):
-            with lock:
-                calls.append(1)
-                fails = len(calls) == 5
-            if fails:
-                raise RuntimeError("injected fault")
-            time.sleep(0.02)  # rows of a real model's length, so that the healthy lane's next row is later
+        def slow_step(*args):  # rows of a real model's length, so that the healthy lane's next row is later
+            time.sleep(0.02)
             return decode_row(*args)
 
-        engine.sampler.decode_row = fails_on_the_fifth_step
+        engine.sampler.decode_row = failing_once(slow_step, after_calls=4)  # the fifth step, in either lane
         async with started(engine):
             stream = engine.submit(GenerationRequest(n=4, seed=1), rows=True)
             items = await drained(stream)
             assert isinstance(items[-1], GenerationError), items
-            assert "generation failed (RuntimeError: injected fault)" in str(items[-1])
+            assert "generation failed (Boom: injected fault)" in str(items[-1])
             rows = [item.row for item in items[:-1]]
             assert rows == list(range(len(rows))) and len(rows) < 8
-            for _ in range(200):
-                if engine.stats()["active_images"] == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert_idle(engine)
+            await until_idle(engine)
             assert engine.stats()["decode_errors"] == 1
             # 4 steps before the fault, then the other lane's shard leaves within a row or two (it would
             # take 8 + the failed lane's steps to finish its 8 rows).
@@ -252,11 +223,7 @@ def test_cancelling_a_split_request_frees_every_lane_and_counts_once():
             first = await next_item(stream)
             assert isinstance(first, RowEvent) and first.row == 0
             await stream.cancel()
-            for _ in range(200):
-                if engine.stats()["active_images"] == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert_idle(engine)
+            await until_idle(engine)
             stats = engine.stats()
             assert stats["requests_cancelled"] == 1 and stats["requests_completed"] == 0
             await asyncio.wait_for(engine.generate(GenerationRequest(n=2, seed=2)), TIMEOUT_S)

@@ -34,7 +34,7 @@ def naive_agreement(model: nn.Module, n: int, seed: int, temperature: float = 1.
     c, h, w = config.shape
     cached = sample_cached(model, n, temperature=temperature, seed=seed)
     # The protocol's random numbers, in its order: each image's label first (when drawn), then a block a row.
-    streams = image_streams(seed, 0, n)
+    streams = image_streams(seed, n)
     resolve_labels(config, None, streams)
     uniforms = torch.stack([row_uniforms(streams, c, w) for _ in range(h)])  # (H, n, C, W)
     device = next(model.parameters()).device

@@ -386,9 +386,7 @@ class CachedSampler:
                 native = NativeGatedDecoder if gated else NativePixelCNNDecoder
                 self.native = native(library, self.impl.decoder, self.config.width, self.config.image_channels)
                 if gated:  # the vertical stack too (begin_row, end_row), in the same C library
-                    h_size = [(self.config.width + kw - 1) * (self.config.image_channels if i == 0 else self.impl.n)
-                              for i, kw in enumerate(self.impl.h_width)]
-                    self.vertical = NativeGatedVertical(library, self.impl, h_size)
+                    self.vertical = NativeGatedVertical(library, self.impl)
         if on_cuda:
             full_float32_on_cuda()
         # The padding of every decode step (see padded_batch), fixed by the decoder that runs.

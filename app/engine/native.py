@@ -281,13 +281,15 @@ class NativeGatedVertical(NativeDecoder):
     ones by rounding (~1e-7 relative); the gate is the per-sub-pixel kernel's own (row_kernels.c `gate`).
     Each column of each image is computed on its own, so no batch padding is needed."""
 
-    def __init__(self, library: ctypes.CDLL, impl, h_size: list[int]) -> None:
+    def __init__(self, library: ctypes.CDLL, impl) -> None:
         super().__init__(library)
         config = impl.config
         self.layers, self.n, self.width = len(impl.v_weight), impl.n, config.width
         self.channels = config.image_channels
         self.v_width = list(impl.v_width)
         self.v_rows = [len(w) for w in impl.v_weight]
+        # Floats per image of each layer's h_buffers (W + kw - 1, in), which begin_row zeroes.
+        h_size = [(self.width + kw - 1) * (self.channels if i == 0 else self.n) for i, kw in enumerate(impl.h_width)]
         self._weights = GatedVertical(
             self.layers, self.n, self.channels, self.width,
             self._ints(self.v_rows), self._ints(self.v_width), self._ints(h_size),

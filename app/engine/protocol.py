@@ -40,9 +40,9 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def image_streams(seed: int, first: int, count: int) -> list[np.random.Generator]:
-    """The random streams of images first .. first + count - 1 of a request with this seed (step 1)."""
-    return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,))) for k in range(first, first + count)]
+def image_streams(seed: int, n: int) -> list[np.random.Generator]:
+    """The random streams of images 0 .. n - 1 of a request with this seed (step 1)."""
+    return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,))) for k in range(n)]
 
 
 def check_labels(config: ModelConfig, n: int, labels: torch.Tensor | list[int] | None) -> torch.Tensor | None:
@@ -128,5 +128,5 @@ def start_sampling(
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     canvas = prepare_canvas(config, n, known, known_rows, device)
-    streams = image_streams(seed, 0, n)
+    streams = image_streams(seed, n)
     return streams, resolve_labels(config, labels, streams), canvas

@@ -457,8 +457,8 @@ class Engine:
     def _admit(self, lane: _Lane) -> None:
         """Move waiting shards into this lane while they fit, up to its fair share of all the images
         (running and waiting), and beyond that only while it is the least loaded lane (so the shards of
-        a request on an idle engine go one to each lane). FIFO, so none
-        starves: a lane that leaves a shard to a less loaded one lets it take the shard within a row."""
+        a request on an idle engine go one to each lane). FIFO, so none starves: a lane that leaves a
+        shard to a less loaded one lets it take the shard within a row."""
         joined = []
         with self._lock:
             others = [other.images for other in self._lanes if other is not lane]
