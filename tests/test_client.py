@@ -184,13 +184,14 @@ def test_bench_table_and_unreachable_server(server, capsys):
 
 
 def test_closing_a_stream_cancels_the_engine_request_over_real_http(tmp_path):
-    """A 24-row model and a client that leaves after the first row: the engine must count a cancellation
+    """A 24-row model slow enough that the request is mid-image (as test_server_generation's tall_store),
+    and a client that leaves after the first row: the engine must count a cancellation
     (uvicorn reports the closed connection; the server cancels the engine request)."""
     from helpers import tiny_model
 
     from app.model import save
 
-    save(tiny_model("gated", 1, size=24, layers=2, seed=4).float(), tmp_path / "tall")
+    save(tiny_model("gated", 1, size=24, layers=4, seed=4, hidden_channels=192).float(), tmp_path / "tall")
     app = create_app(Settings(model_store=tmp_path, device="cpu", threads=1))
     with torch_threads(torch.get_num_threads()), serve_in_thread(app) as url, PixelCNNClient(url) as client:
         engine = app.state.registry.models["tall"].engine
