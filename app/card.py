@@ -37,8 +37,14 @@ def completion_grid(model, path: Path, dataset: str, count: int, samples: int, s
     for k in range(count):
         image = test.images[k : k + 1]
         labels = test.labels[k : k + 1].expand(samples) if config.conditional else None
-        result = sample_cached(model, samples, labels=labels, known=image, known_rows=rows,
-                               generator=torch.Generator().manual_seed(seed + k))
+        result = sample_cached(
+            model,
+            samples,
+            labels=labels,
+            known=image,
+            known_rows=rows,
+            generator=torch.Generator().manual_seed(seed + k),
+        )
         top = image.clone()
         top[:, :, rows:] = 0
         tiles.extend([image, top, result.images])

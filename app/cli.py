@@ -31,8 +31,19 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if any")
     p.add_argument("--init-from", type=Path, help="start from this model folder's weights (fresh optimizer)")
-    p.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
-                   help="bf16 autocast (auto: on CUDA only; bf16 on CPU is fast where it has AMX)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bf16"],
+        default="auto",
+        help="bf16 autocast (auto: on CUDA only; bf16 on CPU is fast where it has AMX)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this decay (e.g. 0.9995) and "
+        "evaluate and save it instead of the last step's weights (default 0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -85,6 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         init_from=args.init_from,
         precision=args.precision,
+        ema=args.ema,
         seed=args.seed,
         device=args.device,
         sample_grid=not args.no_samples,
@@ -125,8 +137,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{args.model_dir}: {result.nll_nats:.2f} nats/image, {result.bits_per_dim:.4f} bits/dim "
-              f"on {result.images} {data} {args.split} images")
+        print(
+            f"{args.model_dir}: {result.nll_nats:.2f} nats/image, {result.bits_per_dim:.4f} bits/dim "
+            f"on {result.images} {data} {args.split} images"
+        )
     return 0
 
 
@@ -142,8 +156,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images with the cached sampler (or --naive, or --url)")
-    p.add_argument("model", help="model folder, or with --url the model name on the server (optional)",
-                   nargs="?")
+    p.add_argument("model", help="model folder, or with --url the model name on the server (optional)", nargs="?")
     add_generation_options(p)
     p.add_argument("--naive", action="store_true", help="use the reference sampler (same images, much slower)")
     p.set_defaults(run=run_sample)
@@ -173,8 +186,9 @@ def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: i
     if args.label is not None:
         labels = torch.tensor([model.config.class_index(args.label)] * n)
     sampler = sample_naive if args.naive else sample_cached
-    result = sampler(model, n, labels=labels, temperature=args.temperature,
-                     seed=seed, known=known, known_rows=known_rows)
+    result = sampler(
+        model, n, labels=labels, temperature=args.temperature, seed=seed, known=known, known_rows=known_rows
+    )
     names = [model.config.class_name(int(y)) for y in result.labels] if result.labels is not None else []
     return result.images, seed, names
 
@@ -237,9 +251,12 @@ def run_complete(args: argparse.Namespace) -> int:
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
-                       "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
-                       "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx)")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
+        "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
+        "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx)",
+    )
     p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale"])
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(run=run_bench)
@@ -254,9 +271,15 @@ def add_card(sub: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    module = {"model": "app.bench.model", "sampling": "app.bench.sampling", "http": "app.server.bench",
-              "agreement": "app.bench.agreement", "quality": "app.bench.quality",
-              "load": "app.server.loadtest", "scale": "app.server.scale"}[args.what]
+    module = {
+        "model": "app.bench.model",
+        "sampling": "app.bench.sampling",
+        "http": "app.server.bench",
+        "agreement": "app.bench.agreement",
+        "quality": "app.bench.quality",
+        "load": "app.server.loadtest",
+        "scale": "app.server.scale",
+    }[args.what]
     return importlib.import_module(module).run(args.options)
 
 

@@ -27,8 +27,9 @@ ImageInput = bytes | str | Path
 class PixelCNNError(Exception):
     """An error answer from the server (or an `error` event in a stream)."""
 
-    def __init__(self, status: int, type: str, message: str, field: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, type: str, message: str, field: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {type}: {message}")
         self.status = status
         self.type = type
@@ -79,41 +80,66 @@ class PixelCNNClient:
 
     # Generation.
 
-    def sample(self, n: int = 1, label: Any = None, temperature: float = 1.0, seed: int | None = None,
-               model: str | None = None) -> dict:
+    def sample(
+        self, n: int = 1, label: Any = None, temperature: float = 1.0, seed: int | None = None, model: str | None = None
+    ) -> dict:
         """JSON result: seed, images [{png (base64), label, label_name, log_prob}], bits_per_dim, ..."""
-        return self._json(self._http.post("/sample", json=_fields(model=model, n=n, label=label,
-                                                                    temperature=temperature, seed=seed)))
+        return self._json(
+            self._http.post("/sample", json=_fields(model=model, n=n, label=label, temperature=temperature, seed=seed))
+        )
 
-    def sample_png(self, n: int = 1, label: Any = None, temperature: float = 1.0, seed: int | None = None,
-                   model: str | None = None) -> tuple[bytes, int]:
+    def sample_png(
+        self, n: int = 1, label: Any = None, temperature: float = 1.0, seed: int | None = None, model: str | None = None
+    ) -> tuple[bytes, int]:
         """(PNG bytes, seed): one image, or a grid of n."""
         body = _fields(model=model, n=n, label=label, temperature=temperature, seed=seed)
         response = self._http.post("/sample", json=body, headers={"Accept": "image/png"})
         self._check(response)
         return response.content, int(response.headers["X-Seed"])
 
-    def stream_sample(self, n: int = 1, label: Any = None, temperature: float = 1.0, seed: int | None = None,
-                      model: str | None = None) -> Iterator[dict]:
+    def stream_sample(
+        self, n: int = 1, label: Any = None, temperature: float = 1.0, seed: int | None = None, model: str | None = None
+    ) -> Iterator[dict]:
         """Yields {"row": i, "pixels": n x C x W} as each row is generated, then the final result dict."""
         body = _fields(model=model, n=n, label=label, temperature=temperature, seed=seed, stream=True)
         yield from self._stream("POST", "/sample", json=body)
 
-    def complete(self, image: ImageInput, rows: int | None = None, n: int = 1, label: Any = None,
-                 temperature: float = 1.0, seed: int | None = None, model: str | None = None) -> dict:
+    def complete(
+        self,
+        image: ImageInput,
+        rows: int | None = None,
+        n: int = 1,
+        label: Any = None,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        model: str | None = None,
+    ) -> dict:
         """Keep the top `rows` rows of `image` (bytes of an image file, or its path) and generate the rest."""
         data = _form(model=model, rows=rows, n=n, label=label, temperature=temperature, seed=seed)
         return self._json(self._http.post("/complete", data=data, files=[_file("image", image)]))
 
-    def stream_complete(self, image: ImageInput, rows: int | None = None, n: int = 1, label: Any = None,
-                        temperature: float = 1.0, seed: int | None = None, model: str | None = None) -> Iterator[dict]:
+    def stream_complete(
+        self,
+        image: ImageInput,
+        rows: int | None = None,
+        n: int = 1,
+        label: Any = None,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        model: str | None = None,
+    ) -> Iterator[dict]:
         data = _form(model=model, rows=rows, n=n, label=label, temperature=temperature, seed=seed, stream=True)
         yield from self._stream("POST", "/complete", data=data, files=[_file("image", image)])
 
     # Scoring.
 
-    def likelihood(self, images: ImageInput | Sequence[ImageInput], label: Any = None, per_pixel: bool = False,
-                   model: str | None = None) -> dict:
+    def likelihood(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        label: Any = None,
+        per_pixel: bool = False,
+        model: str | None = None,
+    ) -> dict:
         """{"model", "results": [{nll_nats, bits_per_dim, label, label_name, class_probabilities?, ...}]}."""
         if isinstance(images, (bytes, str, Path)):
             images = [images]
@@ -136,8 +162,9 @@ class PixelCNNClient:
                     return
                 elif event == "error":
                     error = payload.get("error", {})
-                    raise PixelCNNError(response.status_code, error.get("type", "error"),
-                                        error.get("message", data), error.get("field"))
+                    raise PixelCNNError(
+                        response.status_code, error.get("type", "error"), error.get("message", data), error.get("field")
+                    )
         raise PixelCNNError(0, "incomplete_stream", "the stream ended without a done event")
 
     def _json(self, response: httpx.Response) -> Any:
@@ -154,8 +181,13 @@ class PixelCNNClient:
         except (ValueError, KeyError, TypeError):
             type_, message, field = "http_error", response.text[:500] or response.reason_phrase, None
         retry = response.headers.get("Retry-After")
-        raise PixelCNNError(response.status_code, type_, message, field,
-                            float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+        raise PixelCNNError(
+            response.status_code,
+            type_,
+            message,
+            field,
+            float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+        )
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:

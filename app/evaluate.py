@@ -30,7 +30,9 @@ class Evaluation:
 def check_dataset(config: ModelConfig, dataset: ImageDataset) -> None:
     """The dataset fits the model: same image shape, and labels for a class-conditional model."""
     if tuple(dataset.images.shape[1:]) != config.shape:
-        raise ValueError(f"{dataset.name} images are {tuple(dataset.images.shape[1:])}, the model expects {config.shape}")
+        raise ValueError(
+            f"{dataset.name} images are {tuple(dataset.images.shape[1:])}, the model expects {config.shape}"
+        )
     if config.conditional and dataset.labels is None:
         raise ValueError(f"a class-conditional model needs labels, and {dataset.name} has none")
 

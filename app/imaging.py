@@ -78,9 +78,7 @@ def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndar
         reason = "unknown or damaged image format" if "cannot identify" in str(error) else str(error)
         raise ImageDecodeError(f"could not read the image ({reason}); expected a PNG, JPEG, BMP or WebP file") from None
     if picture.size != (width, height):
-        raise ImageDecodeError(
-            f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}"
-        )
+        raise ImageDecodeError(f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}")
     try:
         if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(picture, dtype=np.int64)

@@ -1,12 +1,14 @@
 """`pixelcnn train`: train a PixelCNN, resumable exactly, single process or DDP under torchrun.
 
 Exact resume: the batch order of epoch e is randperm(seed + e), the learning rate is a pure function of
-the step, and a checkpoint holds the weights, Adam's moments and the position in the epoch, so an
-interrupted run continues with the very batches and updates it would have made.
+the step, and a checkpoint holds the weights, Adam's moments, the weights' moving average (with --ema) and
+the position in the epoch, so an interrupted run continues with the very batches and updates it would have
+made.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -54,6 +56,7 @@ class TrainOptions:
     resume: bool = False
     init_from: Path | None = None  # a model folder whose weights start a fresh run (new optimizer, new schedule)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU; or "float32" / "bf16" on any device
+    ema: float = 0.0  # decay of the weights' exponential moving average (0: off); evaluated and saved when on
     seed: int = 0
     device: str = "auto"
     sample_grid: bool = True
@@ -113,18 +116,51 @@ class Distributed:
         dist.all_gather_object(steps, step)
         if len(set(steps)) > 1:
             by_rank = ", ".join(f"rank {rank}: step {start}" for rank, start in enumerate(steps))
-            raise SystemExit(f"--resume: the processes would start at different steps ({by_rank}); every node "
-                             f"must see the same checkpoint folder {checkpoint_dir} (shared storage)")
+            raise SystemExit(
+                f"--resume: the processes would start at different steps ({by_rank}); every node "
+                f"must see the same checkpoint folder {checkpoint_dir} (shared storage)"
+            )
 
     def close(self) -> None:
         if self.world > 1:
             dist.destroy_process_group()
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Weights and Adam moments in safetensors, counters in JSON; written to temp names, then renamed."""
+class WeightAverage:
+    """Exponential moving average of the weights (Polyak averaging, as PixelCNN++ evaluates): after each
+    optimizer step, average = decay * average + (1 - decay) * weights. The averaged model is what gets
+    evaluated and shipped; it is smoother than the last step's weights, which still carry the noise of the
+    last few hundred batches. Kept in float32 beside the model, on its device."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema must be between 0 and 1 (exclusive), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        averaged = list(self.model.parameters())
+        torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(tensors)
+
+
+def save_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, average: WeightAverage | None = None
+) -> None:
+    """Weights, their average and Adam moments in safetensors, counters in JSON; written to temp names,
+    then renamed."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in average.state_dict().items()})
     names = {p: n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -136,10 +172,17 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     os.replace(folder / (TRAINER_STATE + ".tmp"), folder / TRAINER_STATE)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None = None
+) -> dict:
     tensors = load_file(str(folder / CHECKPOINT_WEIGHTS))
     device = next(model.parameters()).device
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        averaged = {k[len("ema.") :]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
+        if not averaged:
+            raise SystemExit(f"--resume with --ema: the checkpoint in {folder} was written without --ema")
+        average.load_state_dict(averaged)
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -168,12 +211,14 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
         saved_config = ModelConfig.load(checkpoint_dir / "config.json")
         if saved_config != config:
             raise SystemExit(f"--resume: the checkpoint in {checkpoint_dir} was trained with another model config")
-        state = load_checkpoint(checkpoint_dir, model, optimizer)
+        average = WeightAverage(model, options.ema) if options.ema else None
+        state = load_checkpoint(checkpoint_dir, model, optimizer, average)
         if ranks.main:
             print(f"resuming from {checkpoint_dir} at step {state['step']} (epoch {state['epoch']})")
     else:
         if options.init_from is not None:
             warm_start(model, config, options.init_from)
+        average = WeightAverage(model, options.ema) if options.ema else None  # starts at the initial weights
         if ranks.main:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             config.save(checkpoint_dir / "config.json")
@@ -191,8 +236,14 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(options.precision, device))
 
     interactive = sys.stderr.isatty()  # in a log file, a progress line every 30 s instead of 10 a second
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not ranks.main, unit="step",
-               dynamic_ncols=True, mininterval=0.1 if interactive else 30)
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        disable=not ranks.main,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.1 if interactive else 30,
+    )
     started = time.perf_counter() - state["wall_time_s"]
     last_checkpoint = time.perf_counter()
     window_images, window_start, running_bpd = 0, time.perf_counter(), None
@@ -218,6 +269,8 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
             if options.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             optimizer.step()
+            if average is not None:
+                average.update(model)
 
             state["step"] += 1
             state["step_in_epoch"] = batch_index + 1
@@ -227,14 +280,16 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
             running_bpd = bpd if running_bpd is None else 0.98 * running_bpd + 0.02 * bpd
             if ranks.main:
                 elapsed = time.perf_counter() - window_start
-                bar.set_postfix(bpd=f"{running_bpd:.3f}", img_s=f"{window_images / elapsed:.0f}", lr=f"{lr:.1e}", refresh=False)
+                bar.set_postfix(
+                    bpd=f"{running_bpd:.3f}", img_s=f"{window_images / elapsed:.0f}", lr=f"{lr:.1e}", refresh=False
+                )
                 bar.update(1)
                 if elapsed > 30:
                     window_images, window_start = 0, time.perf_counter()
 
             periodic_eval = state["step"] % options.eval_every == 0 or state["step"] == total_steps
             if periodic_eval and ranks.main:
-                quick = evaluate(model, subset(test_set, options.eval_limit))
+                quick = evaluate(served(model, average), subset(test_set, options.eval_limit))
                 state["history"].append(
                     {
                         "step": state["step"],
@@ -245,11 +300,13 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
                         "test_images": quick.images,
                     }
                 )
-                bar.write(f"step {state['step']}: train {running_bpd:.4f} bits/dim, test {quick.bits_per_dim:.4f} "
-                          f"bits/dim ({quick.images} images)")
+                bar.write(
+                    f"step {state['step']}: train {running_bpd:.4f} bits/dim, test {quick.bits_per_dim:.4f} "
+                    f"bits/dim ({quick.images} images)"
+                )
             if ranks.main and (time.perf_counter() - last_checkpoint > options.checkpoint_every or periodic_eval):
                 state["wall_time_s"] = time.perf_counter() - started
-                save_checkpoint(checkpoint_dir, model, optimizer, state)
+                save_checkpoint(checkpoint_dir, model, optimizer, state, average)
                 last_checkpoint = time.perf_counter()
         else:
             state["epoch"] += 1
@@ -259,11 +316,15 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
 
     metrics: dict = {}
     if ranks.main:
-        save_checkpoint(checkpoint_dir, model, optimizer, state)
-        final = evaluate(model, test_set)
-        print(f"test: {final.nll_nats:.2f} nats/image, {final.bits_per_dim:.4f} bits/dim on {final.images} images")
-        model.eval()
-        save(model, options.out)
+        save_checkpoint(checkpoint_dir, model, optimizer, state, average)
+        shipped = served(model, average)
+        final = evaluate(shipped, test_set)
+        print(
+            f"test: {final.nll_nats:.2f} nats/image, {final.bits_per_dim:.4f} bits/dim on {final.images} images"
+            + (f" (weights averaged with decay {options.ema})" if average else "")
+        )
+        shipped.eval()
+        save(shipped, options.out)
         metrics = {
             "dataset": options.data,
             "split": "test",
@@ -275,6 +336,7 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
             "epochs": round(state["step"] / steps_per_epoch, 4),
             "steps": state["step"],
             "batch_size": options.batch_size,
+            "ema_decay": options.ema or None,
             "images_seen": state["images_seen"],
             "wall_time_s": round(state["wall_time_s"], 1),
             "train_images_per_s": round(state["images_seen"] / max(state["wall_time_s"], 1e-9), 1),
@@ -287,11 +349,16 @@ def train(config: ModelConfig, options: TrainOptions) -> dict:
         }
         (options.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if options.sample_grid:
-            write_sample_grid(model, options.out / "samples.png", options.seed)
+            write_sample_grid(shipped, options.out / "samples.png", options.seed)
         print(f"wrote {options.out}/config.json, model.safetensors, metrics.json")
     ranks.barrier()
     ranks.close()
     return metrics
+
+
+def served(model: nn.Module, average: WeightAverage | None) -> nn.Module:
+    """The weights that are evaluated and shipped: the moving average when training keeps one."""
+    return model if average is None else average.model
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -339,6 +406,3 @@ def write_sample_grid(model: nn.Module, path: Path, seed: int) -> None:
 def command_line(argv: list[str] | None = None) -> str:
     """The command as typed: `argv` as given to cli.main, or this process's arguments."""
     return " ".join(shlex.quote(a) for a in ["pixelcnn", *(sys.argv[1:] if argv is None else argv)])
-
-
-

@@ -15,8 +15,21 @@ import torch
 torch.set_num_threads(1)
 
 TINY_MODEL_ARGS = [
-    "--channels", "8", "--layers", "2", "--first-kernel-size", "3", "--kernel-size", "3",
-    "--batch-size", "16", "--epochs", "2", "--no-samples", "--device", "cpu",
+    "--channels",
+    "8",
+    "--layers",
+    "2",
+    "--first-kernel-size",
+    "3",
+    "--kernel-size",
+    "3",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+    "--no-samples",
+    "--device",
+    "cpu",
 ]
 
 
@@ -61,8 +74,18 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path) -> P
 
     root = tmp_path_factory.mktemp("trained")
     with torch_threads(1):
-        code = main(["train", "--data", str(tiny_npz), *TINY_MODEL_ARGS,
-                     "--checkpoint-dir", str(root / "ck"), "--out", str(root / "m")])
+        code = main(
+            [
+                "train",
+                "--data",
+                str(tiny_npz),
+                *TINY_MODEL_ARGS,
+                "--checkpoint-dir",
+                str(root / "ck"),
+                "--out",
+                str(root / "m"),
+            ]
+        )
     assert code == 0
     return root / "m"
 

@@ -45,8 +45,16 @@ def crowd(config, count: int, seed: int, height: int) -> list[GenerationRequest]
         labels = None
         if config.conditional and k % 2:
             labels = torch.randint(0, config.num_classes, (n,), generator=g).tolist()
-        requests.append(GenerationRequest(n=n, seed=1000 + seed * 100 + k, labels=labels,
-                                          temperature=(0.7, 1.0, 1.3)[k % 3], known=known, known_rows=known_rows))
+        requests.append(
+            GenerationRequest(
+                n=n,
+                seed=1000 + seed * 100 + k,
+                labels=labels,
+                temperature=(0.7, 1.0, 1.3)[k % 3],
+                known=known,
+                known_rows=known_rows,
+            )
+        )
     return requests
 
 

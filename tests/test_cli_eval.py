@@ -48,8 +48,9 @@ def test_eval_json(trained_model: Path, tiny_npz: Path, capsys: pytest.CaptureFi
     assert summary["nll_nats"] == pytest.approx(direct, rel=1e-6)
 
 
-def test_eval_defaults_to_training_dataset_and_limit(trained_model: Path, tiny_npz: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_eval_defaults_to_training_dataset_and_limit(
+    trained_model: Path, tiny_npz: Path, capsys: pytest.CaptureFixture
+) -> None:
     summary = eval_json(capsys, str(trained_model), "--limit", "5", "--batch-size", "2")
     assert summary["dataset"] == str(tiny_npz)  # from metrics.json
     assert summary["images"] == 5
@@ -77,8 +78,9 @@ def test_eval_not_a_checkpoint(tmp_path: Path, tiny_npz: Path, capsys: pytest.Ca
     assert "Traceback" not in captured.err
 
 
-def test_eval_missing_weights(tmp_path: Path, trained_model: Path, tiny_npz: Path,
-                              capsys: pytest.CaptureFixture) -> None:
+def test_eval_missing_weights(
+    tmp_path: Path, trained_model: Path, tiny_npz: Path, capsys: pytest.CaptureFixture
+) -> None:
     folder = tmp_path / "half"
     folder.mkdir()
     shutil.copy(trained_model / "config.json", folder)

@@ -29,8 +29,10 @@ def test_complete_keeps_the_known_rows(server_store, tmp_path):
     image = (torch.arange(64).reshape(1, 8, 8) * 37 % 256).to(torch.uint8)
     source, out = tmp_path / "top.png", tmp_path / "done.png"
     source.write_bytes(png_bytes(image))
-    assert main(["complete", str(server_store / "gray"), str(source), "--rows", "5", "--seed", "1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["complete", str(server_store / "gray"), str(source), "--rows", "5", "--seed", "1", "--out", str(out)])
+        == 0
+    )
     done = png_tensor(out.read_bytes())
     assert done.shape == image.shape and torch.equal(done[:, :5], image[:, :5])
 
@@ -44,27 +46,53 @@ def test_n_1_writes_exactly_the_image_the_api_returns(server_store, tmp_path):
     known.write_bytes(png_bytes((torch.arange(64).reshape(1, 8, 8) * 53 % 256).to(torch.uint8)))
     app = create_app(Settings(model_store=server_store, model="cond", device="cpu", threads=1))
     with torch_threads(torch.get_num_threads()), serve_in_thread(app) as url:
-        api_sample = httpx.post(f"{url}/sample", json={"n": 1, "seed": 4, "label": 2},
-                                headers={"Accept": "image/png"}).content
+        api_sample = httpx.post(
+            f"{url}/sample", json={"n": 1, "seed": 4, "label": 2}, headers={"Accept": "image/png"}
+        ).content
         with known.open("rb") as file:
-            api_complete = httpx.post(f"{url}/complete", data={"seed": "4", "rows": "3", "label": "2"},
-                                      files={"image": file}, headers={"Accept": "image/png"}).content
+            api_complete = httpx.post(
+                f"{url}/complete",
+                data={"seed": "4", "rows": "3", "label": "2"},
+                files={"image": file},
+                headers={"Accept": "image/png"},
+            ).content
         for where in (["--url", url, "cond"], [str(server_store / "cond")]):
             sample, done = tmp_path / "sample.png", tmp_path / "done.png"
             assert main(["sample", *where, "--n", "1", "--seed", "4", "--label", "2", "--out", str(sample)]) == 0
-            assert main(["complete", *where, str(known), "--n", "1", "--rows", "3", "--seed", "4", "--label", "2",
-                         "--out", str(done)]) == 0
+            assert (
+                main(
+                    [
+                        "complete",
+                        *where,
+                        str(known),
+                        "--n",
+                        "1",
+                        "--rows",
+                        "3",
+                        "--seed",
+                        "4",
+                        "--label",
+                        "2",
+                        "--out",
+                        str(done),
+                    ]
+                )
+                == 0
+            )
             assert png_tensor(sample.read_bytes()).shape == (1, 8, 8)
             assert torch.equal(png_tensor(sample.read_bytes()), png_tensor(api_sample)), where
             assert torch.equal(png_tensor(done.read_bytes()), png_tensor(api_complete)), where
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["sample", "{store}/gray", "--label", "3"], "unconditional"),
-    (["sample", "{store}/cond", "--label", "cat"], "unknown label 'cat'"),
-    (["sample", "{store}/nope"], "is not a model checkpoint"),
-    (["complete", "{store}/gray", "{store}/gray/config.json"], "could not read the image"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sample", "{store}/gray", "--label", "3"], "unconditional"),
+        (["sample", "{store}/cond", "--label", "cat"], "unknown label 'cat'"),
+        (["sample", "{store}/nope"], "is not a model checkpoint"),
+        (["complete", "{store}/gray", "{store}/gray/config.json"], "could not read the image"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(server_store, tmp_path, capsys, argv, message):
     argv = [a.format(store=server_store) for a in argv] + ["--out", str(tmp_path / "x.png")]
     assert main(argv) == 2
@@ -77,12 +105,15 @@ def test_sample_and_complete_through_a_server(server_store, tmp_path):
     with torch_threads(torch.get_num_threads()), serve_in_thread(app) as url:
         remote, local = tmp_path / "remote.png", tmp_path / "local.png"
         assert main(["sample", "--url", url, "--n", "2", "--seed", "9", "--label", "1", "--out", str(remote)]) == 0
-        assert main(["sample", str(server_store / "cond"), "--n", "2", "--seed", "9", "--label", "1",
-                     "--out", str(local)]) == 0
+        assert (
+            main(["sample", str(server_store / "cond"), "--n", "2", "--seed", "9", "--label", "1", "--out", str(local)])
+            == 0
+        )
         assert torch.equal(png_tensor(remote.read_bytes()), png_tensor(local.read_bytes()))
         done = tmp_path / "done.png"
-        assert main(["complete", "--url", url, "cond", str(local), "--rows", "3", "--out", str(done)]) == 2, \
+        assert main(["complete", "--url", url, "cond", str(local), "--rows", "3", "--out", str(done)]) == 2, (
             "the grid is not an 8x8 image: the server must refuse it"
+        )
         single = tmp_path / "single.png"
         single.write_bytes(png_bytes(png_tensor(local.read_bytes())[:, 2:10, 2:10]))
         assert main(["complete", "--url", url, "cond", str(single), "--rows", "3", "--out", str(done)]) == 0

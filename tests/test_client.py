@@ -65,8 +65,10 @@ def test_stream_sample_yields_rows_then_the_result(client):
     rows, final = events[:-1], events[-1]
     assert [row["row"] for row in rows] == list(range(8))
     assert pixels(final) == pixels(client.sample(n=2, seed=9))
-    assert torch.equal(torch.tensor(rows[3]["pixels"], dtype=torch.uint8),
-                       torch.stack([png_tensor(i["png"]) for i in final["images"]])[:, :, 3])
+    assert torch.equal(
+        torch.tensor(rows[3]["pixels"], dtype=torch.uint8),
+        torch.stack([png_tensor(i["png"]) for i in final["images"]])[:, :, 3],
+    )
 
 
 def test_complete_from_bytes_and_path(client, tmp_path):
@@ -140,14 +142,17 @@ def test_write_pngs(client, tmp_path):
     assert torch.equal(png_tensor(paths[1].read_bytes()), png_tensor(result["images"][1]["png"]))
 
 
-@pytest.mark.parametrize("lines, expected", [
-    (["event: row", 'data: {"a":1}', "", "event: done", "data: {}", ""], [("row", '{"a":1}'), ("done", "{}")]),
-    ([": keep-alive", "data: x", "", ""], [("message", "x")]),
-    (["event: e", "data: line1", "data: line2", ""], [("e", "line1\nline2")]),
-    (["event:tight\r", "data:nospace\r", "\r"], [("tight", "nospace")]),
-    (["data: unterminated"], [("message", "unterminated")]),
-    (["event: only-a-name", ""], []),
-])
+@pytest.mark.parametrize(
+    "lines, expected",
+    [
+        (["event: row", 'data: {"a":1}', "", "event: done", "data: {}", ""], [("row", '{"a":1}'), ("done", "{}")]),
+        ([": keep-alive", "data: x", "", ""], [("message", "x")]),
+        (["event: e", "data: line1", "data: line2", ""], [("e", "line1\nline2")]),
+        (["event:tight\r", "data:nospace\r", "\r"], [("tight", "nospace")]),
+        (["data: unterminated"], [("message", "unterminated")]),
+        (["event: only-a-name", ""], []),
+    ],
+)
 def test_parse_sse(lines, expected):
     assert list(parse_sse(iter(lines))) == expected
 
@@ -169,8 +174,17 @@ def test_serve_flags_override_environment(monkeypatch, tmp_path):
 def test_bench_json(server, capsys):
     assert bench_run(["--url", server[0], "--n", "4", "--concurrency", "3", "--repeats", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("sample_n_s", "likelihood_n_s", "sample_over_likelihood", "one_sample_s", "concurrent_samples_s",
-                "concurrent_over_one", "concurrent_speedup", "first_row_s", "stream_total_s"):
+    for key in (
+        "sample_n_s",
+        "likelihood_n_s",
+        "sample_over_likelihood",
+        "one_sample_s",
+        "concurrent_samples_s",
+        "concurrent_over_one",
+        "concurrent_speedup",
+        "first_row_s",
+        "stream_total_s",
+    ):
         assert isinstance(result[key], float), key
     assert result["n"] == 4 and result["concurrency"] == 3 and result["model"] == "gray" and result["repeats"] == 2
     assert len(result["concurrent_over_one_each"]) == 2

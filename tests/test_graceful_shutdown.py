@@ -47,8 +47,9 @@ class OpenStream(threading.Thread):
 
 @pytest.mark.parametrize("timeout_s, ending", [(60.0, "done"), (0.5, "error")])
 def test_sigterm_drains_then_exits_zero(slow_store, timeout_s, ending):
-    process, url = start_server(slow_store, {"PIXELCNN_SHUTDOWN_TIMEOUT_S": str(timeout_s),
-                                             "PIXELCNN_SHUTDOWN_NOTICE_S": "0.3"})
+    process, url = start_server(
+        slow_store, {"PIXELCNN_SHUTDOWN_TIMEOUT_S": str(timeout_s), "PIXELCNN_SHUTDOWN_NOTICE_S": "0.3"}
+    )
     try:
         stream = OpenStream(url)
         stream.start()

@@ -37,9 +37,14 @@ def test_random_bytes(data):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mode=st.sampled_from(MODES), size=st.sampled_from([(28, 28), (27, 28), (1, 1), (64, 64)]),
-       fmt=st.sampled_from(["PNG", "TIFF", "BMP", "WEBP", "GIF", "JPEG"]), channels=st.sampled_from([1, 3]),
-       cut=st.integers(min_value=0, max_value=400), seed=st.integers(0, 2**16))
+@given(
+    mode=st.sampled_from(MODES),
+    size=st.sampled_from([(28, 28), (27, 28), (1, 1), (64, 64)]),
+    fmt=st.sampled_from(["PNG", "TIFF", "BMP", "WEBP", "GIF", "JPEG"]),
+    channels=st.sampled_from([1, 3]),
+    cut=st.integers(min_value=0, max_value=400),
+    seed=st.integers(0, 2**16),
+)
 def test_every_mode_and_format_whole_or_truncated(mode, size, fmt, channels, cut, seed):
     rng = np.random.default_rng(seed)
     picture = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
@@ -73,7 +78,12 @@ def test_a_huge_declared_size_is_refused_without_decoding_it():
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
     try:
         decode_image(data, 1, 28, 28)
     except ImageDecodeError as error:

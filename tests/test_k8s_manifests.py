@@ -45,8 +45,9 @@ def kubectl() -> str:
 @functools.cache
 def rendered(name: str) -> tuple[dict, ...]:
     """The documents `kubectl kustomize` renders for one kustomization."""
-    result = subprocess.run([kubectl(), "kustomize", str(KUSTOMIZATIONS[name])], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(KUSTOMIZATIONS[name])], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
@@ -99,9 +100,11 @@ def test_every_rendered_document_validates(name: str, version: str) -> None:
         # strict: an unknown (misspelt) field is an error, not something the API server silently drops.
         kubernetes_validate.validate(doc, version, strict=True)
         kinds.append(doc["kind"])
-    expected = {"base": {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"},
-                "gpu": {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"},
-                "training": {"Job", "Service", "PersistentVolumeClaim"}}[name]
+    expected = {
+        "base": {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"},
+        "gpu": {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"},
+        "training": {"Job", "Service", "PersistentVolumeClaim"},
+    }[name]
     assert sorted(kinds) == sorted(expected)
 
 
@@ -118,8 +121,11 @@ def referenced_files(folder: Path) -> set[Path]:
     """Every file a kustomization uses (resources, patches, components), followed into folders it names."""
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     files = {folder / "kustomization.yaml"}
-    entries = [*kustomization.get("resources", []), *kustomization.get("components", []),
-               *(patch["path"] for patch in kustomization.get("patches", []))]
+    entries = [
+        *kustomization.get("resources", []),
+        *kustomization.get("components", []),
+        *(patch["path"] for patch in kustomization.get("patches", [])),
+    ]
     for entry in entries:
         path = (folder / entry).resolve()
         files |= referenced_files(path) if path.is_dir() else {path}
@@ -175,7 +181,8 @@ def test_runs_as_the_image_user_with_a_read_only_root(name: str) -> None:
     assert dockerfile_user is not None
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == tuple(
-        int(group) for group in dockerfile_user.groups())
+        int(group) for group in dockerfile_user.groups()
+    )
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -223,15 +230,20 @@ def test_selectors_match_the_pods(name: str) -> None:
     assert pdb["spec"]["selector"]["matchLabels"] and matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
     assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
     # The Service sends to the container's named port.
-    assert [port["targetPort"] for port in service["spec"]["ports"]] == [p["name"] for p in server_container(name)["ports"]]
+    assert [port["targetPort"] for port in service["spec"]["ports"]] == [
+        p["name"] for p in server_container(name)["ports"]
+    ]
 
 
 @pytest.mark.parametrize("name", ["base", "gpu"])
 def test_hpa_scales_the_deployment(name: str) -> None:
     hpa, deployment = one(name, "HorizontalPodAutoscaler"), one(name, "Deployment")
     target = hpa["spec"]["scaleTargetRef"]
-    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment",
-                                                                      deployment["metadata"]["name"])
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        "Deployment",
+        deployment["metadata"]["name"],
+    )
     assert 1 <= hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
     assert len(hpa["spec"]["metrics"]) == 1
 
@@ -322,8 +334,11 @@ def test_training_job_runs_torchrun_across_the_indexed_pods() -> None:
     parser = argparse.ArgumentParser()
     add_train(parser.add_subparsers())
     train = parser.parse_args(args.training_script_args)
-    shared = {mount["mountPath"] for mount in container["volumeMounts"]
-              if any(v["name"] == mount["name"] and "persistentVolumeClaim" in v for v in pod["volumes"])}
+    shared = {
+        mount["mountPath"]
+        for mount in container["volumeMounts"]
+        if any(v["name"] == mount["name"] and "persistentVolumeClaim" in v for v in pod["volumes"])
+    }
     assert len(shared) == 1
     (mount,) = shared
     for path in (train.data_dir, train.checkpoint_dir, train.out):

@@ -27,16 +27,16 @@ def test_float32_cpu_sampling_runs_the_native_kernel(arch):
 
 
 @needs_compiler
-@pytest.mark.parametrize("arch,channels,classes", [("gated", 1, 0), ("gated", 3, 4), ("pixelcnn", 1, 3),
-                                                   ("pixelcnn", 3, 0)])
+@pytest.mark.parametrize(
+    "arch,channels,classes", [("gated", 1, 0), ("gated", 3, 4), ("pixelcnn", 1, 3), ("pixelcnn", 3, 0)]
+)
 def test_native_kernel_draws_what_the_torchscript_decoder_draws(arch, channels, classes):
     model = tiny_model(arch, image_channels=channels, num_classes=classes, dtype=torch.float32, hidden_channels=18)
     fast = CachedSampler(model)
     reference = CachedSampler(model, native=False)  # the TorchScript decoder
     for seed, temperature in [(0, 1.0), (1, 0.7), (2, 3.0)]:
         a = sample_cached(model, 5, seed=seed, sampler=fast, temperature=temperature)
-        b = sample_cached(model, 5, seed=seed, sampler=reference,
-                          temperature=temperature)
+        b = sample_cached(model, 5, seed=seed, sampler=reference, temperature=temperature)
         # Rounding differs (~1e-6 in the logits), so a uniform that close to a CDF boundary could part them:
         # with 5 x 64 x C draws per image set that is far rarer than one in a million runs.
         assert torch.equal(a.images, b.images), f"seed {seed}: {(a.images != b.images).sum()} sub-pixels differ"
@@ -45,8 +45,7 @@ def test_native_kernel_draws_what_the_torchscript_decoder_draws(arch, channels, 
 
 def test_without_the_kernel_sampling_falls_back_to_torchscript(monkeypatch, tmp_path, caplog):
     model = tiny_model("gated", dtype=torch.float32)
-    expected = sample_cached(model, 2, seed=3,
-                             sampler=CachedSampler(model, compiled=False))
+    expected = sample_cached(model, 2, seed=3, sampler=CachedSampler(model, compiled=False))
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_KERNEL_CACHE", str(tmp_path))  # nothing built before can be found
     monkeypatch.setattr(native, "_compiler", lambda: shutil.which("false"))  # a compiler that always fails
@@ -91,8 +90,9 @@ def test_a_level_of_probability_zero_is_never_drawn(arch, compiled):
     sampler = CachedSampler(model, compiled=compiled)
     c, h, w = model.config.shape
     state = sampler.prefill(torch.zeros((3, c, h, w), dtype=torch.long), None, 0)
-    row, log_prob = sampler.decode_row(state, torch.zeros((3, c, w), dtype=torch.float64),
-                                       torch.ones((3, 1), dtype=torch.float64))
+    row, log_prob = sampler.decode_row(
+        state, torch.zeros((3, c, w), dtype=torch.float64), torch.ones((3, 1), dtype=torch.float64)
+    )
     assert (row > 0).all(), row
     assert torch.isfinite(log_prob).all()
 

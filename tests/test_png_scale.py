@@ -55,11 +55,11 @@ async def test_complete_form_and_json_scale(serve):
     known = pattern()
     async with serve() as (_, client):
         one = await client.post("/complete", data={"rows": "3", "seed": "2"}, files=upload(known), headers=PNG)
-        form = await client.post("/complete", data={"rows": "3", "seed": "2", "scale": "4"}, files=upload(known),
-                                 headers=PNG)
+        form = await client.post(
+            "/complete", data={"rows": "3", "seed": "2", "scale": "4"}, files=upload(known), headers=PNG
+        )
         encoded = base64.b64encode(png_bytes(known)).decode()
-        as_json = await client.post("/complete", json={"image": encoded, "rows": 3, "seed": 2, "scale": 4},
-                                    headers=PNG)
+        as_json = await client.post("/complete", json={"image": encoded, "rows": 3, "seed": 2, "scale": 4}, headers=PNG)
     small = png_tensor(one.content).numpy()
     assert np.array_equal(small[:, :3], known[:, :3])
     assert np.array_equal(png_tensor(form.content).numpy(), kron(small, 4))
@@ -84,24 +84,37 @@ async def test_likelihood_heatmap_scale(serve):
     encoded = base64.b64encode(png_bytes(pattern())).decode()
     async with serve() as (_, client):
         one = (await client.post("/likelihood", json={"image": encoded, "per_pixel": True})).json()["results"][0]
-        big = (await client.post("/likelihood", data={"per_pixel": "true", "scale": "6"},
-                                 files=upload(pattern()))).json()["results"][0]
+        big = (
+            await client.post("/likelihood", data={"per_pixel": "true", "scale": "6"}, files=upload(pattern()))
+        ).json()["results"][0]
     assert big["nll_nats"] == pytest.approx(one["nll_nats"], rel=1e-6)
     assert np.array_equal(png_tensor(big["heatmap_png"]).numpy(), kron(png_tensor(one["heatmap_png"]), 6))
 
 
-@pytest.mark.parametrize("route,kwargs,message", [
-    ("/sample", {"json": {"scale": 0}}, f"scale: must be between 1 and {MAX_PNG_SCALE}, got 0"),
-    ("/sample", {"json": {"scale": MAX_PNG_SCALE + 1}},
-     f"scale: must be between 1 and {MAX_PNG_SCALE}, got {MAX_PNG_SCALE + 1}"),
-    ("/sample", {"json": {"scale": "4"}}, "scale: must be an integer"),
-    ("/sample", {"json": {"scale": 2.5}}, "scale:"),
-    ("/complete", {"data": {"scale": "100"}, "files": upload(pattern())},
-     f"scale: must be between 1 and {MAX_PNG_SCALE}, got 100"),
-    ("/complete", {"data": {"scale": "big"}, "files": upload(pattern())}, "scale:"),
-    ("/likelihood", {"data": {"scale": "-2"}, "files": upload(pattern())},
-     f"scale: must be between 1 and {MAX_PNG_SCALE}, got -2"),
-])
+@pytest.mark.parametrize(
+    "route,kwargs,message",
+    [
+        ("/sample", {"json": {"scale": 0}}, f"scale: must be between 1 and {MAX_PNG_SCALE}, got 0"),
+        (
+            "/sample",
+            {"json": {"scale": MAX_PNG_SCALE + 1}},
+            f"scale: must be between 1 and {MAX_PNG_SCALE}, got {MAX_PNG_SCALE + 1}",
+        ),
+        ("/sample", {"json": {"scale": "4"}}, "scale: must be an integer"),
+        ("/sample", {"json": {"scale": 2.5}}, "scale:"),
+        (
+            "/complete",
+            {"data": {"scale": "100"}, "files": upload(pattern())},
+            f"scale: must be between 1 and {MAX_PNG_SCALE}, got 100",
+        ),
+        ("/complete", {"data": {"scale": "big"}, "files": upload(pattern())}, "scale:"),
+        (
+            "/likelihood",
+            {"data": {"scale": "-2"}, "files": upload(pattern())},
+            f"scale: must be between 1 and {MAX_PNG_SCALE}, got -2",
+        ),
+    ],
+)
 async def test_scale_out_of_range_is_a_400_naming_it(serve, route, kwargs, message):
     async with serve() as (_, client):
         response = await client.post(route, headers=PNG, **kwargs)

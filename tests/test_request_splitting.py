@@ -50,6 +50,7 @@ async def drained(stream) -> list:
 
 # ---- the protocol: each image's own stream ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sampler", ["naive", "cached"])
 def test_image_k_depends_only_on_the_seed_and_k(sampler):
     """A longer request with the same seed begins with the same images (and drawn labels); a different
@@ -74,6 +75,7 @@ def test_every_bit_of_the_seed_counts():
 
 
 # ---- splitting across lanes ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
 def test_a_big_request_on_an_idle_engine_runs_on_every_lane_and_gives_the_same_images(arch):
@@ -150,6 +152,7 @@ def test_the_queue_limit_counts_requests_not_shards():
 
 
 # ---- faults in one shard end the whole request, once -----------------------------------------------------
+
 
 def test_a_failing_prefill_of_one_shard_fails_its_request_once_and_the_other_shard_leaves():
     model = tiny_model("gated", 1, size=8, seed=65)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from app.engine import (
-    EngineStoppedError,
     CachedSampler,
     Engine,
+    EngineStoppedError,
     GenerationRequest,
     QueueFullError,
     RowEvent,
@@ -60,7 +60,11 @@ async def held_lane(model, **limits):
 def test_concurrent_requests_equal_sequential_ones_and_share_steps():
     model = tiny_model("gated", 1, size=6, num_classes=3, seed=21)
     requests = [GenerationRequest(n=1 + k % 3, seed=100 + k, temperature=1.0 if k % 2 else 0.8) for k in range(6)]
-    requests.append(GenerationRequest(n=2, seed=7, labels=[1, 2], known=torch.full((1, 1, 6, 6), 200, dtype=torch.uint8), known_rows=3))
+    requests.append(
+        GenerationRequest(
+            n=2, seed=7, labels=[1, 2], known=torch.full((1, 1, 6, 6), 200, dtype=torch.uint8), known_rows=3
+        )
+    )
 
     async def scenario():
         async with running(model, max_batch_images=16, max_queue=16) as engine:
@@ -74,9 +78,15 @@ def test_concurrent_requests_equal_sequential_ones_and_share_steps():
         assert torch.equal(a.labels, b.labels)
         torch.testing.assert_close(a.log_prob, b.log_prob, rtol=0, atol=1e-9)
         # ... and equal to the stand-alone cached sampler with the same seed.
-        alone = sample_cached(model, request.n, labels=None if request.labels is None else torch.tensor(request.labels),
-                              temperature=request.temperature, seed=request.seed,
-                              known=request.known, known_rows=request.known_rows)
+        alone = sample_cached(
+            model,
+            request.n,
+            labels=None if request.labels is None else torch.tensor(request.labels),
+            temperature=request.temperature,
+            seed=request.seed,
+            known=request.known,
+            known_rows=request.known_rows,
+        )
         assert torch.equal(a.images, alone.images)
     assert stats["max_batch_size_seen"] > 1, "concurrent requests must share decode steps"
     assert stats["requests_completed"] == 2 * len(requests)
@@ -147,9 +157,14 @@ def test_a_mixed_crowd_on_two_lanes_gets_exactly_its_own_images():
     model = tiny_model("gated", 1, size=8, num_classes=3, seed=32)
     known = torch.randint(0, 256, (1, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     requests = [
-        GenerationRequest(n=1 + k % 4, seed=400 + k, temperature=(1.0, 0.7)[k % 2],
-                          labels=[k % 3] if k % 3 == 0 else None,
-                          known=known if k % 5 == 0 else None, known_rows=3 if k % 5 == 0 else 0)
+        GenerationRequest(
+            n=1 + k % 4,
+            seed=400 + k,
+            temperature=(1.0, 0.7)[k % 2],
+            labels=[k % 3] if k % 3 == 0 else None,
+            known=known if k % 5 == 0 else None,
+            known_rows=3 if k % 5 == 0 else 0,
+        )
         for k in range(24)
     ]
     doomed = {k for k in range(24) if k % 7 == 3}
@@ -178,9 +193,15 @@ def test_a_mixed_crowd_on_two_lanes_gets_exactly_its_own_images():
             assert result is None
             continue
         labels = None if request.labels is None else torch.tensor(request.labels)
-        alone = sample_cached(model, request.n, labels=labels, temperature=request.temperature,
-                              seed=request.seed, known=request.known,
-                              known_rows=request.known_rows)
+        alone = sample_cached(
+            model,
+            request.n,
+            labels=labels,
+            temperature=request.temperature,
+            seed=request.seed,
+            known=request.known,
+            known_rows=request.known_rows,
+        )
         assert torch.equal(result.images, alone.images), k
         torch.testing.assert_close(result.log_prob, alone.log_prob, rtol=0, atol=1e-9)
     assert stats["requests_completed"] == 24 - len(doomed)
@@ -288,7 +309,6 @@ def test_a_cancelled_waiting_request_leaves_the_queue_at_once_and_wakes_its_cons
     assert after["requests_cancelled"] == 1 and max(after["batch_sizes_seen"]) <= 2  # it never ran
 
 
-
 def test_full_queue_bad_requests_and_a_stopped_engine_are_refused():
     model = tiny_model("gated", 1, size=6, num_classes=3, seed=24)
 
@@ -346,8 +366,18 @@ def test_likelihood_marginal_and_conditional():
     engine = Engine(model)
     images = torch.randint(0, 256, (2, 1, 6, 6), dtype=torch.uint8)
     with torch.no_grad():
-        per_class = torch.stack([(-torch.log_softmax(model(images, torch.full((2,), y)), 1)
-                                  .gather(1, images.long()[:, None]).flatten(1).sum(1)) for y in range(3)], 1)
+        per_class = torch.stack(
+            [
+                (
+                    -torch.log_softmax(model(images, torch.full((2,), y)), 1)
+                    .gather(1, images.long()[:, None])
+                    .flatten(1)
+                    .sum(1)
+                )
+                for y in range(3)
+            ],
+            1,
+        )
     marginal = run(engine.likelihood(images))
     expected = -(torch.logsumexp(-per_class, 1) - torch.log(torch.tensor(3.0, dtype=torch.float64)))
     torch.testing.assert_close(marginal.nll_nats, expected, rtol=0, atol=1e-8)

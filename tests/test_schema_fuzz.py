@@ -20,9 +20,24 @@ def test_schemathesis_finds_no_failure(server_store):
     process, url = start_server(server_store, {"PIXELCNN_MODEL": "gray"})
     try:
         run = subprocess.run(
-            [cli, "run", f"{url}/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-             "-n", "40", "--request-timeout", "60", "--generation-deterministic", "--no-color"],
-            capture_output=True, text=True, timeout=600,
+            [
+                cli,
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "-n",
+                "40",
+                "--request-timeout",
+                "60",
+                "--generation-deterministic",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     finally:
         process.terminate()

@@ -38,11 +38,14 @@ async def test_health_and_ready(serve):
         assert ready.json() == {"status": "ready", "models": ["cond", "gray", "rgb"], "default": "gray"}
 
 
-@pytest.mark.parametrize("layout, reason", [
-    ("missing", "does not exist"),
-    ("empty", "has no model folder"),
-    ("broken", "could not be loaded"),
-])
+@pytest.mark.parametrize(
+    "layout, reason",
+    [
+        ("missing", "does not exist"),
+        ("empty", "has no model folder"),
+        ("broken", "could not be loaded"),
+    ],
+)
 async def test_store_without_loadable_model_starts_but_is_not_ready(serve, tmp_path, layout, reason):
     store = tmp_path / "store"
     if layout != "missing":
@@ -99,8 +102,13 @@ async def test_default_model_is_fashion_mnist_if_present_else_first(serve, serve
 async def test_preload_default_loads_only_the_default(serve):
     async with serve(preload="default", model="rgb") as (_, client):
         assert [m["name"] for m in (await client.get("/models")).json()] == ["rgb"]
-        assert_error(await client.post("/sample", json={"model": "gray"}), 404, "not_found",
-                     "unknown model 'gray'", "available models: rgb")
+        assert_error(
+            await client.post("/sample", json={"model": "gray"}),
+            404,
+            "not_found",
+            "unknown model 'gray'",
+            "available models: rgb",
+        )
 
 
 async def test_models_listing(serve):
@@ -109,8 +117,11 @@ async def test_models_listing(serve):
         assert list(models) == ["cond", "gray", "rgb"]
         cond, gray, rgb = models["cond"], models["gray"], models["rgb"]
         assert cond["conditional"] and not gray["conditional"]
-        assert cond["classes"] == [{"index": 0, "name": "T-shirt/top"}, {"index": 1, "name": "Sneaker"},
-                                   {"index": 2, "name": "Ankle boot"}]
+        assert cond["classes"] == [
+            {"index": 0, "name": "T-shirt/top"},
+            {"index": 1, "name": "Sneaker"},
+            {"index": 2, "name": "Ankle boot"},
+        ]
         assert gray["classes"] == [] and gray["default"] and not rgb["default"]
         assert gray["shape"] == [1, 8, 8] and rgb["shape"] == [3, 8, 8]
         assert gray["arch"] == "gated" and rgb["arch"] == "pixelcnn"
@@ -145,13 +156,13 @@ async def test_metrics(serve):
             'pixelcnn_active_images{model="gray"} 0.0',
             'pixelcnn_engine_lanes{model="gray"}',
             'pixelcnn_model_loaded{model="rgb",running="true"} 1.0',
-            '# TYPE pixelcnn_engine_requests_completed_total counter',  # monotonic engine stats are counters
+            "# TYPE pixelcnn_engine_requests_completed_total counter",  # monotonic engine stats are counters
             'pixelcnn_engine_requests_completed_total{model="gray"} 1.0',
             f'pixelcnn_engine_rows_decoded_total{{model="gray"}} {steps:.1f}',
-            '# TYPE pixelcnn_engine_active_requests gauge',
+            "# TYPE pixelcnn_engine_active_requests gauge",
             'pixelcnn_queue_wait_seconds_count{model="gray"} 1.0',  # one request joined a batch
             f'pixelcnn_row_decode_seconds_count{{model="gray"}} {steps:.1f}',  # one per decode step
-            '# TYPE pixelcnn_row_decode_seconds histogram',
+            "# TYPE pixelcnn_row_decode_seconds histogram",
         ):
             assert line in text, line
         assert "pixelcnn_engine_requests_completed{" not in text  # no gauge twin of a counter
@@ -169,8 +180,10 @@ async def test_unmatched_routes_share_one_metrics_label(serve):
     async with serve() as (_, client):
         await client.get("/nope/1")
         await client.get("/nope/2")
-        assert 'pixelcnn_requests_total{method="GET",route="unmatched",status="404"} 2.0' in (
-            await client.get("/metrics")).text
+        assert (
+            'pixelcnn_requests_total{method="GET",route="unmatched",status="404"} 2.0'
+            in (await client.get("/metrics")).text
+        )
 
 
 # The error format for every input rule.
@@ -182,31 +195,37 @@ async def test_unknown_route_and_method(serve):
         assert_error(await client.get("/sample"), 405, "method_not_allowed", "GET is not allowed on /sample")
 
 
-@pytest.mark.parametrize("body, fragments, field", [
-    ({"n": 0}, ["n: must be at least 1", "got 0"], "n"),
-    ({"n": 65}, ["n must be between 1 and 64", "got 65"], "n"),
-    ({"n": "many"}, ["n: must be an integer"], "n"),
-    ({"n": "3"}, ["n: must be an integer"], "n"),  # JSON numbers are numbers (form fields are text)
-    ({"n": True}, ["n: must be an integer"], "n"),
-    ({"stream": 0}, ["stream: must be true or false"], "stream"),
-    ({"n": 1.5}, ["n:", "integer"], "n"),
-    ({"temperature": 0}, ["temperature: must be between 0.05 and 20.0, got 0"], "temperature"),
-    ({"temperature": -1.0}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
-    ({"temperature": 0.049}, ["temperature: must be between 0.05 and 20.0, got 0.049"], "temperature"),
-    ({"temperature": 1e308}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
-    ({"temperature": 1e-309}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
-    ({"seed": -1}, ["seed: must be between 0 and 9223372036854775807, got -1"], "seed"),
-    ({"seed": 2**64}, ["seed"], "seed"),
-    ({"temprature": 0.5}, ["temprature: unknown field"], "temprature"),
-    ({"label": 1}, ["model 'gray' is unconditional"], "label"),
-    ({"model": "cond", "label": "snekaer"},
-     ["unknown label 'snekaer'", "'T-shirt/top', 'Sneaker', 'Ankle boot'", "0..2"], "label"),
-    ({"model": "cond", "label": 3}, ["unknown label 3", "0..2"], "label"),
-    ({"model": "cond", "label": -1}, ["unknown label -1"], "label"),
-    ({"model": "cond", "n": 3, "label": [0, 1]}, ["got 2 labels for 3 images"], "label"),
-    ({"model": "cond", "label": True}, ["label: must be a class index (integer), a class name"], "label"),
-    ({"model": "cond", "label": 1.0}, ["label: must be a class index"], "label"),
-])
+@pytest.mark.parametrize(
+    "body, fragments, field",
+    [
+        ({"n": 0}, ["n: must be at least 1", "got 0"], "n"),
+        ({"n": 65}, ["n must be between 1 and 64", "got 65"], "n"),
+        ({"n": "many"}, ["n: must be an integer"], "n"),
+        ({"n": "3"}, ["n: must be an integer"], "n"),  # JSON numbers are numbers (form fields are text)
+        ({"n": True}, ["n: must be an integer"], "n"),
+        ({"stream": 0}, ["stream: must be true or false"], "stream"),
+        ({"n": 1.5}, ["n:", "integer"], "n"),
+        ({"temperature": 0}, ["temperature: must be between 0.05 and 20.0, got 0"], "temperature"),
+        ({"temperature": -1.0}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
+        ({"temperature": 0.049}, ["temperature: must be between 0.05 and 20.0, got 0.049"], "temperature"),
+        ({"temperature": 1e308}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
+        ({"temperature": 1e-309}, ["temperature: must be between 0.05 and 20.0"], "temperature"),
+        ({"seed": -1}, ["seed: must be between 0 and 9223372036854775807, got -1"], "seed"),
+        ({"seed": 2**64}, ["seed"], "seed"),
+        ({"temprature": 0.5}, ["temprature: unknown field"], "temprature"),
+        ({"label": 1}, ["model 'gray' is unconditional"], "label"),
+        (
+            {"model": "cond", "label": "snekaer"},
+            ["unknown label 'snekaer'", "'T-shirt/top', 'Sneaker', 'Ankle boot'", "0..2"],
+            "label",
+        ),
+        ({"model": "cond", "label": 3}, ["unknown label 3", "0..2"], "label"),
+        ({"model": "cond", "label": -1}, ["unknown label -1"], "label"),
+        ({"model": "cond", "n": 3, "label": [0, 1]}, ["got 2 labels for 3 images"], "label"),
+        ({"model": "cond", "label": True}, ["label: must be a class index (integer), a class name"], "label"),
+        ({"model": "cond", "label": 1.0}, ["label: must be a class index"], "label"),
+    ],
+)
 async def test_sample_input_errors(serve, body, fragments, field):
     async with serve() as (_, client):
         assert_error(await client.post("/sample", json=body), 400, "invalid_request", *fragments, field=field)
@@ -220,22 +239,41 @@ async def test_sample_limit_follows_settings(serve):
 async def test_malformed_bodies(serve):
     async with serve() as (_, client):
         headers = {"content-type": "application/json"}
-        assert_error(await client.post("/sample", content=b"{nope", headers=headers), 400, "invalid_request",
-                     "not valid JSON")
+        assert_error(
+            await client.post("/sample", content=b"{nope", headers=headers), 400, "invalid_request", "not valid JSON"
+        )
         assert_error(await client.post("/sample", content=b"[1, 2]", headers=headers), 400, "invalid_request")
-        assert_error(await client.post("/likelihood", content=b"{nope", headers=headers), 400, "invalid_request",
-                     "not valid JSON")
-        assert_error(await client.post("/likelihood", content=b"hello", headers={"content-type": "text/plain"}),
-                     415, "unsupported_media_type", "'text/plain'", "multipart/form-data")
-        assert_error(await client.post("/complete", content=b"[]", headers=headers), 400, "invalid_request",
-                     "expected a JSON object")
+        assert_error(
+            await client.post("/likelihood", content=b"{nope", headers=headers),
+            400,
+            "invalid_request",
+            "not valid JSON",
+        )
+        assert_error(
+            await client.post("/likelihood", content=b"hello", headers={"content-type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+            "'text/plain'",
+            "multipart/form-data",
+        )
+        assert_error(
+            await client.post("/complete", content=b"[]", headers=headers),
+            400,
+            "invalid_request",
+            "expected a JSON object",
+        )
 
 
 async def test_unknown_model(serve):
     async with serve() as (_, client):
         for path, body in (("/sample", {}), ("/likelihood", {"images": []}), ("/complete", {"image": ""})):
-            error = assert_error(await client.post(path, json={"model": "nope", **body}), 404, "not_found",
-                                 "unknown model 'nope'", "available models: cond, gray, rgb")
+            error = assert_error(
+                await client.post(path, json={"model": "nope", **body}),
+                404,
+                "not_found",
+                "unknown model 'nope'",
+                "available models: cond, gray, rgb",
+            )
             assert error["field"] == "model"
 
 
@@ -251,8 +289,11 @@ async def test_body_over_limit_is_413(serve):
             for _ in range(5):
                 yield b"x" * 400
 
-        assert_error(await client.post("/likelihood", content=chunks(), headers={"content-type": "application/json"}),
-                     413, "payload_too_large")
+        assert_error(
+            await client.post("/likelihood", content=chunks(), headers={"content-type": "application/json"}),
+            413,
+            "payload_too_large",
+        )
         assert (await client.post("/sample", json={"seed": 1})).status_code == 200  # small bodies pass
         assert 'pixelcnn_failures_total{reason="payload_too_large"} 2.0' in (await client.get("/metrics")).text
 
@@ -349,19 +390,22 @@ def test_create_app_loads_nothing_at_import_or_creation(tmp_path):
     assert app.state.registry.models == {}
 
 
-@pytest.mark.parametrize("accept, stream, expected", [
-    (None, False, "json"),
-    ("*/*", False, "json"),
-    ("application/json", False, "json"),
-    ("image/png", False, "png"),
-    ("image/*", False, "png"),
-    ("text/event-stream", False, "sse"),
-    ("image/png", True, "sse"),
-    ("text/html,application/xhtml+xml,*/*;q=0.8", False, "json"),
-    ("application/json;q=0.5, image/png", False, "png"),
-    ("image/png;q=0, application/json", False, "json"),
-    ("image/webp", False, "json"),
-])
+@pytest.mark.parametrize(
+    "accept, stream, expected",
+    [
+        (None, False, "json"),
+        ("*/*", False, "json"),
+        ("application/json", False, "json"),
+        ("image/png", False, "png"),
+        ("image/*", False, "png"),
+        ("text/event-stream", False, "sse"),
+        ("image/png", True, "sse"),
+        ("text/html,application/xhtml+xml,*/*;q=0.8", False, "json"),
+        ("application/json;q=0.5, image/png", False, "png"),
+        ("image/png;q=0, application/json", False, "json"),
+        ("image/webp", False, "json"),
+    ],
+)
 def test_choose_format(accept, stream, expected):
     assert choose_format(accept, stream) == expected
 
@@ -475,11 +519,18 @@ async def test_the_grafana_dashboard_only_uses_metrics_the_server_exports(serve)
         await client.post("/sample", json={"n": 0})
         image = (await client.post("/sample", json={"n": 1}, headers={"Accept": "image/png"})).content
         await client.post("/likelihood", files={"image": ("x.png", image, "image/png")})
-        exported = {line.split("{")[0].split(" ")[0] for line in (await client.get("/metrics")).text.splitlines()
-                    if line and not line.startswith("#")}
+        exported = {
+            line.split("{")[0].split(" ")[0]
+            for line in (await client.get("/metrics")).text.splitlines()
+            if line and not line.startswith("#")
+        }
         exported |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported}
-    used = {name for panel in dashboard["panels"] for target in panel["targets"]
-            for name in re.findall(r"\b(pixelcnn_[a-z_]+|process_[a-z_]+)", target["expr"])}
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(pixelcnn_[a-z_]+|process_[a-z_]+)", target["expr"])
+    }
     for name in used:  # engine error counters appear only once an error happened: check the family name
         family = name.removesuffix("_total")
         assert name in exported or any(e.startswith(family) for e in exported) or "errors" in name, name

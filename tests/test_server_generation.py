@@ -65,6 +65,7 @@ async def test_missing_seed_is_drawn_returned_and_replays(serve):
 
 async def test_labels_by_name_case_insensitive_index_or_list(serve, models):
     async with serve() as (_, client):
+
         async def labels(label, n=1):
             response = await client.post("/sample", json={"model": "cond", "n": n, "seed": 5, "label": label})
             assert response.status_code == 200, response.text
@@ -76,7 +77,10 @@ async def test_labels_by_name_case_insensitive_index_or_list(serve, models):
         assert await labels(2, n=2) == [(2, "Ankle boot")] * 2
         assert await labels("1") == [(1, "Sneaker")]
         assert await labels(["sneaker", 0, "Ankle Boot"], n=3) == [
-            (1, "Sneaker"), (0, "T-shirt/top"), (2, "Ankle boot")]
+            (1, "Sneaker"),
+            (0, "T-shirt/top"),
+            (2, "Ankle boot"),
+        ]
         drawn = (await client.post("/sample", json={"model": "cond", "n": 4, "seed": 5})).json()
     expected = naive(models["cond"], 4, 5)
     assert [i["label"] for i in drawn["images"]] == expected.labels.tolist()
@@ -98,8 +102,9 @@ async def test_sample_png(serve):
         as_json = (await client.post("/sample", json={"seed": 4})).json()
         assert torch.equal(png_tensor(one.content), png_tensor(as_json["images"][0]["png"]))
 
-        grid = await client.post("/sample", json={"model": "cond", "n": 4, "seed": 4, "label": 1},
-                                 headers={"Accept": "image/png"})
+        grid = await client.post(
+            "/sample", json={"model": "cond", "n": 4, "seed": 4, "label": 1}, headers={"Accept": "image/png"}
+        )
         assert grid.headers["x-labels"] == "1,1,1,1"
         assert png_tensor(grid.content).shape == (1, 2 + 10, 2 + 4 * 10)  # one row of 4, 2 px borders
 
@@ -107,8 +112,10 @@ async def test_sample_png(serve):
 async def test_sample_sse_rows_then_done(serve):
     async with serve() as (_, client):
         plain = (await client.post("/sample", json={"n": 2, "seed": 21})).json()
-        for request in ({"json": {"n": 2, "seed": 21, "stream": True}},
-                        {"json": {"n": 2, "seed": 21}, "headers": {"Accept": "text/event-stream"}}):
+        for request in (
+            {"json": {"n": 2, "seed": 21, "stream": True}},
+            {"json": {"n": 2, "seed": 21}, "headers": {"Accept": "text/event-stream"}},
+        ):
             response = await client.post("/sample", **request)
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -127,8 +134,11 @@ async def test_sample_sse_rows_then_done(serve):
 
 async def test_concurrent_requests_equal_sequential(serve):
     requests = [
-        {"n": 1, "seed": 1}, {"n": 3, "seed": 2}, {"model": "cond", "n": 2, "seed": 3, "label": "sneaker"},
-        {"model": "cond", "n": 2, "seed": 4}, {"model": "rgb", "n": 2, "seed": 5},
+        {"n": 1, "seed": 1},
+        {"n": 3, "seed": 2},
+        {"model": "cond", "n": 2, "seed": 3, "label": "sneaker"},
+        {"model": "cond", "n": 2, "seed": 4},
+        {"model": "rgb", "n": 2, "seed": 5},
         {"n": 2, "seed": 6, "temperature": 0.7},
     ]
     async with serve() as (_, client):
@@ -165,8 +175,11 @@ async def test_engine_value_error_is_a_400(serve, server_store):
 async def test_complete_multipart_keeps_known_rows(serve, models):
     known = pattern()
     async with serve() as (_, client):
-        response = await client.post("/complete", files={"image": ("top.png", png_bytes(known), "image/png")},
-                                     data={"rows": "3", "n": "2", "seed": "8", "temperature": "0.8"})
+        response = await client.post(
+            "/complete",
+            files={"image": ("top.png", png_bytes(known), "image/png")},
+            data={"rows": "3", "n": "2", "seed": "8", "temperature": "0.8"},
+        )
         assert response.status_code == 200, response.text
         body = response.json()
     assert body["known_rows"] == 3 and body["seed"] == 8 and body["rows"] == 8
@@ -182,8 +195,9 @@ async def test_complete_curl_style_png_defaults_to_half(serve, models):
     """curl -F image=@top.png -H 'Accept: image/png' http://localhost:8000/complete -o done.png"""
     known = pattern()
     async with serve() as (_, client):
-        response = await client.post("/complete", files={"image": ("top.png", png_bytes(known), "image/png")},
-                                     headers={"Accept": "image/png"})
+        response = await client.post(
+            "/complete", files={"image": ("top.png", png_bytes(known), "image/png")}, headers={"Accept": "image/png"}
+        )
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     done = png_tensor(response.content)
     assert torch.equal(done[:, :4], known[:, :4])  # rows default to H // 2
@@ -196,8 +210,9 @@ async def test_complete_json_base64_and_data_url(serve):
     encoded = base64.b64encode(png_bytes(known)).decode()
     async with serve() as (_, client):
         plain = (await client.post("/complete", json={"image": encoded, "rows": 5, "seed": 2})).json()
-        data_url = (await client.post("/complete", json={"image": "data:image/png;base64," + encoded,
-                                                         "rows": 5, "seed": 2})).json()
+        data_url = (
+            await client.post("/complete", json={"image": "data:image/png;base64," + encoded, "rows": 5, "seed": 2})
+        ).json()
     assert pixels(plain) == pixels(data_url) and plain["known_rows"] == 5
     assert torch.equal(images_of(plain)[0, :, :5], known[:, :5])
 
@@ -205,8 +220,11 @@ async def test_complete_json_base64_and_data_url(serve):
 async def test_complete_stream_emits_only_generated_rows(serve):
     known = pattern()
     async with serve() as (_, client):
-        response = await client.post("/complete", files={"image": ("a.png", png_bytes(known), "image/png")},
-                                     data={"rows": "6", "seed": "1", "stream": "true"})
+        response = await client.post(
+            "/complete",
+            files={"image": ("a.png", png_bytes(known), "image/png")},
+            data={"rows": "6", "seed": "1", "stream": "true"},
+        )
     events = sse_events(response.text)
     assert [name for name, _ in events] == ["row", "row", "done"]
     assert [data["row"] for _, data in events[:2]] == [6, 7]
@@ -216,12 +234,22 @@ async def test_complete_stream_emits_only_generated_rows(serve):
 async def test_complete_rgb_and_gray_upload_to_rgb_model(serve, models):
     rgb = pattern(3)
     async with serve() as (_, client):
-        body = (await client.post("/complete", data={"model": "rgb", "rows": "2", "seed": "3"},
-                                  files={"image": ("c.png", png_bytes(rgb), "image/png")})).json()
+        body = (
+            await client.post(
+                "/complete",
+                data={"model": "rgb", "rows": "2", "seed": "3"},
+                files={"image": ("c.png", png_bytes(rgb), "image/png")},
+            )
+        ).json()
         assert torch.equal(images_of(body)[0, :, :2], rgb[:, :2])
         gray = pattern(1)
-        body = (await client.post("/complete", data={"model": "rgb", "rows": "2", "seed": "3"},
-                                  files={"image": ("g.png", png_bytes(gray), "image/png")})).json()
+        body = (
+            await client.post(
+                "/complete",
+                data={"model": "rgb", "rows": "2", "seed": "3"},
+                files={"image": ("g.png", png_bytes(gray), "image/png")},
+            )
+        ).json()
         assert torch.equal(images_of(body)[0, :, :2], gray[:, :2].expand(3, -1, -1))  # L repeated to RGB
     expected = naive(models["rgb"], 1, 3, known=gray.expand(3, -1, -1)[None], known_rows=2)
     assert torch.equal(images_of(body), expected.images)
@@ -229,37 +257,83 @@ async def test_complete_rgb_and_gray_upload_to_rgb_model(serve, models):
 
 async def test_complete_with_label_name(serve):
     async with serve() as (_, client):
-        response = await client.post("/complete", data={"model": "cond", "label": "Sneaker", "n": "2", "seed": "1"},
-                                     files={"image": ("a.png", png_bytes(pattern()), "image/png")})
+        response = await client.post(
+            "/complete",
+            data={"model": "cond", "label": "Sneaker", "n": "2", "seed": "1"},
+            files={"image": ("a.png", png_bytes(pattern()), "image/png")},
+        )
     assert [i["label_name"] for i in response.json()["images"]] == ["Sneaker", "Sneaker"]
 
 
-@pytest.mark.parametrize("kwargs, status, fragments, field", [
-    ({"files": {"image": ("s.png", png_bytes(pattern(1, 4)), "image/png")}}, 400,
-     ["image: image is 4x4 (WxH), the model expects 8x8", "model 'gray'"], "image"),
-    ({"files": {"image": ("x.png", b"not an image", "image/png")}}, 400, ["could not read the image"], "image"),
-    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"rows": "8"}}, 400,
-     ["rows must be between 0 and 7", "got 8"], "rows"),
-    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"rows": "-1"}}, 400,
-     ["rows: must be at least 0, got -1"], "rows"),
-    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"n": "99"}}, 400,
-     ["n must be between 1 and 64"], "n"),
-    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"seed": "abc"}}, 400,
-     ["seed:", "valid integer"], "seed"),
-    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"bogus": "1"}}, 400,
-     ["bogus: unknown field"], "bogus"),
-    ({"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"label": "sneaker"}}, 400,
-     ["model 'gray' is unconditional"], "label"),
-    ({"files": [("image", ("a.png", png_bytes(pattern()), "image/png")),
-                ("image", ("b.png", png_bytes(pattern()), "image/png"))]}, 400,
-     ["/complete takes one image, got 2"], "image"),
-    ({"data": {"image": "just text", "rows": "2"}}, 400, ["image must be an uploaded file"], "image"),
-    ({"data": {"rows": "2"}, "files": {"other": ("a.png", b"x", "image/png")}}, 400,
-     ["other must be a plain form field"], "other"),
-    ({"json": {"rows": 2}}, 400, ["no image given"], "image"),
-    ({"json": {"image": "%%%"}}, 400, ["image is not valid base64"], "image"),
-    ({"json": {"image": 5}}, 400, ["image must be a base64 string"], "image"),
-])
+@pytest.mark.parametrize(
+    "kwargs, status, fragments, field",
+    [
+        (
+            {"files": {"image": ("s.png", png_bytes(pattern(1, 4)), "image/png")}},
+            400,
+            ["image: image is 4x4 (WxH), the model expects 8x8", "model 'gray'"],
+            "image",
+        ),
+        ({"files": {"image": ("x.png", b"not an image", "image/png")}}, 400, ["could not read the image"], "image"),
+        (
+            {"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"rows": "8"}},
+            400,
+            ["rows must be between 0 and 7", "got 8"],
+            "rows",
+        ),
+        (
+            {"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"rows": "-1"}},
+            400,
+            ["rows: must be at least 0, got -1"],
+            "rows",
+        ),
+        (
+            {"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"n": "99"}},
+            400,
+            ["n must be between 1 and 64"],
+            "n",
+        ),
+        (
+            {"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"seed": "abc"}},
+            400,
+            ["seed:", "valid integer"],
+            "seed",
+        ),
+        (
+            {"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"bogus": "1"}},
+            400,
+            ["bogus: unknown field"],
+            "bogus",
+        ),
+        (
+            {"files": {"image": ("x.png", png_bytes(pattern()), "image/png")}, "data": {"label": "sneaker"}},
+            400,
+            ["model 'gray' is unconditional"],
+            "label",
+        ),
+        (
+            {
+                "files": [
+                    ("image", ("a.png", png_bytes(pattern()), "image/png")),
+                    ("image", ("b.png", png_bytes(pattern()), "image/png")),
+                ]
+            },
+            400,
+            ["/complete takes one image, got 2"],
+            "image",
+        ),
+        ({"data": {"image": "just text", "rows": "2"}}, 400, ["image must be an uploaded file"], "image"),
+        (
+            {"data": {"rows": "2"}, "files": {"other": ("a.png", b"x", "image/png")}},
+            400,
+            ["other must be a plain form field"],
+            "other",
+        ),
+        ({"json": {"rows": 2}}, 400, ["no image given"], "image"),
+        ({"json": {"image": "%%%"}}, 400, ["image is not valid base64"], "image"),
+        ({"json": {"image": 5}}, 400, ["image must be a base64 string"], "image"),
+    ],
+)
 async def test_complete_input_errors(serve, kwargs, status, fragments, field):
     async with serve() as (_, client):
         response = await client.post("/complete", **kwargs)
@@ -317,6 +391,7 @@ async def call_then_disconnect(
         while not hang_up_when():
             await anyio.sleep(0.005)
         gone.set()
+
     delivered = False
     chunks: list[bytes] = []
 
@@ -337,11 +412,22 @@ async def call_then_disconnect(
                 gone.set()
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 50000), "server": ("test", 80),
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode())],
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ],
     }
     with anyio.fail_after(20):
         async with anyio.create_task_group() as group:
@@ -364,8 +450,9 @@ async def wait_until_left(engine) -> dict:
 async def test_stream_disconnect_cancels_the_engine_request(serve, tall_store, spec_version):
     async with serve(engine_factory=spying_engine_factory, model_store=tall_store, model="tall") as (app, client):
         engine = app.state.registry.models["tall"].engine
-        chunks = await call_then_disconnect(app, "/sample", {"n": 2, "seed": 1, "stream": True},
-                                            after_first_row=True, spec_version=spec_version)
+        chunks = await call_then_disconnect(
+            app, "/sample", {"n": 2, "seed": 1, "stream": True}, after_first_row=True, spec_version=spec_version
+        )
         text = b"".join(chunks).decode()
         assert "event: row" in text and "event: done" not in text
         assert len(engine.cancelled) == 1
@@ -388,7 +475,11 @@ async def test_non_streamed_disconnect_mid_generation_stops_at_the_next_row(serv
     async with serve(engine_factory=spying_engine_factory, model_store=tall_store, model="tall") as (app, client):
         engine = app.state.registry.models["tall"].engine
         chunks = await call_then_disconnect(
-            app, "/sample", {"n": 2, "seed": 1}, after_first_row=False, spec_version="2.4",
+            app,
+            "/sample",
+            {"n": 2, "seed": 1},
+            after_first_row=False,
+            spec_version="2.4",
             hang_up_when=lambda: engine.stats().get("rows_decoded", 0) >= 2,
         )
         assert len(engine.cancelled) == 1
@@ -457,7 +548,8 @@ async def test_engine_failure_mid_stream_is_an_error_event(serve):
         events = sse_events(response.text)
         assert [name for name, _ in events] == ["row", "error"]
         assert without_request_id(events[-1][1], response) == {
-            "error": {"type": "internal", "message": "generation failed (RuntimeError: boom)"}}
+            "error": {"type": "internal", "message": "generation failed (RuntimeError: boom)"}
+        }
         assert streams[0].cancelled  # the engine request was released
         assert 'pixelcnn_failures_total{reason="stream_error"} 1.0' in (await client.get("/metrics")).text
 
@@ -505,13 +597,15 @@ async def test_a_failing_prefill_is_a_500_engine_error_in_json_and_an_error_even
         response = await client.post("/sample", json={"seed": 1})
         assert response.status_code == 500
         assert without_request_id(response.json(), response) == {
-            "error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}}
+            "error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}
+        }
         engine.sampler.prefill = failing_once(prefill, error=RuntimeError("CUDA out of memory"))
         streamed = await client.post("/sample", json={"seed": 1, "stream": True})
         assert streamed.status_code == 200
         [(name, body)] = sse_events(streamed.text)
         assert name == "error" and without_request_id(body, streamed) == {
-            "error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}}
+            "error": {"type": "engine_error", "message": "prefill failed (RuntimeError: CUDA out of memory)"}
+        }
         assert (await client.post("/sample", json={"seed": 1})).status_code == 200
         stats = engine.stats()
         assert stats["queue_size"] == 0 and stats["active_images"] == 0
@@ -527,7 +621,8 @@ async def test_a_failing_likelihood_pass_is_a_500_engine_error(serve):
         response = await client.post("/likelihood", files=files)
         assert response.status_code == 500
         assert without_request_id(response.json(), response) == {
-            "error": {"type": "engine_error", "message": "the likelihood pass failed (MemoryError: out of memory)"}}
+            "error": {"type": "engine_error", "message": "the likelihood pass failed (MemoryError: out of memory)"}
+        }
         assert (await client.post("/likelihood", files=files)).status_code == 200
 
 
@@ -544,7 +639,9 @@ async def test_a_request_past_the_time_limit_is_stopped_with_a_clear_error(serve
         engine = app.state.registry.models["slow"].engine
         plain = await client.post("/sample", json={"n": 2, "seed": 1})
         assert plain.status_code == 503 and plain.json()["error"]["type"] == "timeout"
-        assert "longer than the server's limit of 0.5 s (PIXELCNN_REQUEST_TIMEOUT_S)" in plain.json()["error"]["message"]
+        assert (
+            "longer than the server's limit of 0.5 s (PIXELCNN_REQUEST_TIMEOUT_S)" in plain.json()["error"]["message"]
+        )
         streamed = await client.post("/sample", json={"n": 1, "seed": 2, "stream": True})
         events = sse_events(streamed.text)
         assert events[0][0] == "row" and events[-1][0] == "error"
@@ -566,11 +663,20 @@ async def test_a_stream_whose_client_stops_reading_is_cut_and_frees_everything(s
     monkeypatch.setattr(generation, "CUT_GRACE_S", 0.2)
     async with serve(model_store=slow_store, model="slow", request_timeout_s=0.3) as (app, client):
         body = json.dumps({"n": 1, "seed": 1, "stream": True}).encode()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/sample", "raw_path": b"/sample", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                              (b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/sample",
+            "raw_path": b"/sample",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8000),
+        }
         sent_body = False
 
         async def receive():

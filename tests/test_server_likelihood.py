@@ -48,16 +48,23 @@ async def test_likelihood_multipart_repeated_images_keep_order(serve):
     async with serve() as (_, client):
         files = [("image", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(x)]
         together = (await client.post("/likelihood", files=files)).json()["results"]
-        alone = [(await client.post("/likelihood", files={"image": ("a.png", png_bytes(image), "image/png")})).json()
-                 for image in x]
+        alone = [
+            (await client.post("/likelihood", files={"image": ("a.png", png_bytes(image), "image/png")})).json()
+            for image in x
+        ]
     assert [r["nll_nats"] for r in together] == pytest.approx([a["results"][0]["nll_nats"] for a in alone], rel=1e-5)
 
 
 async def test_conditional_with_label(serve, models):
     x = random_images(2, seed=2)
     async with serve() as (_, client):
-        body = (await client.post("/likelihood", data={"model": "cond", "label": "ankle boot"},
-                                  files=[("image", ("a.png", png_bytes(i), "image/png")) for i in x])).json()
+        body = (
+            await client.post(
+                "/likelihood",
+                data={"model": "cond", "label": "ankle boot"},
+                files=[("image", ("a.png", png_bytes(i), "image/png")) for i in x],
+            )
+        ).json()
     with torch.no_grad(), torch_threads(1):
         expected = nll_nats(models["cond"], x.long(), torch.tensor([2, 2]))
     for result, nats in zip(body["results"], expected.tolist()):
@@ -87,8 +94,13 @@ async def test_per_pixel_and_heatmap(serve, models):
     gray, rgb = random_images(1, seed=4), random_images(1, 3, seed=5)
     async with serve() as (_, client):
         g = (await client.post("/likelihood", json={"images": [b64png(gray[0])], "per_pixel": True})).json()
-        c = (await client.post("/likelihood", data={"model": "rgb", "per_pixel": "true"},
-                               files={"image": ("c.png", png_bytes(rgb[0]), "image/png")})).json()
+        c = (
+            await client.post(
+                "/likelihood",
+                data={"model": "rgb", "per_pixel": "true"},
+                files={"image": ("c.png", png_bytes(rgb[0]), "image/png")},
+            )
+        ).json()
     result = g["results"][0]
     per_pixel = torch.tensor(result["per_pixel_nll"], dtype=torch.float64)
     assert per_pixel.shape == (8, 8)  # H x W for grayscale
@@ -106,23 +118,38 @@ async def test_per_pixel_and_heatmap(serve, models):
     assert float(torch.tensor(rgb_result["per_pixel_nll"]).sum()) == pytest.approx(rgb_result["nll_nats"], rel=1e-4)
 
 
-@pytest.mark.parametrize("kwargs, fragments, field", [
-    ({"json": {}}, ["no image given"], "image"),
-    ({"json": {"images": []}}, ["no image given"], "image"),
-    ({"json": {"images": "abc"}}, ["images must be a list of base64 strings"], "images"),
-    ({"json": {"images": ["@@@"]}}, ["images[0] is not valid base64"], "images[0]"),
-    ({"json": {"images": [b64png(random_images(1)[0]), base64.b64encode(b"nope").decode()]}},
-     ["images[1]: could not read the image"], "images[1]"),
-    ({"json": {"images": [b64png(torch.zeros(1, 5, 7, dtype=torch.uint8))]}},
-     ["image is 7x5 (WxH), the model expects 8x8"], "image"),
-    ({"json": {"images": [b64png(random_images(1)[0])], "label": 0}}, ["model 'gray' is unconditional"], "label"),
-    ({"json": {"model": "cond", "images": [b64png(random_images(1)[0])], "label": "dog"}},
-     ["unknown label 'dog'", "'Sneaker'"], "label"),
-    ({"json": {"model": "cond", "images": [b64png(random_images(1)[0])], "label": [0, 1]}},
-     ["got 2 labels for 1 images"], "label"),
-    ({"json": {"images": [b64png(random_images(1)[0])], "per_pixel": "maybe"}}, ["per_pixel:"], "per_pixel"),
-    ({"json": {"images": [b64png(random_images(1)[0])] * 3}}, ["3 images given, at most 2 per request"], "images"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragments, field",
+    [
+        ({"json": {}}, ["no image given"], "image"),
+        ({"json": {"images": []}}, ["no image given"], "image"),
+        ({"json": {"images": "abc"}}, ["images must be a list of base64 strings"], "images"),
+        ({"json": {"images": ["@@@"]}}, ["images[0] is not valid base64"], "images[0]"),
+        (
+            {"json": {"images": [b64png(random_images(1)[0]), base64.b64encode(b"nope").decode()]}},
+            ["images[1]: could not read the image"],
+            "images[1]",
+        ),
+        (
+            {"json": {"images": [b64png(torch.zeros(1, 5, 7, dtype=torch.uint8))]}},
+            ["image is 7x5 (WxH), the model expects 8x8"],
+            "image",
+        ),
+        ({"json": {"images": [b64png(random_images(1)[0])], "label": 0}}, ["model 'gray' is unconditional"], "label"),
+        (
+            {"json": {"model": "cond", "images": [b64png(random_images(1)[0])], "label": "dog"}},
+            ["unknown label 'dog'", "'Sneaker'"],
+            "label",
+        ),
+        (
+            {"json": {"model": "cond", "images": [b64png(random_images(1)[0])], "label": [0, 1]}},
+            ["got 2 labels for 1 images"],
+            "label",
+        ),
+        ({"json": {"images": [b64png(random_images(1)[0])], "per_pixel": "maybe"}}, ["per_pixel:"], "per_pixel"),
+        ({"json": {"images": [b64png(random_images(1)[0])] * 3}}, ["3 images given, at most 2 per request"], "images"),
+    ],
+)
 async def test_likelihood_input_errors(serve, kwargs, fragments, field):
     async with serve(max_images_per_request=2) as (_, client):
         response = await client.post("/likelihood", **kwargs)
@@ -137,6 +164,7 @@ async def test_likelihood_queue_full_maps_to_503(serve):
     from app.engine import QueueFullError
 
     async with serve() as (app, client):
+
         async def full(*args, **kwargs):
             raise QueueFullError("busy")
 

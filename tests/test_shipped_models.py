@@ -16,8 +16,18 @@ from app.model import load, sample_naive
 
 STORE = Path(__file__).resolve().parent.parent / "model_store"
 SHIPPED = ["fashion-mnist", "fashion-mnist-pixelcnn"]
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @pytest.fixture(scope="module", params=SHIPPED)

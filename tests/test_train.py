@@ -94,8 +94,20 @@ def test_train_cli_gated(trained_model: Path, tiny_npz: Path) -> None:
 
 
 def test_train_cli_pixelcnn(tmp_path: Path, tiny_npz: Path) -> None:
-    code = main(["train", "--data", str(tiny_npz), "--arch", "pixelcnn", *TINY_MODEL_ARGS,
-                 "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "m")])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tiny_npz),
+            "--arch",
+            "pixelcnn",
+            *TINY_MODEL_ARGS,
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
     assert code == 0
     config = check_trained(tmp_path / "m", str(tiny_npz), conditional=False)
     assert config.arch == "pixelcnn"
@@ -120,8 +132,21 @@ def write_class_folder(root: Path, per_class_train: int = 32, per_class_test: in
 def test_train_cli_conditional(tmp_path: Path, arch: str) -> None:
     data = write_class_folder(tmp_path / "shapes")
     out = tmp_path / "m"
-    code = main(["train", "--data", str(data), "--arch", arch, "--conditional", *TINY_MODEL_ARGS,
-                 "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--arch",
+            arch,
+            "--conditional",
+            *TINY_MODEL_ARGS,
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     config = check_trained(out, str(data), conditional=True)
     assert config.arch == arch
@@ -137,8 +162,19 @@ def test_train_cli_conditional(tmp_path: Path, arch: str) -> None:
 
 def test_train_cli_conditional_npz(tmp_path: Path, tiny_npz: Path) -> None:
     out = tmp_path / "m"
-    code = main(["train", "--data", str(tiny_npz), "--conditional", *TINY_MODEL_ARGS,
-                 "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tiny_npz),
+            "--conditional",
+            *TINY_MODEL_ARGS,
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     config = ModelConfig.load(out / "config.json")
     assert config.num_classes == 3 and len(config.class_names) == 3
@@ -152,15 +188,31 @@ def test_train_cli_records_its_command(trained_model: Path) -> None:
 # ---- exact resume -------------------------------------------------------------------------------------------
 
 RESUME_CONFIG = ModelConfig(
-    hidden_channels=8, layers=2, first_kernel_size=3, kernel_size=3, head_channels=16, height=8, width=8,
-    num_classes=3, class_names=["a", "b", "c"],
+    hidden_channels=8,
+    layers=2,
+    first_kernel_size=3,
+    kernel_size=3,
+    head_channels=16,
+    height=8,
+    width=8,
+    num_classes=3,
+    class_names=["a", "b", "c"],
 )
 
 
 def resume_options(data: Path, root: Path, resume: bool = False) -> TrainOptions:
     return TrainOptions(
-        data=str(data), out=root / "m", checkpoint_dir=root / "ck", epochs=2, batch_size=16,
-        eval_every=5, eval_limit=8, checkpoint_every=0, resume=resume, device="cpu", sample_grid=False,
+        data=str(data),
+        out=root / "m",
+        checkpoint_dir=root / "ck",
+        epochs=2,
+        batch_size=16,
+        eval_every=5,
+        eval_limit=8,
+        checkpoint_every=0,
+        resume=resume,
+        device="cpu",
+        sample_grid=False,
     )
 
 
@@ -176,8 +228,13 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("stop_at", [4, 6, 9])  # mid-epoch 1, the epoch boundary, mid-epoch 2
-def test_exact_resume(tmp_path: Path, straight_run: tuple[Path, Path], stop_at: int,
-                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_exact_resume(
+    tmp_path: Path,
+    straight_run: tuple[Path, Path],
+    stop_at: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     data, straight = straight_run
     real_learning_rate = app.train.learning_rate
 
@@ -229,16 +286,35 @@ def test_resume_of_a_finished_run_trains_no_further(tmp_path: Path, straight_run
 
 def torchrun(launcher: list[str], train_args: list[str]) -> list[str]:
     """A torchrun command (launcher options, then `pixelcnn train` with one torch thread per process)."""
-    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "app.cli", "train", *train_args,
-            "--threads", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        "-m",
+        "app.cli",
+        "train",
+        *train_args,
+        "--threads",
+        "1",
+    ]
 
 
 def run_together(commands: list[list[str]], timeout: float = 180, check: bool = True) -> list[tuple[int, str]]:
     """Start every command at once (the nodes of one run wait for each other); (exit code, stderr) of each.
     check: require each to succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  cwd=Path(__file__).resolve().parents[1]) for command in commands]
+    processes = [
+        subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for command in commands
+    ]
     try:
         outputs = [process.communicate(timeout=timeout) for process in processes]
     finally:
@@ -250,8 +326,17 @@ def run_together(commands: list[list[str]], timeout: float = 180, check: bool = 
 
 
 def ddp_train_args(data: Path, arch: str, root: Path) -> list[str]:
-    return ["--data", str(data), "--arch", arch, *TINY_MODEL_ARGS,
-            "--checkpoint-dir", str(root / "ck"), "--out", str(root / "m")]
+    return [
+        "--data",
+        str(data),
+        "--arch",
+        arch,
+        *TINY_MODEL_ARGS,
+        "--checkpoint-dir",
+        str(root / "ck"),
+        "--out",
+        str(root / "m"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -313,16 +398,26 @@ def test_ddp_two_nodes(tmp_path: Path, tiny_npz: Path, single_process_run, rende
     check_matches_single_process(tmp_path / "m", single_process_run("gated"))
 
 
-def test_two_node_resume_stops_when_a_node_lacks_the_checkpoint(tmp_path: Path, tiny_npz: Path,
-                                                                single_process_run) -> None:
+def test_two_node_resume_stops_when_a_node_lacks_the_checkpoint(
+    tmp_path: Path, tiny_npz: Path, single_process_run
+) -> None:
     """--resume where node 1 does not see node 0's checkpoint folder (here: another path, as on a node without
     the shared volume): every process stops with the reason, none trains on alone."""
     shutil.copytree(single_process_run("gated").parent / "ck", tmp_path / "node0" / "ck")
     port = free_port()
-    commands = [torchrun(["--nnodes=2", "--nproc-per-node=1", f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
-                          f"--master-port={port}"],
-                         [*ddp_train_args(tiny_npz, "gated", tmp_path / f"node{node_rank}"), "--resume"])
-                for node_rank in (0, 1)]
+    commands = [
+        torchrun(
+            [
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={node_rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+            ],
+            [*ddp_train_args(tiny_npz, "gated", tmp_path / f"node{node_rank}"), "--resume"],
+        )
+        for node_rank in (0, 1)
+    ]
     results = run_together(commands, check=False)
     assert all(code != 0 for code, _ in results)
     assert f"rank 0: step {STEPS}, rank 1: step 0" in "".join(stderr for _, stderr in results)
@@ -365,8 +460,19 @@ def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     from app.engine import native
 
     save(tiny_model("gated", 1, size=6, num_classes=3, seed=3).float(), tmp_path / "m")
-    args = [str(tmp_path / "m"), "--batches", "1,2", "--naive-rows", "1", "--lanes", "1,2", "--concurrency", "3",
-            "--repeats", "1"]
+    args = [
+        str(tmp_path / "m"),
+        "--batches",
+        "1,2",
+        "--naive-rows",
+        "1",
+        "--lanes",
+        "1,2",
+        "--concurrency",
+        "3",
+        "--repeats",
+        "1",
+    ]
     assert run([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [row["batch"] for row in result["sampling"]] == [1, 2]

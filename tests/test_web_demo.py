@@ -28,8 +28,15 @@ from app.model import save
 from app.server.routes.demo import STATIC_DIR
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (apt-get install chromium); Playwright downloads nothing
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-quic"]
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
 SCREENSHOTS = Path(os.environ.get("PIXELCNN_ARTIFACTS", Path(__file__).parent / "artifacts")) / "screenshots"
 SHIPPED = Path(__file__).resolve().parent.parent / "model_store" / "fashion-mnist"
@@ -86,8 +93,11 @@ class Visit:
 
     def canvases(self, selector: str) -> list[np.ndarray]:
         """Every canvas under `selector`, read back as uint8 (H, W, RGBA)."""
-        found = self.page.eval_on_selector_all(selector, """canvases => canvases.map(c => ({
-            w: c.width, h: c.height, data: Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data)}))""")
+        found = self.page.eval_on_selector_all(
+            selector,
+            """canvases => canvases.map(c => ({
+            w: c.width, h: c.height, data: Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data)}))""",
+        )
         return [np.asarray(c["data"], dtype=np.uint8).reshape(c["h"], c["w"], 4) for c in found]
 
     def foreign_requests(self) -> list[str]:
@@ -190,7 +200,9 @@ def test_stop_ends_the_request_on_the_server(visit, server):
     deadline = time.monotonic() + 30
     while True:
         after = engine_stats(server, SLOW)
-        cancelled = after["pixelcnn_engine_requests_cancelled_total"] - before["pixelcnn_engine_requests_cancelled_total"]
+        cancelled = (
+            after["pixelcnn_engine_requests_cancelled_total"] - before["pixelcnn_engine_requests_cancelled_total"]
+        )
         if cancelled == 1 and after["pixelcnn_active_images"] == 0 and after["pixelcnn_queue_size"] == 0:
             break
         assert time.monotonic() < deadline, f"the server still works on the stopped request: {after}"
@@ -241,8 +253,12 @@ def test_completion_keeps_the_known_rows_pixel_identical(visit, server):
         assert np.array_equal(output[:12], known[:12])
     assert not all(np.array_equal(output[12:], known[12:]) for output in outputs)
     with source.open("rb") as file:
-        expected = httpx.post(f"{server}/complete", data={"rows": "12", "n": "3", "seed": "5", "label": "Bag"},
-                              files={"image": file}, timeout=120).json()
+        expected = httpx.post(
+            f"{server}/complete",
+            data={"rows": "12", "n": "3", "seed": "5", "label": "Bag"},
+            files={"image": file},
+            timeout=120,
+        ).json()
     for output, image in zip(outputs, expected["images"]):
         assert np.array_equal(output, png_pixels(image["png"]))
 
@@ -339,8 +355,22 @@ def test_the_installed_package_ships_every_demo_file(tmp_path):
     import zipfile
 
     root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     [wheel] = tmp_path.glob("*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     files = {path.relative_to(root).as_posix() for path in STATIC_DIR.rglob("*") if path.is_file()}

@@ -63,14 +63,21 @@ def run(argv: list[str] | None = None) -> int:
     runs = [naive_agreement(model, args.n, int(seed), args.temperature) for seed in args.seeds.split(",")]
     total = sum(r["n"] for r in runs)
     same = sum(r["identical"] for r in runs)
-    summary = {"model": str(args.model_dir), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-               "images": total, "identical": same, "runs": runs}
+    summary = {
+        "model": str(args.model_dir),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "images": total,
+        "identical": same,
+        "runs": runs,
+    }
     if args.json:
         print(json.dumps(summary))
         return 0
     print(f"{args.model_dir} ({summary['dtype']}): {same} of {total} seeded images identical, cached vs naive")
     for r in runs:
         parted = [(i, f) for i, f in enumerate(r["first_difference"]) if f is not None]
-        print(f"  seed {r['seed']}: {r['identical']}/{r['n']} identical"
-              + (f"; differ at (image, first raster sub-pixel) {parted}" if parted else ""))
+        print(
+            f"  seed {r['seed']}: {r['identical']}/{r['n']} identical"
+            + (f"; differ at (image, first raster sub-pixel) {parted}" if parted else "")
+        )
     return 0

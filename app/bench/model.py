@@ -22,7 +22,7 @@ NUM_CLASSES = 10
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """"32x7,64x10" -> [(32, 7), (64, 10)]."""
+    """ "32x7,64x10" -> [(32, 7), (64, 10)]."""
     sizes = []
     for item in text.split(","):
         item = item.strip().lower()
@@ -128,8 +128,12 @@ def print_table(rows: list[dict]) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench model", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("32x7,64x10"),
-                        help="comma-separated CHANNELSxLAYERS (default 32x7,64x10)")
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=parse_sizes("32x7,64x10"),
+        help="comma-separated CHANNELSxLAYERS (default 32x7,64x10)",
+    )
     parser.add_argument("--kernel-size", type=positive, default=3, help="kernel of the layers after the first")
     parser.add_argument("--batch-size", type=positive, default=64, help="training batch (default 64)")
     parser.add_argument("--forward-batch-size", type=positive, default=256, help="likelihood batch (default 256)")

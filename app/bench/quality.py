@@ -112,16 +112,16 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * middle)
 
 
-def evaluate_model(model_dir: Path, classifier: Classifier, test_features: torch.Tensor, per_class: int,
-                   seed: int) -> dict:
+def evaluate_model(
+    model_dir: Path, classifier: Classifier, test_features: torch.Tensor, per_class: int, seed: int
+) -> dict:
     model = load(model_dir)
     labels = torch.arange(10).repeat_interleave(per_class)
     started = time.perf_counter()
     images = []
     for start in range(0, len(labels), 64):
         part = labels[start : start + 64]
-        result = sample_cached(model, len(part), labels=part,
-                               seed=seed * 1000 + start)
+        result = sample_cached(model, len(part), labels=part, seed=seed * 1000 + start)
         images.append(result.images)
     images = torch.cat(images)
     feats, preds = features_and_predictions(classifier, images)
@@ -156,8 +156,10 @@ def run(argv: list[str] | None = None) -> int:
     train_features, _ = features_and_predictions(classifier, train.images[pick])
     same_size = frechet_distance(train_features, test_features)
     report = {
-        "classifier": {"path": str(classifier_path()),
-                       "test_accuracy": round((test_preds == test.labels).double().mean().item(), 4)},
+        "classifier": {
+            "path": str(classifier_path()),
+            "test_accuracy": round((test_preds == test.labels).double().mean().item(), 4),
+        },
         "real_halves_frechet_distance": round(reference, 3),
         "real_train_images": count,
         "real_train_frechet_distance": round(same_size, 3),
@@ -170,9 +172,11 @@ def run(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"classifier: {report['classifier']['test_accuracy']:.2%} on the 10,000 test images; Frechet distance "
-          f"between the two halves of the test set: {reference:.3f}; of {count} real training images to the "
-          f"test set: {same_size:.3f}")
+    print(
+        f"classifier: {report['classifier']['test_accuracy']:.2%} on the 10,000 test images; Frechet distance "
+        f"between the two halves of the test set: {reference:.3f}; of {count} real training images to the "
+        f"test set: {same_size:.3f}"
+    )
     print(f"{'model':40} {'class acc':>9} {'Frechet':>9} {'ratio':>6}")
     for r in report["models"]:
         print(f"{r['model']:40} {r['class_accuracy']:>9.1%} {r['frechet_distance']:>9.3f} {r['frechet_ratio']:>6.2f}")

@@ -38,8 +38,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(model, sampler: CachedSampler, torchscript: CachedSampler, eager: CachedSampler, batch: int,
-            naive_rows: int, seed: int) -> dict:
+def measure(
+    model,
+    sampler: CachedSampler,
+    torchscript: CachedSampler,
+    eager: CachedSampler,
+    batch: int,
+    naive_rows: int,
+    seed: int,
+) -> dict:
     config = model.config
     device = sampler.device
     generator = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - a fresh, identical stream per run
@@ -48,16 +55,16 @@ def measure(model, sampler: CachedSampler, torchscript: CachedSampler, eager: Ca
     with torch.no_grad():
         nll_nats(model, images, labels)  # warm-up
         forward_s = timed(lambda: nll_nats(model, images, labels))
-    sample_cached(model, batch, seed=seed, sampler=sampler, known=images[:1].cpu(),
-                  known_rows=config.height - 1)  # warm-up
+    sample_cached(
+        model, batch, seed=seed, sampler=sampler, known=images[:1].cpu(), known_rows=config.height - 1
+    )  # warm-up
     cached_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=sampler))
     torchscript_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=torchscript))
     eager_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=eager))
     rows = min(naive_rows, config.height)
     # Naive cost does not depend on the position, so the last `rows` rows of a completion time it fairly.
     zeros = torch.zeros((1, *config.shape), dtype=torch.uint8)
-    naive_part = timed(lambda: sample_naive(model, batch, seed=seed, known=zeros,
-                                            known_rows=config.height - rows))
+    naive_part = timed(lambda: sample_naive(model, batch, seed=seed, known=zeros, known_rows=config.height - rows))
     naive_s = naive_part * config.height / rows
     return {
         "batch": batch,
@@ -86,8 +93,9 @@ async def measure_engine(model, lanes: int, concurrency: int, big: int, repeats:
         one, many, whole = [], [], []
         for repeat in range(repeats):
             one.append(await timed_async(engine.generate(GenerationRequest(seed=repeat))))
-            burst = asyncio.gather(*(engine.generate(GenerationRequest(seed=1000 * (repeat + 1) + k))
-                                     for k in range(concurrency)))
+            burst = asyncio.gather(
+                *(engine.generate(GenerationRequest(seed=1000 * (repeat + 1) + k)) for k in range(concurrency))
+            )
             many.append(await timed_async(burst))
             started = time.perf_counter()
             big_images = (await engine.generate(GenerationRequest(n=big, seed=0))).images
@@ -130,8 +138,9 @@ def run(argv: list[str] | None = None) -> int:
     model = load(args.model_dir, pick_device(args.device))
     sampler, eager = CachedSampler(model), CachedSampler(model, compiled=False)
     torchscript = CachedSampler(model, native=False)  # what runs without the C kernel
-    results = [measure(model, sampler, torchscript, eager, int(b), args.naive_rows, args.seed)
-               for b in args.batches.split(",")]
+    results = [
+        measure(model, sampler, torchscript, eager, int(b), args.naive_rows, args.seed) for b in args.batches.split(",")
+    ]
     engine, big_images = [], []
     for lanes in args.lanes.split(","):
         timings, images = asyncio.run(measure_engine(model, int(lanes), args.concurrency, args.big, args.repeats))
@@ -145,25 +154,39 @@ def run(argv: list[str] | None = None) -> int:
         print(json.dumps({"sampling": results, "engine": engine}))
         return 0
     c = model.config
-    print(f"{args.model_dir}: {c.arch}, {c.hidden_channels} channels x {c.layers} layers, image {c.shape}, "
-          f"{sampler.device}, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'naive s':>10} {'cached s':>9} {'torchscript s':>14} {'eager s':>8} {'speedup':>8} "
-          f"{'forward s':>10} {'cached/forward':>15} {'torchscript/forward':>20}")
+    print(
+        f"{args.model_dir}: {c.arch}, {c.hidden_channels} channels x {c.layers} layers, image {c.shape}, "
+        f"{sampler.device}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'batch':>5} {'naive s':>10} {'cached s':>9} {'torchscript s':>14} {'eager s':>8} {'speedup':>8} "
+        f"{'forward s':>10} {'cached/forward':>15} {'torchscript/forward':>20}"
+    )
     for r in results:
         mark = "*" if r["naive_extrapolated"] else " "
-        print(f"{r['batch']:>5} {r['naive_s']:>9.2f}{mark} {r['cached_s']:>9.3f} {r['torchscript_s']:>14.3f} "
-              f"{r['eager_decoder_s']:>8.3f} {r['speedup']:>7.0f}x {r['forward_s']:>10.3f} "
-              f"{r['cached_over_forward']:>15.2f} {r['torchscript_over_forward']:>20.2f}")
+        print(
+            f"{r['batch']:>5} {r['naive_s']:>9.2f}{mark} {r['cached_s']:>9.3f} {r['torchscript_s']:>14.3f} "
+            f"{r['eager_decoder_s']:>8.3f} {r['speedup']:>7.0f}x {r['forward_s']:>10.3f} "
+            f"{r['cached_over_forward']:>15.2f} {r['torchscript_over_forward']:>20.2f}"
+        )
     if any(r["naive_extrapolated"] for r in results):
         print(f"* naive time extrapolated from {results[0]['naive_rows_timed']} timed rows to {c.height}")
     kernel = "the C row kernel" if sampler.native is not None else "TorchScript (the C kernel did not build)"
-    print(f"cached s: as served ({kernel}); torchscript s: the TorchScript row decoder; eager s: the same "
-          "decoder run as plain Python")
-    print(f"\nengine, no HTTP: {args.concurrency} concurrent requests for 1 image vs one, and one request for "
-          f"{args.big} images (medians of {args.repeats}; its images were the same bytes for every lane count)")
-    print(f"{'lanes':>5} {'one s':>8} {'concurrent s':>13} {'concurrent/one':>15} {f'n={args.big} s':>9} "
-          f"{'n=' + str(args.big) + ' speedup':>14}")
+    print(
+        f"cached s: as served ({kernel}); torchscript s: the TorchScript row decoder; eager s: the same "
+        "decoder run as plain Python"
+    )
+    print(
+        f"\nengine, no HTTP: {args.concurrency} concurrent requests for 1 image vs one, and one request for "
+        f"{args.big} images (medians of {args.repeats}; its images were the same bytes for every lane count)"
+    )
+    print(
+        f"{'lanes':>5} {'one s':>8} {'concurrent s':>13} {'concurrent/one':>15} {f'n={args.big} s':>9} "
+        f"{'n=' + str(args.big) + ' speedup':>14}"
+    )
     for r in engine:
-        print(f"{r['lanes']:>5} {r['one_s']:>8.3f} {r['concurrent_s']:>13.3f} {r['concurrent_over_one']:>15.2f} "
-              f"{r['big_s']:>9.3f} {r['big_speedup']:>13.2f}x")
+        print(
+            f"{r['lanes']:>5} {r['one_s']:>8.3f} {r['concurrent_s']:>13.3f} {r['concurrent_over_one']:>15.2f} "
+            f"{r['big_s']:>9.3f} {r['big_speedup']:>13.2f}x"
+        )
     return 0

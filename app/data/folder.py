@@ -124,4 +124,3 @@ def load_image_folder(folder: Path, split: str, limit: int | None) -> ImageDatas
         label_of = {name: index for index, name in enumerate(class_names)}
         labels = np.array([label_of[f.class_name] for f in files], dtype=np.int64)
     return build_dataset(folder.name, read_images(files, mode), labels, class_names, None)
-

@@ -13,8 +13,16 @@ from app.data.npz import load_npz
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 MNIST_CLASSES = [str(digit) for digit in range(10)]
 MNIST_FILES = ", ".join(f"{stem}.gz" for pair in IDX_FILES.values() for stem in pair)

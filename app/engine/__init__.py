@@ -1,12 +1,11 @@
 """The inference engine: cached sampling and the batching scheduler. Knows nothing about HTTP."""
 
-from .cached import CachedSampler, iter_sample, sample_cached
 import torch
 
+from .cached import CachedSampler, iter_sample, sample_cached
 from .protocol import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .scheduler import Engine, EngineStoppedError, GenerationError, GenerationRequest, RowEvent, Stream
 from .scoring import LikelihoodResult, QueueFullError, Scorer, ScoringError
-
 
 
 def set_cpu_threads(threads: int) -> None:

@@ -41,9 +41,9 @@ from app.model.gated import GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
+
 from .native import NativeGatedDecoder, NativeGatedVertical, NativePixelCNNDecoder, load_kernel
 from .protocol import row_uniforms, start_sampling
-
 from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder, scaled_gate, tanh_half_scale
 
 
@@ -60,7 +60,7 @@ class DecodeCache:
     def batch(self) -> int:
         return self.labels.shape[0]
 
-    def select(self, index: torch.Tensor) -> "DecodeCache":
+    def select(self, index: torch.Tensor) -> DecodeCache:
         """The caches of images `index` (B',), in that order (an index may repeat)."""
         picked = {}
         for f in fields(self):
@@ -69,7 +69,7 @@ class DecodeCache:
         return type(self)(**picked)
 
     @staticmethod
-    def concat(caches: list["DecodeCache"]) -> "DecodeCache":
+    def concat(caches: list[DecodeCache]) -> DecodeCache:
         """The caches of all images of `caches` (of one type), in order."""
         cls = type(caches[0])
         merged = {}
@@ -122,8 +122,12 @@ def matrix(conv: nn.Conv2d, rows: slice = slice(None)) -> torch.Tensor:
 def head_step(head: OutputHead) -> HeadStep:
     c = head.image_channels
     w, b = matrix(head.logits), head.logits.bias  # output channel = level * C + colour
-    return HeadStep(matrix(head.hidden), head.hidden.bias, [w[:, k::c].contiguous() for k in range(c)],
-                    [b[k::c].contiguous() for k in range(c)])
+    return HeadStep(
+        matrix(head.hidden),
+        head.hidden.bias,
+        [w[:, k::c].contiguous() for k in range(c)],
+        [b[k::c].contiguous() for k in range(c)],
+    )
 
 
 class CachedGated:
@@ -158,8 +162,10 @@ class CachedGated:
         # row @ its matrix, accumulated in place in a fixed order; every product has the images' columns
         # as its rows.
         self.v_width = [g.vertical.kernel_size[1] for g in self.layers]
-        self.v_weight = [[matrix(g.vertical, slice(r, r + 1)) * self.pre_scale for r in range(g.vertical.kernel_size[0])]
-                         for g in self.layers]
+        self.v_weight = [
+            [matrix(g.vertical, slice(r, r + 1)) * self.pre_scale for r in range(g.vertical.kernel_size[0])]
+            for g in self.layers
+        ]
         self.v_bias = [g.vertical.bias * self.pre_scale for g in self.layers]
         # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases;
         # it takes the gate-scaled vertical pre-activations and gives gate-scaled horizontal ones.
@@ -194,8 +200,9 @@ class CachedGated:
                 v = gate(layer.vertical(F.pad(v, layer.vertical_padding)) + vb[:, :, None, None])
             else:
                 v = v.new_zeros(b, self.n, 0, w)
-        h_buffers = [canvas.new_zeros(b, w + kw - 1, c if i == 0 else self.n, dtype=dtype)
-                     for i, kw in enumerate(self.h_width)]
+        h_buffers = [
+            canvas.new_zeros(b, w + kw - 1, c if i == 0 else self.n, dtype=dtype) for i, kw in enumerate(self.h_width)
+        ]
         return GatedCache(
             labels=labels if labels is not None else canvas.new_zeros(b),
             vertical=vertical_queues,
@@ -369,8 +376,9 @@ class CachedSampler:
     TorchScript decoder even where the kernel builds (the reference it is compared with).
     """
 
-    def __init__(self, model: nn.Module, static_rows: bool | None = None, compiled: bool = True,
-                 native: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, static_rows: bool | None = None, compiled: bool = True, native: bool = True
+    ) -> None:
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
         with torch.no_grad():
@@ -430,8 +438,10 @@ class CachedSampler:
         labels = None if labels is None else labels.to(self.device)
         if known_rows == 0:
             return self.impl.prefill(canvas, labels, 0)
-        caches = [self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
-                  for i in range(canvas.shape[0])]
+        caches = [
+            self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
+            for i in range(canvas.shape[0])
+        ]
         return caches[0] if len(caches) == 1 else DecodeCache.concat(caches)
 
     @torch.no_grad()
@@ -461,15 +471,20 @@ class CachedSampler:
         if self.static_rows is not None and state.batch <= self.static_rows.buckets[-1]:
             row, log_prob = self.static_rows.run(state, uniforms, temperature)
         else:
-            row = torch.empty((state.batch, self.config.image_channels, self.config.width),
-                              dtype=torch.long, device=self.device)
+            row = torch.empty(
+                (state.batch, self.config.image_channels, self.config.width), dtype=torch.long, device=self.device
+            )
             log_prob = torch.zeros(state.batch, dtype=torch.float64, device=self.device)
             self.decode_pixels(state, uniforms.to(self.device), temperature.to(self.device), row, log_prob)
         per_row.end_row(state, row)
         return row, log_prob
 
     def decode_pixels(
-        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor, row: torch.Tensor,
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        row: torch.Tensor,
         log_prob: torch.Tensor,
     ) -> None:
         """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place."""

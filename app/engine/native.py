@@ -88,8 +88,10 @@ class PixelCNNWeights(ctypes.Structure):
         ("in_half", ctypes.c_int32),
         ("half", ctypes.POINTER(ctypes.c_int32)),
         ("in_weight", ctypes.c_void_p),
-        *((name, ctypes.POINTER(ctypes.c_void_p)) for name in (
-            "conv_weight", "conv_bias", "reduce_weight", "reduce_bias", "expand_weight", "expand_bias")),
+        *(
+            (name, ctypes.POINTER(ctypes.c_void_p))
+            for name in ("conv_weight", "conv_bias", "reduce_weight", "reduce_bias", "expand_weight", "expand_bias")
+        ),
         ("hidden_w", ctypes.c_void_p),
         ("hidden_b", ctypes.c_void_p),
         ("logits_w", ctypes.POINTER(ctypes.c_void_p)),
@@ -134,8 +136,9 @@ def build(compiler: str) -> Path:
             continue
         # Build under a private name, then rename: processes starting together never load a half file.
         partial = folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
+        )
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -167,7 +170,14 @@ def _load() -> ctypes.CDLL | None:
     pointer, pointers = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
     library.gated_decode_row.restype = ctypes.c_int
     library.gated_decode_row.argtypes = [
-        ctypes.POINTER(GatedWeights), ctypes.c_int32, pointers, pointers, pointer, pointer, pointer, pointer,
+        ctypes.POINTER(GatedWeights),
+        ctypes.c_int32,
+        pointers,
+        pointers,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
     ]
     library.gated_begin_row.restype = ctypes.c_int
     library.gated_begin_row.argtypes = [ctypes.POINTER(GatedVertical), ctypes.c_int32, *[pointers] * 5]
@@ -175,7 +185,14 @@ def _load() -> ctypes.CDLL | None:
     library.gated_end_row.argtypes = [ctypes.POINTER(GatedVertical), ctypes.c_int32, pointer, pointer]
     library.pixelcnn_decode_row.restype = ctypes.c_int
     library.pixelcnn_decode_row.argtypes = [
-        ctypes.POINTER(PixelCNNWeights), ctypes.c_int32, pointer, pointer, pointers, pointer, pointer, pointer,
+        ctypes.POINTER(PixelCNNWeights),
+        ctypes.c_int32,
+        pointer,
+        pointer,
+        pointers,
+        pointer,
+        pointer,
+        pointer,
         pointer,
     ]
     return library
@@ -215,16 +232,23 @@ class NativeDecoder:
         self._keep.append(array)
         return array
 
-    def __call__(self, state: list[torch.Tensor], uniforms: torch.Tensor, temperature: torch.Tensor,
-                 row: torch.Tensor, log_prob: torch.Tensor) -> None:
+    def __call__(
+        self,
+        state: list[torch.Tensor],
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        row: torch.Tensor,
+        log_prob: torch.Tensor,
+    ) -> None:
         if not all(t.is_contiguous() and t.dtype == torch.float32 for t in state):
             raise ValueError("the native row kernel needs contiguous float32 caches (it writes into them in place)")
         if not (row.is_contiguous() and log_prob.is_contiguous()):
             raise ValueError("the native row kernel needs contiguous outputs")
         uniforms = uniforms.to(torch.float64).contiguous()
         temperature = temperature.to(torch.float64).reshape(-1).contiguous()
-        status = self._run(state, row.shape[0], uniforms.data_ptr(), temperature.data_ptr(), row.data_ptr(),
-                           log_prob.data_ptr())
+        status = self._run(
+            state, row.shape[0], uniforms.data_ptr(), temperature.data_ptr(), row.data_ptr(), log_prob.data_ptr()
+        )
         if status != 0:
             raise MemoryError("the native row kernel could not allocate its scratch memory")
 
@@ -237,17 +261,30 @@ class NativeGatedDecoder(NativeDecoder):
         head = decoder.head
         self.layers = len(decoder.h_weight)
         self._weights = GatedWeights(
-            self.layers, decoder.n, image_channels, width, head.hidden_w.shape[1],
+            self.layers,
+            decoder.n,
+            image_channels,
+            width,
+            head.hidden_w.shape[1],
             self._ints(decoder.h_width),
             self._ints([w.shape[0] // kw for w, kw in zip(decoder.h_weight, decoder.h_width)]),
-            self._tensors(decoder.h_weight), self._tensors(decoder.out_weight), self._tensors(decoder.out_bias),
-            self._tensor(head.hidden_w), self._tensor(head.hidden_b),
-            self._tensors(head.logits_w), self._tensors(head.logits_b),
+            self._tensors(decoder.h_weight),
+            self._tensors(decoder.out_weight),
+            self._tensors(decoder.out_bias),
+            self._tensor(head.hidden_w),
+            self._tensor(head.hidden_b),
+            self._tensors(head.logits_w),
+            self._tensors(head.logits_b),
         )
 
     def _run(self, state, batch, *outputs) -> int:
-        return self._library.gated_decode_row(ctypes.byref(self._weights), batch, _pointers(state[: self.layers]),
-                                              _pointers(state[self.layers :]), *outputs)
+        return self._library.gated_decode_row(
+            ctypes.byref(self._weights),
+            batch,
+            _pointers(state[: self.layers]),
+            _pointers(state[self.layers :]),
+            *outputs,
+        )
 
 
 class NativePixelCNNDecoder(NativeDecoder):
@@ -257,18 +294,30 @@ class NativePixelCNNDecoder(NativeDecoder):
         super().__init__(library)
         head = decoder.head
         self._weights = PixelCNNWeights(
-            len(decoder.conv_weight), decoder.in_weight.shape[1], image_channels, width, head.hidden_w.shape[1],
-            decoder.in_half, self._ints(decoder.k_half), self._tensor(decoder.in_weight),
-            self._tensors(decoder.conv_weight), self._tensors(decoder.conv_bias),
-            self._tensors(decoder.reduce_weight), self._tensors(decoder.reduce_bias),
-            self._tensors(decoder.expand_weight), self._tensors(decoder.expand_bias),
-            self._tensor(head.hidden_w), self._tensor(head.hidden_b),
-            self._tensors(head.logits_w), self._tensors(head.logits_b),
+            len(decoder.conv_weight),
+            decoder.in_weight.shape[1],
+            image_channels,
+            width,
+            head.hidden_w.shape[1],
+            decoder.in_half,
+            self._ints(decoder.k_half),
+            self._tensor(decoder.in_weight),
+            self._tensors(decoder.conv_weight),
+            self._tensors(decoder.conv_bias),
+            self._tensors(decoder.reduce_weight),
+            self._tensors(decoder.reduce_bias),
+            self._tensors(decoder.expand_weight),
+            self._tensors(decoder.expand_bias),
+            self._tensor(head.hidden_w),
+            self._tensor(head.hidden_b),
+            self._tensors(head.logits_w),
+            self._tensors(head.logits_b),
         )
 
     def _run(self, state, batch, *outputs) -> int:
-        return self._library.pixelcnn_decode_row(ctypes.byref(self._weights), batch, state[0].data_ptr(),
-                                                 state[1].data_ptr(), _pointers(state[2:]), *outputs)
+        return self._library.pixelcnn_decode_row(
+            ctypes.byref(self._weights), batch, state[0].data_ptr(), state[1].data_ptr(), _pointers(state[2:]), *outputs
+        )
 
 
 class NativeGatedVertical(NativeDecoder):
@@ -291,10 +340,17 @@ class NativeGatedVertical(NativeDecoder):
         # Floats per image of each layer's h_buffers (W + kw - 1, in), which begin_row zeroes.
         h_size = [(self.width + kw - 1) * (self.channels if i == 0 else self.n) for i, kw in enumerate(impl.h_width)]
         self._weights = GatedVertical(
-            self.layers, self.n, self.channels, self.width,
-            self._ints(self.v_rows), self._ints(self.v_width), self._ints(h_size),
-            self._tensors([w for layer in impl.v_weight for w in layer]), self._tensors(impl.v_bias),
-            self._tensors(impl.link_weight), self._tensors(impl.link_bias),
+            self.layers,
+            self.n,
+            self.channels,
+            self.width,
+            self._ints(self.v_rows),
+            self._ints(self.v_width),
+            self._ints(h_size),
+            self._tensors([w for layer in impl.v_weight for w in layer]),
+            self._tensors(impl.v_bias),
+            self._tensors(impl.link_weight),
+            self._tensors(impl.link_bias),
         )
 
     @staticmethod
@@ -317,8 +373,14 @@ class NativeGatedVertical(NativeDecoder):
             if bias is None or bias.shape[0] != b:  # scratch: reused from the last row when there is one
                 s.row_bias[index] = torch.empty((b, w, 2 * n), dtype=torch.float32)
         status = self._library.gated_begin_row(
-            ctypes.byref(self._weights), b, _pointers(self._check(rows)), _pointers(self._check(s.v_bias)),
-            _pointers(self._check(s.h_bias)), _pointers(s.row_bias), _pointers(self._check(s.h_buffers)))
+            ctypes.byref(self._weights),
+            b,
+            _pointers(self._check(rows)),
+            _pointers(self._check(s.v_bias)),
+            _pointers(self._check(s.h_bias)),
+            _pointers(s.row_bias),
+            _pointers(self._check(s.h_buffers)),
+        )
         if status != 0:
             raise MemoryError("the native vertical stack could not allocate its scratch memory")
 

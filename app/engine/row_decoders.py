@@ -10,8 +10,6 @@ row, passed as a flat list of tensors whose layout each decoder documents. Kept 
 `from __future__ import annotations`: TorchScript reads the annotations below.
 """
 
-from typing import List, Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +33,7 @@ def scaled_gate(pre: Tensor) -> Tensor:
 class HeadStep(nn.Module):
     """The output head at one position: features (B, n) -> logits of colour c (B, 256)."""
 
-    def __init__(self, hidden_w: Tensor, hidden_b: Tensor, logits_w: List[Tensor], logits_b: List[Tensor]) -> None:
+    def __init__(self, hidden_w: Tensor, hidden_b: Tensor, logits_w: list[Tensor], logits_b: list[Tensor]) -> None:
         super().__init__()
         self.hidden_w, self.hidden_b = hidden_w, hidden_b
         self.logits_w, self.logits_b = logits_w, logits_b  # one (head, 256) matrix per colour
@@ -49,7 +47,7 @@ class RowDecoder(nn.Module):
     """Draws one row of every image in the batch; subclasses define `step` and `write`."""
 
     def forward(
-        self, state: List[Tensor], uniforms: Tensor, temperature: Tensor, row: Tensor, log_prob: Tensor
+        self, state: list[Tensor], uniforms: Tensor, temperature: Tensor, row: Tensor, log_prob: Tensor
     ) -> None:
         """uniforms float64 (B, C, W), temperature float64 (B, 1); writes the values into row int64 (B, C, W)
         and adds their log p to log_prob (B,)."""
@@ -61,10 +59,10 @@ class RowDecoder(nn.Module):
                 row[:, colour, j] = values
                 log_prob += lp
 
-    def step(self, state: List[Tensor], j: int, colour: int) -> Tensor:
+    def step(self, state: list[Tensor], j: int, colour: int) -> Tensor:
         raise NotImplementedError
 
-    def write(self, state: List[Tensor], j: int, colour: int, values: Tensor) -> None:
+    def write(self, state: list[Tensor], j: int, colour: int, values: Tensor) -> None:
         raise NotImplementedError
 
 
@@ -76,8 +74,15 @@ class GatedRowDecoder(RowDecoder):
     Weights and row biases come scaled by `tanh_half_scale` (see `scaled_gate`).
     """
 
-    def __init__(self, h_weight: List[Tensor], h_width: List[int], out_weight: List[Tensor],
-                 out_bias: List[Tensor], channels: int, head: HeadStep) -> None:
+    def __init__(
+        self,
+        h_weight: list[Tensor],
+        h_width: list[int],
+        out_weight: list[Tensor],
+        out_bias: list[Tensor],
+        channels: int,
+        head: HeadStep,
+    ) -> None:
         super().__init__()
         self.h_weight, self.h_width = h_weight, h_width
         self.out_weight, self.out_bias = out_weight, out_bias  # residual and skip 1x1s fused: (n, 2n), last (n, n)
@@ -85,10 +90,10 @@ class GatedRowDecoder(RowDecoder):
         self.head = head
 
     @torch.jit.export
-    def step(self, state: List[Tensor], j: int, colour: int) -> Tensor:
+    def step(self, state: list[Tensor], j: int, colour: int) -> Tensor:
         """Logits (B, 256) of sub-pixel (current row, j, colour)."""
         layers = len(self.h_weight)
-        skips: Optional[Tensor] = None
+        skips: Tensor | None = None
         for index in range(layers):
             kw, buffer = self.h_width[index], state[index]
             window = buffer[:, j : j + kw].reshape(buffer.shape[0], -1)  # (B, kw * in)
@@ -109,7 +114,7 @@ class GatedRowDecoder(RowDecoder):
         return self.head(skips, colour)
 
     @torch.jit.export
-    def write(self, state: List[Tensor], j: int, colour: int, values: Tensor) -> None:
+    def write(self, state: list[Tensor], j: int, colour: int, values: Tensor) -> None:
         """Sub-pixel (j, colour) is now `values` (B,): the first layer's input, scaled like scale_pixels."""
         buffer = state[0]
         buffer[:, j + self.h_width[0] - 1, colour] = values.to(buffer.dtype) / 127.5 - 1.0
@@ -122,9 +127,19 @@ class PixelCNNRowDecoder(RowDecoder):
     then one window per residual block (B, half + 1, W + 2 half, n/2): rows i-half .. i, current row last.
     """
 
-    def __init__(self, in_half: int, in_weight: Tensor, k_half: List[int], conv_weight: List[Tensor],
-                 conv_bias: List[Tensor], reduce_weight: List[Tensor], reduce_bias: List[Tensor],
-                 expand_weight: List[Tensor], expand_bias: List[Tensor], head: HeadStep) -> None:
+    def __init__(
+        self,
+        in_half: int,
+        in_weight: Tensor,
+        k_half: list[int],
+        conv_weight: list[Tensor],
+        conv_bias: list[Tensor],
+        reduce_weight: list[Tensor],
+        reduce_bias: list[Tensor],
+        expand_weight: list[Tensor],
+        expand_bias: list[Tensor],
+        head: HeadStep,
+    ) -> None:
         super().__init__()
         self.in_half, self.in_weight = in_half, in_weight
         self.k_half, self.conv_weight, self.conv_bias = k_half, conv_weight, conv_bias
@@ -133,7 +148,7 @@ class PixelCNNRowDecoder(RowDecoder):
         self.head = head
 
     @torch.jit.export
-    def step(self, state: List[Tensor], j: int, colour: int) -> Tensor:
+    def step(self, state: list[Tensor], j: int, colour: int) -> Tensor:
         inputs, input_bias = state[0], state[1]
         b = inputs.shape[0]
         patch = inputs[:, :, j : j + 2 * self.in_half + 1].reshape(b, -1)
@@ -148,6 +163,6 @@ class PixelCNNRowDecoder(RowDecoder):
         return self.head(h, colour)
 
     @torch.jit.export
-    def write(self, state: List[Tensor], j: int, colour: int, values: Tensor) -> None:
+    def write(self, state: list[Tensor], j: int, colour: int, values: Tensor) -> None:
         inputs = state[0]
         inputs[:, self.in_half, j + self.in_half, colour] = values.to(inputs.dtype) / 127.5 - 1.0

@@ -68,8 +68,16 @@ class _Request:
     """One request inside the engine: what its shards share and what its caller receives. Shards in
     different lanes report to it concurrently, so its rows and its ending are changed under its own lock."""
 
-    def __init__(self, request: GenerationRequest, labels: torch.Tensor | None, canvas: torch.Tensor, shards: int,
-                 deliver: callable, withdraw: callable, wants_rows: bool) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        labels: torch.Tensor | None,
+        canvas: torch.Tensor,
+        shards: int,
+        deliver: callable,
+        withdraw: callable,
+        wants_rows: bool,
+    ) -> None:
         self.request = request
         self.labels = labels
         self.images = canvas.to(torch.uint8).cpu()  # (n, C, H, W): the known rows, then each row as it is final
@@ -167,7 +175,7 @@ class Stream:
         self._queue = queue
         self._finished = False
 
-    def __aiter__(self) -> "Stream":
+    def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> RowEvent | SampleResult:
@@ -210,8 +218,14 @@ class Stream:
 
 # The counts engine.stats() reports, each from 0, that only ever grow.
 ENGINE_COUNTERS = (
-    "requests_submitted", "requests_completed", "requests_cancelled", "rows_decoded", "rejected_queue_full",
-    "decode_errors", "prefill_errors", "likelihood_errors",
+    "requests_submitted",
+    "requests_completed",
+    "requests_cancelled",
+    "rows_decoded",
+    "rejected_queue_full",
+    "decode_errors",
+    "prefill_errors",
+    "likelihood_errors",
 )
 
 TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -259,7 +273,11 @@ class Engine:
     """
 
     def __init__(
-        self, model: nn.Module, max_batch_images: int = 64, max_queue: int = 64, lanes: int = 1,
+        self,
+        model: nn.Module,
+        max_batch_images: int = 64,
+        max_queue: int = 64,
+        lanes: int = 1,
         batch_wait_s: float = 0.002,
     ) -> None:
         if lanes < 1:
@@ -296,8 +314,9 @@ class Engine:
         await asyncio.to_thread(self.sampler.capture_graphs)
         self._stopping = False
         for lane in self._lanes:
-            lane.thread = threading.Thread(target=self._run, args=(lane,), name=f"pixelcnn-decode-{lane.index}",
-                                           daemon=True)
+            lane.thread = threading.Thread(
+                target=self._run, args=(lane,), name=f"pixelcnn-decode-{lane.index}", daemon=True
+            )
             lane.thread.start()
 
     async def stop(self) -> None:
@@ -336,7 +355,10 @@ class Engine:
                 batch_sizes.update(lane.batch_sizes)
             rows_per_lane = [lane.counters["rows_decoded"] for lane in self._lanes]
             sizes = list(self._batch_sizes)
-            timings = {"queue_wait_seconds": self._queue_wait.snapshot(), "row_decode_seconds": self._row_time.snapshot()}
+            timings = {
+                "queue_wait_seconds": self._queue_wait.snapshot(),
+                "row_decode_seconds": self._row_time.snapshot(),
+            }
         return {
             "lanes": len(self._lanes),
             "queue_size": waiting,
@@ -364,8 +386,14 @@ class Engine:
         if not 1 <= request.n <= self.max_batch_images:
             raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
         streams, labels, canvas = start_sampling(
-            self.config, request.n, request.labels, request.temperature, request.seed,
-            request.known, request.known_rows, self.device,
+            self.config,
+            request.n,
+            request.labels,
+            request.temperature,
+            request.seed,
+            request.known,
+            request.known_rows,
+            self.device,
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -515,10 +543,12 @@ class Engine:
     def _decode_one_row(self, lane: _Lane) -> None:
         c, w = self.config.image_channels, self.config.width
         uniforms = torch.cat([row_uniforms(shard.streams, c, w) for shard in lane.active])
-        temperatures = torch.cat([
-            torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
-            for shard in lane.active
-        ])
+        temperatures = torch.cat(
+            [
+                torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
+                for shard in lane.active
+            ]
+        )
         step_started = time.perf_counter()
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started

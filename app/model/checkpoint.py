@@ -59,7 +59,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         if pickles:
             raise FileNotFoundError(
                 f"{path}: weights are loaded only from {WEIGHTS_FILE}, never from pickle files (found "
-                f"{', '.join(pickles)}, not opened); convert them with safetensors.torch.save_file")
+                f"{', '.join(pickles)}, not opened); convert them with safetensors.torch.save_file"
+            )
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a model checkpoint: {name} is missing")

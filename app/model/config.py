@@ -86,7 +86,7 @@ class ModelConfig:
         path.write_text(self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "ModelConfig":
+    def load(cls, path: Path) -> ModelConfig:
         data = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known

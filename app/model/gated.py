@@ -68,7 +68,9 @@ class GatedPixelCNN(nn.Module):
         c, n = config.image_channels, config.hidden_channels
         self.config = config
         self.layers = nn.ModuleList(
-            GatedLayer(c if i == 0 else n, n, config.first_kernel_size if i == 0 else config.kernel_size, i == 0, config)
+            GatedLayer(
+                c if i == 0 else n, n, config.first_kernel_size if i == 0 else config.kernel_size, i == 0, config
+            )
             for i in range(config.layers)
         )
         self.head = OutputHead(n, config.head_channels, c)

@@ -37,6 +37,7 @@ input), 401 unauthorized, 404 not_found, 413 payload_too_large, 415 unsupported_
 def without_security(app: FastAPI):
     """The OpenAPI schema minus the bearer-token requirement: without PIXELCNN_API_KEY no route asks for
     one, and the schema must say what the server really accepts (clients and fuzzers read it)."""
+
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)

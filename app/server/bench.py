@@ -84,7 +84,7 @@ class Clients:
         self.headers = {"Content-Type": "application/json", **headers}
         self.pool = ThreadPoolExecutor(count, thread_name_prefix="bench-client")
 
-    def __enter__(self) -> "Clients":
+    def __enter__(self) -> Clients:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -110,7 +110,12 @@ class Clients:
 
 
 async def measure_once(
-    client: httpx.AsyncClient, clients: Clients, n: int, concurrency: int, repeat: int, extra: dict,
+    client: httpx.AsyncClient,
+    clients: Clients,
+    n: int,
+    concurrency: int,
+    repeat: int,
+    extra: dict,
     runs: dict[str, list[float]],
 ) -> tuple[dict, dict]:
     """One repeat of (a), (b) and (c), appended to `runs`; returns the sampled body and the labels given."""
@@ -131,15 +136,19 @@ async def measure_once(
         async for line in response.aiter_lines():
             if line.startswith("event: row") and first_row_s is None:
                 first_row_s = time.perf_counter() - started
-    for key, value in (("sample", sample_s), ("score", score_s), ("one", one_s), ("many", many_s),
-                       ("first_row", first_row_s), ("stream", time.perf_counter() - started)):
+    for key, value in (
+        ("sample", sample_s),
+        ("score", score_s),
+        ("one", one_s),
+        ("many", many_s),
+        ("first_row", first_row_s),
+        ("stream", time.perf_counter() - started),
+    ):
         runs[key].append(value)
     return sampled, given
 
 
-async def measure(
-    url: str, model: str | None, n: int, concurrency: int, api_key: str | None, repeats: int = 5
-) -> dict:
+async def measure(url: str, model: str | None, n: int, concurrency: int, api_key: str | None, repeats: int = 5) -> dict:
     """Every measurement `repeats` times, interleaved (so each ratio compares runs made side by side, on a
     machine whose speed drifts); the report gives medians, and each repeat's concurrency ratio."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -187,8 +196,10 @@ def print_table(result: dict) -> None:
         (f"POST /sample n={result['n']}", f"{result['sample_n_s']:.3f} s"),
         (f"POST /likelihood of {result['n']} images", f"{result['likelihood_n_s']:.3f} s"),
         ("  sample / likelihood", f"{result['sample_over_likelihood']:.2f}x"),
-        ("POST /likelihood, marginal over classes",
-         "-" if result["likelihood_marginal_n_s"] is None else f"{result['likelihood_marginal_n_s']:.3f} s"),
+        (
+            "POST /likelihood, marginal over classes",
+            "-" if result["likelihood_marginal_n_s"] is None else f"{result['likelihood_marginal_n_s']:.3f} s",
+        ),
         ("POST /sample n=1", f"{result['one_sample_s']:.3f} s"),
         (f"{result['concurrency']} concurrent /sample n=1", f"{result['concurrent_samples_s']:.3f} s"),
         ("  all concurrent / one", f"{result['concurrent_over_one']:.2f}x"),

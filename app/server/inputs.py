@@ -116,8 +116,9 @@ def decode_images(model: ServedModel, files: list[bytes], settings: Settings, fi
     if not files:
         raise InvalidRequest(f"no image given: send {field} as a file upload or base64 string", field=field)
     if len(files) > settings.max_images_per_request:
-        raise InvalidRequest(f"{len(files)} images given, at most {settings.max_images_per_request} per request",
-                             field=field)
+        raise InvalidRequest(
+            f"{len(files)} images given, at most {settings.max_images_per_request} per request", field=field
+        )
     c, h, w = model.config.shape
     decoded = []
     for i, data in enumerate(files):
@@ -130,22 +131,27 @@ def decode_images(model: ServedModel, files: list[bytes], settings: Settings, fi
 
 
 def generation_request(
-    model: ServedModel, fields: GenerationFields, settings: Settings, known: np.ndarray | None = None,
+    model: ServedModel,
+    fields: GenerationFields,
+    settings: Settings,
+    known: np.ndarray | None = None,
     rows: int | None = None,
 ) -> GenerationRequest:
     """The one step from validated fields (their static bounds are in the schemas) to the engine's typed
     request: the rules that depend on the model or the settings live here, each once."""
     limit = min(settings.max_images_per_request, settings.max_batch_images)
     if not fields.n <= limit:
-        raise InvalidRequest(f"n must be between 1 and {limit} (the per-request image limit), got {fields.n}",
-                             field="n")
+        raise InvalidRequest(
+            f"n must be between 1 and {limit} (the per-request image limit), got {fields.n}", field="n"
+        )
     known_rows = 0
     if known is not None:
         height = model.config.height
         known_rows = height // 2 if rows is None else rows
         if not known_rows < height:
-            raise InvalidRequest(f"rows must be between 0 and {height - 1} (rows of the image to keep), "
-                                 f"got {known_rows}", field="rows")
+            raise InvalidRequest(
+                f"rows must be between 0 and {height - 1} (rows of the image to keep), got {known_rows}", field="rows"
+            )
     return GenerationRequest(
         n=fields.n,
         seed=secrets.randbits(31) if fields.seed is None else fields.seed,  # returned, so it can be replayed
@@ -165,8 +171,9 @@ def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "lab
         raise InvalidRequest(f"model {model.name!r} is unconditional: it takes no label", field=field)
     values = label if isinstance(label, list) else [label]
     if len(values) not in (1, count):
-        raise InvalidRequest(f"got {len(values)} labels for {count} images: give one label, or one per image",
-                             field=field)
+        raise InvalidRequest(
+            f"got {len(values)} labels for {count} images: give one label, or one per image", field=field
+        )
     indices = [class_index(model, value, field) for value in values]
     return indices * count if len(indices) == 1 else indices
 

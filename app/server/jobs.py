@@ -48,8 +48,17 @@ class GenerationRun:
     task waits for the client's `http.disconnect` and cancels the engine request when it comes, so a
     client that hangs up frees its batch slots at the next row without any per-row polling."""
 
-    def __init__(self, model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
-                 metrics: ServerMetrics, stream_rows: bool, time_limit_s: float, png_scale: int = 1) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        engine_request: GenerationRequest,
+        completion: bool,
+        request: Request,
+        metrics: ServerMetrics,
+        stream_rows: bool,
+        time_limit_s: float,
+        png_scale: int = 1,
+    ) -> None:
         self.model = model
         self.engine_request = engine_request
         self.completion = completion  # /complete: the response reports the known rows
@@ -87,8 +96,9 @@ class GenerationRun:
     def body(self, result: SampleResult) -> dict[str, Any]:
         """The JSON response (also the `done` event of a stream)."""
         known_rows = self.engine_request.known_rows if self.completion else None
-        return generation_body(self.model, result, self.seed, self.engine_request.temperature, self.elapsed_s,
-                               known_rows, self.png_scale)
+        return generation_body(
+            self.model, result, self.seed, self.engine_request.temperature, self.elapsed_s, known_rows, self.png_scale
+        )
 
     async def _cancel_on_disconnect(self) -> None:
         while (await self.request.receive())["type"] != "http.disconnect":
@@ -102,8 +112,10 @@ class GenerationRun:
             await self._cancel()  # events() ends; result() and sse() report the time limit
 
     def _timeout_error(self) -> RequestTimedOut:
-        return RequestTimedOut(f"the request took longer than the server's limit of {self.time_limit_s:g} s "
-                               "(PIXELCNN_REQUEST_TIMEOUT_S) and was stopped; ask for fewer images or retry")
+        return RequestTimedOut(
+            f"the request took longer than the server's limit of {self.time_limit_s:g} s "
+            "(PIXELCNN_REQUEST_TIMEOUT_S) and was stopped; ask for fewer images or retry"
+        )
 
     async def _cancel(self) -> None:
         if not (self.finished or self.cancelled):

@@ -22,8 +22,9 @@ class BodyLimitMiddleware:
     def _too_large(self) -> PayloadTooLarge:
         if self.metrics is not None:
             self.metrics.failures.labels(reason=PayloadTooLarge.type).inc()
-        return PayloadTooLarge(f"the request body is larger than the limit of {self.max_bytes} bytes "
-                               "(PIXELCNN_MAX_UPLOAD_BYTES)")
+        return PayloadTooLarge(
+            f"the request body is larger than the limit of {self.max_bytes} bytes (PIXELCNN_MAX_UPLOAD_BYTES)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):

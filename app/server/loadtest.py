@@ -66,8 +66,11 @@ class Load:
             self.unexpected.append(f"{scenario}: {status} {detail[:200]}")
 
     async def one(self, scenario: str) -> None:
-        body = {"n": self.rng.choice([1, 1, 2, 4]), "seed": self.rng.randrange(2**31),
-                "temperature": self.rng.choice([0.8, 1.0, 1.2])}
+        body = {
+            "n": self.rng.choice([1, 1, 2, 4]),
+            "seed": self.rng.randrange(2**31),
+            "temperature": self.rng.choice([0.8, 1.0, 1.2]),
+        }
         started = time.perf_counter()
         try:
             if scenario.startswith("sample_stream") or scenario.startswith("stream_"):
@@ -118,8 +121,9 @@ async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
     return scrape((await client.get("/metrics")).text)
 
 
-async def run_load(url: str, clients: int, duration_s: float, seed: int, warmup_s: float,
-                   scenarios: dict[str, int] | None = None) -> dict:
+async def run_load(
+    url: str, clients: int, duration_s: float, seed: int, warmup_s: float, scenarios: dict[str, int] | None = None
+) -> dict:
     """`scenarios`: a subset of SCENARIOS (name: weight); all of them by default."""
     scenarios = scenarios or SCENARIOS
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -144,36 +148,58 @@ async def run_load(url: str, clients: int, duration_s: float, seed: int, warmup_
                 break
             await asyncio.sleep(0.1)
     completed = sum(len(v) for v in load.latency.values())
-    rss = {k: v.get("process_resident_memory_bytes") for k, v in
-           (("start", at_start), ("after_warmup", after_warmup), ("end", at_end))}
+    rss = {
+        k: v.get("process_resident_memory_bytes")
+        for k, v in (("start", at_start), ("after_warmup", after_warmup), ("end", at_end))
+    }
     growth = (rss["end"] / rss["after_warmup"] - 1) if rss["end"] and rss["after_warmup"] else None
     return {
-        "url": url, "clients": clients, "duration_s": round(elapsed, 1), "requests": completed,
+        "url": url,
+        "clients": clients,
+        "duration_s": round(elapsed, 1),
+        "requests": completed,
         "requests_per_s": round(completed / elapsed, 2),
-        "routes": {name: {"count": len(v), "p50_s": round(statistics.median(v), 3),
-                          "p99_s": round(sorted(v)[min(len(v) - 1, int(0.99 * len(v)))], 3)}
-                   for name, v in sorted(load.latency.items())},
+        "routes": {
+            name: {
+                "count": len(v),
+                "p50_s": round(statistics.median(v), 3),
+                "p99_s": round(sorted(v)[min(len(v) - 1, int(0.99 * len(v)))], 3),
+            }
+            for name, v in sorted(load.latency.items())
+        },
         "outcomes": {f"{s} {status}": n for (s, status), n in sorted(load.outcomes.items())},
-        "unexpected_errors": len(load.unexpected), "unexpected_examples": load.unexpected[:10],
-        "rss_bytes": rss, "rss_growth_after_warmup": None if growth is None else round(growth, 4),
+        "unexpected_errors": len(load.unexpected),
+        "unexpected_examples": load.unexpected[:10],
+        "rss_bytes": rss,
+        "rss_growth_after_warmup": None if growth is None else round(growth, 4),
         "gauges_at_end": {g: at_end.get(g) for g in GAUGES},
         "all_freed_after_s": freed_after_s,
     }
 
 
 def print_report(r: dict) -> None:
-    print(f"{r['clients']} clients for {r['duration_s']} s against {r['url']}: {r['requests']} requests, "
-          f"{r['requests_per_s']} per s, {r['unexpected_errors']} unexpected errors")
+    print(
+        f"{r['clients']} clients for {r['duration_s']} s against {r['url']}: {r['requests']} requests, "
+        f"{r['requests_per_s']} per s, {r['unexpected_errors']} unexpected errors"
+    )
     print(f"{'scenario':20} {'count':>6} {'p50 s':>7} {'p99 s':>7}")
     for name, s in r["routes"].items():
         print(f"{name:20} {s['count']:>6} {s['p50_s']:>7.3f} {s['p99_s']:>7.3f}")
     print("outcomes: " + ", ".join(f"{k}: {v}" for k, v in r["outcomes"].items()))
     mb = {k: None if v is None else round(v / 2**20, 1) for k, v in r["rss_bytes"].items()}
-    print(f"server RSS MB: start {mb['start']}, after warm-up {mb['after_warmup']}, end {mb['end']} "
-          f"(growth after warm-up {r['rss_growth_after_warmup']})")
+    print(
+        f"server RSS MB: start {mb['start']}, after warm-up {mb['after_warmup']}, end {mb['end']} "
+        f"(growth after warm-up {r['rss_growth_after_warmup']})"
+    )
     freed = r["all_freed_after_s"]
-    print("queue and slots: " + ("all freed" + (f" {freed:.1f} s after the run" if freed else "")
-                                  if freed is not None else f"NOT freed: {r['gauges_at_end']}"))
+    print(
+        "queue and slots: "
+        + (
+            "all freed" + (f" {freed:.1f} s after the run" if freed else "")
+            if freed is not None
+            else f"NOT freed: {r['gauges_at_end']}"
+        )
+    )
     for example in r["unexpected_examples"]:
         print(f"  unexpected: {example}")
 

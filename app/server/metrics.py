@@ -42,12 +42,18 @@ class ServerMetrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds (Linux)
         self.requests = Counter("pixelcnn_requests", "HTTP requests", ["route", "method", "status"], registry=r)
         self.request_duration = Histogram(
-            "pixelcnn_request_duration_seconds", "HTTP request duration, streamed body included",
-            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
+            "pixelcnn_request_duration_seconds",
+            "HTTP request duration, streamed body included",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.first_row = Histogram(
-            "pixelcnn_time_to_first_row_seconds", "from the request reaching the engine to its first generated row",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            "pixelcnn_time_to_first_row_seconds",
+            "from the request reaching the engine to its first generated row",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.rows = Counter("pixelcnn_rows", "image rows generated (a row of n images counts n)", ["model"], registry=r)
         self.images = Counter("pixelcnn_images_generated", "images sampled or completed", ["model"], registry=r)
@@ -70,20 +76,28 @@ class EngineCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         registry = self.get_registry()
         served = list(registry.models.values()) if registry is not None else []
-        loaded = GaugeMetricFamily("pixelcnn_model_loaded", "1 for each loaded model, its engine running or not",
-                                   labels=["model", "running"])
+        loaded = GaugeMetricFamily(
+            "pixelcnn_model_loaded", "1 for each loaded model, its engine running or not", labels=["model", "running"]
+        )
         queue = GaugeMetricFamily("pixelcnn_queue_size", "requests waiting to join the batch", labels=["model"])
         active = GaugeMetricFamily("pixelcnn_active_images", "images in the running batch", labels=["model"])
         batches = HistogramMetricFamily("pixelcnn_batch_size", "images per engine decode step", labels=["model"])
-        recent_mean = GaugeMetricFamily("pixelcnn_batch_size_recent_mean", "mean images per decode step over the "
-                                        "engine's recent window", labels=["model"])
+        recent_mean = GaugeMetricFamily(
+            "pixelcnn_batch_size_recent_mean",
+            "mean images per decode step over the engine's recent window",
+            labels=["model"],
+        )
         timings = {
             "queue_wait_seconds": HistogramMetricFamily(
-                "pixelcnn_queue_wait_seconds", "from a generation request's arrival to its joining a decode batch",
-                labels=["model"]),
+                "pixelcnn_queue_wait_seconds",
+                "from a generation request's arrival to its joining a decode batch",
+                labels=["model"],
+            ),
             "row_decode_seconds": HistogramMetricFamily(
-                "pixelcnn_row_decode_seconds", "one decode step: a row of every image in a lane's batch",
-                labels=["model"]),
+                "pixelcnn_row_decode_seconds",
+                "one decode step: a row of every image in a lane's batch",
+                labels=["model"],
+            ),
         }
         extra: dict[str, Metric] = {}
         for model in served:
@@ -160,8 +174,10 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (REQUEST_ID_HEADER, request_id.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())],
+                }
             await send(message)
 
         try:
@@ -174,8 +190,17 @@ class MetricsMiddleware:
             self.metrics.requests.labels(**labels).inc()
             self.metrics.request_duration.labels(**labels).observe(duration)
             state = scope.get("state", {})  # routes note the model and the image count in request.state
-            access_log.info(json.dumps({
-                "request_id": request_id, "method": scope["method"], "route": route, "path": scope["path"],
-                "status": status, "duration_s": round(duration, 4), "model": state.get("model"),
-                "images": state.get("images"),
-            }))
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "route": route,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_s": round(duration, 4),
+                        "model": state.get("model"),
+                        "images": state.get("images"),
+                    }
+                )
+            )

@@ -21,8 +21,14 @@ from app.imaging import enlarge, picture, png_bytes
 from .registry import ServedModel
 
 Format = Literal["json", "png", "sse"]
-_MEDIA = {"application/json": "json", "image/png": "png", "text/event-stream": "sse",
-          "application/*": "json", "image/*": "png", "*/*": "json"}
+_MEDIA = {
+    "application/json": "json",
+    "image/png": "png",
+    "text/event-stream": "sse",
+    "application/*": "json",
+    "image/*": "png",
+    "*/*": "json",
+}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -66,8 +72,13 @@ def bits_per_dim(nats: float, dims: int) -> float:
 
 
 def generation_body(
-    model: ServedModel, result: Any, seed: int, temperature: float, elapsed_s: float,
-    known_rows: int | None = None, scale: int = 1,
+    model: ServedModel,
+    result: Any,
+    seed: int,
+    temperature: float,
+    elapsed_s: float,
+    known_rows: int | None = None,
+    scale: int = 1,
 ) -> dict[str, Any]:
     """The JSON response of /sample and /complete (also the `done` event of a stream).
 

@@ -34,8 +34,13 @@ def default_engine_factory(model: Any, settings: Settings):
     from app.engine import Engine
 
     lanes = settings.lanes_for(next(model.parameters()).device.type)
-    return Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue, lanes=lanes,
-                  batch_wait_s=settings.batch_wait_ms / 1000)
+    return Engine(
+        model,
+        max_batch_images=settings.max_batch_images,
+        max_queue=settings.max_queue,
+        lanes=lanes,
+        batch_wait_s=settings.batch_wait_ms / 1000,
+    )
 
 
 @dataclass
@@ -104,8 +109,9 @@ class ModelRegistry:
             return self.models[wanted]
         available = ", ".join(sorted(self.models))
         if name is None:
-            raise NotFound(f"the default model {wanted!r} is not loaded; pass \"model\", one of: {available}",
-                           field="model")
+            raise NotFound(
+                f'the default model {wanted!r} is not loaded; pass "model", one of: {available}', field="model"
+            )
         raise NotFound(f"unknown model {name!r}; available models: {available}", field="model")
 
     async def start(self) -> None:
@@ -199,8 +205,9 @@ def load_models(settings: Settings) -> tuple[list[LoadedModel], str | None, list
         return [], default, [f"the model store {str(store)!r} {why}"]
     problems = []
     if default not in names:
-        problems.append(f"the default model {default!r} is not in the model store {str(store)!r} "
-                        f"(found: {', '.join(names)})")
+        problems.append(
+            f"the default model {default!r} is not in the model store {str(store)!r} (found: {', '.join(names)})"
+        )
     try:
         device = pick_device(settings.device)
     except ValueError as error:

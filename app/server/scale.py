@@ -82,8 +82,15 @@ def drive(gateway: Gateway, clients: int, n: int, warmup_s: float, duration_s: f
     run = ClientRun()
     started = time.perf_counter()
     window = (started + warmup_s, started + warmup_s + duration_s)
-    threads = [threading.Thread(target=client_loop, args=(gateway.port, n, seed * 1000 + k, window[1], run),
-                                name=f"scale-client-{k}", daemon=True) for k in range(clients)]
+    threads = [
+        threading.Thread(
+            target=client_loop,
+            args=(gateway.port, n, seed * 1000 + k, window[1], run),
+            name=f"scale-client-{k}",
+            daemon=True,
+        )
+        for k in range(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -123,7 +130,7 @@ def bench(args: argparse.Namespace) -> dict:
     if max(counts) > len(cpus):
         raise RuntimeError(f"{max(counts)} replicas need as many cores in --cpus, got {cpus}")
     with tempfile.TemporaryDirectory(prefix="pixelcnn-scale-") as workdir:
-        replicas = [Replica(args.model_store, Path(workdir), cpu=cpu, model=args.model) for cpu in cpus[:max(counts)]]
+        replicas = [Replica(args.model_store, Path(workdir), cpu=cpu, model=args.model) for cpu in cpus[: max(counts)]]
         try:
             for replica in replicas:
                 replica.wait_ready()
@@ -133,8 +140,12 @@ def bench(args: argparse.Namespace) -> dict:
                 with Gateway([r.address for r in serving]) as gateway:
                     result = drive(gateway, args.clients, args.n, args.warmup, args.duration, args.seed)
                     shares = upstream_shares(gateway.log_lines())
-                result = {"replicas": count, "cpus": cpus[:count], **result,
-                          "requests_per_replica": [shares.get(r.address, 0) for r in serving]}
+                result = {
+                    "replicas": count,
+                    "cpus": cpus[:count],
+                    **result,
+                    "requests_per_replica": [shares.get(r.address, 0) for r in serving],
+                }
                 runs.append(result)
                 print(f"{count} replica(s): {result['images_per_s']} images/s", file=sys.stderr)
         finally:
@@ -142,27 +153,40 @@ def bench(args: argparse.Namespace) -> dict:
                 replica.stop()
     first = runs[0]["images_per_s"]
     return {
-        "model": args.model, "model_store": str(args.model_store), "clients": args.clients, "n": args.n,
-        "warmup_s": args.warmup, "duration_s": args.duration, "nginx": nginx_version(), "runs": runs,
-        "throughput_over_first": {str(r["replicas"]): round(r["images_per_s"] / first, 2) if first else None
-                                  for r in runs},
+        "model": args.model,
+        "model_store": str(args.model_store),
+        "clients": args.clients,
+        "n": args.n,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "nginx": nginx_version(),
+        "runs": runs,
+        "throughput_over_first": {
+            str(r["replicas"]): round(r["images_per_s"] / first, 2) if first else None for r in runs
+        },
     }
 
 
 def print_table(result: dict) -> None:
     model = result["model"] or "the default model"
-    print(f"{model} of {result['model_store']}: {result['clients']} clients posting /sample n={result['n']} "
-          f"through nginx {result['nginx']} (deploy/nginx.conf), {result['duration_s']:.0f} s each after "
-          f"{result['warmup_s']:.0f} s of warm-up; one core, one lane per replica")
-    header = f"{'replicas':>8} {'cores':>6} {'images/s':>9} {'x first':>8} {'requests':>9} {'p50 s':>7} " \
-             f"{'p99 s':>7} {'per replica':>12} errors"
+    print(
+        f"{model} of {result['model_store']}: {result['clients']} clients posting /sample n={result['n']} "
+        f"through nginx {result['nginx']} (deploy/nginx.conf), {result['duration_s']:.0f} s each after "
+        f"{result['warmup_s']:.0f} s of warm-up; one core, one lane per replica"
+    )
+    header = (
+        f"{'replicas':>8} {'cores':>6} {'images/s':>9} {'x first':>8} {'requests':>9} {'p50 s':>7} "
+        f"{'p99 s':>7} {'per replica':>12} errors"
+    )
     print(header)
     for run in result["runs"]:
         ratio = result["throughput_over_first"][str(run["replicas"])]
         errors = ", ".join(f"{k}: {v}" for k, v in run["errors"].items()) or "0"
-        print(f"{run['replicas']:>8} {','.join(map(str, run['cpus'])):>6} {run['images_per_s']:>9.1f} "
-              f"{ratio:>7.2f}x {run['requests']:>9} {run['p50_s']:>7.3f} {run['p99_s']:>7.3f} "
-              f"{'/'.join(map(str, run['requests_per_replica'])):>12} {errors}")
+        print(
+            f"{run['replicas']:>8} {','.join(map(str, run['cpus'])):>6} {run['images_per_s']:>9.1f} "
+            f"{ratio:>7.2f}x {run['requests']:>9} {run['p50_s']:>7.3f} {run['p99_s']:>7.3f} "
+            f"{'/'.join(map(str, run['requests_per_replica'])):>12} {errors}"
+        )
 
 
 def int_list(text: str) -> list[int]:
@@ -180,8 +204,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
     parser.add_argument("--model", help="model to sample (default: the server's default)")
     available = sorted(os.sched_getaffinity(0))
-    parser.add_argument("--cpus", type=int_list, default=available,
-                        help=f"cores to pin the replicas to, one each (default: all usable, {available})")
+    parser.add_argument(
+        "--cpus",
+        type=int_list,
+        default=available,
+        help=f"cores to pin the replicas to, one each (default: all usable, {available})",
+    )
     parser.add_argument("--replicas", type=int_list, default=[1, 2], help="replica counts to measure (default 1,2)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--n", type=int, default=8, help="images per request (default 8)")

@@ -72,7 +72,9 @@ class PngScale(BaseModel):
     """The `scale` field of every route that answers with PNGs."""
 
     scale: int = Field(
-        1, ge=1, le=MAX_PNG_SCALE,
+        1,
+        ge=1,
+        le=MAX_PNG_SCALE,
         description=f"enlarge every PNG in the response (the PNG body, or the base64 PNGs of JSON) by this "
         f"whole factor, 1..{MAX_PNG_SCALE}, each pixel a block (nearest neighbour): 8 makes 28x28 224x224",
     )
@@ -96,12 +98,16 @@ class GenerationFields(PngScale):
     n: int = Field(1, ge=1, description="images to generate, 1..max_images_per_request")
     label: Label | list[Label] | None = LabelField
     temperature: float = Field(
-        1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False,
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        allow_inf_nan=False,
         description=f"softmax temperature, {MIN_TEMPERATURE}..{MAX_TEMPERATURE}; below 1 is sharper, at "
         f"{MIN_TEMPERATURE} nearly the most likely image, at {MAX_TEMPERATURE} nearly uniform noise",
     )
-    seed: int | None = Field(None, ge=0, le=MAX_SEED,
-                             description="0..2^63-1; absent: drawn and returned, so any result can be replayed")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="0..2^63-1; absent: drawn and returned, so any result can be replayed"
+    )
     stream: bool = Field(False, description="stream rows as Server-Sent Events (same as Accept: text/event-stream)")
 
     _label = field_validator("label", mode="wrap")(check_label_type)
@@ -114,9 +120,7 @@ class GenerationFields(PngScale):
 
 
 class SampleRequest(GenerationFields):
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"n": 4, "label": "sneaker", "seed": 1}]}
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"n": 4, "label": "sneaker", "seed": 1}]})
 
 
 class CompleteFields(GenerationFields):
@@ -137,8 +141,9 @@ class LikelihoodFields(PngScale):
 
     model: str | None = None
     label: Label | list[Label] | None = Field(
-        None, description="class to condition on (one, or one per image); absent on a conditional model: "
-        "the marginal likelihood over classes, with class_probabilities"
+        None,
+        description="class to condition on (one, or one per image); absent on a conditional model: "
+        "the marginal likelihood over classes, with class_probabilities",
     )
     per_pixel: bool = Field(False, description="add per_pixel_nll and heatmap_png to each result")
 

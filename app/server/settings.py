@@ -30,34 +30,51 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(
-        1, ge=1, description="torch CPU threads per decode lane (and for /likelihood). Default 1: a decode "
+        1,
+        ge=1,
+        description="torch CPU threads per decode lane (and for /likelihood). Default 1: a decode "
         "step is a few small matrix products per pixel, and OpenMP threads competing with the event loop "
         "for the cores made 16 concurrent /sample requests 2x slower on 2 cores (measured); cores are "
         "better used by more lanes. Raise it for large /likelihood batches on many-core CPUs",
     )
     lanes: int | None = Field(
-        None, ge=1, le=64, description="decode lanes (threads, each with its own batch) per model. Unset: "
+        None,
+        ge=1,
+        le=64,
+        description="decode lanes (threads, each with its own batch) per model. Unset: "
         "1 on a GPU; on a CPU one per `threads` usable CPUs (affinity, cgroup quota), at most 8",
     )
     max_batch_images: int = Field(64, ge=1, description="images decoded together by one lane's step")
     request_timeout_s: float = Field(
-        300.0, gt=0, description="a generation running longer is stopped: a 503 `timeout`, or an `error` event "
+        300.0,
+        gt=0,
+        description="a generation running longer is stopped: a 503 `timeout`, or an `error` event "
         "in a stream; a stream whose client stopped reading is cut this long (plus 5 s) after it started",
     )
     shutdown_timeout_s: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long running requests may take to finish before the rest "
+        30.0,
+        ge=0,
+        description="on SIGTERM, how long running requests may take to finish before the rest "
         "end with an error event naming the shutdown (keep below the orchestrator's grace period)",
     )
     shutdown_notice_s: float = Field(
-        1.0, ge=0, description="on SIGTERM, how long /ready answers 503 before the drain starts counting, so "
+        1.0,
+        ge=0,
+        description="on SIGTERM, how long /ready answers 503 before the drain starts counting, so "
         "a gateway's health check sees it (part of shutdown_timeout_s)",
     )
     batch_wait_ms: float = Field(
-        2.0, ge=0, le=100, description="an idle lane that gets work waits until no request has arrived for "
+        2.0,
+        ge=0,
+        le=100,
+        description="an idle lane that gets work waits until no request has arrived for "
         "this long (at most 5x in all), so that requests sent together start together; 0: start at once",
     )
-    max_queue: int = Field(64, ge=0, description="generation requests waiting for a batch slot, and likelihood "
-                           "requests running, before 503")
+    max_queue: int = Field(
+        64,
+        ge=0,
+        description="generation requests waiting for a batch slot, and likelihood requests running, before 503",
+    )
     max_images_per_request: int = Field(64, ge=1)
     max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
     api_key: SecretStr | None = Field(None, description="bearer token required on POST routes; unset: no auth")

@@ -15,8 +15,10 @@ from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Everything from this server only; data: and blob: for the images the page makes itself.
-CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
-                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 router = APIRouter(include_in_schema=False)
 router.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -24,5 +26,8 @@ router.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 @router.get("/")
 async def demo_page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                        headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"})
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        media_type="text/html",
+        headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"},
+    )

@@ -69,20 +69,38 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
     return await respond(model, engine_request, True, request, metrics, settings, fields)
 
 
-async def respond(model: ServedModel, engine_request: GenerationRequest, completion: bool, request: Request,
-                  metrics: ServerMetrics, settings: Settings, fields: GenerationFields) -> Response:
+async def respond(
+    model: ServedModel,
+    engine_request: GenerationRequest,
+    completion: bool,
+    request: Request,
+    metrics: ServerMetrics,
+    settings: Settings,
+    fields: GenerationFields,
+) -> Response:
     fmt = choose_format(request.headers.get("accept"), fields.stream)
     request.state.model, request.state.images = model.name, engine_request.n  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
-    run = GenerationRun(model, engine_request, completion, request, metrics, stream_rows=fmt == "sse",
-                        time_limit_s=settings.request_timeout_s, png_scale=fields.scale)
+    run = GenerationRun(
+        model,
+        engine_request,
+        completion,
+        request,
+        metrics,
+        stream_rows=fmt == "sse",
+        time_limit_s=settings.request_timeout_s,
+        png_scale=fields.scale,
+    )
     if fmt == "sse":
         headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed)}
         return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
     result = await run.result()
     if fmt == "png":
-        return Response(generation_png(result, fields.scale), media_type="image/png",
-                        headers=generation_headers(model, result, run.seed))
+        return Response(
+            generation_png(result, fields.scale),
+            media_type="image/png",
+            headers=generation_headers(model, result, run.seed),
+        )
     return JSONResponse(run.body(result))
 
 

@@ -24,8 +24,12 @@ async def health() -> dict:
 async def ready(registry: RegistryDep) -> JSONResponse:
     reason = registry.not_ready_reason
     if reason is not None:
-        body = {"status": "not_ready", "reason": reason, "models": sorted(registry.models),
-                "problems": registry.problems}
+        body = {
+            "status": "not_ready",
+            "reason": reason,
+            "models": sorted(registry.models),
+            "problems": registry.problems,
+        }
         return JSONResponse({**body, **error_body("not_ready", reason)}, status_code=503)
     body = {"status": "ready", "models": sorted(registry.models), "default": registry.default}
     if registry.problems:  # e.g. one broken model folder beside working ones: ready, but say so

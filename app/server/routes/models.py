@@ -19,6 +19,5 @@ async def list_models(registry: RegistryDep) -> list[dict]:
 @router.get("/models/{name}", response_model=ModelInfo, responses={404: ERROR_RESPONSES[404]}, summary="one model")
 async def get_model(name: str, registry: RegistryDep) -> dict:
     if name not in registry.models:
-        raise NotFound(f"unknown model {name!r}; available models: {', '.join(sorted(registry.models))}",
-                       field="model")
+        raise NotFound(f"unknown model {name!r}; available models: {', '.join(sorted(registry.models))}", field="model")
     return registry.models[name].describe(name == registry.default)
