@@ -19,7 +19,9 @@ from .config import LEVELS, ModelConfig
 
 
 @dataclass
-class SampleResult:
+class NaiveSample:
+    """What the reference sampler draws; the same fields as the engine's SampleResult (app.engine.types)."""
+
     images: torch.Tensor  # uint8 (n, C, H, W)
     labels: torch.Tensor | None  # int64 (n,), None for unconditional models
     log_prob: torch.Tensor  # float64 (n,): log p of the generated sub-pixels at temperature 1, nats
@@ -44,7 +46,7 @@ def sample_naive(
     seed: int = 0,
     known: torch.Tensor | None = None,
     known_rows: int = 0,
-) -> SampleResult:
+) -> NaiveSample:
     """With `known` (n or 1, C, H, W) and `known_rows` r, rows < r are kept and rows >= r are generated
     conditioned on them (image completion)."""
     config: ModelConfig = model.config
@@ -70,4 +72,4 @@ def sample_naive(
                 values = inverse_cdf(logits, u[:, colour, j], temperature)
                 canvas[:, colour, i, j] = values.to(device)
                 log_prob += torch.log_softmax(logits, dim=1).gather(1, values[:, None])[:, 0]
-    return SampleResult(canvas.to(torch.uint8).cpu(), labels, log_prob)
+    return NaiveSample(canvas.to(torch.uint8).cpu(), labels, log_prob)
