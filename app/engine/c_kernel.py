@@ -37,7 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "row_kernels.c"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared", "-pthread"]
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -194,6 +194,16 @@ def _load() -> ctypes.CDLL | None:
         pointer,
         pointer,
         pointer,
+    ]
+    library.gated_wavefront.restype = ctypes.c_int
+    library.gated_wavefront.argtypes = [
+        ctypes.POINTER(GatedWeights),
+        ctypes.POINTER(GatedVertical),
+        *[ctypes.c_int32] * 5,
+        pointers,
+        pointers,
+        pointers,
+        *[pointer] * 5,
     ]
     return library
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import itertools
 import logging
 import threading
@@ -45,6 +46,7 @@ from .types import (
     QueueFullError,
     SampleResult,
 )
+from .wavefront import Wavefront, rewind, uniforms_ahead
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,11 @@ class Engine:
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # under the lock
         self._queue_wait = TimeHistogram()  # submit -> joining a lane's batch, under the lock
         self._row_time = TimeHistogram()  # one decode step (a row of every image in a lane), under the lock
+        # Wavefront decoding (wavefront.py): a lane whose batch is one request, while nothing waits and the
+        # other lanes are idle, draws its rows on as many threads as there are lanes; any submit sets
+        # _stop_wavefront, and the lane goes back to row-by-row batching after the rows in flight.
+        self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if lanes > 1 else None
+        self._stop_wavefront = ctypes.c_int32(0)  # read by the C threads without the GIL
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -231,6 +238,7 @@ class Engine:
                 self._counters["rejected_queue_full"] += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
             self._waiting.extend(shards)
+            self._stop_wavefront.value = 1  # a wavefront in flight stops after its current rows
             self._counters["requests_submitted"] += 1
             self._last_submit = time.perf_counter()
         for lane in self._lanes:  # the least loaded lane takes it; an idle lane is always least loaded
@@ -275,7 +283,11 @@ class Engine:
                 if not lane.active:
                     lane.wake.wait(timeout=0.5)
                     continue
-                self._decode_one_row(lane)
+                wavefront_lanes = self._wavefront_lanes(lane)
+                if wavefront_lanes > 1:
+                    self._decode_wavefront(lane, wavefront_lanes)
+                else:
+                    self._decode_one_row(lane)
             except Exception as error:  # never leave a client hanging: fail the batch, keep serving
                 with self._lock:
                     self._counters["decode_errors"] += 1
@@ -366,8 +378,45 @@ class Engine:
         step_started = time.perf_counter()
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started
-        rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
-        counts = collections.Counter(rows_decoded=1)
+        self._row_drawn(lane, rows.to(torch.uint8).cpu(), log_prob.cpu(), step_s)
+
+    def _wavefront_lanes(self, lane: _Lane) -> int:
+        """Threads for wavefront decoding of this lane's batch; 1 (row by row) unless its batch is one
+        request (its images share the row index), nothing waits and every other lane is idle: the idle
+        lanes' cores then draw its rows too. Throughput first: any waiting request means batching."""
+        if self.wavefront is None or len(lane.active) != 1:
+            return 1
+        with self._lock:
+            if self._waiting or any(other.images for other in self._lanes if other is not lane):
+                return 1
+            self._stop_wavefront.value = 0
+        return min(len(self._lanes), self.wavefront.useful_lanes)
+
+    def _decode_wavefront(self, lane: _Lane, threads: int) -> None:
+        """The lane's remaining rows by wavefront decoding, until a submit stops it; each row is then
+        handed on as a decode step's would be."""
+        shard = lane.active[0]
+        c, w = self.config.image_channels, self.config.width
+        saved = [stream.bit_generator.state for stream in shard.streams]
+        uniforms = uniforms_ahead(shard.streams, self.config.height - shard.row, c, w)
+        temperatures = torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
+        started = time.perf_counter()
+        values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, self._stop_wavefront)
+        drawn = values.shape[0]
+        if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
+            rewind(shard.streams, saved, drawn, c, w)
+        step_s = (time.perf_counter() - started) / max(drawn, 1)
+        for k in range(drawn):
+            if not lane.active:  # the request was cancelled: its later rows go nowhere
+                break
+            self._row_drawn(lane, values[k].to(torch.uint8), log_probs[k], step_s, wavefront=True)
+
+    def _row_drawn(
+        self, lane: _Lane, rows_cpu: torch.Tensor, log_prob: torch.Tensor, step_s: float, wavefront: bool = False
+    ) -> None:
+        """Hand a drawn row (uint8 (B, C, W), log p (B,)) of every image of the lane to its request, and
+        let finished or cancelled shards leave the lane."""
+        counts = collections.Counter(rows_decoded=1, rows_wavefront=int(wavefront))
 
         keep, still_active, left, done, offset = [], [], [], [], 0
         for shard in lane.active:
@@ -395,8 +444,8 @@ class Engine:
             lane.active = still_active
             lane.images = sum(shard.n for shard in still_active)
             lane.counters.update(counts)
-            lane.batch_sizes[uniforms.shape[0]] += 1
-            self._batch_sizes.append(uniforms.shape[0])
+            lane.batch_sizes[rows_cpu.shape[0]] += 1
+            self._batch_sizes.append(rows_cpu.shape[0])
             self._row_time.observe(step_s)
         for owner in finished:
             owner.finish()

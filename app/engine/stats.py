@@ -8,6 +8,7 @@ ENGINE_COUNTERS = (
     "requests_completed",
     "requests_cancelled",
     "rows_decoded",
+    "rows_wavefront",  # of rows_decoded, those drawn by wavefront decoding (several threads per row)
     "rejected_queue_full",
     "decode_errors",
     "prefill_errors",

@@ -19,7 +19,11 @@
  * uniforms (B, C, W) float64, temperature (B) float64 -> row (B, C, W) int64, log_prob (B) float64 (+=).
  * The masked-conv PixelCNN's layouts are described at PixelCNNWeights below.
  */
+#define _POSIX_C_SOURCE 200809L /* pthreads and sched_yield under -std=c11 (the wavefront's lanes) */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -372,59 +376,80 @@ typedef struct {
     const float *const *link_bias;
 } GatedVertical;
 
+/* Columns c0 .. c1 - 1 (flat index b * W + j over the batch's images) of layer l's vertical stack:
+ * inputs[0 .. kh - 1] are the layer's kept input rows (B, W, kw * in), oldest first; writes row_bias (B, W, 2n)
+ * and, unless next is NULL (the last layer), the gated output into the next layer's new input row (B, W,
+ * kw_next * n), unfolded: column j of the output is slot s of the next layer's column j + kw_next / 2 - s
+ * (the caller zeroes `next` once before its first columns). A block of up to 8 columns shares each weight
+ * row; every column's sums run in the same order whatever the block, so any split of a row into column
+ * ranges (gated_begin_row: all at once; the wavefront: a few at a time) gives the same numbers.
+ * scratch: BLOCK * 3n floats. */
+static void vertical_columns(const GatedVertical *v, int l, int first_matrix, int c0, int c1,
+                             const float *const *inputs, const float *class_v, const float *link_bias,
+                             float *row_bias, float *next, float *scratch) {
+    const int n = v->channels, width = v->width;
+    const int kh = v->v_rows[l], kw = v->v_width[l], in = l == 0 ? v->image_channels : n;
+    const int kw_next = next == NULL ? 0 : v->v_width[l + 1], pad_next = kw_next / 2;
+    float *pre[BLOCK], *gated[BLOCK], *out[BLOCK];
+    const float *x[BLOCK], *bias[BLOCK];
+    for (int k = 0; k < BLOCK; k++) {
+        pre[k] = scratch + (size_t)k * 3 * n;
+        gated[k] = pre[k] + 2 * n;
+    }
+    for (int c = c0; c < c1; c += BLOCK) {
+        const int count = c1 - c < BLOCK ? c1 - c : BLOCK;
+        same_for_block(bias, v->v_bias[l], count);
+        for (int r = 0; r < kh; r++) {
+            for (int k = 0; k < count; k++) x[k] = inputs[r] + (size_t)(c + k) * kw * in;
+            affine_block(pre, bias, x, v->v_weight[first_matrix + r], kw * in, 2 * n, count);
+            for (int k = 0; k < count; k++) bias[k] = pre[k];  /* the running sum, in place */
+        }
+        for (int k = 0; k < count; k++) {
+            const int b = (c + k) / width;
+            const float *cv = class_v + (size_t)b * 2 * n;
+            for (int o = 0; o < 2 * n; o++) pre[k][o] += cv[o];
+            x[k] = pre[k];
+            bias[k] = link_bias + (size_t)b * 2 * n;
+            out[k] = row_bias + (size_t)(c + k) * 2 * n;
+        }
+        affine_block(out, bias, x, v->link_weight[l], 2 * n, 2 * n, count);
+        if (next == NULL) continue;
+        for (int k = 0; k < count; k++) {
+            const int b = (c + k) / width, j = (c + k) % width;
+            gate(gated[k], pre[k], n);
+            for (int s = 0; s < kw_next; s++) {
+                const int to = j + pad_next - s;
+                if (to >= 0 && to < width)
+                    memcpy(next + ((size_t)b * width + to) * kw_next * n + (size_t)s * n, gated[k], sizeof(float) * n);
+            }
+        }
+    }
+}
+
+/* link_bias + class_h of layer l for every image: (B, 2n). */
+static void link_biases(const GatedVertical *v, int l, int batch, const float *class_h, float *out) {
+    const int n = v->channels;
+    for (int b = 0; b < batch; b++)
+        for (int o = 0; o < 2 * n; o++) out[(size_t)b * 2 * n + o] = v->link_bias[l][o] + class_h[(size_t)b * 2 * n + o];
+}
+
 int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, const float *const *class_v,
                     const float *const *class_h, float *const *row_bias, float *const *h_buffers) {
     const int n = v->channels, width = v->width, columns = batch * width;
     float *scratch = malloc(sizeof(float) * ((size_t)BLOCK * 3 * n + (size_t)batch * 2 * n));
     if (scratch == NULL) return 1;
-    float *pre[BLOCK], *gated[BLOCK], *out[BLOCK];
-    const float *x[BLOCK], *bias[BLOCK];
-    for (int b = 0; b < BLOCK; b++) {
-        pre[b] = scratch + (size_t)b * 3 * n;
-        gated[b] = pre[b] + 2 * n;
-    }
     float *link_bias = scratch + (size_t)BLOCK * 3 * n;  /* (B, 2n): link_bias + class_h per image */
     int first_row = 0;  /* index in rows of layer l's oldest kept row */
     for (int l = 0; l < v->layers; l++) {
-        const int kh = v->v_rows[l], kw = v->v_width[l], in = l == 0 ? v->image_channels : n;
+        const int kh = v->v_rows[l];
         const int last = l + 1 == v->layers;
-        const int kw_next = last ? 0 : v->v_width[l + 1], pad_next = kw_next / 2;
+        const int kw_next = last ? 0 : v->v_width[l + 1];
         /* the next layer's new input row: its last kept row */
         float *next = last ? NULL : rows[first_row + kh + v->v_rows[l + 1] - 1];
         if (!last) memset(next, 0, sizeof(float) * (size_t)columns * kw_next * n);
-        for (int b = 0; b < batch; b++)
-            for (int o = 0; o < 2 * n; o++)
-                link_bias[(size_t)b * 2 * n + o] = v->link_bias[l][o] + class_h[l][(size_t)b * 2 * n + o];
-        for (int c0 = 0; c0 < columns; c0 += BLOCK) {
-            const int count = columns - c0 < BLOCK ? columns - c0 : BLOCK;
-            same_for_block(bias, v->v_bias[l], count);
-            for (int r = 0; r < kh; r++) {
-                for (int k = 0; k < count; k++) x[k] = rows[first_row + r] + (size_t)(c0 + k) * kw * in;
-                affine_block(pre, bias, x, v->v_weight[first_row + r], kw * in, 2 * n, count);
-                for (int k = 0; k < count; k++) bias[k] = pre[k];  /* the running sum, in place */
-            }
-            for (int k = 0; k < count; k++) {
-                const int b = (c0 + k) / width;
-                const float *cv = class_v[l] + (size_t)b * 2 * n;
-                for (int o = 0; o < 2 * n; o++) pre[k][o] += cv[o];
-                x[k] = pre[k];
-                bias[k] = link_bias + (size_t)b * 2 * n;
-                out[k] = row_bias[l] + (size_t)(c0 + k) * 2 * n;
-            }
-            affine_block(out, bias, x, v->link_weight[l], 2 * n, 2 * n, count);
-            if (last) continue;
-            for (int k = 0; k < count; k++) {
-                const int b = (c0 + k) / width, j = (c0 + k) % width;
-                gate(gated[k], pre[k], n);
-                /* column j of this output is slot s of the next layer's column j + pad_next - s */
-                for (int s = 0; s < kw_next; s++) {
-                    const int to = j + pad_next - s;
-                    if (to >= 0 && to < width)
-                        memcpy(next + ((size_t)b * width + to) * kw_next * n + (size_t)s * n, gated[k],
-                               sizeof(float) * n);
-                }
-            }
-        }
+        link_biases(v, l, batch, class_h[l], link_bias);
+        vertical_columns(v, l, first_row, 0, columns, (const float *const *)rows + first_row, class_v[l], link_bias,
+                         row_bias[l], next, scratch);
         memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
         first_row += kh;
     }
@@ -444,6 +469,259 @@ void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, fl
                         from >= 0 && from < width ? (float)row[((size_t)b * c + colour) * width + from] / 127.5f - 1.0f
                                                   : 0.0f;
                 }
+}
+
+/* ---- Wavefront decoding: the rows of the same images decoded by several threads at once ----------------
+ *
+ * Pixel (r, j) depends on row r - 1 only up to column j + reach (the gated model: half the first vertical
+ * kernel's width plus half of each later one's), so row r may start once row r - 1 has drawn `reach + 1`
+ * pixels. Thread t decodes rows t, t + lanes, ...; each row runs exactly the one-lane code for its pixels
+ * (step_block, draw) and its vertical stack (vertical_columns, a few columns at a time as the row above
+ * fills in), so every number, and so every drawn value, is the one-lane one.
+ *
+ * Shared state: per layer l the stream S_l of vertical input rows (S_0[t]: image row t - 1 unfolded;
+ * S_l[t], l > 0: layer l - 1's gated output at row t), kept in a ring of `ring` rows; row r reads
+ * S_l[r - kh_l + 1 .. r] and writes S_0[r + 1] (its pixels, as they are drawn) and S_l[r], l > 0. At most
+ * `lanes` consecutive rows are in flight, so a ring of max(kh) + lanes rows is never overwritten while read.
+ * progress[i]: pixels of row i drawn (release/acquire). `end`: rows < end are complete; a thread that sees
+ * *stop at a row's start, or finds the row above abandoned, lowers it to its own row and leaves. */
+typedef struct {
+    const GatedWeights *w;
+    const GatedVertical *v;
+    int batch, rows, lanes, ring, group, reach;
+    float **slots;  /* slots[l * ring + k]: ring row k of S_l, (B, W, kw_l * in_l) */
+    const float *const *class_v;
+    const float *const *class_h;
+    const double *uniforms;    /* (rows, B, C, W) */
+    const double *temperature; /* (B) */
+    int64_t *values;           /* (rows, B, C, W) */
+    double *log_prob;          /* (rows, B): each row's sum, from 0 */
+    const int32_t *stop;
+    _Atomic int32_t *progress; /* (rows) */
+    _Atomic int32_t end;
+    _Atomic int32_t failed;
+} GatedWavefront;
+
+static float *ring_row(const GatedWavefront *f, int l, int t) {
+    const int k = ((t % f->ring) + f->ring) % f->ring;
+    return f->slots[(size_t)l * f->ring + k];
+}
+
+static void lower_end(_Atomic int32_t *end, int32_t row) {
+    int32_t seen = atomic_load(end);
+    while (row < seen && !atomic_compare_exchange_weak(end, &seen, row)) {
+    }
+}
+
+static inline void spin_pause(int spins) {
+    if (spins < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    } else {
+        sched_yield(); /* more threads than free cores: let the row above run */
+    }
+}
+
+/* Wait until row i - 1 has drawn `pixels` pixels; 0 if it was abandoned (then row i is too). */
+static int wait_for_row_above(GatedWavefront *f, int i, int pixels) {
+    if (i == 0) return 1;
+    for (int spins = 0; atomic_load_explicit(&f->progress[i - 1], memory_order_acquire) < pixels; spins++) {
+        if (atomic_load(&f->end) <= i - 1) {
+            lower_end(&f->end, i);
+            return 0;
+        }
+        spin_pause(spins);
+    }
+    return 1;
+}
+
+typedef struct {
+    GatedWavefront *f;
+    int lane;
+} WavefrontLane;
+
+/* One row (index i of the call) for every image. Returns 0 if it was abandoned. */
+static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, float *const *row_bias, float *link_bias,
+                         float *vertical_scratch, const GatedScratch *s, double *cdf) {
+    const GatedWeights *w = f->w;
+    const GatedVertical *v = f->v;
+    const int n = v->channels, c = v->image_channels, width = v->width, layers = v->layers, batch = f->batch;
+    const int kw0 = v->v_width[0], pad0 = kw0 / 2, hw0 = w->h_width[0];
+    if (f->stop != NULL && __atomic_load_n(f->stop, __ATOMIC_RELAXED)) lower_end(&f->end, i);
+    if (i >= atomic_load(&f->end)) return 0;
+    /* The rows this one writes start at zero (the unfolded rows' padding). */
+    memset(ring_row(f, 0, i + 1), 0, sizeof(float) * (size_t)batch * width * kw0 * c);
+    for (int l = 1; l < layers; l++) memset(ring_row(f, l, i), 0, sizeof(float) * (size_t)batch * width * v->v_width[l] * n);
+    for (int l = 0; l < layers; l++) memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
+    int done[32] = {0}, target[32];  /* vertical columns computed, per layer (layers <= 32, checked by the caller) */
+    int first_matrix[32];
+    for (int l = 0, m = 0; l < layers; m += v->v_rows[l], l++) first_matrix[l] = m;
+    for (int j = 0; j < width; j++) {
+        if (done[layers - 1] <= j) {
+            /* The next `group` columns of the last layer, and what each layer below must have for them. */
+            target[layers - 1] = j + f->group < width ? j + f->group : width;
+            for (int l = layers - 2; l >= 0; l--) {
+                const int reach = target[l + 1] + v->v_width[l + 1] / 2;
+                target[l] = reach < width ? reach : width;
+                if (target[l] < done[l]) target[l] = done[l];
+            }
+            const int needed = target[0] + pad0 < width ? target[0] + pad0 : width;
+            if (!wait_for_row_above(f, i, needed)) return 0;
+            for (int l = 0; l < layers; l++) {
+                if (target[l] <= done[l]) continue;
+                const int kh = v->v_rows[l];
+                const float *inputs[32];
+                for (int r = 0; r < kh; r++) inputs[r] = ring_row(f, l, i - kh + 1 + r);
+                link_biases(v, l, batch, f->class_h[l], link_bias);
+                float *next = l + 1 < layers ? ring_row(f, l + 1, i) : NULL;
+                for (int b = 0; b < batch; b++)
+                    vertical_columns(v, l, first_matrix[l], b * width + done[l], b * width + target[l], inputs,
+                                     f->class_v[l], link_bias, row_bias[l], next, vertical_scratch);
+                done[l] = target[l];
+            }
+        }
+        float *drawn_row = ring_row(f, 0, i + 1);
+        for (int first = 0; first < batch; first += BLOCK) {
+            const int count = batch - first < BLOCK ? batch - first : BLOCK;
+            for (int colour = 0; colour < c; colour++) {
+                step_block(w, first, count, j, colour, h_buffers, (const float *const *)row_bias, s);
+                for (int b = first; b < first + count; b++) {
+                    const size_t at = (((size_t)i * batch + b) * c + colour) * width + j;
+                    const int value = draw_into(s->logits[b - first], f->uniforms[at], f->temperature[b],
+                                                f->values + at, f->log_prob + (size_t)i * batch + b, cdf);
+                    const float scaled = (float)value / 127.5f - 1.0f;
+                    h_buffers[0][((size_t)b * (width + hw0 - 1) + j + hw0 - 1) * c + colour] = scaled;
+                    /* pixel j of this row is slot s of the next row's unfolded column j + pad0 - s */
+                    for (int slot = 0; slot < kw0; slot++) {
+                        const int to = j + pad0 - slot;
+                        if (to >= 0 && to < width) drawn_row[(((size_t)b * width + to) * kw0 + slot) * c + colour] = scaled;
+                    }
+                }
+            }
+        }
+        atomic_store_explicit(&f->progress[i], j + 1, memory_order_release);
+    }
+    return 1;
+}
+
+static void *wavefront_lane(void *argument) {
+    const WavefrontLane *lane = argument;
+    GatedWavefront *f = lane->f;
+    const GatedVertical *v = f->v;
+    const int n = v->channels, width = v->width, batch = f->batch, layers = v->layers;
+    const size_t per_image = (size_t)(6 * n + f->w->head + LEVELS);
+    size_t floats = per_image * BLOCK + (size_t)BLOCK * 3 * n + (size_t)batch * 2 * n;
+    for (int l = 0; l < layers; l++) floats += (size_t)batch * (v->h_size[l] + width * 2 * n);
+    float *scratch = malloc(sizeof(float) * floats);
+    double *cdf = malloc(sizeof(double) * LEVELS);
+    float *h_buffers[32], *row_bias[32];
+    if (scratch == NULL || cdf == NULL) {
+        atomic_store(&f->failed, 1);
+        lower_end(&f->end, 0);
+        free(scratch);
+        free(cdf);
+        return NULL;
+    }
+    GatedScratch s;
+    for (int b = 0; b < BLOCK; b++) {
+        s.pre[b] = scratch + b * per_image;
+        s.gated[b] = s.pre[b] + 2 * n;
+        s.out[b] = s.gated[b] + n;
+        s.skips[b] = s.out[b] + 2 * n;
+        s.hidden[b] = s.skips[b] + n;
+        s.logits[b] = s.hidden[b] + f->w->head;
+    }
+    float *vertical_scratch = scratch + per_image * BLOCK, *link_bias = vertical_scratch + (size_t)BLOCK * 3 * n;
+    float *next = link_bias + (size_t)batch * 2 * n;
+    for (int l = 0; l < layers; l++) {
+        h_buffers[l] = next;
+        row_bias[l] = next + (size_t)batch * v->h_size[l];
+        next = row_bias[l] + (size_t)batch * width * 2 * n;
+    }
+    for (int i = lane->lane; i < f->rows; i += f->lanes)
+        if (!wavefront_row(f, i, h_buffers, row_bias, link_bias, vertical_scratch, &s, cdf)) break;
+    free(scratch);
+    free(cdf);
+    return NULL;
+}
+
+/* Decode up to `rows` rows of `batch` images (all at the same row) on `lanes` threads (this one and
+ * lanes - 1 more). kept: every layer's kept vertical input rows as GatedCache holds them before a row
+ * (layer 0: kh_0 image rows, layer l > 0: kh_l - 1 rows, oldest first), replaced on return by those for the
+ * first row not drawn. group: vertical columns computed together (more share each weight read, and the
+ * row below starts that much later). reach: the columns of the row above a pixel depends on, to its right.
+ * stop: polled at each row's start; once nonzero no further row starts. Returns the rows completed (each
+ * row's values, log p and uniforms at its index), or -1 when memory ran out. */
+int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch, int32_t rows, int32_t lanes,
+                    int32_t group, int32_t reach, float *const *kept, const float *const *class_v,
+                    const float *const *class_h, const double *uniforms, const double *temperature, int64_t *values,
+                    double *log_prob, const int32_t *stop) {
+    const int layers = v->layers, n = v->channels, width = v->width;
+    if (layers > 32 || lanes < 1 || group < 1) return -1;
+    int kh_max = 0;
+    for (int l = 0; l < layers; l++) kh_max = v->v_rows[l] > kh_max ? v->v_rows[l] : kh_max;
+    GatedWavefront f = {.w = w, .v = v, .batch = batch, .rows = rows, .lanes = lanes, .ring = kh_max + lanes + 1,
+                        .group = group, .reach = reach, .class_v = class_v, .class_h = class_h,
+                        .uniforms = uniforms, .temperature = temperature, .values = values, .log_prob = log_prob,
+                        .stop = stop};
+    atomic_init(&f.end, rows);
+    atomic_init(&f.failed, 0);
+    size_t floats = 0;
+    for (int l = 0; l < layers; l++)
+        floats += (size_t)f.ring * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
+    float *ring = malloc(sizeof(float) * floats);
+    float **slots = malloc(sizeof(float *) * (size_t)layers * f.ring);
+    _Atomic int32_t *progress = malloc(sizeof(_Atomic int32_t) * (rows > 0 ? rows : 1));
+    pthread_t threads[64];
+    WavefrontLane lane_args[64];
+    if (ring == NULL || slots == NULL || progress == NULL || lanes > 64) {
+        free(ring);
+        free(slots);
+        free(progress);
+        return -1;
+    }
+    for (int i = 0; i < rows; i++) atomic_init(&progress[i], 0);
+    f.slots = slots;
+    f.progress = progress;
+    float *at = ring;
+    for (int l = 0; l < layers; l++) {
+        const size_t size = (size_t)batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
+        for (int k = 0; k < f.ring; k++, at += size) slots[(size_t)l * f.ring + k] = at;
+    }
+    /* The kept rows into the ring: S_0[-kh_0 + 1 .. 0], S_l[-kh_l + 1 .. -1]. */
+    int index = 0;
+    for (int l = 0; l < layers; l++) {
+        const size_t size = sizeof(float) * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
+        const int kept_rows = l == 0 ? v->v_rows[0] : v->v_rows[l] - 1, newest = l == 0 ? 0 : -1;
+        for (int r = 0; r < kept_rows; r++) memcpy(ring_row(&f, l, newest - kept_rows + 1 + r), kept[index++], size);
+    }
+    int started = 1;
+    for (int t = 1; t < lanes; t++) {
+        lane_args[t] = (WavefrontLane){&f, t};
+        if (pthread_create(&threads[t], NULL, wavefront_lane, &lane_args[t]) != 0) {
+            lower_end(&f.end, t); /* row t is never drawn: rows before it still are */
+            break;
+        }
+        started++;
+    }
+    lane_args[0] = (WavefrontLane){&f, 0};
+    wavefront_lane(&lane_args[0]);
+    for (int t = 1; t < started; t++) pthread_join(threads[t], NULL);
+    const int end = atomic_load(&f.end);
+    if (!atomic_load(&f.failed)) {  /* the kept rows for row `end` */
+        index = 0;
+        for (int l = 0; l < layers; l++) {
+            const size_t size = sizeof(float) * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
+            const int kept_rows = l == 0 ? v->v_rows[0] : v->v_rows[l] - 1, newest = l == 0 ? end : end - 1;
+            for (int r = 0; r < kept_rows; r++) memcpy(kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), size);
+        }
+    }
+    const int failed = atomic_load(&f.failed);
+    free(ring);
+    free(slots);
+    free((void *)progress);
+    return failed ? -1 : end;
 }
 
 /* The masked-conv PixelCNN (PixelCNNRowDecoder's layout):

@@ -1,0 +1,162 @@
+"""Wavefront decoding (app/engine/wavefront.py): several threads draw the rows of the same images, each
+row starting once the row above is far enough ahead. The images must be the very bytes (and log p the
+very numbers) of one lane drawing row by row, whatever the thread count, the column grouping, the
+colours, the class, the temperature or the known rows; the reach it waits for must be what the model's
+code reads; and the engine must use it for a lone request and go back to batching under load."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+
+import pytest
+import torch
+
+from app.engine import CachedSampler, Engine, GenerationRequest, c_kernel, sample_cached
+from app.engine.protocol import image_streams, prepare_canvas, row_uniforms
+from app.engine.wavefront import Wavefront, gated_reach, uniforms_ahead
+from app.model import build
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.skipif(c_kernel._compiler() is None, reason="no C compiler on this machine")
+
+SIZE = 14  # wide enough for a skew: rows start 4 + group columns apart
+
+
+def gated(channels: int, classes: int, seed: int = 0):
+    return tiny_model(
+        "gated",
+        image_channels=channels,
+        num_classes=classes,
+        size=SIZE,
+        dtype=torch.float32,
+        hidden_channels=18,
+        seed=seed,
+    )
+
+
+def one_lane(sampler: CachedSampler, n: int, seed: int, labels, known, known_rows: int, temperature: float):
+    """Row by row on one thread: values (R, n, C, W), each row's log p (R, n)."""
+    config = sampler.config
+    canvas = prepare_canvas(config, n, known, known_rows, torch.device("cpu"))
+    state = sampler.prefill(canvas, labels, known_rows)
+    streams = image_streams(seed, n)
+    temperatures = torch.full((n, 1), temperature, dtype=torch.float64)
+    rows, log_probs = [], []
+    for _ in range(known_rows, config.height):
+        row, log_prob = sampler.decode_row(
+            state, row_uniforms(streams, config.image_channels, config.width), temperatures
+        )
+        rows.append(row)
+        log_probs.append(log_prob)
+    return torch.stack(rows), torch.stack(log_probs)
+
+
+def wavefront(sampler: CachedSampler, n, seed, labels, known, known_rows, temperature, lanes: int, group: int):
+    config = sampler.config
+    canvas = prepare_canvas(config, n, known, known_rows, torch.device("cpu"))
+    state = sampler.prefill(canvas, labels, known_rows)
+    uniforms = uniforms_ahead(image_streams(seed, n), config.height - known_rows, config.image_channels, config.width)
+    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    decoder.group = group
+    return decoder.decode(state, uniforms, torch.full((n, 1), temperature, dtype=torch.float64), lanes)
+
+
+@pytest.mark.parametrize("channels,classes", [(1, 0), (3, 0), (1, 4), (3, 4)])
+def test_wavefront_draws_the_bytes_of_one_lane(channels, classes):
+    model = gated(channels, classes, seed=channels + classes)
+    sampler = CachedSampler(model)
+    assert sampler.row_loop.name == "c-kernel"
+    known_image = torch.randint(0, 256, (1, channels, SIZE, SIZE), generator=torch.Generator().manual_seed(5))
+    cases = [  # (images, seed, known rows, temperature)
+        (1, 0, 0, 1.0),
+        (1, 1, 0, 0.7),
+        (2, 2, 0, 1.0),
+        (1, 3, 5, 1.0),  # a completion: the wavefront starts from prefilled caches
+        (3, 4, SIZE - 2, 2.0),
+    ]
+    for n, seed, known_rows, temperature in cases:
+        labels = torch.arange(n) % classes if classes else None
+        known = known_image if known_rows else None
+        expected, expected_log_p = one_lane(sampler, n, seed, labels, known, known_rows, temperature)
+        for lanes, group in [(2, 1), (2, 2), (3, 1), (2, 8), (1, 2)]:
+            values, log_p = wavefront(sampler, n, seed, labels, known, known_rows, temperature, lanes, group)
+            case = f"n={n} seed={seed} known_rows={known_rows} lanes={lanes} group={group}"
+            assert values.shape == expected.shape, case
+            assert torch.equal(values, expected), f"{case}: {(values != expected).sum()} sub-pixels differ"
+            assert torch.equal(log_p, expected_log_p), case
+
+
+def test_a_stopped_wavefront_leaves_caches_that_decode_on_row_by_row():
+    """Stopped at a row boundary (what a submit does), the caches it leaves are those of one lane there."""
+    model = gated(1, 4)
+    sampler = CachedSampler(model)
+    labels = torch.tensor([2])
+    expected, _ = one_lane(sampler, 1, 9, labels, None, 0, 1.0)
+    state = sampler.prefill(prepare_canvas(model.config, 1, None, 0, torch.device("cpu")), labels, 0)
+    streams = image_streams(9, 1)
+    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    ones = torch.ones((1, 1), dtype=torch.float64)
+    first, _ = decoder.decode(state, uniforms_ahead(streams, 6, 1, SIZE), ones, 2)
+    stop = ctypes.c_int32(1)
+    nothing, _ = decoder.decode(state, uniforms_ahead(image_streams(0, 1), 3, 1, SIZE), ones, 2, stop)
+    assert nothing.shape[0] == 0, "a set stop flag starts no row"
+    rest = [sampler.decode_row(state, row_uniforms(streams, 1, SIZE), ones)[0] for _ in range(SIZE - 6)]
+    assert torch.equal(torch.cat([first, torch.stack(rest)]), expected)
+
+
+def test_the_reach_is_what_the_gated_model_reads_of_the_row_above():
+    """gated_reach says how far right pixel (r, j) reads row r - 1; check it against the model itself:
+    changing pixel (r - 1, j + reach) changes the logits at (r, j), changing (r - 1, j + reach + 1) does not."""
+    for first_kernel, kernel, layers in [(5, 3, 3), (7, 5, 2), (3, 3, 4)]:
+        config = dataclasses.replace(
+            tiny_model("gated", size=SIZE).config, first_kernel_size=first_kernel, kernel_size=kernel, layers=layers
+        )
+        torch.manual_seed(0)
+        model = build(config).double().eval()
+        reach = gated_reach(config)
+        r, j = 6, 1
+        image = torch.randint(0, 256, (1, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(1))
+
+        def logits_after(column: int) -> torch.Tensor:
+            changed = image.clone()
+            changed[0, 0, r - 1, column] = (changed[0, 0, r - 1, column] + 128) % 256
+            with torch.no_grad():
+                return model(changed)[0, :, 0, r, j]
+
+        with torch.no_grad():
+            base = model(image)[0, :, 0, r, j]
+        assert not torch.equal(logits_after(j + reach), base), (first_kernel, kernel, layers)
+        assert torch.equal(logits_after(j + reach + 1), base), (first_kernel, kernel, layers)
+
+
+def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
+    model = gated(1, 4)
+    expected = {seed: sample_cached(model, 1, seed=seed, labels=torch.tensor([1])) for seed in range(6)}
+
+    async def main():
+        engine = Engine(model, lanes=2)
+        await engine.start()
+        try:
+            alone = await engine.generate(GenerationRequest(seed=0, labels=[1]))
+            after_alone = engine.stats()
+            crowd = await asyncio.gather(*(engine.generate(GenerationRequest(seed=s, labels=[1])) for s in range(6)))
+            return alone, after_alone, crowd, engine.stats()
+        finally:
+            await engine.stop()
+
+    alone, after_alone, crowd, stats = asyncio.run(main())
+    assert torch.equal(alone.images, expected[0].images)
+    assert torch.equal(alone.log_prob, expected[0].log_prob)
+    assert after_alone["rows_wavefront"] == SIZE, "a lone request on an idle engine is drawn by wavefront"
+    for seed, result in enumerate(crowd):
+        assert torch.equal(result.images, expected[seed].images), f"seed {seed}"
+    # Six requests at once on two lanes: batched (no lane draws by wavefront while others wait).
+    assert max(stats["batch_sizes_seen"]) >= 2, stats["batch_sizes_seen"]
+
+
+def test_one_lane_engines_and_masked_conv_models_have_no_wavefront():
+    assert Engine(gated(1, 0), lanes=1).wavefront is None
+    assert Engine(tiny_model("pixelcnn", dtype=torch.float32), lanes=2).wavefront is None
+    assert Engine(gated(1, 0), lanes=2).wavefront is not None
