@@ -482,6 +482,28 @@ def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
         assert row["native_kernel"] == (c_kernel._compiler() is not None)
     assert [row["lanes"] for row in result["engine"]] == [1, 2]
     assert all(row["concurrency"] == 3 and row["one_s"] > 0 and row["concurrent_s"] > 0 for row in result["engine"])
+    native = c_kernel._compiler() is not None
+    # Batch 1 as a 2-lane engine draws a lone request (by wavefront with the C kernel), larger ones on one lane.
+    assert [row["cached_lanes"] for row in result["sampling"]] == [2 if native else 1, 1]
+    assert all(row["one_lane_s"] > 0 for row in result["sampling"])
+    # The roofline: multiply-adds per image counted by hand from the config (gated, 1 colour, n = 24 channels,
+    # 3 layers, first kernel 5, later 3, head 24), and the measured peak.
+    n, head, pixels = 24, 24, 6 * 6
+    kernels = [(5, 1), (3, n), (3, n)]  # (kernel width, input channels) per layer
+    vertical = sum((k // 2 + 1) * k * c_in * 2 * n + (2 * n) ** 2 for k, c_in in kernels)
+    horizontal = sum((k // 2 + 1) * c_in * 2 * n for k, c_in in kernels) + 2 * n * 2 * n + n * n
+    output = n * head + head * 256
+    forward = sum((k // 2 + 1) * k * c_in * 2 * n + (k // 2 + 1) * c_in * 2 * n + (2 * n) ** 2 for k, c_in in kernels)
+    forward += 3 * 2 * n * n + output  # residual and skip 1x1s of each layer, the head
+    for row in result["sampling"]:
+        assert row["cached_macs_per_image"] == pixels * (vertical + horizontal + output)
+        assert row["forward_macs_per_image"] == pixels * forward
+        assert row["one_lane_gflops"] > 0 and row["forward_gflops"] > 0
+    if native:
+        peak = result["peak"]
+        assert 0 < peak["mul_add_gflops"] < peak["fma_gflops"]
+        assert all(0 < row["one_lane_of_fma_peak"] < 1 for row in result["sampling"])
     assert run(args) == 0
     table = capsys.readouterr().out
     assert "cached/forward" in table and "torchscript/forward" in table and "concurrent/one" in table
+    assert "roofline" in table and "GFLOP/s" in table

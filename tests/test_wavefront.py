@@ -15,7 +15,7 @@ import torch
 
 from app.engine import CachedSampler, Engine, GenerationRequest, c_kernel, sample_cached
 from app.engine.protocol import image_streams, prepare_canvas, row_uniforms
-from app.engine.wavefront import Wavefront, gated_reach, uniforms_ahead
+from app.engine.wavefront import Wavefront, gated_reach, masked_conv_reach, uniforms_ahead
 from app.model import build
 from tests.helpers import tiny_model
 
@@ -24,9 +24,9 @@ pytestmark = pytest.mark.skipif(c_kernel._compiler() is None, reason="no C compi
 SIZE = 14  # wide enough for a skew: rows start 4 + group columns apart
 
 
-def gated(channels: int, classes: int, seed: int = 0):
+def gated(channels: int, classes: int, seed: int = 0, arch: str = "gated"):
     return tiny_model(
-        "gated",
+        arch,
         image_channels=channels,
         num_classes=classes,
         size=SIZE,
@@ -63,9 +63,10 @@ def wavefront(sampler: CachedSampler, n, seed, labels, known, known_rows, temper
     return decoder.decode(state, uniforms, torch.full((n, 1), temperature, dtype=torch.float64), lanes)
 
 
+@pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
 @pytest.mark.parametrize("channels,classes", [(1, 0), (3, 0), (1, 4), (3, 4)])
-def test_wavefront_draws_the_bytes_of_one_lane(channels, classes):
-    model = gated(channels, classes, seed=channels + classes)
+def test_wavefront_draws_the_bytes_of_one_lane(arch, channels, classes):
+    model = gated(channels, classes, seed=channels + classes, arch=arch)
     sampler = CachedSampler(model)
     assert sampler.row_loop.name == "c-kernel"
     known_image = torch.randint(0, 256, (1, channels, SIZE, SIZE), generator=torch.Generator().manual_seed(5))
@@ -80,7 +81,7 @@ def test_wavefront_draws_the_bytes_of_one_lane(channels, classes):
         labels = torch.arange(n) % classes if classes else None
         known = known_image if known_rows else None
         expected, expected_log_p = one_lane(sampler, n, seed, labels, known, known_rows, temperature)
-        for lanes, group in [(2, 1), (2, 2), (3, 1), (2, 8), (1, 2)]:
+        for lanes, group in [(2, 1), (2, 2), (3, 1), (2, 8), (1, 2), (5, 1)]:
             values, log_p = wavefront(sampler, n, seed, labels, known, known_rows, temperature, lanes, group)
             case = f"n={n} seed={seed} known_rows={known_rows} lanes={lanes} group={group}"
             assert values.shape == expected.shape, case
@@ -88,9 +89,10 @@ def test_wavefront_draws_the_bytes_of_one_lane(channels, classes):
             assert torch.equal(log_p, expected_log_p), case
 
 
-def test_a_stopped_wavefront_leaves_caches_that_decode_on_row_by_row():
+@pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
+def test_a_stopped_wavefront_leaves_caches_that_decode_on_row_by_row(arch):
     """Stopped at a row boundary (what a submit does), the caches it leaves are those of one lane there."""
-    model = gated(1, 4)
+    model = gated(1, 4, arch=arch)
     sampler = CachedSampler(model)
     labels = torch.tensor([2])
     expected, _ = one_lane(sampler, 1, 9, labels, None, 0, 1.0)
@@ -131,6 +133,32 @@ def test_the_reach_is_what_the_gated_model_reads_of_the_row_above():
         assert torch.equal(logits_after(j + reach + 1), base), (first_kernel, kernel, layers)
 
 
+def test_the_masked_conv_reach_covers_what_the_model_reads_of_the_row_above():
+    """Nothing at (r - 1, j + reach + 1) or beyond changes (r, j); the input convolution's pixels at
+    j + first_kernel_size // 2 do (the blocks' reach is in features, checked by the byte-identity test)."""
+    for first_kernel, kernel, layers in [(5, 3, 3), (3, 7, 2), (7, 3, 1)]:
+        config = dataclasses.replace(
+            tiny_model("pixelcnn", size=SIZE).config, first_kernel_size=first_kernel, kernel_size=kernel, layers=layers
+        )
+        torch.manual_seed(0)
+        model = build(config).double().eval()
+        reach, r, j = masked_conv_reach(config), 6, 1
+        assert reach == max(first_kernel, kernel) // 2
+        image = torch.randint(0, 256, (1, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(1))
+
+        def logits_after(column: int) -> torch.Tensor:
+            changed = image.clone()
+            changed[0, 0, r - 1, column] = (changed[0, 0, r - 1, column] + 128) % 256
+            with torch.no_grad():
+                return model(changed)[0, :, 0, r, j]
+
+        with torch.no_grad():
+            base = model(image)[0, :, 0, r, j]
+        assert not torch.equal(logits_after(j + first_kernel // 2), base), (first_kernel, kernel, layers)
+        for column in range(j + reach + 1, SIZE):
+            assert torch.equal(logits_after(column), base), (first_kernel, kernel, layers, column)
+
+
 def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
     model = gated(1, 4)
     expected = {seed: sample_cached(model, 1, seed=seed, labels=torch.tensor([1])) for seed in range(6)}
@@ -156,7 +184,8 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
     assert max(stats["batch_sizes_seen"]) >= 2, stats["batch_sizes_seen"]
 
 
-def test_one_lane_engines_and_masked_conv_models_have_no_wavefront():
+def test_only_engines_of_several_lanes_running_the_c_kernel_have_a_wavefront():
     assert Engine(gated(1, 0), lanes=1).wavefront is None
-    assert Engine(tiny_model("pixelcnn", dtype=torch.float32), lanes=2).wavefront is None
-    assert Engine(gated(1, 0), lanes=2).wavefront is not None
+    assert Engine(tiny_model("gated"), lanes=2).wavefront is None, "float64 runs the torch row loop"
+    assert Engine(gated(1, 0), lanes=2).wavefront.useful_lanes == 3  # 14 columns, rows 4 + 2 apart
+    assert Engine(gated(1, 0, arch="pixelcnn"), lanes=2).wavefront.useful_lanes == 5  # rows 2 + 1 apart

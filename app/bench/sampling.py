@@ -1,13 +1,20 @@
 """Sampling benchmark: naive vs cached sampling vs one forward pass, and the engine under concurrency.
 
-    pixelcnn bench sampling MODEL_DIR [--batches 1,16,64] [--naive-rows 2] [--lanes 1,2] [--json]
+    pixelcnn bench sampling MODEL_DIR [--batches 1,16,64] [--naive-rows 2] [--lanes 1,2] [--repeats 5] [--json]
 
 For each batch size: naive sampling (a full forward pass per sub-pixel; timed over --naive-rows rows and
 extrapolated to the whole image unless --naive-rows covers it), cached sampling of whole images as served
 (the C row kernel where it builds), with the TorchScript row decoder, and with the same decoder run
 eagerly, and one teacher-forced forward pass over the
 same number of images (what /likelihood costs). The ratios that matter: speedup = naive / cached (naive
-~ H*W forwards) and cached_over_forward (the ideal is ~1).
+~ H*W forwards) and cached_over_forward (the ideal is ~1). Cached and forward times are medians of
+--repeats runs. With more than one lane in --lanes, batch 1 is drawn as an engine of that many lanes
+serves a lone request, by wavefront decoding (app/engine/wavefront.py; gated models), and cached_s and
+cached_over_forward are that figure (cached_lanes says so; one_lane_s keeps the single-thread one).
+
+The roofline: multiply-adds per image of the cached path and of the forward pass (from the model's
+matrices), the GFLOP/s each achieved, and this core's FP32 peak measured by a short loop built like the
+kernel (app/bench/roofline.py): with FMAs, and with separate multiplies and adds as the kernel computes.
 
 Then the engine without HTTP, for each number of decode lanes: one request for one image, against
 --concurrency such requests at once, and one request for --big images, which the engine splits across
@@ -27,7 +34,10 @@ from pathlib import Path
 import torch
 
 from app.engine import CachedSampler, Engine, GenerationRequest, sample_cached
+from app.engine.wavefront import Wavefront, sample_wavefront
 from app.model import load, nll_nats, pick_device, sample_naive
+
+from .roofline import cached_macs, forward_macs, gflops, measured_peak
 
 
 def timed(fn) -> float:
@@ -38,6 +48,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def median_time(fn, repeats: int) -> float:
+    return statistics.median(timed(fn) for _ in range(repeats))
+
+
 def measure(
     model,
     sampler: CachedSampler,
@@ -46,6 +60,8 @@ def measure(
     batch: int,
     naive_rows: int,
     seed: int,
+    lanes: int = 1,
+    repeats: int = 1,
 ) -> dict:
     config = model.config
     device = sampler.device
@@ -54,11 +70,19 @@ def measure(
     labels = torch.zeros(batch, dtype=torch.long, device=device) if config.conditional else None
     with torch.no_grad():
         nll_nats(model, images, labels)  # warm-up
-        forward_s = timed(lambda: nll_nats(model, images, labels))
+        forward_s = median_time(lambda: nll_nats(model, images, labels), repeats)
     sample_cached(
         model, batch, seed=seed, sampler=sampler, known=images[:1].cpu(), known_rows=config.height - 1
     )  # warm-up
-    cached_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=sampler))
+    one_lane_s = median_time(lambda: sample_cached(model, batch, seed=seed, sampler=sampler), repeats)
+    cached_s, cached_lanes = one_lane_s, 1
+    if batch == 1 and lanes > 1 and Wavefront.for_row_loop(sampler.row_loop) is not None:
+        # As an engine of `lanes` lanes draws a lone request: by wavefront, the same bytes as one lane.
+        one = sample_cached(model, 1, seed=seed, sampler=sampler)
+        if not torch.equal(sample_wavefront(sampler, 1, seed=seed, lanes=lanes).images, one.images):
+            raise SystemExit("wavefront decoding drew other images than one lane")
+        cached_s = median_time(lambda: sample_wavefront(sampler, 1, seed=seed, lanes=lanes), repeats)
+        cached_lanes = lanes
     torchscript_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=torchscript))
     eager_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=eager))
     rows = min(naive_rows, config.height)
@@ -66,20 +90,29 @@ def measure(
     zeros = torch.zeros((1, *config.shape), dtype=torch.uint8)
     naive_part = timed(lambda: sample_naive(model, batch, seed=seed, known=zeros, known_rows=config.height - rows))
     naive_s = naive_part * config.height / rows
+    cached_per_image, forward_per_image = cached_macs(sampler), forward_macs(model)
     return {
         "batch": batch,
         "naive_s": round(naive_s, 4),
         "naive_extrapolated": rows < config.height,
         "naive_rows_timed": rows,
         "cached_s": round(cached_s, 4),
+        "cached_lanes": cached_lanes,
+        "one_lane_s": round(one_lane_s, 4),
         "native_kernel": sampler.row_loop.name == "c-kernel",
         "torchscript_s": round(torchscript_s, 4),
         "eager_decoder_s": round(eager_s, 4),
         "speedup": round(naive_s / cached_s, 1),
         "forward_s": round(forward_s, 4),
         "cached_over_forward": round(cached_s / forward_s, 2),
+        "one_lane_over_forward": round(one_lane_s / forward_s, 2),
         "torchscript_over_forward": round(torchscript_s / forward_s, 2),
         "cached_images_per_s": round(batch / cached_s, 1),
+        "cached_macs_per_image": cached_per_image,
+        "forward_macs_per_image": forward_per_image,
+        "one_lane_gflops": gflops(cached_per_image, batch, one_lane_s),
+        "torchscript_gflops": gflops(cached_per_image, batch, torchscript_s),
+        "forward_gflops": gflops(forward_per_image, batch, forward_s),
     }
 
 
@@ -138,12 +171,20 @@ def run(argv: list[str] | None = None) -> int:
     model = load(args.model_dir, pick_device(args.device))
     sampler, eager = CachedSampler(model), CachedSampler(model, compiled=False)
     torchscript = CachedSampler(model, native=False)  # what runs without the C kernel
+    lane_counts = [int(lanes) for lanes in args.lanes.split(",")]
     results = [
-        measure(model, sampler, torchscript, eager, int(b), args.naive_rows, args.seed) for b in args.batches.split(",")
+        measure(model, sampler, torchscript, eager, int(b), args.naive_rows, args.seed, max(lane_counts), args.repeats)
+        for b in args.batches.split(",")
     ]
+    peak = measured_peak() if sampler.device.type == "cpu" else None
+    if peak is not None:
+        for r in results:
+            r["one_lane_of_fma_peak"] = round(r["one_lane_gflops"] / peak["fma_gflops"], 2)
+            r["one_lane_of_mul_add_peak"] = round(r["one_lane_gflops"] / peak["mul_add_gflops"], 2)
+            r["forward_of_fma_peak"] = round(r["forward_gflops"] / peak["fma_gflops"], 2)
     engine, big_images = [], []
-    for lanes in args.lanes.split(","):
-        timings, images = asyncio.run(measure_engine(model, int(lanes), args.concurrency, args.big, args.repeats))
+    for lanes in lane_counts:
+        timings, images = asyncio.run(measure_engine(model, lanes, args.concurrency, args.big, args.repeats))
         engine.append(timings)
         big_images.append(images)
     if not all(torch.equal(images, big_images[0]) for images in big_images):
@@ -151,7 +192,7 @@ def run(argv: list[str] | None = None) -> int:
     for r in engine:
         r["big_speedup"] = round(engine[0]["big_s"] / r["big_s"], 2)
     if args.json:
-        print(json.dumps({"sampling": results, "engine": engine}))
+        print(json.dumps({"sampling": results, "peak": peak, "engine": engine}))
         return 0
     c = model.config
     print(
@@ -171,6 +212,26 @@ def run(argv: list[str] | None = None) -> int:
         )
     if any(r["naive_extrapolated"] for r in results):
         print(f"* naive time extrapolated from {results[0]['naive_rows_timed']} timed rows to {c.height}")
+    if any(r["cached_lanes"] > 1 for r in results):
+        print(
+            f"batch 1 cached s: wavefront decoding on {max(lane_counts)} threads; on one: {results[0]['one_lane_s']:.3f} s"
+        )
+    print(
+        f"\nroofline: multiply-adds per image, cached {results[0]['cached_macs_per_image'] / 1e6:.0f}M, forward "
+        f"{results[0]['forward_macs_per_image'] / 1e6:.0f}M; "
+        + (
+            f"this core's FP32 peak {peak['fma_gflops']} GFLOP/s with FMAs, {peak['mul_add_gflops']} with the "
+            "multiplies and adds apart (as the kernel computes)"
+            if peak
+            else "no peak measured (no C compiler or not a CPU)"
+        )
+    )
+    print(f"{'batch':>5} {'one lane GFLOP/s':>17} {'of mul+add peak':>16} {'of FMA peak':>12} {'forward GFLOP/s':>16}")
+    for r in results:
+        print(
+            f"{r['batch']:>5} {r['one_lane_gflops']:>17.1f} {r.get('one_lane_of_mul_add_peak', float('nan')):>16.2f} "
+            f"{r.get('one_lane_of_fma_peak', float('nan')):>12.2f} {r['forward_gflops']:>16.1f}"
+        )
     kernel = "the C row kernel" if sampler.row_loop.name == "c-kernel" else "TorchScript (the C kernel did not build)"
     print(
         f"cached s: as served ({kernel}); torchscript s: the TorchScript row decoder; eager s: the same "

@@ -121,11 +121,12 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(compiler: str) -> Path:
-    """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library."""
-    source = SOURCE.read_bytes()
+def build(compiler: str, source_file: Path = SOURCE) -> Path:
+    """Compile the kernel (or another C file of native/, built alike: the benchmark's peak loop) once per
+    source, flags, compiler and CPU, and return the shared library."""
+    source = source_file.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode())
-    name = f"row_kernels-{key.hexdigest()[:16]}.so"
+    name = f"{source_file.stem}-{key.hexdigest()[:16]}.so"
     for folder in (cache_folder(), Path(tempfile.gettempdir()) / "pixelcnn-kernels"):
         library = folder / name
         if library.exists():
@@ -137,7 +138,7 @@ def build(compiler: str) -> Path:
         # Build under a private name, then rename: processes starting together never load a half file.
         partial = folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, str(source_file), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -199,9 +200,18 @@ def _load() -> ctypes.CDLL | None:
     library.gated_wavefront.argtypes = [
         ctypes.POINTER(GatedWeights),
         ctypes.POINTER(GatedVertical),
-        *[ctypes.c_int32] * 5,
+        *[ctypes.c_int32] * 4,
         pointers,
         pointers,
+        pointers,
+        *[pointer] * 5,
+    ]
+    library.pixelcnn_wavefront.restype = ctypes.c_int
+    library.pixelcnn_wavefront.argtypes = [
+        ctypes.POINTER(PixelCNNWeights),
+        *[ctypes.c_int32] * 3,
+        pointer,
+        pointer,
         pointers,
         *[pointer] * 5,
     ]

@@ -1,11 +1,12 @@
 """Wavefront decoding: the rows of the same images drawn by several threads at once, for latency when a
 request has fewer images than there are idle cores (above all one image).
 
-Pixel (r, j) of a PixelCNN depends on row r - 1 only up to a bounded column j + reach (`reach`), so row r
-can start once row r - 1 has drawn reach + 1 pixels: with two threads a 28 x 28 image of the shipped gated
-model takes about 27 * 16 + 28 = 460 sequential pixel steps instead of 784. Each thread runs the one-lane
-kernel's own code for its row's pixels and its vertical stack (row_kernels.c, gated_wavefront), so the
-images are the same bytes as on one lane (tests/test_wavefront.py).
+Pixel (r, j) of a PixelCNN depends on row r - 1 only up to a bounded column j + reach (`gated_reach`,
+`masked_conv_reach`), so row r can start once row r - 1 has drawn reach + 1 pixels: with two threads a
+28 x 28 image of the shipped gated model (reach 15) takes about 27 * 16 + 28 = 460 sequential pixel steps
+instead of 784; the masked-conv model (reach 3) keeps up to 7 rows in flight. Each thread runs the one-lane
+kernel's own code for its row's pixels and (gated) its vertical stack (row_kernels.c, gated_wavefront,
+pixelcnn_wavefront), so the images are the same bytes as on one lane (tests/test_wavefront.py).
 
 The engine uses it for a lane whose batch is one request while nothing waits and the other lanes are idle
 (scheduler.Engine._wavefront_lanes); a request arriving meanwhile sets `stop`, the threads finish the rows
@@ -22,9 +23,12 @@ import torch
 
 from app.model import ModelConfig
 
-from .c_kernel import NativeGatedDecoder, NativeGatedVertical, _pointers
-from .cache import GatedCache
+from .c_kernel import NativeGatedDecoder, _pointers
+from .cache import DecodeCache, GatedCache
+from .cached import CachedSampler
+from .protocol import start_sampling
 from .row_loops import CKernelRows, RowLoop
+from .types import SampleResult
 
 # Vertical columns computed together (a block shares each weight read; the row below then starts that many
 # columns later): 2 measured best for the shipped model on an Intel Xeon (see BENCHMARKS.md).
@@ -39,36 +43,41 @@ def gated_reach(config: ModelConfig) -> int:
     return config.first_kernel_size // 2 + (config.layers - 1) * (config.kernel_size // 2)
 
 
-def useful_lanes(config: ModelConfig, reach: int, group: int) -> int:
-    """Rows that can be in flight at once: row r starts reach + group pixels after row r - 1."""
-    return max(1, math.ceil(config.width / (reach + group)))
+def masked_conv_reach(config: ModelConfig) -> int:
+    """The same for the masked-conv PixelCNN, counted in the row above's steps: the input convolution reads
+    its pixels up to first_kernel_size // 2 columns right, and each block's convolution reads its reduced
+    features up to kernel_size // 2 columns right, which that row writes at that column's step. What those
+    features depend on in that row lies left of their column (the masks), so the reach is the widest half
+    kernel, not a sum (the pixels themselves reach one column less through the blocks: mask A)."""
+    return max(config.first_kernel_size, config.kernel_size) // 2
 
 
 class Wavefront:
-    """gated_wavefront of the C kernel for a CachedSampler's C row loop (gated models only)."""
+    """The C kernel's wavefront decoding (gated_wavefront or pixelcnn_wavefront) for a CachedSampler's C
+    row loop."""
 
     def __init__(self, row_loop: CKernelRows, group: int = COLUMN_GROUP) -> None:
-        if not isinstance(row_loop.pixels, NativeGatedDecoder) or not isinstance(
-            row_loop.vertical, NativeGatedVertical
-        ):
-            raise TypeError("wavefront decoding needs the C kernel of a gated model")
         self.config: ModelConfig = row_loop.impl.config
         self.pixels, self.vertical = row_loop.pixels, row_loop.vertical
         self.library = row_loop.pixels._library
-        self.group = group
-        self.reach = gated_reach(self.config)
-        self.useful_lanes = useful_lanes(self.config, self.reach, group)
+        self.gated = isinstance(row_loop.pixels, NativeGatedDecoder)
+        # Columns a row starts after the row above: the reach, and for a gated model its column groups.
+        self.group = group if self.gated else 1
+        self.reach = gated_reach(self.config) if self.gated else masked_conv_reach(self.config)
+
+    @property
+    def useful_lanes(self) -> int:
+        """Rows that can be in flight at once: row r starts reach + group pixels after row r - 1."""
+        return max(1, math.ceil(self.config.width / (self.reach + self.group)))
 
     @staticmethod
     def for_row_loop(row_loop: RowLoop) -> Wavefront | None:
-        """The wavefront of this row loop, or None where there is none (TorchScript, masked convolutions)."""
-        if isinstance(row_loop, CKernelRows) and isinstance(row_loop.pixels, NativeGatedDecoder):
-            return Wavefront(row_loop)
-        return None
+        """The wavefront of this row loop, or None where there is none (the torch row loops)."""
+        return Wavefront(row_loop) if isinstance(row_loop, CKernelRows) else None
 
     def decode(
         self,
-        state: GatedCache,
+        state: DecodeCache,
         uniforms: torch.Tensor,
         temperature: torch.Tensor,
         lanes: int,
@@ -80,30 +89,48 @@ class Wavefront:
         and each row's log p (R', B) float64 for the R' <= R rows drawn (fewer once `stop` is set); `state`
         moves on to row R'. The values are those of R' calls of CachedSampler.decode_row."""
         rows, batch = uniforms.shape[0], uniforms.shape[1]
-        kept = [t for layer in state.vertical for t in layer]
-        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in kept + state.v_bias + state.h_bias):
-            raise ValueError("wavefront decoding needs contiguous float32 caches")
+        caches = (
+            [t for layer in state.vertical for t in layer] + state.v_bias + state.h_bias
+            if isinstance(state, GatedCache)
+            else [state.inputs, state.input_bias, *state.conv_inputs]
+        )
+        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in caches):
+            raise ValueError("wavefront decoding needs contiguous float32 caches (it writes into them in place)")
         uniforms = uniforms.to(torch.float64).contiguous()
         temperature = temperature.to(torch.float64).reshape(-1).contiguous()
         values = torch.zeros((rows, batch, self.config.image_channels, self.config.width), dtype=torch.long)
         log_prob = torch.zeros((rows, batch), dtype=torch.float64)
-        drawn = self.library.gated_wavefront(
-            ctypes.byref(self.pixels._weights),
-            ctypes.byref(self.vertical._weights),
-            batch,
-            rows,
-            lanes,
-            self.group,
-            self.reach,
-            _pointers(kept),
-            _pointers(state.v_bias),
-            _pointers(state.h_bias),
+        outputs = (
             uniforms.data_ptr(),
             temperature.data_ptr(),
             values.data_ptr(),
             log_prob.data_ptr(),
             None if stop is None else ctypes.addressof(stop),
         )
+        if self.gated:
+            drawn = self.library.gated_wavefront(
+                ctypes.byref(self.pixels._weights),
+                ctypes.byref(self.vertical._weights),
+                batch,
+                rows,
+                lanes,
+                self.group,
+                _pointers([t for layer in state.vertical for t in layer]),
+                _pointers(state.v_bias),
+                _pointers(state.h_bias),
+                *outputs,
+            )
+        else:
+            drawn = self.library.pixelcnn_wavefront(
+                ctypes.byref(self.pixels._weights),
+                batch,
+                rows,
+                lanes,
+                state.inputs.data_ptr(),
+                state.input_bias.data_ptr(),
+                _pointers(state.conv_inputs),
+                *outputs,
+            )
         if drawn < 0:
             raise MemoryError("wavefront decoding could not allocate its buffers")
         return values[:drawn], log_prob[:drawn]
@@ -121,3 +148,24 @@ def rewind(streams: list[np.random.Generator], states: list[dict], rows: int, ch
     for stream, saved in zip(streams, states):
         stream.bit_generator.state = saved
         stream.random((rows, channels, width))
+
+
+def sample_wavefront(
+    sampler: CachedSampler, n: int = 1, seed: int = 0, lanes: int = 2, temperature: float = 1.0
+) -> SampleResult:
+    """Sample n images (no known rows, labels drawn as the protocol says) by wavefront decoding on `lanes`
+    threads: the images, labels and log p of cached.sample_cached with the same sampler and seed."""
+    config = sampler.config
+    streams, labels, canvas, _ = start_sampling(config, n, None, temperature, seed, None, 0, sampler.device)
+    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    if decoder is None:
+        raise ValueError(f"no wavefront decoding for the {sampler.row_loop.name} row loop")
+    state = sampler.prefill(canvas, labels, 0)
+    uniforms = uniforms_ahead(streams, config.height, config.image_channels, config.width)
+    temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
+    values, row_log_probs = decoder.decode(state, uniforms, temperatures, lanes)
+    canvas[:] = values.permute(1, 2, 0, 3)  # (H, n, C, W) -> (n, C, H, W)
+    log_prob = torch.zeros(n, dtype=torch.float64)
+    for row in row_log_probs:  # row by row, as the one-lane sum runs
+        log_prob += row
+    return SampleResult(canvas.to(torch.uint8), labels, log_prob, None)

@@ -485,10 +485,20 @@ void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, fl
  * `lanes` consecutive rows are in flight, so a ring of max(kh) + lanes rows is never overwritten while read.
  * progress[i]: pixels of row i drawn (release/acquire). `end`: rows < end are complete; a thread that sees
  * *stop at a row's start, or finds the row above abandoned, lowers it to its own row and leaves. */
+/* What the threads of a wavefront share, whatever the architecture. */
 typedef struct {
+    int batch, rows, lanes;
+    const int32_t *stop;
+    _Atomic int32_t *progress; /* (rows) */
+    _Atomic int32_t end;
+    _Atomic int32_t failed;
+} WavefrontSync;
+
+typedef struct {
+    WavefrontSync sync; /* first: a GatedWavefront * is a WavefrontSync * */
     const GatedWeights *w;
     const GatedVertical *v;
-    int batch, rows, lanes, ring, group, reach;
+    int ring, group;
     float **slots;  /* slots[l * ring + k]: ring row k of S_l, (B, W, kw_l * in_l) */
     const float *const *class_v;
     const float *const *class_h;
@@ -496,10 +506,6 @@ typedef struct {
     const double *temperature; /* (B) */
     int64_t *values;           /* (rows, B, C, W) */
     double *log_prob;          /* (rows, B): each row's sum, from 0 */
-    const int32_t *stop;
-    _Atomic int32_t *progress; /* (rows) */
-    _Atomic int32_t end;
-    _Atomic int32_t failed;
 } GatedWavefront;
 
 static float *ring_row(const GatedWavefront *f, int l, int t) {
@@ -524,7 +530,7 @@ static inline void spin_pause(int spins) {
 }
 
 /* Wait until row i - 1 has drawn `pixels` pixels; 0 if it was abandoned (then row i is too). */
-static int wait_for_row_above(GatedWavefront *f, int i, int pixels) {
+static int wait_for_row_above(WavefrontSync *f, int i, int pixels) {
     if (i == 0) return 1;
     for (int spins = 0; atomic_load_explicit(&f->progress[i - 1], memory_order_acquire) < pixels; spins++) {
         if (atomic_load(&f->end) <= i - 1) {
@@ -536,20 +542,59 @@ static int wait_for_row_above(GatedWavefront *f, int i, int pixels) {
     return 1;
 }
 
+/* Row i may start: 0 once *stop was seen (no row from here on starts) or a row above was abandoned. */
+static int row_may_start(WavefrontSync *f, int i) {
+    if (f->stop != NULL && __atomic_load_n(f->stop, __ATOMIC_RELAXED)) lower_end(&f->end, i);
+    return i < atomic_load(&f->end);
+}
+
 typedef struct {
-    GatedWavefront *f;
+    void *job; /* a GatedWavefront or a PixelCNNWavefront */
     int lane;
 } WavefrontLane;
+
+/* Run lane(0) here and lane(1 .. lanes - 1) on threads of their own; returns when all are done. */
+static void run_lanes(WavefrontSync *f, void *job, void *(*lane)(void *)) {
+    pthread_t threads[64];
+    WavefrontLane lanes[64];
+    int started = 1;
+    for (int t = 1; t < f->lanes && t < 64; t++) {
+        lanes[t] = (WavefrontLane){job, t};
+        if (pthread_create(&threads[t], NULL, lane, &lanes[t]) != 0) {
+            lower_end(&f->end, t); /* row t is never drawn: rows before it still are */
+            break;
+        }
+        started++;
+    }
+    lanes[0] = (WavefrontLane){job, 0};
+    lane(&lanes[0]);
+    for (int t = 1; t < started; t++) pthread_join(threads[t], NULL);
+}
+
+static int init_sync(WavefrontSync *f, int batch, int rows, int lanes, const int32_t *stop) {
+    *f = (WavefrontSync){.batch = batch, .rows = rows, .lanes = lanes, .stop = stop};
+    atomic_init(&f->end, rows);
+    atomic_init(&f->failed, 0);
+    f->progress = malloc(sizeof(_Atomic int32_t) * (rows > 0 ? rows : 1));
+    if (f->progress == NULL) return 0;
+    for (int i = 0; i < rows; i++) atomic_init(&f->progress[i], 0);
+    return 1;
+}
+
+/* A lane that cannot get its memory: nothing is reported, the call fails. */
+static void lane_failed(WavefrontSync *f) {
+    atomic_store(&f->failed, 1);
+    lower_end(&f->end, 0);
+}
 
 /* One row (index i of the call) for every image. Returns 0 if it was abandoned. */
 static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, float *const *row_bias, float *link_bias,
                          float *vertical_scratch, const GatedScratch *s, double *cdf) {
     const GatedWeights *w = f->w;
     const GatedVertical *v = f->v;
-    const int n = v->channels, c = v->image_channels, width = v->width, layers = v->layers, batch = f->batch;
+    const int n = v->channels, c = v->image_channels, width = v->width, layers = v->layers, batch = f->sync.batch;
     const int kw0 = v->v_width[0], pad0 = kw0 / 2, hw0 = w->h_width[0];
-    if (f->stop != NULL && __atomic_load_n(f->stop, __ATOMIC_RELAXED)) lower_end(&f->end, i);
-    if (i >= atomic_load(&f->end)) return 0;
+    if (!row_may_start(&f->sync, i)) return 0;
     /* The rows this one writes start at zero (the unfolded rows' padding). */
     memset(ring_row(f, 0, i + 1), 0, sizeof(float) * (size_t)batch * width * kw0 * c);
     for (int l = 1; l < layers; l++) memset(ring_row(f, l, i), 0, sizeof(float) * (size_t)batch * width * v->v_width[l] * n);
@@ -567,7 +612,7 @@ static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, floa
                 if (target[l] < done[l]) target[l] = done[l];
             }
             const int needed = target[0] + pad0 < width ? target[0] + pad0 : width;
-            if (!wait_for_row_above(f, i, needed)) return 0;
+            if (!wait_for_row_above(&f->sync, i, needed)) return 0;
             for (int l = 0; l < layers; l++) {
                 if (target[l] <= done[l]) continue;
                 const int kh = v->v_rows[l];
@@ -600,16 +645,16 @@ static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, floa
                 }
             }
         }
-        atomic_store_explicit(&f->progress[i], j + 1, memory_order_release);
+        atomic_store_explicit(&f->sync.progress[i], j + 1, memory_order_release);
     }
     return 1;
 }
 
-static void *wavefront_lane(void *argument) {
+static void *gated_wavefront_lane(void *argument) {
     const WavefrontLane *lane = argument;
-    GatedWavefront *f = lane->f;
+    GatedWavefront *f = lane->job;
     const GatedVertical *v = f->v;
-    const int n = v->channels, width = v->width, batch = f->batch, layers = v->layers;
+    const int n = v->channels, width = v->width, batch = f->sync.batch, layers = v->layers;
     const size_t per_image = (size_t)(6 * n + f->w->head + LEVELS);
     size_t floats = per_image * BLOCK + (size_t)BLOCK * 3 * n + (size_t)batch * 2 * n;
     for (int l = 0; l < layers; l++) floats += (size_t)batch * (v->h_size[l] + width * 2 * n);
@@ -617,8 +662,7 @@ static void *wavefront_lane(void *argument) {
     double *cdf = malloc(sizeof(double) * LEVELS);
     float *h_buffers[32], *row_bias[32];
     if (scratch == NULL || cdf == NULL) {
-        atomic_store(&f->failed, 1);
-        lower_end(&f->end, 0);
+        lane_failed(&f->sync);
         free(scratch);
         free(cdf);
         return NULL;
@@ -639,7 +683,7 @@ static void *wavefront_lane(void *argument) {
         row_bias[l] = next + (size_t)batch * v->h_size[l];
         next = row_bias[l] + (size_t)batch * width * 2 * n;
     }
-    for (int i = lane->lane; i < f->rows; i += f->lanes)
+    for (int i = lane->lane; i < f->sync.rows; i += f->sync.lanes)
         if (!wavefront_row(f, i, h_buffers, row_bias, link_bias, vertical_scratch, &s, cdf)) break;
     free(scratch);
     free(cdf);
@@ -650,40 +694,32 @@ static void *wavefront_lane(void *argument) {
  * lanes - 1 more). kept: every layer's kept vertical input rows as GatedCache holds them before a row
  * (layer 0: kh_0 image rows, layer l > 0: kh_l - 1 rows, oldest first), replaced on return by those for the
  * first row not drawn. group: vertical columns computed together (more share each weight read, and the
- * row below starts that much later). reach: the columns of the row above a pixel depends on, to its right.
+ * row below starts that much later); each layer's columns wait for the columns of the row above they read.
  * stop: polled at each row's start; once nonzero no further row starts. Returns the rows completed (each
  * row's values, log p and uniforms at its index), or -1 when memory ran out. */
 int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch, int32_t rows, int32_t lanes,
-                    int32_t group, int32_t reach, float *const *kept, const float *const *class_v,
+                    int32_t group, float *const *kept, const float *const *class_v,
                     const float *const *class_h, const double *uniforms, const double *temperature, int64_t *values,
                     double *log_prob, const int32_t *stop) {
     const int layers = v->layers, n = v->channels, width = v->width;
-    if (layers > 32 || lanes < 1 || group < 1) return -1;
+    if (layers > 32 || lanes < 1 || lanes > 64 || group < 1) return -1;
     int kh_max = 0;
     for (int l = 0; l < layers; l++) kh_max = v->v_rows[l] > kh_max ? v->v_rows[l] : kh_max;
-    GatedWavefront f = {.w = w, .v = v, .batch = batch, .rows = rows, .lanes = lanes, .ring = kh_max + lanes + 1,
-                        .group = group, .reach = reach, .class_v = class_v, .class_h = class_h,
-                        .uniforms = uniforms, .temperature = temperature, .values = values, .log_prob = log_prob,
-                        .stop = stop};
-    atomic_init(&f.end, rows);
-    atomic_init(&f.failed, 0);
+    GatedWavefront f = {.w = w, .v = v, .ring = kh_max + lanes + 1, .group = group, .class_v = class_v,
+                        .class_h = class_h, .uniforms = uniforms, .temperature = temperature, .values = values,
+                        .log_prob = log_prob};
     size_t floats = 0;
     for (int l = 0; l < layers; l++)
         floats += (size_t)f.ring * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
     float *ring = malloc(sizeof(float) * floats);
     float **slots = malloc(sizeof(float *) * (size_t)layers * f.ring);
-    _Atomic int32_t *progress = malloc(sizeof(_Atomic int32_t) * (rows > 0 ? rows : 1));
-    pthread_t threads[64];
-    WavefrontLane lane_args[64];
-    if (ring == NULL || slots == NULL || progress == NULL || lanes > 64) {
+    if (!init_sync(&f.sync, batch, rows, lanes, stop) || ring == NULL || slots == NULL) {
         free(ring);
         free(slots);
-        free(progress);
+        free((void *)f.sync.progress);
         return -1;
     }
-    for (int i = 0; i < rows; i++) atomic_init(&progress[i], 0);
     f.slots = slots;
-    f.progress = progress;
     float *at = ring;
     for (int l = 0; l < layers; l++) {
         const size_t size = (size_t)batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
@@ -696,20 +732,9 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
         const int kept_rows = l == 0 ? v->v_rows[0] : v->v_rows[l] - 1, newest = l == 0 ? 0 : -1;
         for (int r = 0; r < kept_rows; r++) memcpy(ring_row(&f, l, newest - kept_rows + 1 + r), kept[index++], size);
     }
-    int started = 1;
-    for (int t = 1; t < lanes; t++) {
-        lane_args[t] = (WavefrontLane){&f, t};
-        if (pthread_create(&threads[t], NULL, wavefront_lane, &lane_args[t]) != 0) {
-            lower_end(&f.end, t); /* row t is never drawn: rows before it still are */
-            break;
-        }
-        started++;
-    }
-    lane_args[0] = (WavefrontLane){&f, 0};
-    wavefront_lane(&lane_args[0]);
-    for (int t = 1; t < started; t++) pthread_join(threads[t], NULL);
-    const int end = atomic_load(&f.end);
-    if (!atomic_load(&f.failed)) {  /* the kept rows for row `end` */
+    run_lanes(&f.sync, &f, gated_wavefront_lane);
+    const int end = atomic_load(&f.sync.end), failed = atomic_load(&f.sync.failed);
+    if (!failed) { /* the kept rows for row `end` */
         index = 0;
         for (int l = 0; l < layers; l++) {
             const size_t size = sizeof(float) * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
@@ -717,10 +742,9 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
             for (int r = 0; r < kept_rows; r++) memcpy(kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), size);
         }
     }
-    const int failed = atomic_load(&f.failed);
     free(ring);
     free(slots);
-    free((void *)progress);
+    free((void *)f.sync.progress);
     return failed ? -1 : end;
 }
 
@@ -758,93 +782,126 @@ static inline void relu(float *values, int count) {
     for (int o = 0; o < count; o++) values[o] = values[o] > 0.0f ? values[o] : 0.0f;
 }
 
-int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
-                        float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
-                        double *log_prob) {
-    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
-    const int in_rows = (in_half + 1) * (2 * in_half + 1) * c;
-    int largest = in_rows;
+/* Each image's working vectors in a block of the masked-conv loop (slot b holds the block's image b). */
+typedef struct {
+    float *patch[BLOCK], *h[BLOCK], *act[BLOCK], *branch[BLOCK], *expanded[BLOCK], *hidden[BLOCK], *logits[BLOCK];
+} PixelCNNScratch;
+
+#define MAX_BLOCKS 64 /* residual blocks of a masked-conv model the kernel takes */
+
+/* Scratch floats for a block of images; lays them out into s when `scratch` is given. */
+static size_t pixelcnn_scratch(const PixelCNNWeights *w, float *scratch, PixelCNNScratch *s) {
+    const int n = w->channels, half_n = n / 2, c = w->image_channels, in_half = w->in_half;
+    int largest = (in_half + 1) * (2 * in_half + 1) * c;
     for (int k = 0; k < w->blocks; k++) {
         const int size = (w->half[k] + 1) * (2 * w->half[k] + 1) * half_n;
         largest = size > largest ? size : largest;
     }
     const size_t per_image = (size_t)(largest + 4 * n + w->head + LEVELS);
-    float *scratch = malloc(sizeof(float) * per_image * BLOCK);
+    if (scratch != NULL) {
+        for (int b = 0; b < BLOCK; b++) {
+            s->patch[b] = scratch + b * per_image;
+            s->h[b] = s->patch[b] + largest;
+            s->act[b] = s->h[b] + n;
+            s->branch[b] = s->act[b] + n;
+            s->expanded[b] = s->branch[b] + n;
+            s->hidden[b] = s->expanded[b] + n;
+            s->logits[b] = s->hidden[b] + w->head;
+        }
+    }
+    return per_image * BLOCK;
+}
+
+/* Logits (into s->logits) of sub-pixel (j, colour) of a block's `count` images: image b's input rows
+ * (in_half + 1 of them, the current row last, (W + 2 in_half, C) each) start at inputs[b], its block k's
+ * window (half_k + 1 rows) at windows[k * BLOCK + b]; writes each block's reduced features at column j.
+ * The products run for the whole block (affine_block), the rest image by image. */
+static void pixelcnn_step(const PixelCNNWeights *w, int count, int j, int colour, float *const *inputs,
+                          const float *const *input_bias, float *const *windows, const PixelCNNScratch *s) {
+    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
+    const int in_rows = (in_half + 1) * (2 * in_half + 1) * c;
+    const float *x[BLOCK], *bias[BLOCK];
+    float *centre[BLOCK];
+    for (int b = 0; b < count; b++) {
+        gather_window(s->patch[b], inputs[b], in_half + 1, in_half, width, c, j);
+        x[b] = s->patch[b];
+        bias[b] = input_bias[b];
+    }
+    affine_block(s->h, bias, x, w->in_weight, in_rows, n, count);
+    for (int k = 0; k < w->blocks; k++) {
+        const int half = w->half[k];
+        float *const *window = windows + (size_t)k * BLOCK;
+        for (int b = 0; b < count; b++) {
+            centre[b] = window[b] + ((size_t)half * (width + 2 * half) + j + half) * half_n;
+            memcpy(s->act[b], s->h[b], sizeof(float) * n);
+            relu(s->act[b], n);
+            x[b] = s->act[b];
+        }
+        same_for_block(bias, w->reduce_bias[k], count);
+        affine_block(centre, bias, x, w->reduce_weight[k], n, half_n, count);
+        for (int b = 0; b < count; b++) {
+            relu(centre[b], half_n);
+            gather_window(s->patch[b], window[b], half + 1, half, width, half_n, j);
+            x[b] = s->patch[b];
+        }
+        same_for_block(bias, w->conv_bias[k], count);
+        affine_block(s->branch, bias, x, w->conv_weight[k], (half + 1) * (2 * half + 1) * half_n, half_n, count);
+        for (int b = 0; b < count; b++) {
+            relu(s->branch[b], half_n);
+            x[b] = s->branch[b];
+        }
+        same_for_block(bias, w->expand_bias[k], count);
+        affine_block(s->expanded, bias, x, w->expand_weight[k], half_n, n, count);
+        for (int b = 0; b < count; b++)
+            for (int o = 0; o < n; o++) s->h[b][o] += s->expanded[b][o];
+    }
+    for (int b = 0; b < count; b++) {
+        relu(s->h[b], n);
+        x[b] = s->h[b];
+    }
+    same_for_block(bias, w->hidden_b, count);
+    affine_block(s->hidden, bias, x, w->hidden_w, n, w->head, count);
+    for (int b = 0; b < count; b++) {
+        relu(s->hidden[b], w->head);
+        x[b] = s->hidden[b];
+    }
+    same_for_block(bias, w->logits_b[colour], count);
+    affine_block(s->logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
+}
+
+int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
+                        float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
+                        double *log_prob) {
+    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
+    if (w->blocks > MAX_BLOCKS) return 1;
+    float *scratch = malloc(sizeof(float) * pixelcnn_scratch(w, NULL, NULL));
     double *cdf = malloc(sizeof(double) * LEVELS);
     if (scratch == NULL || cdf == NULL) {
         free(scratch);
         free(cdf);
         return 1;
     }
-    /* Each image's working vectors in a block (slot b holds image first + b). */
-    float *patch[BLOCK], *h[BLOCK], *act[BLOCK], *branch[BLOCK], *expanded[BLOCK], *hidden[BLOCK], *logits[BLOCK];
-    for (int b = 0; b < BLOCK; b++) {
-        patch[b] = scratch + b * per_image;
-        h[b] = patch[b] + largest;
-        act[b] = h[b] + n;
-        branch[b] = act[b] + n;
-        expanded[b] = branch[b] + n;
-        hidden[b] = expanded[b] + n;
-        logits[b] = hidden[b] + w->head;
-    }
-    const float *x[BLOCK], *bias[BLOCK];
-    float *image_inputs[BLOCK], *window[BLOCK], *centre[BLOCK];
+    PixelCNNScratch s;
+    pixelcnn_scratch(w, scratch, &s);
+    float *image_inputs[BLOCK], *window[MAX_BLOCKS * BLOCK];
+    const float *bias[BLOCK];
     const size_t input_size = (size_t)(in_half + 1) * (width + 2 * in_half) * c;
     for (int first = 0; first < batch; first += BLOCK) {
         const int count = batch - first < BLOCK ? batch - first : BLOCK;
-        for (int b = 0; b < count; b++) image_inputs[b] = inputs + (first + b) * input_size;
+        for (int b = 0; b < count; b++) {
+            image_inputs[b] = inputs + (first + b) * input_size;
+            bias[b] = input_bias + (size_t)(first + b) * n;
+            for (int k = 0; k < w->blocks; k++) {
+                const int half = w->half[k];
+                window[k * BLOCK + b] = windows[k] + (size_t)(first + b) * (half + 1) * (width + 2 * half) * half_n;
+            }
+        }
         for (int j = 0; j < width; j++) {
             for (int colour = 0; colour < c; colour++) {
-                /* The products run for the whole block (affine_block), the rest image by image. */
-                for (int b = 0; b < count; b++) {
-                    gather_window(patch[b], image_inputs[b], in_half + 1, in_half, width, c, j);
-                    x[b] = patch[b];
-                    bias[b] = input_bias + (size_t)(first + b) * n;
-                }
-                affine_block(h, bias, x, w->in_weight, in_rows, n, count);
-                for (int k = 0; k < w->blocks; k++) {
-                    const int half = w->half[k];
-                    for (int b = 0; b < count; b++) {
-                        window[b] = windows[k] + (size_t)(first + b) * (half + 1) * (width + 2 * half) * half_n;
-                        centre[b] = window[b] + ((size_t)half * (width + 2 * half) + j + half) * half_n;
-                        memcpy(act[b], h[b], sizeof(float) * n);
-                        relu(act[b], n);
-                        x[b] = act[b];
-                    }
-                    same_for_block(bias, w->reduce_bias[k], count);
-                    affine_block(centre, bias, x, w->reduce_weight[k], n, half_n, count);
-                    for (int b = 0; b < count; b++) {
-                        relu(centre[b], half_n);
-                        gather_window(patch[b], window[b], half + 1, half, width, half_n, j);
-                        x[b] = patch[b];
-                    }
-                    same_for_block(bias, w->conv_bias[k], count);
-                    affine_block(branch, bias, x, w->conv_weight[k], (half + 1) * (2 * half + 1) * half_n, half_n,
-                                 count);
-                    for (int b = 0; b < count; b++) {
-                        relu(branch[b], half_n);
-                        x[b] = branch[b];
-                    }
-                    same_for_block(bias, w->expand_bias[k], count);
-                    affine_block(expanded, bias, x, w->expand_weight[k], half_n, n, count);
-                    for (int b = 0; b < count; b++)
-                        for (int o = 0; o < n; o++) h[b][o] += expanded[b][o];
-                }
-                for (int b = 0; b < count; b++) {
-                    relu(h[b], n);
-                    x[b] = h[b];
-                }
-                same_for_block(bias, w->hidden_b, count);
-                affine_block(hidden, bias, x, w->hidden_w, n, w->head, count);
-                for (int b = 0; b < count; b++) {
-                    relu(hidden[b], w->head);
-                    x[b] = hidden[b];
-                }
-                same_for_block(bias, w->logits_b[colour], count);
-                affine_block(logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
+                pixelcnn_step(w, count, j, colour, image_inputs, bias, window, &s);
                 for (int b = 0; b < count; b++) {
                     const size_t at = ((size_t)(first + b) * c + colour) * width + j;
-                    const int value = draw_into(logits[b], uniforms[at], temperature[first + b], row + at,
+                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b], row + at,
                                                 log_prob + first + b, cdf);
                     image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
                         (float)value / 127.5f - 1.0f;
@@ -855,4 +912,134 @@ int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, 
     free(scratch);
     free(cdf);
     return 0;
+}
+
+/* Wavefront decoding of the masked-conv model. Every input and reduced-feature row of the call is kept
+ * (tall buffers: row i's windows are rows i .. i + half of them, the current row last, as pixelcnn_decode_row
+ * lays them out), so no row is ever overwritten; pixel (r, j) reads the row above up to column j + reach,
+ * reach = the largest half kernel width (the input conv's and every block's). */
+typedef struct {
+    WavefrontSync sync;
+    const PixelCNNWeights *w;
+    int reach;
+    float *inputs;                 /* (B, in_half + rows, W + 2 in_half, C) */
+    float *windows[MAX_BLOCKS];    /* (B, half_k + rows, W + 2 half_k, n / 2) */
+    const float *input_bias;       /* (B, n) */
+    const double *uniforms, *temperature;
+    int64_t *values;
+    double *log_prob;
+} PixelCNNWavefront;
+
+static size_t tall_image(const PixelCNNWavefront *f, int half, int channels) {
+    return (size_t)(half + f->sync.rows) * (f->w->width + 2 * half) * channels;
+}
+
+static void *pixelcnn_wavefront_lane(void *argument) {
+    const WavefrontLane *lane = argument;
+    PixelCNNWavefront *f = lane->job;
+    const PixelCNNWeights *w = f->w;
+    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
+    const int batch = f->sync.batch;
+    float *scratch = malloc(sizeof(float) * pixelcnn_scratch(w, NULL, NULL));
+    double *cdf = malloc(sizeof(double) * LEVELS);
+    if (scratch == NULL || cdf == NULL) {
+        lane_failed(&f->sync);
+        free(scratch);
+        free(cdf);
+        return NULL;
+    }
+    PixelCNNScratch s;
+    pixelcnn_scratch(w, scratch, &s);
+    float *image_inputs[BLOCK], *window[MAX_BLOCKS * BLOCK];
+    const float *bias[BLOCK];
+    for (int i = lane->lane; i < f->sync.rows; i += f->sync.lanes) {
+        if (!row_may_start(&f->sync, i)) break;
+        int abandoned = 0;
+        for (int j = 0; j < width && !abandoned; j++) {
+            const int needed = j + f->reach + 1 < width ? j + f->reach + 1 : width;
+            if (!wait_for_row_above(&f->sync, i, needed)) {
+                abandoned = 1;
+                break;
+            }
+            for (int first = 0; first < batch; first += BLOCK) {
+                const int count = batch - first < BLOCK ? batch - first : BLOCK;
+                for (int b = 0; b < count; b++) {
+                    image_inputs[b] = f->inputs + (first + b) * tall_image(f, in_half, c) +
+                                      (size_t)i * (width + 2 * in_half) * c;
+                    bias[b] = f->input_bias + (size_t)(first + b) * n;
+                    for (int k = 0; k < w->blocks; k++) {
+                        const int half = w->half[k];
+                        window[k * BLOCK + b] = f->windows[k] + (first + b) * tall_image(f, half, half_n) +
+                                                (size_t)i * (width + 2 * half) * half_n;
+                    }
+                }
+                for (int colour = 0; colour < c; colour++) {
+                    pixelcnn_step(w, count, j, colour, image_inputs, bias, window, &s);
+                    for (int b = 0; b < count; b++) {
+                        const size_t at = (((size_t)i * batch + first + b) * c + colour) * width + j;
+                        const int value = draw_into(s.logits[b], f->uniforms[at], f->temperature[first + b],
+                                                    f->values + at, f->log_prob + (size_t)i * batch + first + b, cdf);
+                        image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
+                            (float)value / 127.5f - 1.0f;
+                    }
+                }
+            }
+            atomic_store_explicit(&f->sync.progress[i], j + 1, memory_order_release);
+        }
+        if (abandoned) break;
+    }
+    free(scratch);
+    free(cdf);
+    return NULL;
+}
+
+/* Copy between a cache window (B, half + 1, W + 2 half, ch) and rows `top` .. top + half of a tall buffer;
+ * to the cache, the current (last) row is left zero: it is the next row to draw. */
+static void window_rows(const PixelCNNWavefront *f, float *tall, float *cache, int half, int channels, int top,
+                        int to_cache) {
+    const size_t row = (size_t)(f->w->width + 2 * half) * channels;
+    for (int b = 0; b < f->sync.batch; b++) {
+        float *image = tall + b * tall_image(f, half, channels) + (size_t)top * row;
+        float *kept = cache + (size_t)b * (half + 1) * row;
+        if (to_cache) {
+            memcpy(kept, image, sizeof(float) * half * row);
+            memset(kept + (size_t)half * row, 0, sizeof(float) * row);
+        } else {
+            memcpy(image, kept, sizeof(float) * (half + 1) * row);
+        }
+    }
+}
+
+/* pixelcnn_decode_row's loop for up to `rows` rows of `batch` images (all at the same row) on `lanes`
+ * threads; inputs and windows as pixelcnn_decode_row takes them, replaced on return by those for the first
+ * row not drawn. Arguments and return value otherwise as gated_wavefront's. */
+int pixelcnn_wavefront(const PixelCNNWeights *w, int32_t batch, int32_t rows, int32_t lanes, float *inputs,
+                       const float *input_bias, float *const *windows, const double *uniforms,
+                       const double *temperature, int64_t *values, double *log_prob, const int32_t *stop) {
+    const int half_n = w->channels / 2, c = w->image_channels;
+    if (w->blocks > MAX_BLOCKS || lanes < 1 || lanes > 64) return -1;
+    PixelCNNWavefront f = {.w = w, .reach = w->in_half, .input_bias = input_bias, .uniforms = uniforms,
+                           .temperature = temperature, .values = values, .log_prob = log_prob};
+    for (int k = 0; k < w->blocks; k++) f.reach = w->half[k] > f.reach ? w->half[k] : f.reach;
+    int ok = init_sync(&f.sync, batch, rows, lanes, stop);
+    f.inputs = ok ? calloc(batch * tall_image(&f, w->in_half, c), sizeof(float)) : NULL;
+    ok = ok && f.inputs != NULL;
+    for (int k = 0; k < w->blocks; k++) {
+        f.windows[k] = ok ? calloc(batch * tall_image(&f, w->half[k], half_n), sizeof(float)) : NULL;
+        ok = ok && f.windows[k] != NULL;
+    }
+    if (ok) {
+        window_rows(&f, f.inputs, inputs, w->in_half, c, 0, 0);
+        for (int k = 0; k < w->blocks; k++) window_rows(&f, f.windows[k], windows[k], w->half[k], half_n, 0, 0);
+        run_lanes(&f.sync, &f, pixelcnn_wavefront_lane);
+    }
+    const int end = atomic_load(&f.sync.end), failed = !ok || atomic_load(&f.sync.failed);
+    if (!failed) {
+        window_rows(&f, f.inputs, inputs, w->in_half, c, end, 1);
+        for (int k = 0; k < w->blocks; k++) window_rows(&f, f.windows[k], windows[k], w->half[k], half_n, end, 1);
+    }
+    free(f.inputs);
+    for (int k = 0; k < w->blocks; k++) free(f.windows[k]);
+    free((void *)f.sync.progress);
+    return failed ? -1 : end;
 }
