@@ -209,6 +209,8 @@ class ModelInfo(BaseModel):
     parameters: int
     metrics: dict | None
     default: bool
+    baseline: bool = Field(False, description="shipped only to compare with (metrics.json role: baseline)")
+    note: str | None = Field(None, description="what the model is, in a sentence (metrics.json note)")
 
 
 class LikelihoodOut(BaseModel):
