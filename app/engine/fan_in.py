@@ -17,6 +17,8 @@ import torch
 
 from .types import GenerationRequest, RowEvent, SampleResult
 
+Delivery = RowEvent | SampleResult | BaseException  # what reaches the caller's queue
+
 
 class TrackedRequest:
     """One request inside the engine: what its shards share and what its caller receives. Shards in
@@ -28,7 +30,7 @@ class TrackedRequest:
         labels: torch.Tensor | None,
         canvas: torch.Tensor,
         shards: int,
-        deliver: Callable[[object], None],
+        deliver: Callable[[Delivery], None],
         withdraw: Callable[[TrackedRequest], None],
         wants_rows: bool,
     ) -> None:
@@ -74,7 +76,7 @@ class TrackedRequest:
             if self.first_row_at is None:
                 self.first_row_at = time.perf_counter()
             if self.wants_rows:  # under the lock: rows leave in order even when two lanes finish them
-                self.deliver(RowEvent(row, self.images[:, :, row].clone()))
+                self.deliver(RowEvent(row, self.images[:, :, row].numpy().copy()))
 
     def shard_left(self) -> bool:
         """A shard drew its last row and left its lane; True when it was the last one of a request that
@@ -89,7 +91,8 @@ class TrackedRequest:
             if self.closed:
                 return
             self.closed = True
-        self.deliver(SampleResult(self.images, self.labels, self.log_prob))
+        labels = None if self.labels is None else self.labels.cpu().numpy()
+        self.deliver(SampleResult(self.images.numpy(), labels, self.log_prob.numpy()))
 
     def fail(self, error: BaseException) -> None:
         """End the request with `error`, unless it already ended; its other shards leave at their next row."""
