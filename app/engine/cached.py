@@ -23,6 +23,7 @@ from app.model.gated import GatedPixelCNN
 
 from .cache import DecodeCache
 from .cached_models import CachedGated, CachedPixelCNN
+from .posterior import infer_labels
 from .protocol import row_uniforms, start_sampling
 from .row_loops import Target, choose_row_loop, exact_execution, script
 
@@ -134,13 +135,19 @@ def iter_sample(
     known: torch.Tensor | None = None,
     known_rows: int = 0,
     sampler: CachedSampler | None = None,
+    label_mode: str = "posterior",
 ) -> Iterator[tuple[int, torch.Tensor] | Samples]:
     """Yield (row index, uint8 row (n, C, W)) as each row is final, then the Samples.
 
     Same protocol (and so the same images) as app.model.sample_naive."""
     config = model.config
     sampler = sampler or CachedSampler(model)
-    streams, labels, canvas = start_sampling(config, n, labels, temperature, seed, known, known_rows, sampler.device)
+    streams, labels, canvas, infer = start_sampling(
+        config, n, labels, temperature, seed, known, known_rows, sampler.device, label_mode
+    )
+    class_log_probs = None
+    if infer:
+        labels, class_log_probs = infer_labels(model, streams, canvas, known_rows)
     state = sampler.prefill(canvas, labels, known_rows)
     temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
     log_prob = torch.zeros(n, dtype=torch.float64, device=sampler.device)
@@ -150,7 +157,7 @@ def iter_sample(
         canvas[:, :, i] = row
         log_prob += lp
         yield i, row.to(torch.uint8).cpu()
-    yield Samples(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu())
+    yield Samples(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu(), class_log_probs)
 
 
 def sample_cached(model: PixelCNNModel, n: int = 1, **kwargs: Any) -> Samples:

@@ -38,6 +38,7 @@ class TrackedRequest:
         self.labels = labels
         self.images = canvas.to(torch.uint8).cpu()  # (n, C, H, W): the known rows, then each row as it is final
         self.log_prob = torch.zeros(request.n, dtype=torch.float64)
+        self.class_log_probs: torch.Tensor | None = None  # (n, K) when the labels are drawn from the posterior
         self.shards = shards
         self.deliver = deliver
         self.withdraw = withdraw  # takes its shards out of the engine's waiting queue, if they are still there
@@ -78,6 +79,15 @@ class TrackedRequest:
             if self.wants_rows:  # under the lock: rows leave in order even when two lanes finish them
                 self.deliver(RowEvent(row, self.images[:, :, row].numpy().copy()))
 
+    def labels_inferred(self, shard: Shard, labels: torch.Tensor, class_log_probs: torch.Tensor) -> None:
+        """A shard drew its images' classes from the posterior of their kept rows (before its prefill)."""
+        with self._lock:
+            if self.labels is None or self.class_log_probs is None:
+                self.labels = torch.zeros(self.n, dtype=torch.long)
+                self.class_log_probs = torch.zeros((self.n, class_log_probs.shape[1]), dtype=torch.float64)
+            self.labels[shard.start : shard.stop] = labels
+            self.class_log_probs[shard.start : shard.stop] = class_log_probs
+
     def shard_left(self) -> bool:
         """A shard drew its last row and left its lane; True when it was the last one of a request that
         has not ended (the caller then delivers the result by finish)."""
@@ -92,7 +102,8 @@ class TrackedRequest:
                 return
             self.closed = True
         labels = None if self.labels is None else self.labels.cpu().numpy()
-        self.deliver(SampleResult(self.images.numpy(), labels, self.log_prob.numpy()))
+        class_log_probs = None if self.class_log_probs is None else self.class_log_probs.numpy()
+        self.deliver(SampleResult(self.images.numpy(), labels, self.log_prob.numpy(), class_log_probs))
 
     def fail(self, error: BaseException) -> None:
         """End the request with `error`, unless it already ended; its other shards leave at their next row."""
@@ -114,6 +125,7 @@ class Shard:
     labels: torch.Tensor | None
     canvas: torch.Tensor  # int64 (m, C, H, W) on the engine's device: the known rows, for the prefill
     row: int  # the next row to draw
+    infer_labels: bool = False  # draw `labels` from the kept rows' posterior before the prefill
 
     @property
     def n(self) -> int:

@@ -31,6 +31,7 @@ from app.model import ModelConfig, PixelCNNModel
 from .cache import DecodeCache
 from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
+from .posterior import infer_labels
 from .protocol import ImagesIn, LabelsIn, row_uniforms, start_sampling
 from .scoring import Scorer
 from .stats import TimeHistogram
@@ -188,7 +189,7 @@ class Engine:
         per row, which keeps the event loop (and the GIL) free for the decode lanes."""
         if not 1 <= request.n <= self.max_batch_images:
             raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
-        streams, labels, canvas = start_sampling(
+        streams, labels, canvas, infer = start_sampling(
             self.config,
             request.n,
             request.labels,
@@ -197,6 +198,7 @@ class Engine:
             request.known,
             request.known_rows,
             self.device,
+            request.label_mode,
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
@@ -213,7 +215,16 @@ class Engine:
         owner = TrackedRequest(request, labels, canvas, parts, deliver, self._withdraw, rows)
         bounds = [request.n * k // parts for k in range(parts + 1)]
         shards = [
-            Shard(owner, a, b, streams[a:b], None if labels is None else labels[a:b], canvas[a:b], request.known_rows)
+            Shard(
+                owner,
+                a,
+                b,
+                streams[a:b],
+                None if labels is None else labels[a:b],
+                canvas[a:b],
+                request.known_rows,
+                infer_labels=infer,
+            )
             for a, b in itertools.pairwise(bounds)
         ]
         with self._lock:
@@ -326,6 +337,9 @@ class Engine:
         for shard in list(pending):
             pending.remove(shard)
             try:  # prefill: one pass over the known rows fills this shard's caches
+                if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
+                    shard.labels, class_log_probs = infer_labels(self.model, shard.streams, shard.canvas, shard.row)
+                    shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
                 with self._lock:

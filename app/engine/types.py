@@ -20,6 +20,7 @@ class GenerationRequest:
     temperature: float = 1.0
     known: npt.NDArray[np.uint8] | None = None  # uint8 (1 or n, C, H, W): image to complete
     known_rows: int = 0  # rows of `known` kept; generation starts at this row
+    label_mode: str = "posterior"  # a completion without labels: its class from the kept rows, or "prior"
 
 
 @dataclass
@@ -33,6 +34,8 @@ class SampleResult:
     images: npt.NDArray[np.uint8]  # (n, C, H, W)
     labels: npt.NDArray[np.int64] | None  # (n,), None for unconditional models
     log_prob: npt.NDArray[np.float64]  # (n,): log p of the generated sub-pixels at temperature 1, nats
+    # (n, K): log p(y | kept pixels) when the labels were drawn from it (a completion without labels)
+    class_log_probs: npt.NDArray[np.float64] | None = None
 
 
 @dataclass
