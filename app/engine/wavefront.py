@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from app.model import ModelConfig
+from app.model.sampling import Samples
 
 from .c_kernel import NativeGatedDecoder, _pointers
-from .cache import DecodeCache, GatedCache
+from .cache import DecodeCache, GatedCache, PixelCNNCache
 from .cached import CachedSampler
 from .protocol import start_sampling
 from .row_loops import CKernelRows, RowLoop
-from .types import SampleResult
 
 # Vertical columns computed together (a block shares each weight read; the row below then starts that many
 # columns later): 2 measured best for the shipped model on an Intel Xeon (see BENCHMARKS.md).
@@ -93,8 +95,10 @@ class Wavefront:
             [t for layer in state.vertical for t in layer] + state.v_bias + state.h_bias
             if isinstance(state, GatedCache)
             else [state.inputs, state.input_bias, *state.conv_inputs]
+            if isinstance(state, PixelCNNCache)
+            else []
         )
-        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in caches):
+        if not caches or not all(t.is_contiguous() and t.dtype == torch.float32 for t in caches):
             raise ValueError("wavefront decoding needs contiguous float32 caches (it writes into them in place)")
         uniforms = uniforms.to(torch.float64).contiguous()
         temperature = temperature.to(torch.float64).reshape(-1).contiguous()
@@ -107,7 +111,7 @@ class Wavefront:
             log_prob.data_ptr(),
             None if stop is None else ctypes.addressof(stop),
         )
-        if self.gated:
+        if isinstance(state, GatedCache) and self.vertical is not None:
             drawn = self.library.gated_wavefront(
                 ctypes.byref(self.pixels._weights),
                 ctypes.byref(self.vertical._weights),
@@ -120,7 +124,7 @@ class Wavefront:
                 _pointers(state.h_bias),
                 *outputs,
             )
-        else:
+        elif isinstance(state, PixelCNNCache):
             drawn = self.library.pixelcnn_wavefront(
                 ctypes.byref(self.pixels._weights),
                 batch,
@@ -131,6 +135,8 @@ class Wavefront:
                 _pointers(state.conv_inputs),
                 *outputs,
             )
+        else:
+            raise TypeError(f"no wavefront decoding of a {type(state).__name__} with this kernel")
         if drawn < 0:
             raise MemoryError("wavefront decoding could not allocate its buffers")
         return values[:drawn], log_prob[:drawn]
@@ -142,7 +148,9 @@ def uniforms_ahead(streams: list[np.random.Generator], rows: int, channels: int,
     return torch.from_numpy(np.stack([stream.random((rows, channels, width)) for stream in streams], axis=1))
 
 
-def rewind(streams: list[np.random.Generator], states: list[dict], rows: int, channels: int, width: int) -> None:
+def rewind(
+    streams: list[np.random.Generator], states: list[Mapping[str, Any]], rows: int, channels: int, width: int
+) -> None:
     """Put the streams back where they were (`states`) and then past `rows` rows: what they would be had only
     those rows' uniforms been drawn."""
     for stream, saved in zip(streams, states):
@@ -152,7 +160,7 @@ def rewind(streams: list[np.random.Generator], states: list[dict], rows: int, ch
 
 def sample_wavefront(
     sampler: CachedSampler, n: int = 1, seed: int = 0, lanes: int = 2, temperature: float = 1.0
-) -> SampleResult:
+) -> Samples:
     """Sample n images (no known rows, labels drawn as the protocol says) by wavefront decoding on `lanes`
     threads: the images, labels and log p of cached.sample_cached with the same sampler and seed."""
     config = sampler.config
@@ -168,4 +176,4 @@ def sample_wavefront(
     log_prob = torch.zeros(n, dtype=torch.float64)
     for row in row_log_probs:  # row by row, as the one-lane sum runs
         log_prob += row
-    return SampleResult(canvas.to(torch.uint8), labels, log_prob, None)
+    return Samples(canvas.to(torch.uint8), labels, log_prob)
