@@ -90,6 +90,22 @@ def test_wavefront_draws_the_bytes_of_one_lane(arch, channels, classes):
             assert torch.equal(log_p, expected_log_p), case
 
 
+@pytest.mark.parametrize("arch,first_kernel,kernel", [("pixelcnn", 3, 5), ("pixelcnn", 3, 7), ("gated", 3, 5)])
+def test_wavefront_bytes_when_later_kernels_are_the_widest(arch, first_kernel, kernel):
+    """The reach then comes from the later layers (the masked-conv blocks' reduced features)."""
+    config = dataclasses.replace(
+        tiny_model(arch, size=SIZE, num_classes=3).config, first_kernel_size=first_kernel, kernel_size=kernel
+    )
+    torch.manual_seed(1)
+    sampler = CachedSampler(build(config).float().eval())
+    labels = torch.tensor([1, 2])
+    expected, expected_log_p = one_lane(sampler, 2, 7, labels, None, 0, 1.0)
+    for lanes in (2, 4):
+        values, log_p = wavefront(sampler, 2, 7, labels, None, 0, 1.0, lanes, 1)
+        assert torch.equal(values, expected), f"lanes={lanes}: {(values != expected).sum()} sub-pixels differ"
+        assert torch.equal(log_p, expected_log_p)
+
+
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
 def test_a_stopped_wavefront_leaves_caches_that_decode_on_row_by_row(arch):
     """Stopped at a row boundary (what a submit does), the caches it leaves are those of one lane there."""
@@ -183,6 +199,65 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
         assert np.array_equal(result.images, expected[seed].images.numpy()), f"seed {seed}"
     # Six requests at once on two lanes: batched (no lane draws by wavefront while others wait).
     assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
+
+
+def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_one_lane():
+    """A lone request starts by wavefront; a request of 2 images arrives (one shard per lane): the wavefront
+    stops at its next row, the first request goes on row by row (its streams put back where one lane's
+    would be), and both requests' images are those of one lane."""
+    tall = tiny_model("gated", size=24, layers=4, seed=4, hidden_channels=192, dtype=torch.float32)
+    first_alone = sample_cached(tall, 1, seed=1)
+    pair_alone = sample_cached(tall, 2, seed=2)
+
+    async def main():
+        engine = Engine(tall, lanes=2)
+        await engine.start()
+        try:
+            first = engine.submit(GenerationRequest(seed=1), rows=False)
+            deadline = asyncio.get_running_loop().time() + 10
+            while not engine.stats().active_images:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.01)  # a few rows into its wavefront
+            pair = engine.submit(GenerationRequest(n=2, seed=2), rows=False)
+            return await first.result(), await pair.result(), engine.stats()
+        finally:
+            await engine.stop()
+
+    first, pair, stats = asyncio.run(main())
+    assert np.array_equal(first.images, first_alone.images.numpy())
+    assert np.array_equal(first.log_prob, first_alone.log_prob.numpy())
+    assert np.array_equal(pair.images, pair_alone.images.numpy())
+    assert 0 < stats.rows_wavefront < 24, "the wavefront ran, and stopped when the pair arrived"
+
+
+def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row():
+    tall = tiny_model("gated", size=24, layers=4, seed=4, hidden_channels=96, dtype=torch.float32)
+
+    async def main():
+        engine = Engine(tall, lanes=2)
+        await engine.start()
+        try:
+            stream = engine.submit(GenerationRequest(seed=1), rows=False)
+            deadline = asyncio.get_running_loop().time() + 10
+            while not engine.stats().active_images:  # the lane has taken it: a wavefront is under way
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.001)
+            await stream.cancel()
+            while engine.stats().active_images:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.001)
+            cancelled = engine.stats()
+            streamed = [event async for event in engine.submit(GenerationRequest(seed=2), rows=True)]
+            return cancelled, streamed, engine.stats()
+        finally:
+            await engine.stop()
+
+    cancelled, streamed, after = asyncio.run(main())
+    assert cancelled.requests_cancelled == 1 and cancelled.requests_completed == 0
+    assert cancelled.rows_wavefront < 24, "a cancel stops the wavefront at its next row"
+    assert len(streamed) == 24 + 1, "a row event per row, then the result"
+    assert after.rows_wavefront == cancelled.rows_wavefront, "a streamed request is decoded row by row"
 
 
 def test_only_engines_of_several_lanes_running_the_c_kernel_have_a_wavefront():

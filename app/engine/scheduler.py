@@ -258,6 +258,7 @@ class Engine:
 
     def _withdraw(self, owner: TrackedRequest) -> None:
         with self._lock:
+            self._stop_wavefront.value = 1  # a cancelled request's rows would go nowhere
             left = [shard for shard in self._waiting if shard.owner is not owner]
             if len(left) != len(self._waiting):
                 self._waiting = collections.deque(left)
@@ -387,12 +388,14 @@ class Engine:
 
     def _wavefront_lanes(self, lane: _Lane) -> int:
         """Threads for wavefront decoding of this lane's batch; 1 (row by row) unless its batch is one
-        request (its images share the row index), nothing waits and every other lane is idle: the idle
-        lanes' cores then draw its rows too. Throughput first: any waiting request means batching."""
-        if self.wavefront is None or len(lane.active) != 1:
+        request (its images share the row index) that does not stream, nothing waits and every other lane
+        is idle: the idle lanes' cores then draw its rows too. Throughput first: any waiting request means
+        batching. A streamed request decodes row by row: a wavefront hands its rows on when it returns,
+        which would delay the first row."""
+        if self.wavefront is None or len(lane.active) != 1 or lane.active[0].owner.wants_rows:
             return 1
-        with self._lock:
-            if self._waiting or any(other.images for other in self._lanes if other is not lane):
+        with self._lock:  # a cancel sets the stop flag under the lock, after marking its request gone
+            if lane.active[0].owner.gone or self._waiting or any(o.images for o in self._lanes if o is not lane):
                 return 1
             self._stop_wavefront.value = 0
         return min(len(self._lanes), self.wavefront.useful_lanes)
