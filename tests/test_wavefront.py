@@ -215,10 +215,9 @@ def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_on
         try:
             first = engine.submit(GenerationRequest(seed=1), rows=False)
             deadline = asyncio.get_running_loop().time() + 10
-            while not engine.stats().active_images:
+            while engine.stats().wavefront_threads != 2:  # its wavefront is under way
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.001)
-            await asyncio.sleep(0.01)  # a few rows into its wavefront
             pair = engine.submit(GenerationRequest(n=2, seed=2), rows=False)
             return await first.result(), await pair.result(), engine.stats()
         finally:
@@ -240,7 +239,7 @@ def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row()
         try:
             stream = engine.submit(GenerationRequest(seed=1), rows=False)
             deadline = asyncio.get_running_loop().time() + 10
-            while not engine.stats().active_images:  # the lane has taken it: a wavefront is under way
+            while engine.stats().wavefront_threads != 2:  # its wavefront is under way
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.001)
             await stream.cancel()
@@ -255,6 +254,7 @@ def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row()
 
     cancelled, streamed, after = asyncio.run(main())
     assert cancelled.requests_cancelled == 1 and cancelled.requests_completed == 0
+    assert cancelled.wavefront_threads == 0
     assert cancelled.rows_wavefront < 24, "a cancel stops the wavefront at its next row"
     assert len(streamed) == 24 + 1, "a row event per row, then the result"
     assert after.rows_wavefront == cancelled.rows_wavefront, "a streamed request is decoded row by row"

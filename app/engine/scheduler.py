@@ -112,6 +112,7 @@ class Engine:
         # _stop_wavefront, and the lane goes back to row-by-row batching after the rows in flight.
         self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if lanes > 1 else None
         self._stop_wavefront = ctypes.c_int32(0)  # read by the C threads without the GIL
+        self._wavefront_threads = 0  # of the wavefront in flight; under the lock
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,6 +179,7 @@ class Engine:
             queue_wait_seconds=queue_wait,
             row_decode_seconds=row_time,
             rows_decoded_per_lane=rows_per_lane,
+            wavefront_threads=self._wavefront_threads,
             requests_submitted=counters["requests_submitted"],
             requests_completed=counters["requests_completed"],
             requests_cancelled=counters["requests_cancelled"],
@@ -398,7 +400,8 @@ class Engine:
             if lane.active[0].owner.gone or self._waiting or any(o.images for o in self._lanes if o is not lane):
                 return 1
             self._stop_wavefront.value = 0
-        return min(len(self._lanes), self.wavefront.useful_lanes)
+            self._wavefront_threads = min(len(self._lanes), self.wavefront.useful_lanes)
+            return self._wavefront_threads
 
     def _decode_wavefront(self, lane: _Lane, threads: int) -> None:
         """The lane's remaining rows by wavefront decoding, until a submit stops it; each row is then
@@ -410,7 +413,11 @@ class Engine:
         uniforms = uniforms_ahead(shard.streams, self.config.height - shard.row, c, w)
         temperatures = torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
         started = time.perf_counter()
-        values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, self._stop_wavefront)
+        try:
+            values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, self._stop_wavefront)
+        finally:
+            with self._lock:
+                self._wavefront_threads = 0
         drawn = values.shape[0]
         if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
             rewind(shard.streams, saved, drawn, c, w)

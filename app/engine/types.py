@@ -93,6 +93,7 @@ class EngineStats:
     queue_wait_seconds: TimeSnapshot  # submit -> joining a lane's batch
     row_decode_seconds: TimeSnapshot  # one decode step (a row of every image in a lane)
     rows_decoded_per_lane: list[int]
+    wavefront_threads: int  # threads drawing one lane's request by wavefront now (0: none)
     requests_submitted: int = _counter()
     requests_completed: int = _counter()
     requests_cancelled: int = _counter()

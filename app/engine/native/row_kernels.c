@@ -19,10 +19,16 @@
  * uniforms (B, C, W) float64, temperature (B) float64 -> row (B, C, W) int64, log_prob (B) float64 (+=).
  * The masked-conv PixelCNN's layouts are described at PixelCNNWeights below.
  */
-#define _POSIX_C_SOURCE 200809L /* pthreads and sched_yield under -std=c11 (the wavefront's lanes) */
+#define _GNU_SOURCE /* pthreads, sched_yield and (Linux) the futex syscall under -std=c11: the wavefront */
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#endif
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -490,6 +496,7 @@ typedef struct {
     int batch, rows, lanes;
     const int32_t *stop;
     _Atomic int32_t *progress; /* (rows) */
+    _Atomic int32_t *sleeping; /* (rows): a thread may be asleep on progress[i] (then its writer wakes it) */
     _Atomic int32_t end;
     _Atomic int32_t failed;
 } WavefrontSync;
@@ -519,27 +526,49 @@ static void lower_end(_Atomic int32_t *end, int32_t row) {
     }
 }
 
-static inline void spin_pause(int spins) {
-    if (spins < 256) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
+/* Waiting for the row above: a short spin (it is usually a pixel step away), then sleep until its writer
+ * publishes more (a futex on Linux, woken by publish; elsewhere sched_yield), so that a thread without a
+ * core of its own does not take the time of the one it waits for. */
+#define SPINS 200
+
+static void sleep_on(_Atomic int32_t *word, int32_t seen) {
+#if defined(__linux__)
+    const struct timespec timeout = {0, 2000000}; /* 2 ms: also notices an abandoned row above */
+    syscall(SYS_futex, (int32_t *)word, FUTEX_WAIT_PRIVATE, seen, &timeout, NULL, 0);
+#else
+    (void)word;
+    (void)seen;
+    sched_yield();
 #endif
-    } else {
-        sched_yield(); /* more threads than free cores: let the row above run */
-    }
+}
+
+/* Row i has drawn `pixels` pixels: tell the row below. */
+static void publish(WavefrontSync *f, int i, int pixels) {
+    atomic_store(&f->progress[i], pixels); /* sequentially consistent, like the sleeper's flag below */
+#if defined(__linux__)
+    if (atomic_load(&f->sleeping[i])) syscall(SYS_futex, (int32_t *)&f->progress[i], FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+#endif
 }
 
 /* Wait until row i - 1 has drawn `pixels` pixels; 0 if it was abandoned (then row i is too). */
 static int wait_for_row_above(WavefrontSync *f, int i, int pixels) {
     if (i == 0) return 1;
-    for (int spins = 0; atomic_load_explicit(&f->progress[i - 1], memory_order_acquire) < pixels; spins++) {
+    for (int spins = 0;; spins++) {
+        const int32_t seen = atomic_load_explicit(&f->progress[i - 1], memory_order_acquire);
+        if (seen >= pixels) return 1;
         if (atomic_load(&f->end) <= i - 1) {
             lower_end(&f->end, i);
             return 0;
         }
-        spin_pause(spins);
+        if (spins < SPINS) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            continue;
+        }
+        atomic_store(&f->sleeping[i - 1], 1); /* before the last look: publish sees it, or we see its store */
+        if (atomic_load(&f->progress[i - 1]) == seen) sleep_on(&f->progress[i - 1], seen);
     }
-    return 1;
 }
 
 /* Row i may start: 0 once *stop was seen (no row from here on starts) or a row above was abandoned. */
@@ -575,9 +604,13 @@ static int init_sync(WavefrontSync *f, int batch, int rows, int lanes, const int
     *f = (WavefrontSync){.batch = batch, .rows = rows, .lanes = lanes, .stop = stop};
     atomic_init(&f->end, rows);
     atomic_init(&f->failed, 0);
-    f->progress = malloc(sizeof(_Atomic int32_t) * (rows > 0 ? rows : 1));
+    f->progress = malloc(sizeof(_Atomic int32_t) * 2 * (rows > 0 ? rows : 1));
     if (f->progress == NULL) return 0;
-    for (int i = 0; i < rows; i++) atomic_init(&f->progress[i], 0);
+    f->sleeping = f->progress + (rows > 0 ? rows : 1);
+    for (int i = 0; i < rows; i++) {
+        atomic_init(&f->progress[i], 0);
+        atomic_init(&f->sleeping[i], 0);
+    }
     return 1;
 }
 
@@ -645,7 +678,7 @@ static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, floa
                 }
             }
         }
-        atomic_store_explicit(&f->sync.progress[i], j + 1, memory_order_release);
+        publish(&f->sync, i, j + 1);
     }
     return 1;
 }
@@ -984,7 +1017,7 @@ static void *pixelcnn_wavefront_lane(void *argument) {
                     }
                 }
             }
-            atomic_store_explicit(&f->sync.progress[i], j + 1, memory_order_release);
+            publish(&f->sync, i, j + 1);
         }
         if (abandoned) break;
     }
