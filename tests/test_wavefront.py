@@ -22,7 +22,7 @@ from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.skipif(c_kernel._compiler() is None, reason="no C compiler on this machine")
 
-SIZE = 14  # wide enough for a skew: rows start 4 + group columns apart
+SIZE = 14  # wide enough for a skew: rows start (reach 4) + group columns apart
 
 
 def gated(channels: int, classes: int, seed: int = 0, arch: str = "gated"):
@@ -263,5 +263,5 @@ def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row()
 def test_only_engines_of_several_lanes_running_the_c_kernel_have_a_wavefront():
     assert Engine(gated(1, 0), lanes=1).wavefront is None
     assert Engine(tiny_model("gated"), lanes=2).wavefront is None, "float64 runs the torch row loop"
-    assert Engine(gated(1, 0), lanes=2).wavefront.useful_lanes == 3  # 14 columns, rows 4 + 2 apart
+    assert Engine(gated(1, 0), lanes=2).wavefront.useful_lanes == 2  # 14 columns, rows 4 + 4 apart
     assert Engine(gated(1, 0, arch="pixelcnn"), lanes=2).wavefront.useful_lanes == 5  # rows 2 + 1 apart
