@@ -30,7 +30,7 @@ import torch
 from app.model import ModelConfig, PixelCNNModel
 
 from .cache import DecodeCache
-from .cached import CachedSampler
+from .cached import CachedSampler, sample_cached
 from .fan_in import Delivery, Shard, TrackedRequest
 from .posterior import infer_labels
 from .protocol import ImagesIn, LabelsIn, row_uniforms, start_sampling
@@ -46,7 +46,7 @@ from .types import (
     QueueFullError,
     SampleResult,
 )
-from .wavefront import Wavefront, rewind, uniforms_ahead
+from .wavefront import Wavefront, rewind, sample_wavefront, uniforms_ahead
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Engine:
         max_queue: int = 64,
         lanes: int = 1,
         batch_wait_s: float = 0.002,
+        wavefront: bool | None = None,
     ) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
@@ -110,7 +111,9 @@ class Engine:
         # Wavefront decoding (wavefront.py): a lane whose batch is one request, while nothing waits and the
         # other lanes are idle, draws its rows on as many threads as there are lanes; any submit sets
         # _stop_wavefront, and the lane goes back to row-by-row batching after the rows in flight.
-        self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if lanes > 1 else None
+        # `wavefront`: True or False forces it; None (the default) decides at start by measuring it.
+        self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if lanes > 1 and wavefront is not False else None
+        self._measure_wavefront = wavefront is None
         self._stop_wavefront = ctypes.c_int32(0)  # read by the C threads without the GIL
         self._wavefront_threads = 0  # of the wavefront in flight; under the lock
 
@@ -121,6 +124,10 @@ class Engine:
         if self.running:
             return
         await asyncio.to_thread(self.sampler.capture_graphs)
+        if self.wavefront is not None and self._measure_wavefront:
+            self._measure_wavefront = False
+            if not await asyncio.to_thread(self._wavefront_pays):
+                self.wavefront = None
         self._stopping = False
         for lane in self._lanes:
             lane.thread = threading.Thread(
@@ -387,6 +394,30 @@ class Engine:
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started
         self._row_drawn(lane, rows.to(torch.uint8).cpu(), log_prob.cpu(), step_s)
+
+    def _wavefront_pays(self) -> bool:
+        """Whether wavefront decoding draws one image sooner than one lane does, here and now: the best of
+        3 interleaved runs of each (a few hundredths of a second for the shipped model). Its threads need
+        free cores, which a busy machine may not have; the images are the same either way. Logged."""
+        assert self.wavefront is not None
+        threads = min(len(self._lanes), self.wavefront.useful_lanes)
+        one_lane, wavefront = [], []
+        for _ in range(3):
+            started = time.perf_counter()
+            sample_cached(self.model, 1, sampler=self.sampler)
+            one_lane.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            sample_wavefront(self.sampler, 1, lanes=threads)
+            wavefront.append(time.perf_counter() - started)
+        pays = min(wavefront) < 0.9 * min(one_lane)
+        log.info(
+            "wavefront decoding %s: one image in %.1f ms on %d threads vs %.1f ms on one",
+            "on" if pays else "off",
+            1e3 * min(wavefront),
+            threads,
+            1e3 * min(one_lane),
+        )
+        return pays
 
     def _wavefront_lanes(self, lane: _Lane) -> int:
         """Threads for wavefront decoding of this lane's batch; 1 (row by row) unless its batch is one
