@@ -182,7 +182,7 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
     expected = {seed: sample_cached(model, 1, seed=seed, labels=torch.tensor([1])) for seed in range(6)}
 
     async def main():
-        engine = Engine(model, lanes=2, wavefront=True)
+        engine = Engine(model, lanes=2)
         await engine.start()
         try:
             alone = await engine.generate(GenerationRequest(seed=0, labels=[1]))
@@ -211,7 +211,7 @@ def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_on
     pair_alone = sample_cached(tall, 2, seed=2)
 
     async def main():
-        engine = Engine(tall, lanes=2, wavefront=True)
+        engine = Engine(tall, lanes=2)
         await engine.start()
         try:
             first = engine.submit(GenerationRequest(seed=1), rows=False)
@@ -236,7 +236,7 @@ def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row()
     tall = tiny_model("gated", size=24, layers=4, seed=4, hidden_channels=96, dtype=torch.float32)
 
     async def main():
-        engine = Engine(tall, lanes=2, wavefront=True)
+        engine = Engine(tall, lanes=2)
         await engine.start()
         try:
             stream = engine.submit(GenerationRequest(seed=1), rows=False)
@@ -262,12 +262,13 @@ def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row()
     assert after.rows_wavefront == cancelled.rows_wavefront, "a streamed request is decoded row by row"
 
 
-def test_by_default_the_engine_measures_at_start_whether_the_wavefront_pays(caplog):
+def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
+    """What the server asks for (wavefront=None): the choice is logged, and the image is the same either way."""
     model = gated(1, 0)
     expected = sample_cached(model, 1, seed=3)
 
     async def main():
-        engine = Engine(model, lanes=2)
+        engine = Engine(model, lanes=2, wavefront=None)
         with caplog.at_level(logging.INFO, logger="app.engine.scheduler"):
             await engine.start()
         try:

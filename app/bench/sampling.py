@@ -120,7 +120,7 @@ def measure(
 async def measure_engine(model, lanes: int, concurrency: int, big: int, repeats: int) -> tuple[dict, torch.Tensor]:
     """One n=1 request alone vs `concurrency` of them at once, and one request of `big` images, on an engine
     with `lanes` decode lanes. Returns the timings and the big request's images (seed 0)."""
-    engine = Engine(model, max_batch_images=max(64, concurrency, big), lanes=lanes)
+    engine = Engine(model, max_batch_images=max(64, concurrency, big), lanes=lanes, wavefront=None)  # as served
     await engine.start()
     try:
         await asyncio.gather(*(engine.generate(GenerationRequest(seed=k)) for k in range(concurrency)))  # warm-up

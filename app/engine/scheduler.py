@@ -82,7 +82,7 @@ class Engine:
         max_queue: int = 64,
         lanes: int = 1,
         batch_wait_s: float = 0.002,
-        wavefront: bool | None = None,
+        wavefront: bool | None = True,
     ) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
@@ -111,7 +111,8 @@ class Engine:
         # Wavefront decoding (wavefront.py): a lane whose batch is one request, while nothing waits and the
         # other lanes are idle, draws its rows on as many threads as there are lanes; any submit sets
         # _stop_wavefront, and the lane goes back to row-by-row batching after the rows in flight.
-        # `wavefront`: True or False forces it; None (the default) decides at start by measuring it.
+        # `wavefront`: use it where it applies (True), never (False), or where it measures faster at start (None,
+        # what the server does: _wavefront_pays).
         self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if lanes > 1 and wavefront is not False else None
         self._measure_wavefront = wavefront is None
         self._stop_wavefront = ctypes.c_int32(0)  # read by the C threads without the GIL
