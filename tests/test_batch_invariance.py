@@ -130,6 +130,7 @@ def test_every_batch_size_gives_each_image_the_same_row():
             assert np.array_equal(rows[position], row0[0]) and np.array_equal(lp[position], lp0[0]), (size, position)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="needs the shipped model")
 def test_the_shipped_model_gives_the_same_bytes_alone_and_in_a_crowd():
     """The issue's scenario: a seeded n=1 request alone, and while 15 others share its decode steps."""

@@ -27,6 +27,8 @@ from app.imaging import png_bytes
 from app.model import save
 from app.server.routes.demo import STATIC_DIR
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (apt-get install chromium); Playwright downloads nothing
 LAUNCH_ARGS = [
     "--no-sandbox",
