@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import torch_threads
 from PIL import Image
 
 from app.cli import BENCH_VERBS, add_train, main
@@ -19,7 +18,7 @@ from app.engine import sample_cached
 from app.imaging import enlarge, grid, save_grid
 from app.model import load, save
 from app.train_options import TrainOptions, train_options_from
-from tests.helpers import tiny_model
+from tests.helpers import tiny_model, torch_threads
 
 
 def test_bench_help_lists_every_verb_with_its_description(capsys: pytest.CaptureFixture) -> None:

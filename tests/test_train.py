@@ -26,8 +26,7 @@ from app.data import load_dataset
 from app.evaluate import evaluate
 from app.model import ModelConfig, load, save
 from app.train import TrainOptions, train
-from tests.conftest import TINY_MODEL_ARGS, torch_threads, write_tiny_npz
-from tests.helpers import tiny_model
+from tests.helpers import TINY_MODEL_ARGS, tiny_model, torch_threads, write_tiny_npz
 
 STEPS = 2 * (96 // 16)  # 2 epochs of 96 training images in batches of 16
 
