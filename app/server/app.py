@@ -23,7 +23,7 @@ from .registry import (
     default_engine_factory,
     load_and_start,
 )
-from .routes import demo, generation, health, likelihood, metrics, models, openai_images
+from .routes import demo, generation, health, inference_v2, likelihood, metrics, models, openai_images
 from .settings import Settings
 
 DESCRIPTION = """Sample, complete and score images with PixelCNN models.
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     if settings.api_key is None:
         app.openapi = without_security(app)
     install_error_handlers(app)
-    for module in (health, models, generation, likelihood, metrics, demo, openai_images):
+    for module in (health, models, generation, likelihood, metrics, demo, openai_images, inference_v2):
         app.include_router(module.router)
 
     # Added innermost first: CORS -> body limit -> metrics (outermost, so it sees 413s too).
