@@ -123,6 +123,7 @@ OPENAI_ERROR_RESPONSES = {
         401: "missing or wrong API key",
         404: "unknown model",
         413: "body over max_upload_bytes",
+        415: "an edit that is not multipart/form-data",
         503: "queue full (Retry-After) or not ready",
     }.items()
 }
