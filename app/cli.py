@@ -167,12 +167,18 @@ def add_complete(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder, or with --url the model name on the server")
     p.add_argument("image", type=Path, help="image file of the model's size")
     p.add_argument("--rows", type=int, help="known rows kept from the top (default: half the height)")
+    p.add_argument(
+        "--label-mode",
+        choices=["posterior", "prior"],
+        default="posterior",
+        help="without --label: draw each class from p(class | kept rows) (default) or uniformly (prior)",
+    )
     add_generation_options(p)
     p.add_argument("--naive", action="store_true", help="use the reference sampler (same images, much slower)")
     p.set_defaults(run=run_complete)
 
 
-def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: int = 0):
+def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: int = 0, label_mode: str = "posterior"):
     import secrets
 
     import torch
@@ -187,10 +193,27 @@ def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: i
         labels = torch.tensor([model.config.class_index(args.label)] * n)
     sampler = sample_naive if args.naive else sample_cached
     result = sampler(
-        model, n, labels=labels, temperature=args.temperature, seed=seed, known=known, known_rows=known_rows
+        model,
+        n,
+        labels=labels,
+        temperature=args.temperature,
+        seed=seed,
+        known=known,
+        known_rows=known_rows,
+        label_mode=label_mode,
     )
     names = [model.config.class_name(int(y)) for y in result.labels] if result.labels is not None else []
-    return result.images, seed, names
+    beliefs = []
+    if result.class_log_probs is not None:
+        beliefs = [posterior_summary(model.config.class_names, row.exp().tolist()) for row in result.class_log_probs]
+    return result.images, seed, names, beliefs
+
+
+def posterior_summary(class_names: list[str], probabilities: list[float]) -> str:
+    """'Dress 97%, Coat 2%': the likeliest classes given the kept rows (those of 1% or more, at most 3)."""
+    ranked = sorted(zip(probabilities, class_names), reverse=True)
+    shown = [f"{name} {p:.0%}" for p, name in ranked[:3] if p >= 0.01] or [f"{ranked[0][1]} {ranked[0][0]:.0%}"]
+    return ", ".join(shown)
 
 
 def images_from_response(result: dict):
@@ -205,12 +228,16 @@ def images_from_response(result: dict):
     return np.stack([decode_image(base64.b64decode(item["png"]), c, h, w) for item in result["images"]])
 
 
-def report(args: argparse.Namespace, images, seed: int, names: list[str]) -> int:
+def report(args: argparse.Namespace, images, seed: int, names: list[str], beliefs: list[str]) -> int:
     from app.imaging import picture, png_bytes
 
     args.out.write_bytes(png_bytes(picture(images)))  # one image as itself, like the API's PNG
     labels = f", labels {names}" if names else ""
     print(f"wrote {args.out}: {len(images)} image(s), seed {seed}{labels}")
+    if beliefs and len(set(beliefs)) == 1:
+        print(f"the kept rows look like: {beliefs[0]}")
+    for index, belief in enumerate(beliefs if len(set(beliefs)) > 1 else []):
+        print(f"image {index}: the kept rows look like {belief}")
     return 0
 
 
@@ -224,9 +251,14 @@ def generate_remotely(args: argparse.Namespace, route: str) -> int:
         if route == "sample":
             result = client.sample(**common)
         else:
-            result = client.complete(args.image, rows=args.rows, **common)
+            result = client.complete(args.image, rows=args.rows, label_mode=args.label_mode, **common)
     names = [item["label_name"] for item in result["images"] if item.get("label_name")]
-    return report(args, images_from_response(result), result["seed"], names)
+    beliefs = [
+        posterior_summary(list(item["class_probabilities"]), list(item["class_probabilities"].values()))
+        for item in result["images"]
+        if item.get("class_probabilities")
+    ]
+    return report(args, images_from_response(result), result["seed"], names, beliefs)
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -247,7 +279,7 @@ def run_complete(args: argparse.Namespace) -> int:
     config = ModelConfig.load(Path(args.model) / "config.json")
     known = decode_image(args.image.read_bytes(), *config.shape)[None]
     rows = config.height // 2 if args.rows is None else args.rows
-    return report(args, *generate_locally(args, args.n, known=known, known_rows=rows))
+    return report(args, *generate_locally(args, args.n, known=known, known_rows=rows, label_mode=args.label_mode))
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:

@@ -43,6 +43,7 @@ from app.model.masked_conv import MaskedConv2d
 from app.model.pixelcnn import PixelCNN
 
 from .native import NativeGatedDecoder, NativeGatedVertical, NativePixelCNNDecoder, load_kernel
+from .posterior import infer_labels
 from .protocol import row_uniforms, start_sampling
 from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder, scaled_gate, tanh_half_scale
 
@@ -606,13 +607,19 @@ def iter_sample(
     known: torch.Tensor | None = None,
     known_rows: int = 0,
     sampler: CachedSampler | None = None,
+    label_mode: str = "posterior",
 ) -> Iterator[tuple[int, torch.Tensor] | SampleResult]:
     """Yield (row index, uint8 row (n, C, W)) as each row is final, then the SampleResult.
 
     Same protocol (and so the same images) as app.model.sample_naive."""
     config = model.config
     sampler = sampler or CachedSampler(model)
-    streams, labels, canvas = start_sampling(config, n, labels, temperature, seed, known, known_rows, sampler.device)
+    streams, labels, canvas, infer = start_sampling(
+        config, n, labels, temperature, seed, known, known_rows, sampler.device, label_mode
+    )
+    class_log_probs = None
+    if infer:
+        labels, class_log_probs = infer_labels(model, streams, canvas, known_rows)
     state = sampler.prefill(canvas, labels, known_rows)
     temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
     log_prob = torch.zeros(n, dtype=torch.float64, device=sampler.device)
@@ -622,7 +629,7 @@ def iter_sample(
         canvas[:, :, i] = row
         log_prob += lp
         yield i, row.to(torch.uint8).cpu()
-    yield SampleResult(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu())
+    yield SampleResult(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu(), class_log_probs)
 
 
 def sample_cached(model: nn.Module, n: int = 1, **kwargs) -> SampleResult:

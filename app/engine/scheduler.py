@@ -34,6 +34,7 @@ from torch import nn
 from app.model import ModelConfig, SampleResult
 
 from .cached import CachedSampler, DecodeCache
+from .posterior import infer_labels
 from .protocol import row_uniforms, start_sampling
 from .scoring import LikelihoodResult, QueueFullError, Scorer
 
@@ -48,6 +49,7 @@ class GenerationRequest:
     temperature: float = 1.0
     known: np.ndarray | torch.Tensor | None = None  # uint8 (1 or n, C, H, W): image to complete
     known_rows: int = 0  # rows of `known` kept; generation starts at this row
+    label_mode: str = "posterior"  # a completion without labels: its class from the kept rows, or "prior"
 
 
 @dataclass
@@ -82,6 +84,7 @@ class _Request:
         self.labels = labels
         self.images = canvas.to(torch.uint8).cpu()  # (n, C, H, W): the known rows, then each row as it is final
         self.log_prob = torch.zeros(request.n, dtype=torch.float64)
+        self.class_log_probs: torch.Tensor | None = None  # (n, K) when the labels are drawn from the posterior
         self.shards = shards
         self.deliver = deliver
         self.withdraw = withdraw  # takes its shards out of the engine's waiting queue, if they are still there
@@ -122,6 +125,15 @@ class _Request:
             if self.wants_rows:  # under the lock: rows leave in order even when two lanes finish them
                 self.deliver(RowEvent(row, self.images[:, :, row].clone()))
 
+    def labels_inferred(self, shard: _Shard, labels: torch.Tensor, class_log_probs: torch.Tensor) -> None:
+        """A shard drew its images' classes from the posterior of their kept rows (before its prefill)."""
+        with self._lock:
+            if self.labels is None:
+                self.labels = torch.zeros(self.n, dtype=torch.long)
+                self.class_log_probs = torch.zeros((self.n, class_log_probs.shape[1]), dtype=torch.float64)
+            self.labels[shard.start : shard.stop] = labels
+            self.class_log_probs[shard.start : shard.stop] = class_log_probs
+
     def shard_left(self) -> bool:
         """A shard drew its last row and left its lane; True when it was the last one of a request that
         has not ended (the caller then delivers the result by finish)."""
@@ -135,7 +147,7 @@ class _Request:
             if self.closed:
                 return
             self.closed = True
-        self.deliver(SampleResult(self.images, self.labels, self.log_prob))
+        self.deliver(SampleResult(self.images, self.labels, self.log_prob, self.class_log_probs))
 
     def fail(self, error: BaseException) -> None:
         """End the request with `error`, unless it already ended; its other shards leave at their next row."""
@@ -157,6 +169,7 @@ class _Shard:
     labels: torch.Tensor | None
     canvas: torch.Tensor  # int64 (m, C, H, W) on the engine's device: the known rows, for the prefill
     row: int  # the next row to draw
+    infer_labels: bool = False  # draw `labels` from the kept rows' posterior before the prefill
 
     @property
     def n(self) -> int:
@@ -385,7 +398,7 @@ class Engine:
         per row, which keeps the event loop (and the GIL) free for the decode lanes."""
         if not 1 <= request.n <= self.max_batch_images:
             raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
-        streams, labels, canvas = start_sampling(
+        streams, labels, canvas, infer = start_sampling(
             self.config,
             request.n,
             request.labels,
@@ -394,6 +407,7 @@ class Engine:
             request.known,
             request.known_rows,
             self.device,
+            request.label_mode,
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -410,7 +424,16 @@ class Engine:
         owner = _Request(request, labels, canvas, parts, deliver, self._withdraw, rows)
         bounds = [request.n * k // parts for k in range(parts + 1)]
         shards = [
-            _Shard(owner, a, b, streams[a:b], None if labels is None else labels[a:b], canvas[a:b], request.known_rows)
+            _Shard(
+                owner,
+                a,
+                b,
+                streams[a:b],
+                None if labels is None else labels[a:b],
+                canvas[a:b],
+                request.known_rows,
+                infer_labels=infer,
+            )
             for a, b in itertools.pairwise(bounds)
         ]
         with self._lock:
@@ -523,6 +546,9 @@ class Engine:
         for shard in list(pending):
             pending.remove(shard)
             try:  # prefill: one pass over the known rows fills this shard's caches
+                if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
+                    shard.labels, class_log_probs = infer_labels(self.model, shard.streams, shard.canvas, shard.row)
+                    shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
                 with self._lock:

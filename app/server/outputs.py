@@ -92,6 +92,9 @@ def generation_body(
         {"png": png_b64(image, scale), "label": label, "label_name": model.class_name(label), "log_prob": lp}
         for image, label, lp in zip(np.asarray(result.images), labels, log_prob)
     ]
+    if result.class_log_probs is not None:  # a completion's classes, drawn from p(y | kept rows)
+        for image, log_probs in zip(images, np.asarray(result.class_log_probs, dtype=np.float64)):
+            image["class_probabilities"] = {model.class_name(k): float(p) for k, p in enumerate(np.exp(log_probs))}
     body = {
         "model": model.name,
         "seed": seed,

@@ -6,6 +6,8 @@ silently ignored option.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -125,6 +127,13 @@ class SampleRequest(GenerationFields):
 
 class CompleteFields(GenerationFields):
     rows: int | None = Field(None, ge=0, description="rows of the given image to keep, 0..H-1; absent: H // 2")
+    label_mode: Literal["posterior", "prior"] = Field(
+        "posterior",
+        description="without `label`, how a conditional model picks each completion's class: `posterior` "
+        "draws it from p(class | kept rows), which the response reports as class_probabilities (exact "
+        "sampling from the class-marginal model given the kept rows); `prior` draws it uniformly, ignoring "
+        "what the kept rows show (as before 2026-12-04)",
+    )
 
     _rows = field_validator("rows", mode="wrap")(in_range(0))
     _rows_integer = field_validator("rows", mode="before")(json_typed("an integer"))
@@ -166,6 +175,11 @@ class ImageOut(BaseModel):
     label: int | None
     label_name: str | None
     log_prob: float = Field(description="log p of the generated sub-pixels at temperature 1, nats")
+    class_probabilities: dict[str, float] | None = Field(
+        None,
+        description="/complete without label (label_mode posterior): p(class | kept rows), from which "
+        "`label` was drawn",
+    )
 
 
 class GenerationResponse(BaseModel):

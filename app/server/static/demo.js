@@ -31,6 +31,10 @@ function formatSeconds(seconds) {
   return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : `${seconds.toFixed(2)} s`;
 }
 
+function formatPercent(p) {
+  return p >= 0.995 ? ">99%" : p < 0.01 ? "<1%" : `${Math.round(100 * p)}%`;
+}
+
 function mean(values) {
   return values.reduce((a, b) => a + b, 0) / values.length;
 }
@@ -177,7 +181,9 @@ function fillClassSelects() {
       continue;
     }
     select.disabled = false;
-    select.append(element("option", { value: "", text: "Any (drawn per image)" }));
+    // In Complete, no class means the server infers it from the kept rows (p(class | kept rows)).
+    const inferred = select.closest("#complete-form") !== null;
+    select.append(element("option", { value: "", text: inferred ? "From the kept rows" : "Any (drawn per image)" }));
     for (const cls of state.model.classes) select.append(element("option", { value: cls.name, text: cls.name }));
     if ([...select.options].some((option) => option.value === previous)) select.value = previous;
   }
@@ -397,6 +403,12 @@ class GenerationView {
       const { caption } = this.cards[i];
       caption.querySelector(".caption-title").textContent = image.label_name ?? `image ${i + 1}`;
       caption.querySelector(".caption-value").textContent = `${result.bits_per_dim[i].toFixed(2)} bits/dim`;
+      caption.querySelector(".caption-belief")?.remove();
+      if (image.class_probabilities) {
+        // A completion without a class: the server drew it from p(class | kept rows); say what it saw.
+        const [name, p] = Object.entries(image.class_probabilities).sort((a, b) => b[1] - a[1])[0];
+        caption.append(element("span", { class: "caption-belief", text: `looks like ${name} (${formatPercent(p)})` }));
+      }
     });
     const replay = element("button", { type: "button", class: "link", text: "replay" });
     replay.addEventListener("click", () => {
@@ -653,13 +665,10 @@ function drawLegend() {
   }
 }
 
-// A test image into the editor, and its class into the class field (a boot's top completes as a boot).
+// A test image into the editor. Its class is left to the server, which infers it from the kept rows and
+// says what it saw ("looks like Ankle boot (98%)") under each completion.
 function useExample(example) {
   editor.load(example.pixels);
-  const select = document.querySelector("#complete-form [data-class-select]");
-  if (example.label && [...select.options].some((option) => option.value === example.label)) {
-    select.value = example.label;
-  }
 }
 
 function groupBadge(item) {
