@@ -297,7 +297,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def add_card(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("card", help="draw a model card's pictures: samples per class, completions, curve")
     p.add_argument("options", nargs=argparse.REMAINDER, help="MODEL_DIR and options (see pixelcnn card -h)")
-    p.set_defaults(run=lambda args: __import__("app.card").card.run(args.options))
+    p.set_defaults(run=lambda args: __import__("app.tools.card").tools.card.run(args.options))
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -306,11 +306,11 @@ def run_bench(args: argparse.Namespace) -> int:
     module = {
         "model": "app.bench.model",
         "sampling": "app.bench.sampling",
-        "http": "app.server.bench",
+        "http": "app.bench.http",
         "agreement": "app.bench.agreement",
         "quality": "app.bench.quality",
-        "load": "app.server.loadtest",
-        "scale": "app.server.scale",
+        "load": "app.bench.load",
+        "scale": "app.bench.scale",
     }[args.what]
     return importlib.import_module(module).run(args.options)
 

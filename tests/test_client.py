@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import pixels, png_tensor, torch_threads
 
+from app.bench.http import run as bench_run
+from app.bench.servers import serve_in_thread
 from app.client import (
     PixelCNNClient,
     PixelCNNError,
@@ -21,8 +23,6 @@ from app.client import (
 )
 from app.imaging import png_bytes
 from app.server import Settings, create_app
-from app.server.bench import run as bench_run
-from app.server.bench import serve_in_thread
 from app.server.cli import add_serve, settings_from_args
 
 

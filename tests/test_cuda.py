@@ -16,13 +16,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_cached_sampling_with_graphs_equals_naive(arch, channels):
     model = tiny_model(arch, channels, size=6, num_classes=3, seed=31).cuda()
     sampler = CachedSampler(model)
-    assert (sampler.static_rows is not None) == (arch == "gated"), "graphs are on by default for gated on CUDA"
+    assert (sampler.row_loop.name == "cuda-graph") == (arch == "gated"), "graphs are on by default for gated on CUDA"
     for n in (1, 3, 16):
         cached = sample_cached(model, n, seed=n, sampler=sampler)
         naive = sample_naive(model, n, seed=n)
         assert torch.equal(cached.images, naive.images)
-    if sampler.static_rows is not None:
-        assert set(sampler.static_rows.graphs) == {64}  # every step runs at CUDA_BATCH images
+    if arch == "gated":
+        assert set(sampler.row_loop.graphs) == {64}  # every step runs at CUDA_BATCH images
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
@@ -35,10 +35,10 @@ def test_cuda_graphs_are_captured_when_the_engine_starts():
 
     async def scenario():
         engine = Engine(model)
-        assert engine.sampler.static_rows.graphs == {}
+        assert engine.sampler.row_loop.graphs == {}
         await engine.start()
         try:
-            return set(engine.sampler.static_rows.graphs)
+            return set(engine.sampler.row_loop.graphs)
         finally:
             await engine.stop()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.engine import Engine, EngineStoppedError, GenerationError, GenerationRequest, ScoringError
-from app.engine.cached import DecodeCache
+from app.engine.cache import DecodeCache
 from tests.helpers import tiny_model
 
 TIMEOUT_S = 20

@@ -13,9 +13,9 @@ import torch
 from conftest import pixels, png_tensor, sse_events, torch_threads, without_request_id
 from helpers import tiny_model
 
-from app.engine import Engine
+from app.engine import Engine, SampleResult
 from app.imaging import png_bytes
-from app.model import SampleResult, sample_naive, save
+from app.model import sample_naive, save
 
 pytestmark = pytest.mark.anyio
 

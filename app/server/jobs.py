@@ -18,8 +18,14 @@ import anyio
 import numpy as np
 from fastapi import Request
 
-from app.engine import EngineStoppedError, GenerationError, GenerationRequest, QueueFullError, RowEvent
-from app.model import SampleResult
+from app.engine import (
+    EngineStoppedError,
+    GenerationError,
+    GenerationRequest,
+    QueueFullError,
+    RowEvent,
+    SampleResult,
+)
 
 from .errors import (
     RETRY_AFTER_S,

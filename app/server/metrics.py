@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.engine.scheduler import ENGINE_COUNTERS
+from app.engine.stats import ENGINE_COUNTERS
 
 from .errors import REQUEST_ID
 
