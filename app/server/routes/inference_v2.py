@@ -22,7 +22,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.model import SampleResult
+from app.engine import SampleResult
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..errors import InvalidRequest, NotFound, inference_v2_error_body

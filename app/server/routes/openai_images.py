@@ -23,9 +23,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
-from app.engine import GenerationRequest
+from app.engine import GenerationRequest, SampleResult
 from app.imaging import ImageDecodeError, decode_alpha, encode_image
-from app.model import SampleResult
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..errors import HttpError, InvalidRequest, UnsupportedMediaType, openai_error_body
