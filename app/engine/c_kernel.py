@@ -178,6 +178,7 @@ def _load() -> ctypes.CDLL | None:
         pointer,
         pointer,
         pointer,
+        pointer,
     ]
     library.gated_begin_row.restype = ctypes.c_int
     library.gated_begin_row.argtypes = [ctypes.POINTER(GatedVertical), ctypes.c_int32, *[pointers] * 5]
@@ -190,6 +191,7 @@ def _load() -> ctypes.CDLL | None:
         pointer,
         pointer,
         pointers,
+        pointer,
         pointer,
         pointer,
         pointer,
@@ -239,6 +241,7 @@ class NativeDecoder:
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
         if not all(t.is_contiguous() and t.dtype == torch.float32 for t in state):
             raise ValueError("the native row kernel needs contiguous float32 caches (it writes into them in place)")
@@ -246,8 +249,15 @@ class NativeDecoder:
             raise ValueError("the native row kernel needs contiguous outputs")
         uniforms = uniforms.to(torch.float64).contiguous()
         temperature = temperature.to(torch.float64).reshape(-1).contiguous()
+        forced = None if forced is None else forced.to(torch.int64).contiguous()  # kept sub-pixels, or NULL
         status = self._run(
-            state, row.shape[0], uniforms.data_ptr(), temperature.data_ptr(), row.data_ptr(), log_prob.data_ptr()
+            state,
+            row.shape[0],
+            uniforms.data_ptr(),
+            temperature.data_ptr(),
+            row.data_ptr(),
+            log_prob.data_ptr(),
+            None if forced is None else forced.data_ptr(),
         )
         if status != 0:
             raise MemoryError("the native row kernel could not allocate its scratch memory")
