@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import re
 import shutil
 import time
@@ -20,7 +21,7 @@ from helpers import start_server, tiny_model
 from PIL import Image
 
 from app.imaging import png_bytes
-from app.model import save
+from app.model import sample_naive, save
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,40 @@ def test_edit_keeps_the_rows_above_the_mask_and_matches_complete(client, http):
     for got, want in zip(result.data, expected):
         picture = decoded(got.b64_json)
         assert torch.equal(picture, want) and torch.equal(picture[:, :3], pattern()[:, :3])
+
+
+def test_edit_with_a_mask_starting_mid_row_keeps_every_known_pixel(client, http, models):
+    image = png_bytes(pattern())
+    alpha = np.full((8, 8), 255, dtype=np.uint8)
+    alpha.reshape(-1)[19:] = 0  # keep 19 pixels: rows 0-1 and columns 0-2 of row 2
+    result = client.images.edit(
+        image=("top.png", image), mask=("mask.png", rgba(alpha)), prompt="", n=3, extra_body={"seed": 4}
+    )
+    completed = native_images(http, "/complete", files={"image": image}, data={"pixels": "19", "n": "3", "seed": "4"})
+    naive = sample_naive(models["gray"], 3, seed=4, known=pattern()[None], known_pixels=19).images
+    kept = torch.from_numpy(alpha > 0)
+    for k, got in enumerate(result.data):
+        picture = decoded(got.b64_json)
+        assert torch.equal(picture[:, kept], pattern()[:, kept]), "a kept pixel changed"
+        assert torch.equal(picture, completed[k]) and torch.equal(picture, naive[k])
+    assert not torch.equal(decoded(result.data[0].b64_json)[0, 2, 3:], pattern()[0, 2, 3:])  # the rest is drawn
+
+
+def test_complete_takes_pixels_for_a_partial_row(http):
+    image = {"image": png_bytes(pattern())}
+    body = http.post("/complete", files=image, data={"pixels": "19", "seed": "4"}).json()
+    assert body["known_rows"] == 2 and body["known_pixels"] == 19
+    assert body["bits_per_dim"][0] == pytest.approx(-body["log_prob"][0] / (45 * math.log(2)))  # 64 - 19 drawn
+    as_rows = http.post("/complete", files=image, data={"pixels": "24", "seed": "4"}).json()
+    same = http.post("/complete", files=image, data={"rows": "3", "seed": "4"}).json()
+    assert as_rows["images"] == same["images"] and same["known_pixels"] == 24
+    for data, fragment in (
+        ({"pixels": "64"}, "pixels must be between 0 and 63"),
+        ({"pixels": "3", "rows": "1"}, "give rows (whole rows to keep) or pixels (pixels to keep), not both"),
+        ({"pixels": "-1"}, "must be at least 0"),
+    ):
+        error = http.post("/complete", files=image, data=data).json()["error"]
+        assert error["type"] == "invalid_request" and fragment in error["message"], error
 
 
 def test_edit_uses_the_images_own_alpha_without_a_mask(client, http):

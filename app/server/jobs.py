@@ -101,9 +101,17 @@ class GenerationRun:
 
     def body(self, result: SampleResult) -> dict[str, Any]:
         """The JSON response (also the `done` event of a stream)."""
-        known_rows = self.engine_request.known_rows if self.completion else None
+        request = self.engine_request
+        known_rows = request.known_rows if self.completion else None
         return generation_body(
-            self.model, result, self.seed, self.engine_request.temperature, self.elapsed_s, known_rows, self.png_scale
+            self.model,
+            result,
+            self.seed,
+            request.temperature,
+            self.elapsed_s,
+            known_rows,
+            self.png_scale,
+            request.known_columns,
         )
 
     async def _cancel_on_disconnect(self) -> None:

@@ -118,14 +118,7 @@ async def edits(request: Request, registry: RegistryDep, settings: SettingsDep, 
     model = registry.get(fields.model)
     known = decode_images(model, [image], settings, "image")
     kept = kept_pixels(model, mask if mask is not None else image, "mask" if mask is not None else "image")
-    width = model.config.width
-    if kept % width:
-        raise InvalidRequest(
-            f"the mask starts mid-row (row {kept // width}, column {kept % width}); this server keeps whole rows "
-            f"only. {MASK_RULE}",
-            field="mask",
-        )
-    engine_request = generation_request(model, native_fields(model, fields), settings, known, kept // width)
+    engine_request = generation_request(model, native_fields(model, fields), settings, known, pixels=kept)
     return await respond(model, engine_request, fields, "image_edit", request, metrics, settings, completion=True)
 
 
