@@ -28,9 +28,11 @@ from .settings import Settings
 
 DESCRIPTION = """Sample, complete and score images with PixelCNN models.
 
-Errors always have the form `{"error": {"type", "message", "field"?}}`: 400 invalid_request (any bad
+Errors on the native routes have the form `{"error": {"type", "message", "field"?}}`: 400 invalid_request (any bad
 input), 401 unauthorized, 404 not_found, 413 payload_too_large, 415 unsupported_media_type,
-503 overloaded (with Retry-After) or not_ready.
+503 overloaded (with Retry-After) or not_ready. The protocol front ends answer in their protocols' formats:
+the OpenAI Images API under /v1 (`{"error": {"message", "type", "param", "code"}}`), the Open Inference
+Protocol V2 under /v2 (`{"error": "..."}`).
 """
 
 
