@@ -12,6 +12,7 @@ errors, into responses and count them in the failures metric. Under the protocol
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -92,7 +93,7 @@ class EngineFailed(ApiError):
 class HttpError(ApiError):
     """An error the framework raised (unknown route, wrong method) or a bug, with its own status."""
 
-    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, type_: str, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message, headers=dict(headers or {}))
         self.status, self.type = status, type_
 

@@ -8,7 +8,7 @@ unknown fields are rejected, as on every other route.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -116,7 +116,7 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorDetail
 
 
-OPENAI_ERROR_RESPONSES = {
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": OpenAIError, "description": description}
     for status, description in {
         400: "invalid input",

@@ -52,7 +52,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses=ERRORS)
-post = {"dependencies": [Depends(require_api_key)]}
+AUTH = [Depends(require_api_key)]  # on the POST routes, as on the native ones
 
 
 def tensor_spec(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
@@ -140,8 +140,12 @@ INFER_BODY = {
 }
 
 
-@router.post("/models/{name}/infer", summary="score images: exact log-likelihood", openapi_extra=INFER_BODY, **post)
-@router.post("/models/{name}/versions/{version}/infer", summary="score images", openapi_extra=INFER_BODY, **post)
+@router.post(
+    "/models/{name}/infer", summary="score images: exact log-likelihood", openapi_extra=INFER_BODY, dependencies=AUTH
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer", summary="score images", openapi_extra=INFER_BODY, dependencies=AUTH
+)
 async def infer(
     name: str,
     request: Request,
@@ -228,7 +232,9 @@ def requested_outputs(model: ServedModel, parsed: InferRequest) -> list[tuple[st
 # The generate extension: /sample's fields in, /sample's body out (with model_name and model_version).
 
 
-@router.post("/models/{name}/generate", summary="sample images (generate extension): /sample's fields", **post)
+@router.post(
+    "/models/{name}/generate", summary="sample images (generate extension): /sample's fields", dependencies=AUTH
+)
 async def generate(
     name: str, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
 ) -> JSONResponse:
@@ -241,7 +247,7 @@ async def generate(
     "/models/{name}/generate_stream",
     summary="sample images, streamed (generate extension): SSE data events, one per row, then the result",
     responses={200: {"content": {"text/event-stream": {}}}},
-    **post,
+    dependencies=AUTH,
 )
 async def generate_stream(
     name: str, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep

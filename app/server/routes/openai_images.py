@@ -139,13 +139,15 @@ def native_fields(model: ServedModel, fields: OpenAIImageFields) -> GenerationFi
         )
     if fields.background == "transparent":
         raise InvalidRequest('background "transparent" is not supported: the images are opaque', field="background")
-    return GenerationFields(
-        model=fields.model,
-        n=fields.n,
-        label=prompt_label(model, fields.prompt),
-        temperature=fields.temperature,
-        seed=fields.seed,
-    )
+    label = prompt_label(model, fields.prompt)
+    native = {
+        "model": fields.model,
+        "n": fields.n,
+        "label": label,
+        "temperature": fields.temperature,
+        "seed": fields.seed,
+    }
+    return GenerationFields.model_validate(native)
 
 
 def prompt_label(model: ServedModel, prompt: str) -> int | None:
