@@ -267,12 +267,15 @@ def test_bad_masks_explain_which_masks_work(client, http):
     image = ("picture.png", png_bytes(pattern()))
     holes = np.full((8, 8), 255, dtype=np.uint8)
     holes[2:4, 2:4] = 0  # a hole in the middle: pixels after it are kept
+    hole_and_suffix = np.full((8, 8), 255, dtype=np.uint8)
+    hole_and_suffix[2, 2] = hole_and_suffix[6:] = 0  # transparent to the end, but with a hole before
     opaque = np.full((8, 8), 255, dtype=np.uint8)
     gray_mask = io.BytesIO()
     Image.new("L", (8, 8)).save(gray_mask, format="PNG")
     wrong_size = rgba(np.zeros((4, 4), dtype=np.uint8))
     cases = [
         (rgba(holes), ["not a raster-order suffix", "row 2, column 2", "row 2, column 4", "raster order"]),
+        (rgba(hole_and_suffix), ["not a raster-order suffix", "row 2, column 2", "row 2, column 3"]),
         (rgba(opaque), ["no fully transparent pixel", "Possible masks"]),
         (gray_mask.getvalue(), ["has no alpha channel", "alpha 0"]),
         (wrong_size, ["4x4", "8x8"]),
