@@ -36,10 +36,14 @@ def test_rgb_model_in_float32_is_batch_invariant():
     check_invariance(model, [GenerationRequest(n=2, seed=3)], [(3, 2, 1), (7, 0, 4)], lanes=(1,))
 
 
-def test_every_batch_size_gives_each_image_the_same_row():
-    """Below the engine: one row of the same images decoded inside batches of 1..40 others."""
-    model = tiny_model("gated", 1, size=8, num_classes=3, seed=42, dtype=torch.float32, hidden_channels=12)
-    sampler = CachedSampler(model)
+# hidden 12: 2n = 24 floats, padded to chunks; 16: 2n = 32, so only the torch loop's 2-image minimum pads
+@pytest.mark.parametrize("native,hidden", [(True, 12), (False, 12), (False, 16)])
+def test_every_batch_size_gives_each_image_the_same_row(native, hidden):
+    """Below the engine: one row of the same images decoded inside batches of 1..40 others, by the C kernel
+    and by the TorchScript reference row loop (which pads every step to its own batch rule)."""
+    model = tiny_model("gated", 1, size=8, num_classes=3, seed=42, dtype=torch.float32, hidden_channels=hidden)
+    sampler = CachedSampler(model, native=native)
+    assert sampler.row_loop.name == ("c-kernel" if native else "torchscript")
     config = model.config
     g = torch.Generator().manual_seed(0)
     canvas = torch.randint(0, 256, (41, *config.shape), generator=g)
