@@ -202,6 +202,26 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
     assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
 
 
+def test_a_completion_that_keeps_part_of_a_row_draws_that_row_row_by_row_then_by_wavefront():
+    model = gated(1, 4)
+    known = torch.randint(0, 256, (1, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(8))
+    alone = sample_cached(model, 1, seed=4, labels=torch.tensor([2]), known=known, known_rows=3, known_columns=5)
+
+    async def main():
+        engine = Engine(model, lanes=2)
+        await engine.start()
+        try:
+            request = GenerationRequest(seed=4, labels=[2], known=known.numpy(), known_rows=3, known_columns=5)
+            return await engine.generate(request), engine.stats()
+        finally:
+            await engine.stop()
+
+    result, stats = asyncio.run(main())
+    assert np.array_equal(result.images, alone.images.numpy())
+    assert np.array_equal(result.log_prob, alone.log_prob.numpy())
+    assert stats.rows_wavefront == SIZE - 4, "the row with kept pixels one lane draws, the rest the wavefront"
+
+
 def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_one_lane():
     """A lone request starts by wavefront; a request of 2 images arrives (one shard per lane): the wavefront
     stops at its next row, the first request goes on row by row (its streams put back where one lane's

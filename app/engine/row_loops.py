@@ -5,10 +5,11 @@ joins the caches) and the per-sub-pixel loop (`fill_row`), and declares the batc
 numbers are the same for an image whatever else shares the step (`batch_quantum`, `min_batch`: see
 CachedSampler.padded_batch). CachedSampler picks one from ROW_LOOPS, the first that can run:
 
-| row loop   | where                                   | per-row work  | per-pixel loop      | padding         |
-|------------|-----------------------------------------|---------------|---------------------|-----------------|
-| c-kernel   | float32 on the CPU, the kernel builds    | C (gated)     | C (c_kernel.py)     | none            |
-| torch      | everything else (float64, CUDA, no cc)  | torch         | TorchScript / eager | 2 x quantum; 64 on CUDA |
+- c-kernel: float32 on the CPU, when the kernel builds. Per-row work and per-pixel loop in C (c_kernel.py),
+  each image on its own: no padding.
+- torch: everything else (float64, CUDA, no compiler, native=False). The torch per-row methods and the
+  TorchScript (or eager) row decoder: steps padded to at least 2 images and whole 32-float chunks, and to
+  64 images on CUDA (TorchRows says why).
 
 and, for gated models on CUDA (or when asked, for testing), wraps it in StaticRows: the per-pixel loop
 on static buffers of fixed batch buckets, each captured once as a CUDA graph and replayed.
@@ -77,18 +78,25 @@ class RowLoop:
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
-        """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place."""
+        """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place; `forced`
+        int64 (B, C, W): values >= 0 are kept sub-pixels, written instead of drawn (protocol step 3)."""
         raise NotImplementedError
 
     def draw_row(
-        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-sub-pixel loop into new tensors: values int64 (B, C, W), log p (B,) float64."""
         config = self.impl.config
         row = torch.empty((state.batch, config.image_channels, config.width), dtype=torch.long, device=self.device)
         log_prob = torch.zeros(state.batch, dtype=torch.float64, device=self.device)
-        self.fill_row(state, uniforms.to(self.device), temperature.to(self.device), row, log_prob)
+        forced = None if forced is None else forced.to(self.device)
+        self.fill_row(state, uniforms.to(self.device), temperature.to(self.device), row, log_prob, forced)
         return row, log_prob
 
     def prepare(self) -> None:
@@ -129,8 +137,9 @@ class CKernelRows(RowLoop):
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
-        self.pixels(self.impl.row_state(state), uniforms, temperature, row, log_prob)
+        self.pixels(self.impl.row_state(state), uniforms, temperature, row, log_prob, forced)
 
 
 class TorchRows(RowLoop):
@@ -162,9 +171,10 @@ class TorchRows(RowLoop):
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
         with exact_execution():
-            self.decoder(self.impl.row_state(state), uniforms, temperature, row, log_prob)
+            self.decoder(self.impl.row_state(state), uniforms, temperature, row, log_prob, forced)
 
 
 class StaticRows(RowLoop):
@@ -204,14 +214,22 @@ class StaticRows(RowLoop):
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
-        self.inner.fill_row(state, uniforms, temperature, row, log_prob)
+        self.inner.fill_row(state, uniforms, temperature, row, log_prob, forced)
 
     def draw_row(
-        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if state.batch > self.buckets[-1]:
-            return self.inner.draw_row(state, uniforms, temperature)
+        # A row with kept sub-pixels (a completion's first row, once per such request) runs the wrapped
+        # loop directly: the recorded graphs know no forced values, and the wrapped loop at the same
+        # padded batch computes the same numbers.
+        if state.batch > self.buckets[-1] or forced is not None:
+            return self.inner.draw_row(state, uniforms, temperature, forced)
         with self.lock:
             return self._run(state, uniforms, temperature)
 

@@ -33,7 +33,7 @@ from .cache import DecodeCache
 from .cached import CachedSampler, sample_cached
 from .fan_in import Delivery, Shard, TrackedRequest
 from .posterior import infer_labels
-from .protocol import ImagesIn, LabelsIn, row_uniforms, start_sampling
+from .protocol import ImagesIn, LabelsIn, forced_row, row_uniforms, start_sampling
 from .scoring import Scorer
 from .stats import TimeHistogram
 from .stream import Stream, StreamItem
@@ -217,7 +217,9 @@ class Engine:
             request.known_rows,
             self.device,
             request.label_mode,
+            request.known_columns,
         )
+        forced = forced_row(canvas, request.known_rows, request.known_columns)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
 
@@ -242,6 +244,7 @@ class Engine:
                 canvas[a:b],
                 request.known_rows,
                 infer_labels=infer,
+                forced=None if forced is None else forced[a:b],
             )
             for a, b in itertools.pairwise(bounds)
         ]
@@ -362,7 +365,10 @@ class Engine:
             pending.remove(shard)
             try:  # prefill: one pass over the known rows fills this shard's caches
                 if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
-                    shard.labels, class_log_probs = infer_labels(self.model, shard.streams, shard.canvas, shard.row)
+                    known_columns = shard.owner.request.known_columns
+                    shard.labels, class_log_probs = infer_labels(
+                        self.model, shard.streams, shard.canvas, shard.row, known_columns
+                    )
                     shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
@@ -390,9 +396,13 @@ class Engine:
                 for shard in lane.active
             ]
         )
+        forced = None  # kept sub-pixels of a completion whose kept pixels end mid-row, in its first row
+        if any(shard.forced is not None for shard in lane.active):
+            drawn = -1  # every sub-pixel of the other shards' rows
+            forced = torch.cat([torch.full((s.n, c, w), drawn) if s.forced is None else s.forced for s in lane.active])
         step_started = time.perf_counter()
         assert lane.state is not None  # a lane with active shards has their caches
-        rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
+        rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures, forced)
         step_s = time.perf_counter() - step_started
         self._row_drawn(lane, rows.to(torch.uint8).cpu(), log_prob.cpu(), step_s)
 
@@ -426,10 +436,12 @@ class Engine:
         is idle: the idle lanes' cores then draw its rows too. Throughput first: any waiting request means
         batching. A streamed request decodes row by row: a wavefront hands its rows on when it returns,
         which would delay the first row."""
-        if self.wavefront is None or len(lane.active) != 1 or lane.active[0].owner.wants_rows:
+        shard = lane.active[0] if len(lane.active) == 1 else None
+        # A completion's first row with kept pixels (forced) decodes row by row: the wavefront draws every pixel.
+        if self.wavefront is None or shard is None or shard.owner.wants_rows or shard.forced is not None:
             return 1
         with self._lock:  # a cancel sets the stop flag under the lock, after marking its request gone
-            if lane.active[0].owner.gone or self._waiting or any(o.images for o in self._lanes if o is not lane):
+            if shard.owner.gone or self._waiting or any(o.images for o in self._lanes if o is not lane):
                 return 1
             self._stop_wavefront.value = 0
             self._wavefront_threads = min(len(self._lanes), self.wavefront.useful_lanes)
@@ -479,6 +491,7 @@ class Engine:
                 continue
             shard.owner.row_done(shard, shard.row, rows_cpu[part], log_prob[part])
             shard.row += 1
+            shard.forced = None
             if shard.row == self.config.height:
                 done.append(shard)
                 continue

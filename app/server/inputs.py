@@ -137,18 +137,31 @@ def generation_request(
     known: np.ndarray | None = None,
     rows: int | None = None,
     label_mode: str = "posterior",
+    pixels: int | None = None,
 ) -> GenerationRequest:
     """The one step from validated fields (their static bounds are in the schemas) to the engine's typed
-    request: the rules that depend on the model or the settings live here, each once."""
+    request: the rules that depend on the model or the settings live here, each once. A completion keeps
+    `rows` whole rows or, instead, `pixels` pixels in raster order (which may end mid-row)."""
     limit = min(settings.max_images_per_request, settings.max_batch_images)
     if not fields.n <= limit:
         raise InvalidRequest(
             f"n must be between 1 and {limit} (the per-request image limit), got {fields.n}", field="n"
         )
-    known_rows = 0
+    known_rows = known_columns = 0
     if known is not None:
-        height = model.config.height
-        known_rows = height // 2 if rows is None else rows
+        height, width = model.config.height, model.config.width
+        if rows is not None and pixels is not None:
+            raise InvalidRequest("give rows (whole rows to keep) or pixels (pixels to keep), not both", field="pixels")
+        if pixels is not None:
+            if not pixels < height * width:
+                raise InvalidRequest(
+                    f"pixels must be between 0 and {height * width - 1} (pixels of the image to keep, in raster "
+                    f"order), got {pixels}",
+                    field="pixels",
+                )
+            known_rows, known_columns = divmod(pixels, width)
+        else:
+            known_rows = height // 2 if rows is None else rows
         if not known_rows < height:
             raise InvalidRequest(
                 f"rows must be between 0 and {height - 1} (rows of the image to keep), got {known_rows}", field="rows"
@@ -156,16 +169,18 @@ def generation_request(
     return GenerationRequest(
         n=fields.n,
         seed=secrets.randbits(31) if fields.seed is None else fields.seed,  # returned, so it can be replayed
-        labels=resolve_labels(model, fields.label, fields.n),
+        labels=class_indices(model, fields.label, fields.n),
         temperature=fields.temperature,
         known=known,
         known_rows=known_rows,
+        known_columns=known_columns,
         label_mode=label_mode,
     )
 
 
-def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "label") -> list[int] | None:
-    """A label (index or case-insensitive class name), or one per image -> `count` class indices."""
+def class_indices(model: ServedModel, label: Any, count: int, field: str = "label") -> list[int] | None:
+    """A label (index or case-insensitive class name), or one per image of `count` -> their class indices,
+    one or `count` of them (the engine gives one label to every image)."""
     if label is None:
         return None
     config = model.config
@@ -176,8 +191,7 @@ def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "lab
         raise InvalidRequest(
             f"got {len(values)} labels for {count} images: give one label, or one per image", field=field
         )
-    indices = [class_index(model, value, field) for value in values]
-    return indices * count if len(indices) == 1 else indices
+    return [class_index(model, value, field) for value in values]
 
 
 def class_index(model: ServedModel, value: Any, field: str) -> int:

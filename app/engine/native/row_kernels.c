@@ -17,6 +17,8 @@
  *   out_weight[l] (n, 2n), the last (n, n) residual and skip 1x1s fused (the last layer: skip only)
  *   hidden_w (n, head), logits_w[c] (head, 256)
  * uniforms (B, C, W) float64, temperature (B) float64 -> row (B, C, W) int64, log_prob (B) float64 (+=).
+ * forced (B, C, W) int64 or NULL: values >= 0 are kept sub-pixels (a completion whose kept pixels end
+ * mid-row), written instead of drawing and not counted in log_prob (protocol step 3).
  * The masked-conv PixelCNN's layouts are described at PixelCNNWeights below.
  */
 #define _GNU_SOURCE /* pthreads, sched_yield and (Linux) the futex syscall under -std=c11: the wavefront */
@@ -241,9 +243,14 @@ static int draw(const float *restrict logits, double u, double temperature, doub
     return value;
 }
 
-/* Draw sub-pixel `at` of the row: its value into *value, its log p added to *log_prob; returns the value. */
-static int draw_into(const float *logits, double u, double temperature, int64_t *value, double *log_prob,
-                     double *cdf) {
+/* Draw sub-pixel `at` of the row: its value into *value, its log p added to *log_prob; returns the value.
+ * A kept sub-pixel (forced >= 0) is not drawn: its value is written and nothing is added. */
+static int draw_into(const float *logits, double u, double temperature, int64_t forced, int64_t *value,
+                     double *log_prob, double *cdf) {
+    if (forced >= 0) {
+        *value = forced;
+        return (int)forced;
+    }
     double lp;
     const int drawn = draw(logits, u, temperature, &lp, cdf);
     *value = drawn;
@@ -319,7 +326,8 @@ static void step_block(const GatedWeights *w, int first, int count, int j, int c
 }
 
 int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffers, const float *const *row_bias,
-                     const double *uniforms, const double *temperature, int64_t *row, double *log_prob) {
+                     const double *uniforms, const double *temperature, int64_t *row, double *log_prob,
+                     const int64_t *forced) {
     const int n = w->channels, c = w->image_channels, width = w->width;
     const size_t per_image = (size_t)(6 * n + w->head + LEVELS);
     float *scratch = malloc(sizeof(float) * per_image * BLOCK);
@@ -346,8 +354,8 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
                 step_block(w, first, count, j, colour, h_buffers, row_bias, &s);
                 for (int b = first; b < first + count; b++) {
                     const size_t at = ((size_t)b * c + colour) * width + j;
-                    const int value =
-                        draw_into(s.logits[b - first], uniforms[at], temperature[b], row + at, log_prob + b, cdf);
+                    const int value = draw_into(s.logits[b - first], uniforms[at], temperature[b],
+                                                forced ? forced[at] : -1, row + at, log_prob + b, cdf);
                     /* the first layer's input, scaled like scale_pixels */
                     h_buffers[0][((size_t)b * (width + kw0 - 1) + j + kw0 - 1) * c + colour] = (float)value / 127.5f - 1.0f;
                 }
@@ -666,7 +674,7 @@ static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, floa
                 step_block(w, first, count, j, colour, h_buffers, (const float *const *)row_bias, s);
                 for (int b = first; b < first + count; b++) {
                     const size_t at = (((size_t)i * batch + b) * c + colour) * width + j;
-                    const int value = draw_into(s->logits[b - first], f->uniforms[at], f->temperature[b],
+                    const int value = draw_into(s->logits[b - first], f->uniforms[at], f->temperature[b], -1,
                                                 f->values + at, f->log_prob + (size_t)i * batch + b, cdf);
                     const float scaled = (float)value / 127.5f - 1.0f;
                     h_buffers[0][((size_t)b * (width + hw0 - 1) + j + hw0 - 1) * c + colour] = scaled;
@@ -904,7 +912,7 @@ static void pixelcnn_step(const PixelCNNWeights *w, int count, int j, int colour
 
 int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
                         float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
-                        double *log_prob) {
+                        double *log_prob, const int64_t *forced) {
     const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
     if (w->blocks > MAX_BLOCKS) return 1;
     float *scratch = malloc(sizeof(float) * pixelcnn_scratch(w, NULL, NULL));
@@ -934,8 +942,8 @@ int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, 
                 pixelcnn_step(w, count, j, colour, image_inputs, bias, window, &s);
                 for (int b = 0; b < count; b++) {
                     const size_t at = ((size_t)(first + b) * c + colour) * width + j;
-                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b], row + at,
-                                                log_prob + first + b, cdf);
+                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b],
+                                                forced ? forced[at] : -1, row + at, log_prob + first + b, cdf);
                     image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
                         (float)value / 127.5f - 1.0f;
                 }
@@ -1010,7 +1018,7 @@ static void *pixelcnn_wavefront_lane(void *argument) {
                     pixelcnn_step(w, count, j, colour, image_inputs, bias, window, &s);
                     for (int b = 0; b < count; b++) {
                         const size_t at = (((size_t)i * batch + first + b) * c + colour) * width + j;
-                        const int value = draw_into(s.logits[b], f->uniforms[at], f->temperature[first + b],
+                        const int value = draw_into(s.logits[b], f->uniforms[at], f->temperature[first + b], -1,
                                                     f->values + at, f->log_prob + (size_t)i * batch + first + b, cdf);
                         image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
                             (float)value / 127.5f - 1.0f;
