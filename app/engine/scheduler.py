@@ -226,6 +226,8 @@ ENGINE_COUNTERS = (
     "decode_errors",
     "prefill_errors",
     "likelihood_errors",
+    "likelihood_cancelled",
+    "likelihood_passes",
 )
 
 TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -375,6 +377,8 @@ class Engine:
             **dict(counters),
             "rejected_queue_full": counters["rejected_queue_full"] + self.scorer.rejected,
             "likelihood_errors": self.scorer.failed,
+            "likelihood_cancelled": self.scorer.cancelled,
+            "likelihood_passes": self.scorer.passes,
         }
 
     # ---- requests --------------------------------------------------------------------------------------

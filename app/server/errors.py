@@ -10,7 +10,6 @@ errors, into responses and count them in the failures metric.
 
 from __future__ import annotations
 
-import logging
 from contextvars import ContextVar
 from typing import Any
 
@@ -19,8 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("pixelcnn.server")
 
 RETRY_AFTER_S = 1
 # The id of the request being handled (set by MetricsMiddleware): every error body carries it, so that a
@@ -88,9 +85,17 @@ class EngineFailed(ApiError):
     status, type = 500, "engine_error"
 
 
+class InternalError(ApiError):
+    """A bug, never bad input: answered by MetricsMiddleware (so the body and headers carry the request id),
+    which also logs the traceback and counts it."""
+
+    status, type, counted = 500, "internal", True
+
+
 class ClientDisconnected(ApiError):
     """The client left before the response was ready; nobody reads this answer (499 in nginx terms).
-    GenerationRun.close() counts it, since a cancelled stream never reaches a handler."""
+    Counted where it is noticed (GenerationRun.close(), since a cancelled stream never reaches a handler;
+    jobs.score)."""
 
     status, type, counted = 499, "client_disconnected", True
 
@@ -185,9 +190,3 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{request.method} is not allowed on {request.url.path}"
         count(request, type_)
         return JSONResponse(error_body(type_, message), status_code=error.status_code, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        count(request, "internal")
-        return JSONResponse(error_body("internal", f"internal server error ({type(error).__name__})"), status_code=500)

@@ -205,10 +205,30 @@ def stream_error_body(error: Exception) -> dict[str, Any]:
     return error_body("internal", f"generation failed ({type(error).__name__}: {error})")
 
 
-async def score(model: ServedModel, images: np.ndarray, labels: list[int] | None) -> Any:
-    """engine.likelihood with its errors mapped to the API's."""
+async def until_disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body has been read by then, so only a disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def score(
+    model: ServedModel, images: np.ndarray, labels: list[int] | None, request: Request, metrics: ServerMetrics
+) -> Any:
+    """engine.likelihood with its errors mapped to the API's; stopped when the client goes away (its slot
+    freed at once, its scoring thread stopped before the next pass): ClientDisconnected, counted here."""
+    scoring = asyncio.ensure_future(model.engine.likelihood(images, labels))
+    watcher = asyncio.ensure_future(until_disconnect(request))
     try:
-        return await model.engine.likelihood(images, labels)
+        await asyncio.wait([scoring, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watcher, scoring):
+            task.cancel()
+        await asyncio.wait([watcher, scoring])  # quick: a cancelled score returns before its thread ends
+    if scoring.cancelled():
+        metrics.failures.labels(reason=ClientDisconnected.type).inc()
+        raise ClientDisconnected("the client disconnected; the likelihood pass was stopped")
+    try:
+        return scoring.result()
     except QueueFullError as error:
         raise overloaded(model, error) from None
     except ValueError as error:

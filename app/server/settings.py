@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         description="generation requests waiting for a batch slot, and likelihood requests running, before 503",
     )
     max_images_per_request: int = Field(64, ge=1)
+    max_likelihood_passes: int = Field(
+        44,
+        ge=1,
+        description="cost cap of one /likelihood request in forward passes of up to 16 images: one per "
+        "16 images, times (classes + 1) for a conditional model scored without a label. Default 44: "
+        "64 unlabelled images on a 10-class model",
+    )
     max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
     api_key: SecretStr | None = Field(None, description="bearer token required on POST routes; unset: no auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(
