@@ -35,18 +35,21 @@ REQUEST_ID_STATE = "pixelcnn.request_id"
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    max_header_bytes: int = 32 * 1024
-    max_header_count: int = 100
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    keep_alive_timeout_s: float = 5.0
+    """What Settings.connection_limits() gives (PIXELCNN_MAX_HEADER_BYTES and so on)."""
+
+    max_header_bytes: int
+    max_header_count: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keep_alive_timeout_s: float
 
 
 class _HeadLimitExceeded(Exception):
     """Raised in the parser's header callback once the head has too many headers."""
 
 
-Refused = Callable[[int, str], None]  # (status, error type): counted by the caller's metrics
+# (status, error type, whether the request had reached the app): counted by the caller's metrics.
+Refused = Callable[[int, str, bool], None]
 
 
 def guarded_protocol(limits: ConnectionLimits, on_refused: Refused | None = None) -> type[HttpToolsProtocol]:
@@ -156,7 +159,9 @@ def guarded_protocol(limits: ConnectionLimits, on_refused: Refused | None = None
                 return
             cycle = self.cycle
             request_id = None
-            if cycle is not None and not cycle.response_complete:
+            reached_app = cycle is not None and not cycle.response_complete
+            if reached_app:
+                assert cycle is not None
                 if cycle.response_started:
                     self.transport.close()
                     return
@@ -182,6 +187,6 @@ def guarded_protocol(limits: ConnectionLimits, on_refused: Refused | None = None
             )
             self.transport.close()
             if on_refused is not None:
-                on_refused(status, type_)
+                on_refused(status, type_, reached_app)
 
     return GuardedHttpToolsProtocol

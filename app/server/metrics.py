@@ -65,6 +65,12 @@ class ServerMetrics:
         )
         self.failures = Counter("pixelcnn_failures", "failed requests by reason (error type)", ["reason"], registry=r)
 
+    def count_refused(self, status: int, reason: str, reached_app: bool) -> None:
+        """A request the connection guard answered itself: 431 (too large a head), 408 (too slow)."""
+        self.failures.labels(reason=reason).inc()
+        if not reached_app:  # else MetricsMiddleware counts it, under its route
+            self.requests.labels(route="unmatched", method="other", status=str(status)).inc()
+
     def watch(self, get_registry: Callable[[], ModelRegistry | None]) -> None:
         self.registry.register(EngineCollector(get_registry))
 

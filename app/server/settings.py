@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .connections import ConnectionLimits
+
 DEFAULT_MODEL = "fashion-mnist"
 
 
@@ -84,6 +86,19 @@ class Settings(BaseSettings):
         "64 unlabelled images on a 10-class model",
     )
     max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="request line plus headers above this get 431 and the connection closed"
+    )
+    max_header_count: int = Field(100, ge=1, description="requests with more headers get 431")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head not complete this long after its first byte gets 408"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not complete this long after its head gets 408"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="a connection with no request in progress is closed after this long idle"
+    )
     api_key: SecretStr | None = Field(None, description="bearer token required on POST routes; unset: no auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed browser origins, comma-separated in the environment; empty: CORS off"
@@ -102,6 +117,15 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value):
         """PIXELCNN_API_KEY= (empty) means no key, not a key that is the empty string."""
         return None if value == "" else value
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            max_header_bytes=self.max_header_bytes,
+            max_header_count=self.max_header_count,
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            keep_alive_timeout_s=self.keep_alive_timeout_s,
+        )
 
     def lanes_for(self, device_type: str) -> int:
         """The decode lanes to run on a device of this type ("cpu" or "cuda")."""
