@@ -14,7 +14,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from .auth import ApiKeyMiddleware
 from .errors import install_error_handlers
+from .head import HeadAsGetMiddleware
 from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware, ServerMetrics
 from .registry import (
@@ -88,15 +90,18 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     for module in (health, models, generation, likelihood, metrics, demo):
         app.include_router(module.router)
 
-    # Added innermost first: CORS -> body limit -> metrics (outermost, so it sees 413s too).
+    # Added innermost first: HEAD as GET -> body limit -> API key -> CORS (so browsers can read 401s and
+    # 413s) -> metrics (outermost, so it sees every status).
+    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
+    app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
             expose_headers=["X-Seed", "X-Labels", "X-Model", "X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -54,6 +54,8 @@ async def _read_json(request: Request, fields_model: type[Fields]) -> tuple[Fiel
         body = json.loads(await request.body() or b"null")
     except ValueError:
         raise InvalidRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is JSON nested too deeply; expected a flat object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object with base64 images, or a multipart form with image files")
     encoded: list[tuple[str, Any]] = []
