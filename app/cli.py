@@ -255,9 +255,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
         "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
-        "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx)",
+        "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx), "
+        "hostile (/health latency under huge headers and slow-loris clients)",
     )
-    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale"])
+    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale", "hostile"])
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(run=run_bench)
 
@@ -279,6 +280,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "quality": "app.bench.quality",
         "load": "app.server.loadtest",
         "scale": "app.server.scale",
+        "hostile": "app.bench.hostile",
     }[args.what]
     return importlib.import_module(module).run(args.options)
 
