@@ -53,7 +53,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIXELCNN_MODEL_STORE=/srv/model_store \
     PIXELCNN_KERNEL_CACHE=/tmp/pixelcnn-kernels
 
-# A C compiler: the sampler builds its per-pixel kernel for this CPU at first start (app/engine/native.py,
+# A C compiler: the sampler builds its per-pixel kernel for this CPU at first start (app/engine/c_kernel.py,
 # about a second, into PIXELCNN_KERNEL_CACHE); without one it runs the slower TorchScript decoder.
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -167,12 +167,18 @@ def add_complete(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder, or with --url the model name on the server")
     p.add_argument("image", type=Path, help="image file of the model's size")
     p.add_argument("--rows", type=int, help="known rows kept from the top (default: half the height)")
+    p.add_argument(
+        "--label-mode",
+        choices=["posterior", "prior"],
+        default="posterior",
+        help="without --label: draw each class from p(class | kept rows) (default) or uniformly (prior)",
+    )
     add_generation_options(p)
     p.add_argument("--naive", action="store_true", help="use the reference sampler (same images, much slower)")
     p.set_defaults(run=run_complete)
 
 
-def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: int = 0):
+def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: int = 0, label_mode: str = "posterior"):
     import secrets
 
     import torch
@@ -187,10 +193,27 @@ def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: i
         labels = torch.tensor([model.config.class_index(args.label)] * n)
     sampler = sample_naive if args.naive else sample_cached
     result = sampler(
-        model, n, labels=labels, temperature=args.temperature, seed=seed, known=known, known_rows=known_rows
+        model,
+        n,
+        labels=labels,
+        temperature=args.temperature,
+        seed=seed,
+        known=known,
+        known_rows=known_rows,
+        label_mode=label_mode,
     )
     names = [model.config.class_name(int(y)) for y in result.labels] if result.labels is not None else []
-    return result.images, seed, names
+    beliefs = []
+    if result.class_log_probs is not None:
+        beliefs = [posterior_summary(model.config.class_names, row.exp().tolist()) for row in result.class_log_probs]
+    return result.images, seed, names, beliefs
+
+
+def posterior_summary(class_names: list[str], probabilities: list[float]) -> str:
+    """'Dress 97%, Coat 2%': the likeliest classes given the kept rows (those of 1% or more, at most 3)."""
+    ranked = sorted(zip(probabilities, class_names), reverse=True)
+    shown = [f"{name} {p:.0%}" for p, name in ranked[:3] if p >= 0.01] or [f"{ranked[0][1]} {ranked[0][0]:.0%}"]
+    return ", ".join(shown)
 
 
 def images_from_response(result: dict):
@@ -205,12 +228,16 @@ def images_from_response(result: dict):
     return np.stack([decode_image(base64.b64decode(item["png"]), c, h, w) for item in result["images"]])
 
 
-def report(args: argparse.Namespace, images, seed: int, names: list[str]) -> int:
+def report(args: argparse.Namespace, images, seed: int, names: list[str], beliefs: list[str]) -> int:
     from app.imaging import picture, png_bytes
 
     args.out.write_bytes(png_bytes(picture(images)))  # one image as itself, like the API's PNG
     labels = f", labels {names}" if names else ""
     print(f"wrote {args.out}: {len(images)} image(s), seed {seed}{labels}")
+    if beliefs and len(set(beliefs)) == 1:
+        print(f"the kept rows look like: {beliefs[0]}")
+    for index, belief in enumerate(beliefs if len(set(beliefs)) > 1 else []):
+        print(f"image {index}: the kept rows look like {belief}")
     return 0
 
 
@@ -224,9 +251,14 @@ def generate_remotely(args: argparse.Namespace, route: str) -> int:
         if route == "sample":
             result = client.sample(**common)
         else:
-            result = client.complete(args.image, rows=args.rows, **common)
+            result = client.complete(args.image, rows=args.rows, label_mode=args.label_mode, **common)
     names = [item["label_name"] for item in result["images"] if item.get("label_name")]
-    return report(args, images_from_response(result), result["seed"], names)
+    beliefs = [
+        posterior_summary(list(item["class_probabilities"]), list(item["class_probabilities"].values()))
+        for item in result["images"]
+        if item.get("class_probabilities")
+    ]
+    return report(args, images_from_response(result), result["seed"], names, beliefs)
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -247,42 +279,45 @@ def run_complete(args: argparse.Namespace) -> int:
     config = ModelConfig.load(Path(args.model) / "config.json")
     known = decode_image(args.image.read_bytes(), *config.shape)[None]
     rows = config.height // 2 if args.rows is None else args.rows
-    return report(args, *generate_locally(args, args.n, known=known, known_rows=rows))
+    return report(args, *generate_locally(args, args.n, known=known, known_rows=rows, label_mode=args.label_mode))
+
+
+# Verbs whose options are parsed by their own module's run(argv) (so that `pixelcnn --help` imports none
+# of them): name -> (module, what it does). `pixelcnn bench VERB --help` prints that module's options.
+BENCH_VERBS = {
+    "model": ("app.bench.model", "forward and training images/s of model sizes"),
+    "sampling": ("app.bench.sampling", "naive vs cached sampling vs one forward pass; engine concurrency by lanes"),
+    "http": ("app.bench.http", "a server: /sample vs /likelihood, concurrent requests, time to the first row"),
+    "agreement": ("app.bench.agreement", "cached vs naive images in the served dtype"),
+    "quality": ("app.bench.quality", "samples judged by an independent classifier"),
+    "load": ("app.bench.load", "load and soak: many clients, mixed routes, for a fixed time"),
+    "scale": ("app.bench.scale", "1 vs 2 replicas (one core each) behind nginx: images/s, p50/p99"),
+    "hostile": ("app.bench.hostile", "/health latency while clients send huge headers or slow-loris heads"),
+}
+CARD = ("app.tools.card", "draw a model card's pictures: samples per class, completions, training curve")
+
+
+def add_forwarded(sub: argparse._SubParsersAction, name: str, module: str, summary: str) -> None:
+    """A verb whose arguments (all of them, --help included) go to `module`.run(argv)."""
+    p = sub.add_parser(name, help=summary, description=summary, add_help=False)
+    p.set_defaults(run=lambda args: run_module(module, args.options), forwards=True)
+
+
+def run_module(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).run(argv))
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
-        "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
-        "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx), "
-        "hostile (/health latency under huge headers and slow-loris clients)",
-    )
-    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale", "hostile"])
-    p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
-    p.set_defaults(run=run_bench)
+    p = sub.add_parser("bench", help="benchmarks (pixelcnn bench --help lists them)", description="Benchmarks.")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB", title="benchmarks")
+    for name, (module, summary) in BENCH_VERBS.items():
+        add_forwarded(verbs, name, module, summary)
 
 
 def add_card(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("card", help="draw a model card's pictures: samples per class, completions, curve")
-    p.add_argument("options", nargs=argparse.REMAINDER, help="MODEL_DIR and options (see pixelcnn card -h)")
-    p.set_defaults(run=lambda args: __import__("app.card").card.run(args.options))
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    module = {
-        "model": "app.bench.model",
-        "sampling": "app.bench.sampling",
-        "http": "app.server.bench",
-        "agreement": "app.bench.agreement",
-        "quality": "app.bench.quality",
-        "load": "app.server.loadtest",
-        "scale": "app.server.scale",
-        "hostile": "app.bench.hostile",
-    }[args.what]
-    return importlib.import_module(module).run(args.options)
+    add_forwarded(sub, "card", *CARD)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for add in (add_train, add_eval, add_sample, add_complete, add_serve, add_bench, add_card):
         add(sub)
-    args = parser.parse_args(argv)
+    # A forwarding verb's arguments are all unknown here: they go to its module, whose parser checks them.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "forwards", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.options = unknown
     args.argv = list(sys.argv[1:] if argv is None else argv)
     import httpx
 

@@ -113,9 +113,14 @@ class PixelCNNClient:
         temperature: float = 1.0,
         seed: int | None = None,
         model: str | None = None,
+        label_mode: str | None = None,
     ) -> dict:
-        """Keep the top `rows` rows of `image` (bytes of an image file, or its path) and generate the rest."""
-        data = _form(model=model, rows=rows, n=n, label=label, temperature=temperature, seed=seed)
+        """Keep the top `rows` rows of `image` (bytes of an image file, or its path) and generate the rest.
+        Without `label`, a conditional model draws each image's class from p(class | kept rows) (reported
+        as class_probabilities) or, with label_mode="prior", uniformly."""
+        data = _form(
+            model=model, rows=rows, n=n, label=label, temperature=temperature, seed=seed, label_mode=label_mode
+        )
         return self._json(self._http.post("/complete", data=data, files=[_file("image", image)]))
 
     def stream_complete(
@@ -127,8 +132,18 @@ class PixelCNNClient:
         temperature: float = 1.0,
         seed: int | None = None,
         model: str | None = None,
+        label_mode: str | None = None,
     ) -> Iterator[dict]:
-        data = _form(model=model, rows=rows, n=n, label=label, temperature=temperature, seed=seed, stream=True)
+        data = _form(
+            model=model,
+            rows=rows,
+            n=n,
+            label=label,
+            temperature=temperature,
+            seed=seed,
+            label_mode=label_mode,
+            stream=True,
+        )
         yield from self._stream("POST", "/complete", data=data, files=[_file("image", image)])
 
     # Scoring.

@@ -53,7 +53,7 @@ def start_server(store: Path, env: dict[str, str] | None = None) -> tuple[subpro
 
     import pytest
 
-    from app.server.gateway import Replica
+    from app.bench.gateway import Replica
 
     replica = Replica(store, Path(tempfile.mkdtemp(prefix="pixelcnn-serve-")), env=env)
     replica.process.log_path = replica.log_path

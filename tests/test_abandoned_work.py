@@ -88,13 +88,13 @@ async def test_dropped_likelihood_frees_its_slot_and_stops_between_passes(serve,
             await call_and_leave(app, likelihood_body(64), leave_after_s=0.12)
             answered_s = time.perf_counter() - started
         stats = engine.stats()
-        assert stats["likelihood_in_flight"] == 0  # the slot is free as soon as the handler returns
+        assert stats.likelihood_in_flight == 0  # the slot is free as soon as the handler returns
         assert answered_s < 0.12 + 4 * PASS_S, answered_s
-        passes_when_left = stats["likelihood_passes"]
+        passes_when_left = stats.likelihood_passes
         assert passes_when_left < 16
         await asyncio.sleep(6 * PASS_S)
-        assert engine.stats()["likelihood_passes"] <= passes_when_left + 1  # at most the pass under way
-        assert engine.stats()["likelihood_cancelled"] == 1
+        assert engine.stats().likelihood_passes <= passes_when_left + 1  # at most the pass under way
+        assert engine.stats().likelihood_cancelled == 1
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pixelcnn.access"]
         assert [(line["route"], line["status"]) for line in lines] == [("/likelihood", 499)]
         metrics = (await client.get("/metrics")).text

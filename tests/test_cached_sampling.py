@@ -116,14 +116,14 @@ def test_static_bucket_rows_equal_the_dynamic_path(channels, classes):
     batch that does not fill its bucket and for completion."""
     model = tiny_model("gated", channels, size=6, num_classes=classes, seed=15)
     static = CachedSampler(model, static_rows=True)
-    assert static.static_rows is not None and not static.static_rows.capture
+    assert static.row_loop.name == "static-torchscript" and not static.row_loop.capture
     for n, rows in ((3, 0), (5, 2), (1, 0)):
         known = torch.randint(0, 256, (n, channels, 6, 6), generator=seeded(n), dtype=torch.uint8) if rows else None
         a = sample_cached(model, n, seed=n, known=known, known_rows=rows, sampler=static)
         b = sample_naive(model, n, seed=n, known=known, known_rows=rows)
         assert torch.equal(a.images, b.images)
         torch.testing.assert_close(a.log_prob, b.log_prob, rtol=0, atol=1e-9)
-    assert set(static.static_rows.buffers) == {4, 8, 2}  # batches run padded to an even size (see padded_batch)
+    assert set(static.row_loop.buffers) == {4, 8, 2}  # batches run padded to an even size (see padded_batch)
 
 
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])

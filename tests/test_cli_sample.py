@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import png_tensor, torch_threads
 
+from app.bench.servers import serve_in_thread
 from app.cli import main
 from app.imaging import grid, png_bytes
 from app.model import load, sample_naive
 from app.server import Settings, create_app
-from app.server.bench import serve_in_thread
 
 
 def test_sample_cached_and_naive_write_the_same_grid(server_store, tmp_path, capsys):
@@ -123,3 +123,27 @@ def test_unreachable_server_is_one_line(tmp_path, capsys):
     assert main(["sample", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not reach the server") and "Traceback" not in err
+
+
+def test_unlabelled_completion_says_what_the_kept_rows_look_like(server_store, tmp_path, capsys):
+    """Without --label the class comes from the kept rows, locally and through --url: the same picture,
+    and the posterior printed; --label-mode prior draws as before (no posterior)."""
+    known = tmp_path / "known.png"
+    known.write_bytes(png_bytes((torch.arange(64).reshape(1, 8, 8) * 29 % 256).to(torch.uint8)))
+    app = create_app(Settings(model_store=server_store, model="cond", device="cpu", threads=1))
+    outputs = []
+    with torch_threads(torch.get_num_threads()), serve_in_thread(app) as url:
+        for where in (["--url", url, "cond"], [str(server_store / "cond")]):
+            out = tmp_path / f"done{len(outputs)}.png"
+            argv = ["complete", *where, str(known), "--n", "2", "--rows", "4", "--seed", "7", "--out", str(out)]
+            assert main(argv) == 0
+            printed = capsys.readouterr().out
+            assert "the kept rows look like: " in printed and "%" in printed, printed
+            outputs.append(png_tensor(out.read_bytes()))
+            assert main([*argv, "--label-mode", "prior"]) == 0
+            assert "look like" not in capsys.readouterr().out
+    assert torch.equal(outputs[0], outputs[1])
+    model = load(server_store / "cond")
+    image = png_tensor(known.read_bytes())[None]
+    expected = sample_naive(model, 2, seed=7, known=image, known_rows=4)
+    assert torch.equal(outputs[0], torch.from_numpy(grid(expected.images, columns=2)))

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import pixels, png_tensor, torch_threads
 
+from app.bench.http import run as bench_run
+from app.bench.servers import serve_in_thread
 from app.client import (
     PixelCNNClient,
     PixelCNNError,
@@ -21,8 +23,6 @@ from app.client import (
 )
 from app.imaging import png_bytes
 from app.server import Settings, create_app
-from app.server.bench import run as bench_run
-from app.server.bench import serve_in_thread
 from app.server.cli import add_serve, settings_from_args
 
 
@@ -118,7 +118,7 @@ def test_leaving_a_stream_early_frees_the_engine(client, server):
     assert next(stream)["row"] == 0
     stream.close()  # closes the HTTP connection
     deadline = time.monotonic() + 10
-    while engine.stats()["active_images"] or engine.stats()["queue_size"]:
+    while engine.stats().active_images or engine.stats().queue_size:
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.01)
     assert client.sample(seed=1)["seed"] == 1  # still serving
@@ -213,7 +213,7 @@ def test_closing_a_stream_cancels_the_engine_request_over_real_http(tmp_path):
         assert next(stream)["row"] == 0
         stream.close()
         deadline = time.monotonic() + 10
-        while not engine.stats().get("requests_cancelled"):
+        while not engine.stats().requests_cancelled:
             assert time.monotonic() < deadline, engine.stats()
             time.sleep(0.01)
-        assert engine.stats()["active_images"] == 0 and not engine.stats().get("requests_completed")
+        assert engine.stats().active_images == 0 and not engine.stats().requests_completed

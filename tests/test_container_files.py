@@ -217,7 +217,7 @@ def test_nginx_accepts_the_gateway_config(tmp_path):
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if nginx is None:
         pytest.skip("nginx is not installed (apt-get install -y nginx)")
-    from app.server.gateway import render_gateway_config
+    from app.bench.gateway import render_gateway_config
 
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_gateway_config(NGINX.read_text(), ["127.0.0.1:8000"], "127.0.0.1:8080", tmp_path))

@@ -1,5 +1,5 @@
 """The gateway without containers: Debian's nginx running the repository's deploy/nginx.conf (rendered for
-loopback by app/server/gateway.py) in front of two real `pixelcnn serve` replicas. Rows of a stream
+loopback by app/bench/gateway.py) in front of two real `pixelcnn serve` replicas. Rows of a stream
 arrive through it as they are made, both replicas get traffic, a killed replica and a draining one
 (503 not_ready) do not fail new requests, and a stream that has started is never sent again to another
 replica. Needs nginx (`apt-get install -y nginx`; .ci/run installs it): without it these tests skip and
@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.bench.gateway import Gateway, Replica
 from app.model import save
-from app.server.gateway import Gateway, Replica
 from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.skipif(
@@ -180,7 +180,7 @@ def test_a_started_stream_is_not_sent_to_another_replica(replicas, gateway):
 
 
 def test_rendered_config_is_the_shipped_one_but_for_addresses_and_paths(tmp_path):
-    from app.server.gateway import NGINX_CONF, render_gateway_config
+    from app.bench.gateway import NGINX_CONF, render_gateway_config
 
     shipped = NGINX_CONF.read_text()
     rendered = render_gateway_config(shipped, ["127.0.0.1:1", "127.0.0.1:2"], "127.0.0.1:3", tmp_path)

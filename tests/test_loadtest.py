@@ -9,9 +9,9 @@ import asyncio
 import torch
 from conftest import torch_threads
 
+from app.bench.load import SCENARIOS, run_load
+from app.bench.servers import serve_in_thread
 from app.server import Settings, create_app
-from app.server.bench import serve_in_thread
-from app.server.loadtest import SCENARIOS, run_load
 
 
 def test_a_short_mixed_load_ends_clean(server_store):

@@ -18,8 +18,8 @@ import torch
 from conftest import torch_threads
 
 import app.server.registry as registry_module
+from app.bench.servers import free_port
 from app.server import Settings, create_app
-from app.server.bench import free_port
 from app.server.cli import draining_server_class
 
 

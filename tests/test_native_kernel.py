@@ -1,4 +1,4 @@
-"""The C row kernel (app/engine/native.py): it is what float32 CPU sampling runs, it follows the same
+"""The C row kernel (app/engine/c_kernel.py): it is what float32 CPU sampling runs, it follows the same
 protocol as the readable TorchScript decoder it replaces, and the server falls back to that decoder when
 no kernel can be built. Its batch invariance is tested with the engine's (tests/test_batch_invariance.py),
 its agreement with the independent naive sampler in tests/test_cached_sampling.py."""
@@ -11,19 +11,19 @@ import shutil
 import pytest
 import torch
 
-from app.engine import CachedSampler, native, sample_cached
+from app.engine import CachedSampler, c_kernel, sample_cached
 from tests.helpers import tiny_model
 
-needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+needs_compiler = pytest.mark.skipif(c_kernel._compiler() is None, reason="no C compiler on this machine")
 
 
 @needs_compiler
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
 def test_float32_cpu_sampling_runs_the_native_kernel(arch):
     model = tiny_model(arch, dtype=torch.float32)
-    assert CachedSampler(model).native is not None
-    assert CachedSampler(tiny_model(arch)).native is None, "float64 models run the torch decoder"
-    assert CachedSampler(model, compiled=False).native is None
+    assert CachedSampler(model).row_loop.name == "c-kernel"
+    assert CachedSampler(tiny_model(arch)).row_loop.name == "torchscript", "float64 models run the torch decoder"
+    assert CachedSampler(model, compiled=False).row_loop.name == "eager"
 
 
 @needs_compiler
@@ -46,36 +46,36 @@ def test_native_kernel_draws_what_the_torchscript_decoder_draws(arch, channels, 
 def test_without_the_kernel_sampling_falls_back_to_torchscript(monkeypatch, tmp_path, caplog):
     model = tiny_model("gated", dtype=torch.float32)
     expected = sample_cached(model, 2, seed=3, sampler=CachedSampler(model, compiled=False))
-    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(c_kernel, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_KERNEL_CACHE", str(tmp_path))  # nothing built before can be found
-    monkeypatch.setattr(native, "_compiler", lambda: shutil.which("false"))  # a compiler that always fails
-    with caplog.at_level(logging.WARNING, logger="app.engine.native"):
+    monkeypatch.setattr(c_kernel, "_compiler", lambda: shutil.which("false"))  # a compiler that always fails
+    with caplog.at_level(logging.WARNING, logger="app.engine.c_kernel"):
         sampler = CachedSampler(model)
-    assert sampler.native is None
+    assert sampler.row_loop.name == "torchscript"
     assert "TorchScript" in caplog.text
     result = sample_cached(model, 2, seed=3, sampler=sampler)
     assert torch.equal(result.images, expected.images)
 
-    monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(native, "_compiler", lambda: None)  # no compiler at all
-    assert native.load_kernel() is None
+    monkeypatch.setattr(c_kernel, "_loaded", {})
+    monkeypatch.setattr(c_kernel, "_compiler", lambda: None)  # no compiler at all
+    assert c_kernel.load_kernel() is None
 
     monkeypatch.undo()
-    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(c_kernel, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_NATIVE_KERNEL", "0")  # switched off by the operator
-    assert native.load_kernel() is None
+    assert c_kernel.load_kernel() is None
 
 
 @needs_compiler
 def test_the_kernel_is_built_once_into_the_cache_folder(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(c_kernel, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_KERNEL_CACHE", str(tmp_path))
-    assert native.load_kernel() is not None
+    assert c_kernel.load_kernel() is not None
     built = list(tmp_path.glob("row_kernels-*.so"))
     assert len(built) == 1 and not list(tmp_path.glob(".*")), "one library, no half-written file left"
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(native, "_loaded", {})
-    assert native.load_kernel() is not None
+    monkeypatch.setattr(c_kernel, "_loaded", {})
+    assert c_kernel.load_kernel() is not None
     assert built[0].stat().st_mtime_ns == stamp, "a second start reuses the library"
 
 
@@ -116,7 +116,7 @@ def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
 
     model = tiny_model("gated", dtype=torch.float32, **shape)
     sampler = CachedSampler(model)
-    assert sampler.vertical is not None and sampler.batch_quantum == 1
+    assert sampler.row_loop.vertical is not None and sampler.row_loop.batch_quantum == 1
     c, h, w = model.config.shape
     generator = torch.Generator().manual_seed(batch)
     canvas = torch.randint(0, 256, (batch, c, h, w), generator=generator)
@@ -127,7 +127,7 @@ def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
         for t in fast.h_buffers:
             t.fill_(1.0)  # the kernel zeroes them
         sampler.impl.begin_row(reference)
-        sampler.vertical.begin_row(fast)
+        sampler.row_loop.vertical.begin_row(fast)
         for layer in range(len(model.layers)):
             torch.testing.assert_close(fast.row_bias[layer], reference.row_bias[layer], rtol=1e-5, atol=1e-5)
             assert len(fast.vertical[layer]) == len(reference.vertical[layer])
@@ -136,7 +136,7 @@ def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
             assert not fast.h_buffers[layer].any()
         row = canvas[:, :, i]
         sampler.impl.end_row(reference, row)
-        sampler.vertical.end_row(fast, row)
+        sampler.row_loop.vertical.end_row(fast, row)
         assert all(torch.equal(a, b) for a, b in zip(fast.vertical[0], reference.vertical[0])), "scaling is exact"
         state = fast
 
@@ -151,8 +151,8 @@ def test_native_vertical_stack_numbers_do_not_depend_on_the_batch():
     labels = torch.arange(9) % 3
     crowd = sampler.prefill(canvas, labels, 3)
     alone = sampler.prefill(canvas[6:7], labels[6:7], 3)
-    sampler.vertical.begin_row(crowd)
-    sampler.vertical.begin_row(alone)
+    sampler.row_loop.vertical.begin_row(crowd)
+    sampler.row_loop.vertical.begin_row(alone)
     for layer in range(len(model.layers)):
         assert torch.equal(crowd.row_bias[layer][6:7], alone.row_bias[layer])
         for a, b in zip(crowd.vertical[layer], alone.vertical[layer]):
@@ -164,8 +164,10 @@ def test_the_torch_vertical_stack_runs_without_the_native_kernel(monkeypatch):
     """native=False (and float64) keep the torch begin_row / end_row, the readable reference."""
     model = tiny_model("gated", dtype=torch.float32)
     reference = CachedSampler(model, native=False)
-    assert reference.native is None and reference.vertical is None
-    assert CachedSampler(tiny_model("gated")).vertical is None, "float64 models run the torch vertical stack"
+    assert reference.row_loop.name == "torchscript"
+    assert CachedSampler(tiny_model("gated")).row_loop.name == "torchscript", (
+        "float64 models run the torch vertical stack"
+    )
     calls = []
     begin_row = type(reference.impl).begin_row
     monkeypatch.setattr(type(reference.impl), "begin_row", lambda self, s: calls.append(1) or begin_row(self, s))

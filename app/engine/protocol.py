@@ -3,7 +3,10 @@
 1. Every image has its own random stream: image k of a request with seed s draws from
    numpy.random.Generator(PCG64(SeedSequence(s, spawn_key=(k,)))), numpy's way of splitting one seed
    into independent streams (the same as SeedSequence(s).spawn(n)[k]). All 63 bits of the seed count.
-2. A class-conditional model without given labels draws image k's label first: integers(K) from its stream.
+2. A class-conditional model without given labels draws image k's label first, from its stream: for a
+   sample, integers(K) (the uniform prior); for a completion that keeps pixels, from the posterior
+   p(y | kept pixels) (posterior.py): the inverse CDF of the K class probabilities at random(), the same
+   rule as for pixels in step 3. A completion with label_mode "prior" (or nothing kept) draws as a sample.
 3. At the start of every row that is generated, image k draws its uniforms, random((C, W)) in float64.
    Sub-pixel (c, j) of image k is then the inverse CDF of softmax(logits / T) at U[c, j]: the first level
    whose cumulative probability exceeds U times the total (the total is 1 up to rounding; scaling by it
@@ -23,9 +26,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from app.model import ModelConfig
+
+# What the sampling and scoring functions accept: numpy arrays and lists from the server, tensors from the
+# library's own callers (the CLI, the tools, the tests).
+ImagesIn = torch.Tensor | npt.NDArray[np.uint8]
+LabelsIn = torch.Tensor | list[int] | None
 
 # Temperatures outside this range give no useful picture: at 0.05 nearly every draw is already the most
 # likely level (the greedy image), and at 20 softmax(logits / T) is close to uniform noise. Inside it,
@@ -45,7 +54,7 @@ def image_streams(seed: int, n: int) -> list[np.random.Generator]:
     return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,))) for k in range(n)]
 
 
-def check_labels(config: ModelConfig, n: int, labels: torch.Tensor | list[int] | None) -> torch.Tensor | None:
+def check_labels(config: ModelConfig, n: int, labels: LabelsIn) -> torch.Tensor | None:
     """Given labels as int64 (n,) (one label is repeated n times), checked against the model; None if none
     were given. Raises ValueError naming what is wrong."""
     if not config.conditional:
@@ -64,15 +73,33 @@ def check_labels(config: ModelConfig, n: int, labels: torch.Tensor | list[int] |
     return labels
 
 
-def resolve_labels(
-    config: ModelConfig, labels: torch.Tensor | list[int] | None, streams: list[np.random.Generator]
-) -> torch.Tensor | None:
-    """The labels to condition on (step 2): given ones (checked), one drawn from each image's stream, or None
-    for an unconditional model."""
+LABEL_MODES = ("posterior", "prior")  # how a completion without labels draws its class (step 2)
+
+
+def infers_labels(config: ModelConfig, labels: object, known_rows: int, label_mode: str) -> bool:
+    """Whether step 2 draws the labels from the posterior of the kept pixels (which needs a model pass,
+    done where the model runs) instead of from the prior."""
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}")
+    return config.conditional and labels is None and known_rows > 0 and label_mode == "posterior"
+
+
+def resolve_labels(config: ModelConfig, labels: LabelsIn, streams: list[np.random.Generator]) -> torch.Tensor | None:
+    """The labels to condition on (step 2): given ones (checked), one drawn from each image's stream with the
+    prior, or None for an unconditional model."""
     labels = check_labels(config, len(streams), labels)
     if config.conditional and labels is None:
         labels = torch.tensor([int(stream.integers(config.num_classes)) for stream in streams], dtype=torch.long)
     return labels
+
+
+def draw_labels(streams: list[np.random.Generator], class_log_probs: torch.Tensor) -> torch.Tensor:
+    """Step 2 from a posterior: class_log_probs float64 (n, K) -> labels int64 (n,), each the first class
+    whose cumulative probability exceeds its image's random() times the total."""
+    uniforms = torch.tensor([stream.random() for stream in streams], dtype=torch.float64)
+    cdf = class_log_probs.double().exp().cumsum(dim=1)
+    labels = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(dim=1)
+    return labels.clamp_(max=class_log_probs.shape[1] - 1)
 
 
 def row_uniforms(streams: list[np.random.Generator], channels: int, width: int) -> torch.Tensor:
@@ -95,7 +122,7 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor
 
 
 def prepare_canvas(
-    config: ModelConfig, n: int, known: torch.Tensor | None, known_rows: int, device: torch.device
+    config: ModelConfig, n: int, known: ImagesIn | None, known_rows: int, device: torch.device
 ) -> torch.Tensor:
     """The image being generated, int64 (n, C, H, W): known rows copied in, the rest zero."""
     canvas = torch.zeros((n, *config.shape), dtype=torch.long, device=device)
@@ -115,18 +142,22 @@ def prepare_canvas(
 def start_sampling(
     config: ModelConfig,
     n: int,
-    labels: torch.Tensor | list[int] | None,
+    labels: LabelsIn,
     temperature: float,
     seed: int,
-    known: torch.Tensor | None,
+    known: ImagesIn | None,
     known_rows: int,
     device: torch.device,
-) -> tuple[list[np.random.Generator], torch.Tensor | None, torch.Tensor]:
+    label_mode: str = "posterior",
+) -> tuple[list[np.random.Generator], torch.Tensor | None, torch.Tensor, bool]:
     """Steps 1 and 2 of the protocol: check the arguments, make each image's stream, resolve (or draw) the
-    labels, and lay out the canvas. Returns (streams, labels, canvas)."""
+    labels, and lay out the canvas. Returns (streams, labels, canvas, infer): with `infer`, the labels are
+    None and must be drawn from the kept pixels' posterior (draw_labels) before anything else is drawn."""
     check_temperature(temperature)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     canvas = prepare_canvas(config, n, known, known_rows, device)
     streams = image_streams(seed, n)
-    return streams, resolve_labels(config, labels, streams), canvas
+    if infers_labels(config, labels, known_rows, label_mode):
+        return streams, None, canvas, True
+    return streams, resolve_labels(config, labels, streams), canvas, False

@@ -12,9 +12,7 @@ request's asyncio queue through call_soon_threadsafe.
 
 A request of several images is split into shards, one per lane (at most one image each), which join
 lanes like requests of their own: every image has its own random stream (protocol.py), so where an image
-is drawn changes nothing. A row reaches the caller once every shard has drawn it, and the result once
-every shard has finished; the first failure ends the request with that error, and the other shards leave
-their lanes at their next row.
+is drawn changes nothing; fan_in.py gathers their rows and ending into the caller's Stream (stream.py).
 """
 
 from __future__ import annotations
@@ -25,229 +23,30 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from torch import nn
 
-from app.model import ModelConfig, SampleResult
+from app.model import ModelConfig, PixelCNNModel
 
-from .cached import CachedSampler, DecodeCache
-from .protocol import row_uniforms, start_sampling
-from .scoring import LikelihoodResult, QueueFullError, Scorer
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationRequest:
-    n: int = 1
-    seed: int = 0
-    labels: list[int] | torch.Tensor | None = None  # None: drawn with the seed (class-conditional models)
-    temperature: float = 1.0
-    known: np.ndarray | torch.Tensor | None = None  # uint8 (1 or n, C, H, W): image to complete
-    known_rows: int = 0  # rows of `known` kept; generation starts at this row
-
-
-@dataclass
-class RowEvent:
-    row: int
-    pixels: torch.Tensor  # uint8 (n, C, W)
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine stopped (or was never started) before the request finished."""
-
-
-class GenerationError(RuntimeError):
-    """A prefill or decode step failed; the request can be retried."""
-
-
-class _Request:
-    """One request inside the engine: what its shards share and what its caller receives. Shards in
-    different lanes report to it concurrently, so its rows and its ending are changed under its own lock."""
-
-    def __init__(
-        self,
-        request: GenerationRequest,
-        labels: torch.Tensor | None,
-        canvas: torch.Tensor,
-        shards: int,
-        deliver: callable,
-        withdraw: callable,
-        wants_rows: bool,
-    ) -> None:
-        self.request = request
-        self.labels = labels
-        self.images = canvas.to(torch.uint8).cpu()  # (n, C, H, W): the known rows, then each row as it is final
-        self.log_prob = torch.zeros(request.n, dtype=torch.float64)
-        self.shards = shards
-        self.deliver = deliver
-        self.withdraw = withdraw  # takes its shards out of the engine's waiting queue, if they are still there
-        self.wants_rows = wants_rows  # deliver a RowEvent per row, or only the result (one wake-up in all)
-        self.cancelled = False  # by the caller
-        self.closed = False  # a result or an error was delivered: its shards leave the engine
-        self.cancel_counted = False  # changed under the engine's lock: a cancellation counts once
-        self.admitted = False  # changed under the engine's lock: its queue wait is observed once
-        self.submitted = time.perf_counter()
-        self.first_row_at: float | None = None  # perf_counter() when the first generated row was final
-        self._lock = threading.Lock()
-        self._rows_ready: collections.Counter[int] = collections.Counter()  # shards that have drawn each row
-        self._in_lanes = shards  # shards that have not yet drawn their last row and left their lane
-
-    @property
-    def n(self) -> int:
-        return self.request.n
-
-    @property
-    def gone(self) -> bool:
-        """Its shards have nothing more to do."""
-        return self.cancelled or self.closed
-
-    def row_done(self, shard: _Shard, row: int, pixels: torch.Tensor, log_prob: torch.Tensor) -> None:
-        """A shard drew `row` (pixels uint8 (m, C, W), log p (m,)); the row goes to the caller once every
-        shard has it."""
-        with self._lock:
-            if self.closed:
-                return
-            self.images[shard.start : shard.stop, :, row] = pixels
-            self.log_prob[shard.start : shard.stop] += log_prob
-            self._rows_ready[row] += 1
-            if self._rows_ready[row] < self.shards:
-                return
-            del self._rows_ready[row]
-            if self.first_row_at is None:
-                self.first_row_at = time.perf_counter()
-            if self.wants_rows:  # under the lock: rows leave in order even when two lanes finish them
-                self.deliver(RowEvent(row, self.images[:, :, row].clone()))
-
-    def shard_left(self) -> bool:
-        """A shard drew its last row and left its lane; True when it was the last one of a request that
-        has not ended (the caller then delivers the result by finish)."""
-        with self._lock:
-            self._in_lanes -= 1
-            return self._in_lanes == 0 and not self.closed
-
-    def finish(self) -> None:
-        """Deliver the result, unless the request already ended."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-        self.deliver(SampleResult(self.images, self.labels, self.log_prob))
-
-    def fail(self, error: BaseException) -> None:
-        """End the request with `error`, unless it already ended; its other shards leave at their next row."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-        self.deliver(error)
-
-
-@dataclass
-class _Shard:
-    """Images start .. stop - 1 of a request: what a lane batches, prefills and decodes."""
-
-    owner: _Request
-    start: int
-    stop: int
-    streams: list[np.random.Generator]  # each image's random stream (protocol.py)
-    labels: torch.Tensor | None
-    canvas: torch.Tensor  # int64 (m, C, H, W) on the engine's device: the known rows, for the prefill
-    row: int  # the next row to draw
-
-    @property
-    def n(self) -> int:
-        return self.stop - self.start
-
-
-_CANCELLED = object()  # queued by Stream.cancel() so that a consumer waiting for the next item wakes up
-
-
-class Stream:
-    """Async iterator over a request's RowEvents (when submitted with rows=True), then its SampleResult.
-    Cancelling ends the iteration, also for a consumer already waiting for the next item."""
-
-    def __init__(self, request: _Request, queue: asyncio.Queue) -> None:
-        self._request = request
-        self._queue = queue
-        self._finished = False
-
-    def __aiter__(self) -> Stream:
-        return self
-
-    async def __anext__(self) -> RowEvent | SampleResult:
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if item is _CANCELLED:
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        if isinstance(item, SampleResult):
-            self._finished = True
-        return item
-
-    @property
-    def time_to_first_row_s(self) -> float | None:
-        """Seconds from submission until the first generated row was final; None before that."""
-        first = self._request.first_row_at
-        return None if first is None else first - self._request.submitted
-
-    async def cancel(self) -> None:
-        """Stop the work: the request leaves the batch at the next row boundary."""
-        if not self._finished:
-            self._request.cancelled = True
-            self._finished = True
-            self._request.withdraw(self._request)  # waiting shards leave the queue now, not at its head
-            self._queue.put_nowait(_CANCELLED)
-
-    async def aclose(self) -> None:
-        await self.cancel()
-
-    async def result(self) -> SampleResult:
-        """Consume the rows and return the final result."""
-        async for item in self:
-            if isinstance(item, SampleResult):
-                return item
-        raise EngineStoppedError("the stream ended without a result")
-
-
-# The counts engine.stats() reports, each from 0, that only ever grow.
-ENGINE_COUNTERS = (
-    "requests_submitted",
-    "requests_completed",
-    "requests_cancelled",
-    "rows_decoded",
-    "rejected_queue_full",
-    "decode_errors",
-    "prefill_errors",
-    "likelihood_errors",
-    "likelihood_cancelled",
-    "likelihood_passes",
+from .cache import DecodeCache
+from .cached import CachedSampler
+from .fan_in import Delivery, Shard, TrackedRequest
+from .posterior import infer_labels
+from .protocol import ImagesIn, LabelsIn, row_uniforms, start_sampling
+from .scoring import Scorer
+from .stats import TimeHistogram
+from .stream import Stream, StreamItem
+from .types import (
+    EngineStats,
+    EngineStoppedError,
+    GenerationError,
+    GenerationRequest,
+    LikelihoodResult,
+    QueueFullError,
+    SampleResult,
 )
 
-TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-class TimeHistogram:
-    """Cumulative counts of durations per upper bound (seconds) and their sum; what a Prometheus
-    histogram exports, kept here so that the engine needs no metrics library. Changed under a lock."""
-
-    def __init__(self, bounds: tuple[float, ...] = TIME_BUCKETS_S) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
-        self.total_s = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))] += 1
-        self.total_s += seconds
-
-    def snapshot(self) -> dict:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total_s}
+log = logging.getLogger(__name__)
 
 
 class _Lane:
@@ -257,7 +56,7 @@ class _Lane:
         self.index = index
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
-        self.active: list[_Shard] = []
+        self.active: list[Shard] = []
         self.state: DecodeCache | None = None
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
         # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
@@ -276,7 +75,7 @@ class Engine:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PixelCNNModel,
         max_batch_images: int = 64,
         max_queue: int = 64,
         lanes: int = 1,
@@ -298,11 +97,11 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self._last_submit = 0.0  # perf_counter() of the latest submit
         self.scorer = Scorer(self.model, max_in_flight=max_queue)
-        self._waiting: collections.deque[_Shard] = collections.deque()
+        self._waiting: collections.deque[Shard] = collections.deque()
         self._lock = threading.Lock()
         self._lanes = [_Lane(index) for index in range(lanes)]
         self._stopping = False
-        self._counters = collections.Counter()  # changed under the lock
+        self._counters: collections.Counter[str] = collections.Counter()  # changed under the lock
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # under the lock
         self._queue_wait = TimeHistogram()  # submit -> joining a lane's batch, under the lock
         self._row_time = TimeHistogram()  # one decode step (a row of every image in a lane), under the lock
@@ -345,41 +144,44 @@ class Engine:
     def running(self) -> bool:
         return any(lane.thread is not None and lane.thread.is_alive() for lane in self._lanes)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         with self._lock:
             waiting = self._waiting_requests()
             active = [shard for lane in self._lanes for shard in lane.active]
-            scoring = self.scorer.in_flight
-            counters, batch_sizes = collections.Counter(dict.fromkeys(ENGINE_COUNTERS, 0)), collections.Counter()
-            counters.update(self._counters)
-            for lane in self._lanes:  # update(), not +: keeps the counts that are still 0
+            counters: collections.Counter[str] = collections.Counter(self._counters)
+            batch_sizes: collections.Counter[int] = collections.Counter()
+            for lane in self._lanes:
                 counters.update(lane.counters)
                 batch_sizes.update(lane.batch_sizes)
             rows_per_lane = [lane.counters["rows_decoded"] for lane in self._lanes]
             sizes = list(self._batch_sizes)
-            timings = {
-                "queue_wait_seconds": self._queue_wait.snapshot(),
-                "row_decode_seconds": self._row_time.snapshot(),
-            }
-        return {
-            "lanes": len(self._lanes),
-            "queue_size": waiting,
-            "likelihood_in_flight": scoring,
-            "active_requests": len({id(shard.owner) for shard in active}),
-            "active_images": sum(shard.n for shard in active),
-            "max_batch_images": self.max_batch_images,
-            "last_batch_size": sizes[-1] if sizes else 0,
-            "max_batch_size_seen": max(sizes, default=0),
-            "recent_batch_sizes": sizes[-50:],
-            "batch_sizes_seen": dict(batch_sizes),  # decode steps per batch size, all lanes
-            "histograms": timings,
-            "rows_decoded_per_lane": rows_per_lane,
-            **dict(counters),
-            "rejected_queue_full": counters["rejected_queue_full"] + self.scorer.rejected,
-            "likelihood_errors": self.scorer.failed,
-            "likelihood_cancelled": self.scorer.cancelled,
-            "likelihood_passes": self.scorer.passes,
-        }
+            queue_wait, row_time = self._queue_wait.snapshot(), self._row_time.snapshot()
+            scoring = self.scorer.in_flight
+        return EngineStats(
+            lanes=len(self._lanes),
+            queue_size=waiting,
+            likelihood_in_flight=scoring,
+            active_requests=len({id(shard.owner) for shard in active}),
+            active_images=sum(shard.n for shard in active),
+            max_batch_images=self.max_batch_images,
+            last_batch_size=sizes[-1] if sizes else 0,
+            max_batch_size_seen=max(sizes, default=0),
+            recent_batch_sizes=sizes[-50:],
+            batch_sizes_seen=dict(batch_sizes),
+            queue_wait_seconds=queue_wait,
+            row_decode_seconds=row_time,
+            rows_decoded_per_lane=rows_per_lane,
+            requests_submitted=counters["requests_submitted"],
+            requests_completed=counters["requests_completed"],
+            requests_cancelled=counters["requests_cancelled"],
+            rows_decoded=counters["rows_decoded"],
+            rejected_queue_full=counters["rejected_queue_full"] + self.scorer.rejected,
+            decode_errors=counters["decode_errors"],
+            prefill_errors=counters["prefill_errors"],
+            likelihood_errors=self.scorer.failed,
+            likelihood_cancelled=self.scorer.cancelled,
+            likelihood_passes=self.scorer.passes,
+        )
 
     # ---- requests --------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, rows: bool = True) -> Stream:
@@ -389,7 +191,7 @@ class Engine:
         per row, which keeps the event loop (and the GIL) free for the decode lanes."""
         if not 1 <= request.n <= self.max_batch_images:
             raise ValueError(f"n must be between 1 and {self.max_batch_images}, got {request.n}")
-        streams, labels, canvas = start_sampling(
+        streams, labels, canvas, infer = start_sampling(
             self.config,
             request.n,
             request.labels,
@@ -398,11 +200,12 @@ class Engine:
             request.known,
             request.known_rows,
             self.device,
+            request.label_mode,
         )
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
 
-        def deliver(item) -> None:
+        def deliver(item: Delivery) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -411,10 +214,19 @@ class Engine:
         # One shard per lane, so that an idle engine draws a big request on every core; a completion with
         # nothing to generate is answered by its prefill alone.
         parts = 1 if request.known_rows >= self.config.height else min(len(self._lanes), request.n)
-        owner = _Request(request, labels, canvas, parts, deliver, self._withdraw, rows)
+        owner = TrackedRequest(request, labels, canvas, parts, deliver, self._withdraw, rows)
         bounds = [request.n * k // parts for k in range(parts + 1)]
         shards = [
-            _Shard(owner, a, b, streams[a:b], None if labels is None else labels[a:b], canvas[a:b], request.known_rows)
+            Shard(
+                owner,
+                a,
+                b,
+                streams[a:b],
+                None if labels is None else labels[a:b],
+                canvas[a:b],
+                request.known_rows,
+                infer_labels=infer,
+            )
             for a, b in itertools.pairwise(bounds)
         ]
         with self._lock:
@@ -437,7 +249,7 @@ class Engine:
         """Requests with a shard in the queue; under the lock."""
         return len({id(shard.owner) for shard in self._waiting})
 
-    def _withdraw(self, owner: _Request) -> None:
+    def _withdraw(self, owner: TrackedRequest) -> None:
         with self._lock:
             left = [shard for shard in self._waiting if shard.owner is not owner]
             if len(left) != len(self._waiting):
@@ -445,13 +257,13 @@ class Engine:
                 self._count_cancelled(owner, self._counters)
 
     @staticmethod
-    def _count_cancelled(owner: _Request, counts: collections.Counter) -> None:
+    def _count_cancelled(owner: TrackedRequest, counts: collections.Counter) -> None:
         """Count a cancelled request once, whichever of its shards leaves first; under the lock."""
         if owner.cancelled and not owner.cancel_counted:
             owner.cancel_counted = True
             counts["requests_cancelled"] += 1
 
-    async def likelihood(self, images, labels=None) -> LikelihoodResult:
+    async def likelihood(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
         """Teacher-forced NLL (see Scorer.score)."""
         return await self.scorer.score(images, labels)
 
@@ -522,11 +334,14 @@ class Engine:
             lane.active.extend(pending)
         lane.state = DecodeCache.concat(states) if states else None
 
-    def _prefill(self, lane: _Lane, pending: list[_Shard], states: list[DecodeCache]) -> None:
+    def _prefill(self, lane: _Lane, pending: list[Shard], states: list[DecodeCache]) -> None:
         """Prefill each joining shard, taking it off `pending` once it is active, done or failed."""
         for shard in list(pending):
             pending.remove(shard)
             try:  # prefill: one pass over the known rows fills this shard's caches
+                if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
+                    shard.labels, class_log_probs = infer_labels(self.model, shard.streams, shard.canvas, shard.row)
+                    shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
                 with self._lock:
@@ -554,12 +369,17 @@ class Engine:
             ]
         )
         step_started = time.perf_counter()
+        assert lane.state is not None  # a lane with active shards has their caches
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
 
-        keep, still_active, left, done, offset = [], [], [], [], 0
+        keep: list[int] = []
+        still_active: list[Shard] = []
+        left: list[TrackedRequest] = []
+        done: list[Shard] = []
+        offset = 0
         for shard in lane.active:
             part = slice(offset, offset + shard.n)
             offset += shard.n

@@ -11,23 +11,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import nn
 
-from app.model import ModelConfig
+from app.model import ModelConfig, PixelCNNModel
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
 
-from .protocol import check_labels
-
-
-class QueueFullError(RuntimeError):
-    """The engine's waiting queue is at its bound; the caller should retry later."""
-
-
-class ScoringError(RuntimeError):
-    """The forward pass failed (for example out of memory); the request can be retried."""
+from .protocol import ImagesIn, LabelsIn, check_labels
+from .types import LikelihoodResult, QueueFullError, ScoringError
 
 
 class ScoringCancelled(Exception):
@@ -45,19 +37,11 @@ def scoring_passes(config: ModelConfig, images: int, labelled: bool) -> int:
     return chunks * (config.num_classes + 1 if config.conditional and not labelled else 1)
 
 
-@dataclass
-class LikelihoodResult:
-    nll_nats: torch.Tensor  # float64 (N,): -log p(x | label), or -log sum_y p(y) p(x|y) without labels
-    per_pixel: torch.Tensor  # float (N, C, H, W) nats, under `labels`
-    labels: torch.Tensor | None  # (N,): the class used (given, or the most likely one)
-    class_log_probs: torch.Tensor | None  # (N, K): log p(y | x), uniform prior; conditional, no labels given
-
-
 class Scorer:
     """Teacher-forced NLL of uploaded images. At most `max_in_flight` requests run at once: each holds its
     images and a forward pass's activations, so past that QueueFullError asks the caller to retry."""
 
-    def __init__(self, model: nn.Module, max_in_flight: int) -> None:
+    def __init__(self, model: PixelCNNModel, max_in_flight: int) -> None:
         self.model = model
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
@@ -69,7 +53,7 @@ class Scorer:
         self.passes = 0  # forward passes run
         self._lock = threading.Lock()
 
-    async def score(self, images, labels=None) -> LikelihoodResult:
+    async def score(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
         """score_sync in a worker thread: images uint8 (N, C, H, W) and labels (N,) or one, as tensors or
         plain arrays and lists. ValueError for bad input; QueueFullError; ScoringError when the
         pass itself fails."""
@@ -90,7 +74,9 @@ class Scorer:
             with self._lock:
                 self.in_flight -= 1
 
-    def score_sync(self, images, labels=None, gone: threading.Event | None = None) -> LikelihoodResult:
+    def score_sync(
+        self, images: ImagesIn, labels: LabelsIn = None, gone: threading.Event | None = None
+    ) -> LikelihoodResult:
         """`gone`: set when the caller has left; no pass starts after it is (ScoringCancelled)."""
         images = torch.as_tensor(images)
         if tuple(images.shape[1:]) != self.config.shape:
@@ -120,10 +106,10 @@ class Scorer:
             raise ScoringError(f"the likelihood pass failed ({type(error).__name__}: {error})") from error
 
         return LikelihoodResult(
-            torch.cat([chunk.nll_nats for chunk in chunks]),
-            torch.cat([chunk.per_pixel for chunk in chunks]),
-            None if chunks[0].labels is None else torch.cat([chunk.labels for chunk in chunks]),
-            None if chunks[0].class_log_probs is None else torch.cat([chunk.class_log_probs for chunk in chunks]),
+            np.concatenate([chunk.nll_nats for chunk in chunks]),
+            np.concatenate([chunk.per_pixel for chunk in chunks]),
+            None if chunks[0].labels is None else np.concatenate([chunk.labels for chunk in chunks]),
+            None if chunks[0].class_log_probs is None else np.concatenate([chunk.class_log_probs for chunk in chunks]),
         )
 
     @torch.no_grad()
@@ -145,4 +131,9 @@ class Scorer:
         per_pixel = nll_per_subpixel(self.model(x, labels_dev), x)
         if nll is None:
             nll = per_pixel.flatten(1).sum(1).double().cpu()
-        return LikelihoodResult(nll, per_pixel.cpu(), None if labels is None else labels.cpu(), class_log_probs)
+        return LikelihoodResult(
+            nll.numpy(),
+            per_pixel.cpu().numpy(),
+            None if labels is None else labels.cpu().numpy(),
+            None if class_log_probs is None else class_log_probs.numpy(),
+        )

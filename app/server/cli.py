@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # uvicorn and the app are imported when `pixelcnn serve` runs
+    import uvicorn
+    from fastapi import FastAPI
+
+    from .settings import Settings
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +47,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_serve)
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with every flag that was given taking precedence."""
     from .settings import Settings
 
@@ -65,7 +75,7 @@ def settings_from_args(args: argparse.Namespace):
 CLOSE_GRACE_S = 2.0
 
 
-def draining_server_class():
+def draining_server_class() -> Callable[[uvicorn.Config, FastAPI, Settings], uvicorn.Server]:
     import asyncio
     import signal
 
@@ -77,23 +87,23 @@ def draining_server_class():
         then uvicorn's own shutdown, which cuts connections still open CLOSE_GRACE_S later whatever their
         clients do; a second signal stops at once. Exits 0 after a SIGTERM or SIGINT."""
 
-        def __init__(self, config, app, settings) -> None:
+        def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
             super().__init__(config)
             self.app, self.settings = app, settings
             self.loop: asyncio.AbstractEventLoop | None = None
             self.drain_task: asyncio.Task | None = None
 
-        def run(self, sockets=None) -> None:
+        def run(self, sockets: list[socket.socket] | None = None) -> None:
             # uvicorn re-raises a caught signal once it has stopped; no-op handlers make that a clean exit.
             signal.signal(signal.SIGTERM, lambda *_: None)
             signal.signal(signal.SIGINT, lambda *_: None)
             super().run(sockets)
 
-        async def serve(self, sockets=None) -> None:
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
             self.loop = asyncio.get_running_loop()
             await super().serve(sockets)
 
-        def handle_exit(self, sig, frame) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.loop is None:
                 return super().handle_exit(sig, frame)
             if self.drain_task is not None or self.should_exit:  # a second signal: stop now
@@ -102,17 +112,17 @@ def draining_server_class():
                 return
             self.loop.call_soon_threadsafe(self._start_drain, sig, frame)
 
-        def _start_drain(self, sig, frame) -> None:
-            if self.drain_task is not None:
+        def _start_drain(self, sig: int, frame: FrameType | None) -> None:
+            if self.drain_task is not None or self.loop is None:
                 return
             drain = self.app.state.registry.drain(self.settings.shutdown_notice_s, self.settings.shutdown_timeout_s)
             self.drain_task = self.loop.create_task(drain)
             self.drain_task.add_done_callback(lambda _: uvicorn.Server.handle_exit(self, sig, frame))
 
-        async def shutdown(self, sockets=None) -> None:
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             if self.drain_task is not None and not self.drain_task.done():
                 self.drain_task.cancel()  # stopped at once: the lifespan's shutdown still stops the engines
-            cut = self.loop.call_later(0 if self.force_exit else CLOSE_GRACE_S, self._cut_connections)
+            cut = asyncio.get_running_loop().call_later(0 if self.force_exit else CLOSE_GRACE_S, self._cut_connections)
             try:
                 await super().shutdown(sockets)
             finally:

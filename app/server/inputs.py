@@ -139,6 +139,7 @@ def generation_request(
     settings: Settings,
     known: np.ndarray | None = None,
     rows: int | None = None,
+    label_mode: str = "posterior",
 ) -> GenerationRequest:
     """The one step from validated fields (their static bounds are in the schemas) to the engine's typed
     request: the rules that depend on the model or the settings live here, each once."""
@@ -162,6 +163,7 @@ def generation_request(
         temperature=fields.temperature,
         known=known,
         known_rows=known_rows,
+        label_mode=label_mode,
     )
 
 

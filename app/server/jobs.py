@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -18,8 +18,15 @@ import anyio
 import numpy as np
 from fastapi import Request
 
-from app.engine import EngineStoppedError, GenerationError, GenerationRequest, QueueFullError, RowEvent
-from app.model import SampleResult
+from app.engine import (
+    EngineStoppedError,
+    GenerationError,
+    GenerationRequest,
+    LikelihoodResult,
+    QueueFullError,
+    RowEvent,
+    SampleResult,
+)
 
 from .errors import (
     RETRY_AFTER_S,
@@ -122,7 +129,7 @@ class GenerationRun:
             self.cancelled = True
             await self.stream.cancel()
 
-    async def events(self) -> AsyncIterator[RowEvent | SampleResult]:
+    async def events(self) -> AsyncGenerator[RowEvent | SampleResult, None]:
         """Engine events as they come; ends early (without the result) if the client has gone."""
         name, n = self.model.name, self.engine_request.n
         try:
@@ -213,7 +220,7 @@ async def until_disconnect(request: Request) -> None:
 
 async def score(
     model: ServedModel, images: np.ndarray, labels: list[int] | None, request: Request, metrics: ServerMetrics
-) -> Any:
+) -> LikelihoodResult:
     """engine.likelihood with its errors mapped to the API's; stopped when the client goes away (its slot
     freed at once, its scoring thread stopped before the next pass): ClientDisconnected, counted here."""
     scoring = asyncio.ensure_future(model.engine.likelihood(images, labels))

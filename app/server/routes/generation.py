@@ -65,7 +65,7 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
         raise InvalidRequest(f"/complete takes one image, got {len(files)}", field="image")
     model = registry.get(fields.model)
     known = decode_images(model, files, settings, "image")
-    engine_request = generation_request(model, fields, settings, known, fields.rows)
+    engine_request = generation_request(model, fields, settings, known, fields.rows, fields.label_mode)
     return await respond(model, engine_request, True, request, metrics, settings, fields)
 
 

@@ -31,6 +31,10 @@ function formatSeconds(seconds) {
   return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : `${seconds.toFixed(2)} s`;
 }
 
+function formatPercent(p) {
+  return p >= 0.995 ? ">99%" : p < 0.01 ? "<1%" : `${Math.round(100 * p)}%`;
+}
+
 function mean(values) {
   return values.reduce((a, b) => a + b, 0) / values.length;
 }
@@ -202,7 +206,9 @@ function fillClassSelects() {
       continue;
     }
     select.disabled = false;
-    select.append(element("option", { value: "", text: "Any (drawn per image)" }));
+    // In Complete, no class means the server infers it from the kept rows (p(class | kept rows)).
+    const inferred = select.closest("#complete-form") !== null;
+    select.append(element("option", { value: "", text: inferred ? "From the kept rows" : "Any (drawn per image)" }));
     for (const cls of state.model.classes) select.append(element("option", { value: cls.name, text: cls.name }));
     if ([...select.options].some((option) => option.value === previous)) select.value = previous;
   }
@@ -214,7 +220,8 @@ function describeModel(model) {
   const parts = [`${model.arch === "gated" ? "Gated PixelCNN" : "PixelCNN"}`, `${w}×${h}${c === 3 ? " colour" : ""}`];
   if (model.metrics?.dataset) parts.push(`trained on ${model.metrics.dataset}`);
   if (typeof bits === "number") parts.push(`${bits.toFixed(3)} bits/dim on its test set`);
-  return parts.join(" · ");
+  const summary = parts.join(" · ");
+  return model.note ? `${summary}. ${model.note}` : summary;
 }
 
 function selectModel(name) {
@@ -238,7 +245,10 @@ async function loadModels() {
     showError(document.getElementById("page-error"), "The server has no model loaded.");
     return;
   }
-  for (const model of state.models) select.append(element("option", { value: model.name, text: model.name }));
+  for (const model of state.models) {
+    const text = model.baseline ? `${model.name} (baseline, not for use)` : model.name;
+    select.append(element("option", { value: model.name, text }));
+  }
   select.value = (state.models.find((model) => model.default) ?? state.models[0]).name;
   select.addEventListener("change", () => selectModel(select.value));
   selectModel(select.value);
@@ -422,6 +432,12 @@ class GenerationView {
       const { caption } = this.cards[i];
       caption.querySelector(".caption-title").textContent = image.label_name ?? `image ${i + 1}`;
       caption.querySelector(".caption-value").textContent = `${result.bits_per_dim[i].toFixed(2)} bits/dim`;
+      caption.querySelector(".caption-belief")?.remove();
+      if (image.class_probabilities) {
+        // A completion without a class: the server drew it from p(class | kept rows); say what it saw.
+        const [name, p] = Object.entries(image.class_probabilities).sort((a, b) => b[1] - a[1])[0];
+        caption.append(element("span", { class: "caption-belief", text: `looks like ${name} (${formatPercent(p)})` }));
+      }
     });
     const replay = element("button", { type: "button", class: "link", text: "replay" });
     replay.addEventListener("click", () => {
@@ -678,13 +694,10 @@ function drawLegend() {
   }
 }
 
-// A test image into the editor, and its class into the class field (a boot's top completes as a boot).
+// A test image into the editor. Its class is left to the server, which infers it from the kept rows and
+// says what it saw ("looks like Ankle boot (98%)") under each completion.
 function useExample(example) {
   editor.load(example.pixels);
-  const select = document.querySelector("#complete-form [data-class-select]");
-  if (example.label && [...select.options].some((option) => option.value === example.label)) {
-    select.value = example.label;
-  }
 }
 
 function groupBadge(item) {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from .bench import free_port
+from .servers import free_port
 
 NGINX_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf"
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")

@@ -1,4 +1,4 @@
-"""HTTP benchmark: `python -m app.server.bench [--url URL] [--json]`.
+"""HTTP benchmark: `pixelcnn bench http [--url URL] [--json]`.
 
 Measures, against a running server (`--url`) or one started in-process on a free port:
   (a) POST /sample of n images vs POST /likelihood of the same n images: generation is H*W*C sequential
@@ -17,48 +17,17 @@ import argparse
 import asyncio
 import http.client
 import json
-import socket
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve_in_thread(app: Any, host: str = "127.0.0.1", startup_timeout_s: float = 60.0) -> Iterator[str]:
-    """Run `app` with uvicorn in a background thread; yields its base URL once the app has finished
-    loading its models (successfully or not: /ready says which), stops it on exit."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host=host, port=free_port(host), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="pixelcnn-bench-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started or app.state.registry.loading:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("the in-process server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+from .servers import serve_in_thread
 
 
 async def _timed(coro) -> tuple[float, Any]:
@@ -215,7 +184,7 @@ def print_table(result: dict) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.server.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pixelcnn bench http", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--model-store", type=Path, help="in-process server: the model store")
     parser.add_argument("--model", help="model to use (default: the server's default)")

