@@ -28,6 +28,7 @@ import torch
 
 from app.model import ModelConfig, PixelCNNModel
 
+from .admission import admission_order, expired
 from .cache import DecodeCache
 from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
@@ -37,6 +38,7 @@ from .scoring import Scorer
 from .stats import TimeHistogram
 from .stream import Stream, StreamItem
 from .types import (
+    DeadlineExceededError,
     EngineStats,
     EngineStoppedError,
     GenerationError,
@@ -181,6 +183,8 @@ class Engine:
             likelihood_errors=self.scorer.failed,
             likelihood_cancelled=self.scorer.cancelled,
             likelihood_passes=self.scorer.passes,
+            requests_expired=counters["requests_expired"] + self.scorer.expired,
+            rows_past_deadline=counters["rows_past_deadline"],
         )
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -263,9 +267,51 @@ class Engine:
             owner.cancel_counted = True
             counts["requests_cancelled"] += 1
 
-    async def likelihood(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
-        """Teacher-forced NLL (see Scorer.score)."""
-        return await self.scorer.score(images, labels)
+    async def likelihood(
+        self, images: ImagesIn, labels: LabelsIn = None, deadline: float | None = None
+    ) -> LikelihoodResult:
+        """Teacher-forced NLL (see Scorer.score); no pass begins after `deadline` (time.monotonic())."""
+        return await self.scorer.score(images, labels, deadline)
+
+    def _expire(self, owner: TrackedRequest, counts: collections.Counter) -> bool:
+        """Note that a request's deadline passed; True the first time (the caller then fails it, outside
+        the lock). Under the lock."""
+        if owner.expired or owner.closed:
+            return False
+        owner.expired = True
+        counts["requests_expired"] += 1
+        return True
+
+    @staticmethod
+    def _late_error() -> DeadlineExceededError:
+        return DeadlineExceededError("the request's deadline passed before it finished; its work was stopped")
+
+    def _drop_gone_and_late(self, lane: _Lane) -> None:
+        """Before a decode step: requests past their deadline end (DeadlineExceededError) and leave the
+        batch with the cancelled ones, so no step computes a row for them."""
+        now = time.monotonic()
+        late: list[TrackedRequest] = []
+        kept: list[Shard] = []
+        keep: list[int] = []
+        offset = 0
+        with self._lock:
+            for shard in lane.active:
+                if expired(shard, now) and self._expire(shard.owner, self._counters):
+                    late.append(shard.owner)
+                if shard.owner.gone or shard.owner.expired:
+                    self._count_cancelled(shard.owner, self._counters)
+                else:
+                    kept.append(shard)
+                    keep.extend(range(offset, offset + shard.n))
+                offset += shard.n
+            if len(kept) != len(lane.active):
+                lane.active = kept
+                lane.images = sum(shard.n for shard in kept)
+        for owner in late:
+            owner.fail(self._late_error())
+        if len(keep) != offset:
+            assert lane.state is not None
+            lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
 
     # ---- decode loop (one thread per lane) ---------------------------------------------------------------
     def _run(self, lane: _Lane) -> None:
@@ -304,13 +350,18 @@ class Engine:
         a request on an idle engine go one to each lane). FIFO, so none starves: a lane that leaves a
         shard to a less loaded one lets it take the shard within a row."""
         joined = []
+        late: list[TrackedRequest] = []
         with self._lock:
             others = [other.images for other in self._lanes if other is not lane]
             total = lane.images + sum(others) + sum(shard.n for shard in self._waiting if not shard.owner.gone)
             fair_share = -(-total // len(self._lanes))
+            self._waiting = collections.deque(admission_order(self._waiting))
+            now = time.monotonic()
             while self._waiting:
                 shard = self._waiting[0]
-                if shard.owner.gone:  # cancelled, or failed in another lane
+                if expired(shard, now) and self._expire(shard.owner, self._counters):
+                    late.append(shard.owner)
+                if shard.owner.gone or shard.owner.expired:  # cancelled, failed in another lane, or late
                     self._waiting.popleft()
                     self._count_cancelled(shard.owner, self._counters)
                     continue
@@ -324,6 +375,8 @@ class Engine:
                     shard.owner.admitted = True
                     self._queue_wait.observe(time.perf_counter() - shard.owner.submitted)
                 joined.append(shard)
+        for owner in late:
+            owner.fail(self._late_error())
         if not joined:
             return
         states = [lane.state] if lane.state is not None else []
@@ -360,6 +413,9 @@ class Engine:
             lane.active.append(shard)  # from here a failure (even of the merge) reaches it via _run
 
     def _decode_one_row(self, lane: _Lane) -> None:
+        self._drop_gone_and_late(lane)
+        if not lane.active:
+            return
         c, w = self.config.image_channels, self.config.width
         uniforms = torch.cat([row_uniforms(shard.streams, c, w) for shard in lane.active])
         temperatures = torch.cat(
@@ -369,11 +425,13 @@ class Engine:
             ]
         )
         step_started = time.perf_counter()
+        started_at = time.monotonic()
         assert lane.state is not None  # a lane with active shards has their caches
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
+        counts["rows_past_deadline"] += sum(shard.n for shard in lane.active if expired(shard, started_at))
 
         keep: list[int] = []
         still_active: list[Shard] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ from app.model import ModelConfig, PixelCNNModel
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
 
 from .protocol import ImagesIn, LabelsIn, check_labels
-from .types import LikelihoodResult, QueueFullError, ScoringError
+from .types import DeadlineExceededError, LikelihoodResult, QueueFullError, ScoringError
 
 
 class ScoringCancelled(Exception):
@@ -51,9 +52,10 @@ class Scorer:
         self.failed = 0
         self.cancelled = 0  # requests whose caller went away while they were scored
         self.passes = 0  # forward passes run
+        self.expired = 0  # requests stopped by their deadline
         self._lock = threading.Lock()
 
-    async def score(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
+    async def score(self, images: ImagesIn, labels: LabelsIn = None, deadline: float | None = None) -> LikelihoodResult:
         """score_sync in a worker thread: images uint8 (N, C, H, W) and labels (N,) or one, as tensors or
         plain arrays and lists. ValueError for bad input; QueueFullError; ScoringError when the
         pass itself fails."""
@@ -64,7 +66,7 @@ class Scorer:
             self.in_flight += 1
         gone = threading.Event()
         try:
-            return await asyncio.to_thread(self.score_sync, images, labels, gone)
+            return await asyncio.to_thread(self.score_sync, images, labels, gone, deadline)
         except asyncio.CancelledError:
             gone.set()  # the thread stops before its next pass; the slot is free now
             with self._lock:
@@ -75,9 +77,14 @@ class Scorer:
                 self.in_flight -= 1
 
     def score_sync(
-        self, images: ImagesIn, labels: LabelsIn = None, gone: threading.Event | None = None
+        self,
+        images: ImagesIn,
+        labels: LabelsIn = None,
+        gone: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> LikelihoodResult:
-        """`gone`: set when the caller has left; no pass starts after it is (ScoringCancelled)."""
+        """`gone`: set when the caller has left; no pass starts after it is (ScoringCancelled), nor after
+        `deadline` (time.monotonic(); DeadlineExceededError)."""
         images = torch.as_tensor(images)
         if tuple(images.shape[1:]) != self.config.shape:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, self.config.shape))})")
@@ -86,6 +93,10 @@ class Scorer:
         def before_pass() -> None:
             if gone is not None and gone.is_set():
                 raise ScoringCancelled
+            if deadline is not None and time.monotonic() >= deadline:
+                with self._lock:
+                    self.expired += 1
+                raise DeadlineExceededError("the request's deadline passed before it was scored; its work was stopped")
             with self._lock:
                 self.passes += 1
 
@@ -98,7 +109,7 @@ class Scorer:
                 )
                 for i in range(0, images.shape[0], SCORE_CHUNK_IMAGES)
             ]
-        except ScoringCancelled:
+        except (ScoringCancelled, DeadlineExceededError):
             raise
         except Exception as error:
             with self._lock:
