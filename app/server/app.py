@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.metrics = ServerMetrics()
     app.state.metrics.watch(lambda: app.state.registry)
 
-    if settings.api_key is None:
+    if not settings.tenants():
         app.openapi = without_security(app)  # type: ignore[method-assign]  # FastAPI's documented override
     install_error_handlers(app)
     for module in (health, models, generation, likelihood, metrics, demo):

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .auth import check_api_key
+from .auth import authenticate
 from .metrics import ServerMetrics
 from .registry import ModelRegistry
 from .settings import Settings
@@ -40,4 +40,4 @@ async def require_api_key(
 ) -> None:
     """Bearer token on the POST routes (ApiKeyMiddleware checks it before the body is read; this
     dependency puts the requirement in the OpenAPI schema and checks again, at no cost)."""
-    check_api_key(settings, None if credentials is None else f"Bearer {credentials.credentials}")
+    authenticate(settings.tenants(), None if credentials is None else f"Bearer {credentials.credentials}")

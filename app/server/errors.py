@@ -63,6 +63,25 @@ class UnsupportedMediaType(ApiError):
     status, type = 415, "unsupported_media_type"
 
 
+class TooManyRequests(ApiError):
+    """A tenant's cap on requests in progress (PIXELCNN_API_KEYS) is reached."""
+
+    status, type = 429, "too_many_requests"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class DeadlinePassed(ApiError):
+    """The request's own deadline (X-Request-Timeout) passed; the engine stopped its work there."""
+
+    status, type = 503, "timeout"
+
+    @classmethod
+    def of(cls, error: Exception) -> DeadlinePassed:
+        return cls(f"{error} (X-Request-Timeout); ask for less work or a longer timeout")
+
+
 class Overloaded(ApiError):
     status, type = 503, "overloaded"
 
@@ -150,7 +169,7 @@ _HTTP_TYPES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from app.engine import EngineStoppedError, GenerationError, QueueFullError, ScoringError
+    from app.engine import DeadlineExceededError, EngineStoppedError, GenerationError, QueueFullError, ScoringError
 
     def count(request: Request, type_: str) -> None:
         metrics = getattr(request.app.state, "metrics", None)
@@ -166,6 +185,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return await api_error(request, from_validation_errors([dict(e) for e in error.errors()]))
+
+    @app.exception_handler(DeadlineExceededError)
+    async def deadline_passed(request: Request, error: DeadlineExceededError) -> JSONResponse:
+        return await api_error(request, DeadlinePassed.of(error))
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, error: QueueFullError) -> JSONResponse:

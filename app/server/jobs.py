@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import Request
 
 from app.engine import (
+    DeadlineExceededError,
     EngineStoppedError,
     GenerationError,
     GenerationRequest,
@@ -31,6 +32,7 @@ from app.engine import (
 from .errors import (
     RETRY_AFTER_S,
     ClientDisconnected,
+    DeadlinePassed,
     EngineFailed,
     InvalidRequest,
     NotReady,
@@ -205,6 +207,8 @@ class GenerationRun:
 
 
 def stream_error_body(error: Exception) -> dict[str, Any]:
+    if isinstance(error, DeadlineExceededError):
+        return DeadlinePassed.of(error).body()
     if isinstance(error, EngineStoppedError):
         return error_body(NotReady.type, f"the model's engine stopped ({error}); retry")
     if isinstance(error, GenerationError):
@@ -219,11 +223,16 @@ async def until_disconnect(request: Request) -> None:
 
 
 async def score(
-    model: ServedModel, images: np.ndarray, labels: list[int] | None, request: Request, metrics: ServerMetrics
+    model: ServedModel,
+    images: np.ndarray,
+    labels: list[int] | None,
+    request: Request,
+    metrics: ServerMetrics,
+    deadline: float | None = None,
 ) -> LikelihoodResult:
     """engine.likelihood with its errors mapped to the API's; stopped when the client goes away (its slot
     freed at once, its scoring thread stopped before the next pass): ClientDisconnected, counted here."""
-    scoring = asyncio.ensure_future(model.engine.likelihood(images, labels))
+    scoring = asyncio.ensure_future(model.engine.likelihood(images, labels, deadline))
     watcher = asyncio.ensure_future(until_disconnect(request))
     try:
         await asyncio.wait([scoring, watcher], return_when=asyncio.FIRST_COMPLETED)

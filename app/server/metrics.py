@@ -24,6 +24,7 @@ from app.engine.types import EngineStats, TimeSnapshot
 
 from .connections import REFUSED_STATUS, REQUEST_ID_STATE
 from .errors import REQUEST_ID, InternalError, error_response
+from .tenants import TENANT_STATE
 
 if TYPE_CHECKING:
     from .registry import ModelRegistry
@@ -64,6 +65,12 @@ class ServerMetrics:
             "pixelcnn_request_images", "images asked for per request", ["route"], buckets=COUNT_BUCKETS, registry=r
         )
         self.failures = Counter("pixelcnn_failures", "failed requests by reason (error type)", ["reason"], registry=r)
+        self.tenant_requests = Counter(
+            "pixelcnn_tenant_requests",
+            "POST requests by tenant (the names of PIXELCNN_API_KEYS, so a bounded set) and status",
+            ["tenant", "status"],
+            registry=r,
+        )
 
     def count_refused(self, status: int, reason: str, reached_app: bool) -> None:
         """A request the connection guard answered itself: 431 (too large a head), 408 (too slow)."""
@@ -244,6 +251,9 @@ class MetricsMiddleware:
             labels = dict(route=route, method=method, status=str(status))
             self.metrics.requests.labels(**labels).inc()
             self.metrics.request_duration.labels(**labels).observe(duration)
+            tenant = state.get(TENANT_STATE)
+            if tenant is not None:
+                self.metrics.tenant_requests.labels(tenant=tenant.name, status=str(status)).inc()
             access_log.info(
                 json.dumps(
                     {

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .connections import ConnectionLimits
+from .tenants import Tenant, parse_tenants
 
 DEFAULT_MODEL = "fashion-mnist"
 
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
         5.0, gt=0, description="a connection with no request in progress is closed after this long idle"
     )
     api_key: SecretStr | None = Field(None, description="bearer token required on POST routes; unset: no auth")
+    api_keys: SecretStr | None = Field(
+        None,
+        description="tenants and their bearer keys, 'name:key[:priority[:max_in_progress]],...' (see "
+        "app/server/tenants.py); with PIXELCNN_API_KEY too, that key is tenant 'default'",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed browser origins, comma-separated in the environment; empty: CORS off"
     )
@@ -112,7 +118,21 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_tenants(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_tenants(value.get_secret_value())  # ValueError names the bad entry
+        return value
+
+    def tenants(self) -> list[Tenant]:
+        """Every API key as a tenant: PIXELCNN_API_KEYS, and PIXELCNN_API_KEY as 'default'."""
+        tenants = parse_tenants(self.api_keys.get_secret_value()) if self.api_keys is not None else []
+        if self.api_key is not None:
+            tenants.append(Tenant("default", self.api_key.get_secret_value()))
+        return tenants
+
+    @field_validator("api_key", "api_keys", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         """PIXELCNN_API_KEY= (empty) means no key, not a key that is the empty string."""

@@ -28,6 +28,7 @@ from ..schemas import (
     SampleRequest,
 )
 from ..settings import Settings
+from ..tenants import request_budget
 from .docs import upload_body
 
 log = logging.getLogger("pixelcnn.server")
@@ -78,6 +79,12 @@ async def respond(
     settings: Settings,
     fields: GenerationFields,
 ) -> Response:
+    budget = request_budget(request)  # priority, tenant and deadline: the scheduler's business
+    engine_request.priority, engine_request.tenant, engine_request.deadline = (
+        budget.priority,
+        budget.tenant,
+        budget.deadline,
+    )
     fmt = choose_format(request.headers.get("accept"), fields.stream)
     request.state.model, request.state.images = model.name, engine_request.n  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(engine_request.n)

@@ -15,6 +15,7 @@ from ..schemas import (
     LikelihoodRequest,
     LikelihoodResponse,
 )
+from ..tenants import request_budget
 from .docs import upload_body
 
 router = APIRouter(tags=["likelihood"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -36,6 +37,6 @@ async def likelihood(
     check_scoring_cost(model, len(images), labels is not None, settings)
     request.state.model, request.state.images = model.name, len(images)  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(len(images))
-    result = await score(model, images, labels, request, metrics)
+    result = await score(model, images, labels, request, metrics, request_budget(request).deadline)
     metrics.scored.labels(model=model.name).inc(len(images))
     return JSONResponse(likelihood_body(model, result, fields.per_pixel, fields.scale))
