@@ -143,3 +143,25 @@ def test_likelihood_past_its_deadline_runs_no_pass():
     before, scored, after = run(scenario())
     assert before.likelihood_passes == 0 and before.requests_expired == 1
     assert after.likelihood_passes == 4 and len(scored.nll_nats) == 4  # 3 classes + the per-pixel pass
+
+
+def test_higher_priority_work_runs_alone_and_parked_work_resumes_with_the_same_bytes():
+    model = tiny_model("gated", 1, size=10, seed=46)
+
+    async def scenario():
+        async with running(model, max_batch_images=4, batch_wait_s=0) as engine:
+            low = engine.submit(GenerationRequest(n=4, seed=7, priority=0))
+            high = None
+            async for event in low:
+                if isinstance(event, RowEvent) and event.row == 2:  # the lane is full of low work
+                    high = asyncio.ensure_future(engine.generate(GenerationRequest(n=2, seed=8, priority=2)))
+                if not isinstance(event, RowEvent):
+                    low_result = event
+            return low_result, await high, engine.stats()
+
+    low, high, stats = run(scenario())
+    assert np.array_equal(low.images, sample_cached(model, 4, seed=7).images)
+    assert np.array_equal(high.images, sample_cached(model, 2, seed=8).images)
+    assert stats.shards_parked >= 1
+    assert 2 in stats.batch_sizes_seen and 6 not in stats.batch_sizes_seen  # the high one alone, never mixed
+    assert stats.active_images == 0 and stats.requests_completed == 2

@@ -60,6 +60,9 @@ class _Lane:
         self.wake = threading.Event()
         self.active: list[Shard] = []
         self.state: DecodeCache | None = None
+        # Shards set aside, each with its own caches, while shards of a higher priority run in this lane:
+        # they resume (exactly where they were) once no higher-priority shard is left.
+        self.parked: list[tuple[Shard, DecodeCache]] = []
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
         # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
         self.counters: collections.Counter[str] = collections.Counter()
@@ -137,8 +140,8 @@ class Engine:
             leftover = list(self._waiting)
             self._waiting.clear()
             for lane in self._lanes:
-                leftover += lane.active
-                lane.thread, lane.active, lane.state, lane.images = None, [], None, 0
+                leftover += lane.active + [shard for shard, _ in lane.parked]
+                lane.thread, lane.active, lane.state, lane.images, lane.parked = None, [], None, 0, []
         for shard in leftover:
             shard.owner.fail(EngineStoppedError("the server is shutting down"))
 
@@ -185,6 +188,7 @@ class Engine:
             likelihood_passes=self.scorer.passes,
             requests_expired=counters["requests_expired"] + self.scorer.expired,
             rows_past_deadline=counters["rows_past_deadline"],
+            shards_parked=counters["shards_parked"],
         )
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -286,32 +290,87 @@ class Engine:
     def _late_error() -> DeadlineExceededError:
         return DeadlineExceededError("the request's deadline passed before it finished; its work was stopped")
 
-    def _drop_gone_and_late(self, lane: _Lane) -> None:
-        """Before a decode step: requests past their deadline end (DeadlineExceededError) and leave the
-        batch with the cancelled ones, so no step computes a row for them."""
-        now = time.monotonic()
+    def _drop_gone_and_late(self, lane: _Lane, now: float) -> list[int] | None:
+        """Before a decode step (its batch is fixed at `now`): requests past their deadline end
+        (DeadlineExceededError) and leave the batch, and the parked shards, with the cancelled ones, so
+        no step computes a row for them. Returns the batch rows kept, or None when all are."""
         late: list[TrackedRequest] = []
         kept: list[Shard] = []
         keep: list[int] = []
         offset = 0
+
+        def leaving(shard: Shard) -> bool:  # under the lock
+            if expired(shard, now) and self._expire(shard.owner, self._counters):
+                late.append(shard.owner)
+            if shard.owner.gone or shard.owner.expired:
+                self._count_cancelled(shard.owner, self._counters)
+                return True
+            return False
+
         with self._lock:
             for shard in lane.active:
-                if expired(shard, now) and self._expire(shard.owner, self._counters):
-                    late.append(shard.owner)
-                if shard.owner.gone or shard.owner.expired:
-                    self._count_cancelled(shard.owner, self._counters)
-                else:
+                if not leaving(shard):
                     kept.append(shard)
                     keep.extend(range(offset, offset + shard.n))
                 offset += shard.n
             if len(kept) != len(lane.active):
                 lane.active = kept
                 lane.images = sum(shard.n for shard in kept)
+            lane.parked = [(shard, cache) for shard, cache in lane.parked if not leaving(shard)]
         for owner in late:
             owner.fail(self._late_error())
-        if len(keep) != offset:
-            assert lane.state is not None
-            lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+        if len(keep) == offset:
+            return None
+        assert lane.state is not None
+        lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+        return keep
+
+    def _park(self, lane: _Lane, priority: int) -> None:
+        """Set aside the lane's shards below `priority`, each with its caches (this lane's thread only)."""
+        if lane.state is None:
+            return
+        kept: list[Shard] = []
+        keep: list[int] = []
+        offset = 0
+        for shard in lane.active:
+            rows = list(range(offset, offset + shard.n))
+            offset += shard.n
+            if shard.owner.request.priority < priority:
+                index = torch.tensor(rows, dtype=torch.long, device=self.device)
+                lane.parked.append((shard, lane.state.select(index)))
+            else:
+                kept.append(shard)
+                keep.extend(rows)
+        if len(kept) == len(lane.active):
+            return
+        lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+        with self._lock:
+            self._counters["shards_parked"] += len(lane.active) - len(kept)
+            lane.active = kept
+            lane.images = sum(shard.n for shard in kept)
+
+    def _run_by_priority(self, lane: _Lane) -> None:
+        """Only the highest priority present in the lane decodes: lower shards are parked, and parked
+        shards resume once nothing above them is left (they take no step meanwhile)."""
+        if not lane.active and not lane.parked:
+            return
+        top = max(shard.owner.request.priority for shard in [*lane.active, *(s for s, _ in lane.parked)])
+        if any(shard.owner.request.priority < top for shard in lane.active):
+            self._park(lane, top)
+        resuming = [(shard, cache) for shard, cache in lane.parked if shard.owner.request.priority == top]
+        room = self.max_batch_images - lane.images
+        back: list[tuple[Shard, DecodeCache]] = []
+        for shard, cache in resuming:
+            if shard.n <= room:
+                back.append((shard, cache))
+                room -= shard.n
+        if not back:
+            return
+        lane.state = DecodeCache.concat(([lane.state] if lane.state is not None else []) + [c for _, c in back])
+        with self._lock:
+            lane.parked = [entry for entry in lane.parked if all(entry[0] is not shard for shard, _ in back)]
+            lane.active.extend(shard for shard, _ in back)
+            lane.images = sum(shard.n for shard in lane.active)
 
     # ---- decode loop (one thread per lane) ---------------------------------------------------------------
     def _run(self, lane: _Lane) -> None:
@@ -323,7 +382,7 @@ class Engine:
                 # one submitted before is seen by _admit (clearing after the wait could lose it).
                 lane.wake.clear()
                 self._admit(lane)
-                if not lane.active:
+                if not lane.active and not lane.parked:
                     lane.wake.wait(timeout=0.5)
                     continue
                 self._decode_one_row(lane)
@@ -356,6 +415,15 @@ class Engine:
             total = lane.images + sum(others) + sum(shard.n for shard in self._waiting if not shard.owner.gone)
             fair_share = -(-total // len(self._lanes))
             self._waiting = collections.deque(admission_order(self._waiting))
+            head = next((shard for shard in self._waiting if not shard.owner.gone), None)
+            outranked = head is not None and any(
+                shard.owner.request.priority < head.owner.request.priority for shard in lane.active
+            )
+        if outranked:  # set the lower-priority shards aside: the waiting one gets their room now
+            assert head is not None
+            self._park(lane, head.owner.request.priority)
+        with self._lock:
+            others = [other.images for other in self._lanes if other is not lane]
             now = time.monotonic()
             while self._waiting:
                 shard = self._waiting[0]
@@ -413,7 +481,8 @@ class Engine:
             lane.active.append(shard)  # from here a failure (even of the merge) reaches it via _run
 
     def _decode_one_row(self, lane: _Lane) -> None:
-        self._drop_gone_and_late(lane)
+        self._drop_gone_and_late(lane, time.monotonic())
+        self._run_by_priority(lane)
         if not lane.active:
             return
         c, w = self.config.image_channels, self.config.width
@@ -424,8 +493,16 @@ class Engine:
                 for shard in lane.active
             ]
         )
-        step_started = time.perf_counter()
+        # The step's batch is fixed now: a request that became late while the uniforms were drawn leaves
+        # it here (its stream advanced, but it is over), so the step computes nothing past a deadline.
         started_at = time.monotonic()
+        keep = self._drop_gone_and_late(lane, started_at)
+        if keep is not None:
+            if not lane.active:
+                return
+            index = torch.tensor(keep, dtype=torch.long)
+            uniforms, temperatures = uniforms[index], temperatures[index]
+        step_started = time.perf_counter()
         assert lane.state is not None  # a lane with active shards has their caches
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started

@@ -116,6 +116,7 @@ class EngineStats:
     # Image rows decoded in steps that began after their request's deadline: the scheduler drops late
     # requests before each step, so this stays 0; it is measured at each step, not assumed.
     rows_past_deadline: int = _counter()
+    shards_parked: int = _counter()  # set aside while higher-priority work ran in their lane
 
     @classmethod
     def counter_names(cls) -> tuple[str, ...]:
