@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import DeadlineExceededError, GenerationRequest, RowEvent, sample_cached
+from app.engine import DeadlineExceededError, GenerationRequest, QueueFullError, RowEvent, sample_cached
 from app.engine.admission import admission_order
 from tests.helpers import tiny_model
 from tests.test_scheduler import held_lane, run, running
@@ -165,3 +165,27 @@ def test_higher_priority_work_runs_alone_and_parked_work_resumes_with_the_same_b
     assert stats.shards_parked >= 1
     assert 2 in stats.batch_sizes_seen and 6 not in stats.batch_sizes_seen  # the high one alone, never mixed
     assert stats.active_images == 0 and stats.requests_completed == 2
+
+
+def test_a_higher_priority_request_takes_the_place_of_the_latest_lower_one_in_a_full_queue():
+    model = tiny_model("gated", 1, size=6, seed=47)
+
+    async def scenario():
+        async with held_lane(model, max_batch_images=1, max_queue=2) as (engine, release):
+            blocker = engine.submit(GenerationRequest(n=1, seed=1), rows=False)
+            while engine.stats().queue_size:
+                await asyncio.sleep(0.005)
+            first = engine.submit(GenerationRequest(n=1, seed=2, priority=0), rows=False)
+            second = engine.submit(GenerationRequest(n=1, seed=3, priority=0), rows=False)
+            with pytest.raises(QueueFullError):  # a peer cannot push anyone out
+                engine.submit(GenerationRequest(n=1, seed=4, priority=0), rows=False)
+            high = engine.submit(GenerationRequest(n=1, seed=5, priority=2), rows=False)
+            with pytest.raises(QueueFullError, match="higher-priority work took this request's place"):
+                await asyncio.wait_for(second.result(), timeout=10)
+            release.set()
+            results = await asyncio.wait_for(asyncio.gather(blocker.result(), first.result(), high.result()), 30)
+            return results, engine.stats()
+
+    results, stats = run(scenario())
+    assert np.array_equal(results[2].images, sample_cached(model, 1, seed=5).images)
+    assert stats.rejected_queue_full == 2 and stats.requests_completed == 3

@@ -3,6 +3,9 @@ server can serve, against a real `pixelcnn serve`.
 
     pixelcnn bench priority [--store model_store] [--seconds 30] [--overload 2] [--json]
 
+With --engine, the same against the engine in this process, without HTTP (what the scheduler does,
+apart from the event loop's and the client's share of the CPU).
+
 1. capacity: /sample n=1 requests, --concurrency at a time for --capacity-s: requests/s served;
 2. unloaded: high-priority (X-Priority: high) requests one after another: their latency;
 3. overload: low-priority requests arriving at --overload x capacity (open loop, each with
@@ -20,12 +23,19 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.bench.gateway import Replica
+from app.engine import DeadlineExceededError, Engine, GenerationRequest, QueueFullError, set_cpu_threads
+from app.model import load
+
+# (seed, headers) -> (HTTP status or its equivalent, seconds): one /sample of one image
+Sample = Callable[[int, dict[str, str]], Awaitable[tuple[int, float]]]
+PRIORITIES = {"low": 0, "normal": 1, "high": 2}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -33,13 +43,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def timed_sample(client: httpx.AsyncClient, seed: int, headers: dict[str, str]) -> tuple[int, float]:
-    started = time.perf_counter()
-    response = await client.post("/sample", json={"n": 1, "seed": seed}, headers=headers)
-    return response.status_code, time.perf_counter() - started
+def http_sample(client: httpx.AsyncClient) -> Sample:
+    async def sample(seed: int, headers: dict[str, str]) -> tuple[int, float]:
+        """Status 0 when the connection failed (counted apart in the outcomes)."""
+        started = time.perf_counter()
+        try:
+            response = await client.post("/sample", json={"n": 1, "seed": seed}, headers=headers)
+        except httpx.TransportError:
+            return 0, time.perf_counter() - started
+        return response.status_code, time.perf_counter() - started
+
+    return sample
 
 
-async def capacity(client: httpx.AsyncClient, concurrency: int, seconds: float) -> float:
+def engine_sample(engine: Engine) -> Sample:
+    async def sample(seed: int, headers: dict[str, str]) -> tuple[int, float]:
+        started = time.perf_counter()
+        timeout = headers.get("x-request-timeout")
+        request = GenerationRequest(
+            n=1,
+            seed=seed,
+            priority=PRIORITIES[headers.get("x-priority", "normal")],
+            deadline=None if timeout is None else time.monotonic() + float(timeout),
+        )
+        try:
+            await engine.generate(request)
+        except (QueueFullError, DeadlineExceededError):
+            return 503, time.perf_counter() - started
+        return 200, time.perf_counter() - started
+
+    return sample
+
+
+async def capacity(sample: Sample, concurrency: int, seconds: float) -> float:
     done = 0
     stop = time.perf_counter() + seconds
 
@@ -47,7 +83,7 @@ async def capacity(client: httpx.AsyncClient, concurrency: int, seconds: float) 
         nonlocal done
         seed = k * 100000
         while time.perf_counter() < stop:
-            status, _ = await timed_sample(client, seed, {})
+            status, _ = await sample(seed, {})
             done += status == 200
             seed += 1
 
@@ -56,17 +92,17 @@ async def capacity(client: httpx.AsyncClient, concurrency: int, seconds: float) 
     return done / (time.perf_counter() - started)
 
 
-async def unloaded(client: httpx.AsyncClient, count: int) -> list[float]:
+async def unloaded(sample: Sample, count: int) -> list[float]:
     latencies = []
     for seed in range(count):
-        status, seconds = await timed_sample(client, seed, {"x-priority": "high"})
+        status, seconds = await sample(seed, {"x-priority": "high"})
         assert status == 200, status
         latencies.append(seconds)
     return latencies
 
 
 async def overload(
-    client: httpx.AsyncClient, rate: float, seconds: float, high_every_s: float, low_timeout_s: float
+    sample: Sample, rate: float, seconds: float, high_every_s: float, low_timeout_s: float
 ) -> tuple[list[float], Counter[int], Counter[int]]:
     low_outcomes: Counter[int] = Counter()
     high_outcomes: Counter[int] = Counter()
@@ -75,11 +111,11 @@ async def overload(
     low_headers = {"x-priority": "low", "x-request-timeout": str(low_timeout_s)}
 
     async def low(seed: int) -> None:
-        status, _ = await timed_sample(client, seed, low_headers)
+        status, _ = await sample(seed, low_headers)
         low_outcomes[status] += 1
 
     async def high(seed: int) -> None:
-        status, latency = await timed_sample(client, seed, {"x-priority": "high"})
+        status, latency = await sample(seed, {"x-priority": "high"})
         high_outcomes[status] += 1
         if status == 200:
             high_latencies.append(latency)
@@ -108,15 +144,13 @@ def engine_counters(url: str) -> dict[str, float]:
     return found
 
 
-async def bench(url: str, args: argparse.Namespace) -> dict:
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        await unloaded(client, 5)  # warm-up
-        served_per_s = await capacity(client, args.concurrency, args.capacity_s)
-        alone = await unloaded(client, args.unloaded)
-        loaded, low_outcomes, high_outcomes = await overload(
-            client, args.overload * served_per_s, args.seconds, args.high_every_s, args.low_timeout_s
-        )
+async def measure(sample: Sample, args: argparse.Namespace) -> dict:
+    await unloaded(sample, 5)  # warm-up
+    served_per_s = await capacity(sample, args.concurrency, args.capacity_s)
+    alone = await unloaded(sample, args.unloaded)
+    loaded, low_outcomes, high_outcomes = await overload(
+        sample, args.overload * served_per_s, args.seconds, args.high_every_s, args.low_timeout_s
+    )
     unloaded_p99 = percentile(alone, 0.99)
     loaded_p99 = percentile(loaded, 0.99)
     return {
@@ -129,8 +163,26 @@ async def bench(url: str, args: argparse.Namespace) -> dict:
         "p99_ratio": round(loaded_p99 / unloaded_p99, 2),
         "high_outcomes": dict(high_outcomes),
         "low_outcomes": dict(low_outcomes),
-        **engine_counters(url),
     }
+
+
+async def over_http(url: str, args: argparse.Namespace) -> dict:
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        result = await measure(http_sample(client), args)
+    return {**result, **engine_counters(url)}
+
+
+async def in_process(args: argparse.Namespace) -> dict:
+    set_cpu_threads(1)
+    engine = Engine(load(args.store / args.model).float(), lanes=1)
+    await engine.start()
+    try:
+        result = await measure(engine_sample(engine), args)
+        stats = engine.stats()
+    finally:
+        await engine.stop()
+    return {**result, "requests_expired": stats.requests_expired, "rows_past_deadline": stats.rows_past_deadline}
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -144,14 +196,18 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--high-every-s", type=float, default=0.5)
     parser.add_argument("--low-timeout-s", type=float, default=5.0)
+    parser.add_argument("--engine", action="store_true", help="the engine in this process, no HTTP")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    replica = Replica(args.store, Path(tempfile.mkdtemp(prefix="pixelcnn-priority-")), model=args.model)
-    try:
-        replica.wait_ready(180)
-        result = asyncio.run(bench(replica.url, args))
-    finally:
-        replica.stop()
+    if args.engine:
+        result = asyncio.run(in_process(args))
+    else:
+        replica = Replica(args.store, Path(tempfile.mkdtemp(prefix="pixelcnn-priority-")), model=args.model)
+        try:
+            replica.wait_ready(180)
+            result = asyncio.run(over_http(replica.url, args))
+        finally:
+            replica.stop()
     for key, value in result.items():
         print(f"{key:<28} {value}")
     if args.json:

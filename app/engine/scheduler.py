@@ -240,15 +240,30 @@ class Engine:
         with self._lock:
             if self._stopping or not self.running:
                 raise EngineStoppedError("the engine is not running")
+            displaced = None
             if self._waiting_requests() >= self.max_queue:
+                displaced = self._displaceable(request.priority)
                 self._counters["rejected_queue_full"] += 1
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+                if displaced is None:
+                    raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+                self._waiting = collections.deque(shard for shard in self._waiting if shard.owner is not displaced)
             self._waiting.extend(shards)
             self._counters["requests_submitted"] += 1
             self._last_submit = time.perf_counter()
+        if displaced is not None:
+            displaced.fail(QueueFullError("the queue is full and higher-priority work took this request's place"))
         for lane in self._lanes:  # the least loaded lane takes it; an idle lane is always least loaded
             lane.wake.set()
         return Stream(owner, queue)
+
+    def _displaceable(self, priority: int) -> TrackedRequest | None:
+        """The waiting request a new one of `priority` may push out of a full queue: the latest of the
+        lowest priority below it (none: the new one is refused). Under the lock."""
+        lower = [shard.owner for shard in self._waiting if shard.owner.request.priority < priority]
+        if not lower:
+            return None
+        lowest = min(owner.request.priority for owner in lower)
+        return [owner for owner in lower if owner.request.priority == lowest][-1]
 
     async def generate(self, request: GenerationRequest) -> SampleResult:
         return await self.submit(request, rows=False).result()
@@ -435,7 +450,15 @@ class Engine:
                     continue
                 least_loaded = lane.images <= min(others, default=lane.images)
                 within_share = lane.images + shard.n <= fair_share
-                if shard.n > self.max_batch_images - lane.images or not (within_share or least_loaded):
+                # Parked shards keep their places against work of their priority or lower (else parked work
+                # could grow without bound and never resume); higher-priority work takes their room.
+                held = sum(
+                    parked.n
+                    for parked, _ in lane.parked
+                    if parked.owner.request.priority >= shard.owner.request.priority
+                )
+                room = self.max_batch_images - lane.images - held
+                if shard.n > room or not (within_share or least_loaded):
                     break
                 self._waiting.popleft()
                 lane.images += shard.n
