@@ -33,7 +33,7 @@ from .cache import DecodeCache
 from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
 from .posterior import infer_labels
-from .protocol import ImagesIn, LabelsIn, row_uniforms, start_sampling
+from .protocol import ImagesIn, LabelsIn, forced_row, row_uniforms, start_sampling
 from .scoring import Scorer
 from .stats import TimeHistogram
 from .stream import Stream, StreamItem
@@ -209,7 +209,9 @@ class Engine:
             request.known_rows,
             self.device,
             request.label_mode,
+            request.known_columns,
         )
+        forced = forced_row(canvas, request.known_rows, request.known_columns)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
 
@@ -234,6 +236,7 @@ class Engine:
                 canvas[a:b],
                 request.known_rows,
                 infer_labels=infer,
+                forced=None if forced is None else forced[a:b],
             )
             for a, b in itertools.pairwise(bounds)
         ]
@@ -484,7 +487,10 @@ class Engine:
             pending.remove(shard)
             try:  # prefill: one pass over the known rows fills this shard's caches
                 if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
-                    shard.labels, class_log_probs = infer_labels(self.model, shard.streams, shard.canvas, shard.row)
+                    known_columns = shard.owner.request.known_columns
+                    shard.labels, class_log_probs = infer_labels(
+                        self.model, shard.streams, shard.canvas, shard.row, known_columns
+                    )
                     shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
@@ -519,15 +525,19 @@ class Engine:
         # The step's batch is fixed now: a request that became late while the uniforms were drawn leaves
         # it here (its stream advanced, but it is over), so the step computes nothing past a deadline.
         started_at = time.monotonic()
-        keep = self._drop_gone_and_late(lane, started_at)
-        if keep is not None:
+        kept_rows = self._drop_gone_and_late(lane, started_at)
+        if kept_rows is not None:
             if not lane.active:
                 return
-            index = torch.tensor(keep, dtype=torch.long)
+            index = torch.tensor(kept_rows, dtype=torch.long)
             uniforms, temperatures = uniforms[index], temperatures[index]
+        forced = None  # kept sub-pixels of a completion whose kept pixels end mid-row, in its first row
+        if any(shard.forced is not None for shard in lane.active):
+            drawn = -1  # every sub-pixel of the other shards' rows
+            forced = torch.cat([torch.full((s.n, c, w), drawn) if s.forced is None else s.forced for s in lane.active])
         step_started = time.perf_counter()
         assert lane.state is not None  # a lane with active shards has their caches
-        rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
+        rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures, forced)
         step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
@@ -546,6 +556,7 @@ class Engine:
                 continue
             shard.owner.row_done(shard, shard.row, rows_cpu[part], log_prob[part])
             shard.row += 1
+            shard.forced = None
             if shard.row == self.config.height:
                 done.append(shard)
                 continue

@@ -165,7 +165,7 @@ def guarded_protocol(limits: ConnectionLimits, on_refused: Refused | None = None
                 if cycle.response_started:
                     self.transport.close()
                     return
-                state = cycle.scope["state"]  # type: ignore[typeddict-item]
+                state = cycle.scope["state"]
                 state[REFUSED_STATUS] = status
                 request_id = state.get(REQUEST_ID_STATE)
                 cycle.disconnected = True  # the app's receive() sees a disconnect; its sends are dropped

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.engine.types import EngineStats, TimeSnapshot
 
 from .connections import REFUSED_STATUS, REQUEST_ID_STATE
-from .errors import REQUEST_ID, InternalError, error_response
+from .errors import REQUEST_ID, HttpError, error_response
 from .tenants import TENANT_STATE
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ class MetricsMiddleware:
             self.metrics.failures.labels(reason="internal").inc()
             if response_started:
                 raise  # too late for an error body: the server closes the connection
-            await error_response(InternalError(f"internal server error ({type(error).__name__})"))(
+            await error_response(HttpError(500, "internal", f"internal server error ({type(error).__name__})"))(
                 scope, receive, send_and_watch
             )
         finally:

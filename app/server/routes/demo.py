@@ -32,7 +32,7 @@ class DemoFiles(StaticFiles):
     be frameable there either."""
 
     def file_response(
-        self, full_path: PathLike, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+        self, full_path: str | PathLike[str], stat_result: os.stat_result, scope: Scope, status_code: int = 200
     ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
         response.headers.update(DEMO_HEADERS)
