@@ -85,6 +85,7 @@ class Engine:
         max_queue: int = 64,
         lanes: int = 1,
         batch_wait_s: float = 0.002,
+        fault_every_steps: int = 0,
     ) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
@@ -110,6 +111,9 @@ class Engine:
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # under the lock
         self._queue_wait = TimeHistogram()  # submit -> joining a lane's batch, under the lock
         self._row_time = TimeHistogram()  # one decode step (a row of every image in a lane), under the lock
+        # Soak and tests only: every Nth decode step fails, as a real fault would (0: never).
+        self.fault_every_steps = fault_every_steps
+        self._steps = itertools.count(1)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -535,6 +539,8 @@ class Engine:
         if any(shard.forced is not None for shard in lane.active):
             drawn = -1  # every sub-pixel of the other shards' rows
             forced = torch.cat([torch.full((s.n, c, w), drawn) if s.forced is None else s.forced for s in lane.active])
+        if self.fault_every_steps and next(self._steps) % self.fault_every_steps == 0:
+            raise RuntimeError(f"injected decode fault (every {self.fault_every_steps} steps)")
         step_started = time.perf_counter()
         assert lane.state is not None  # a lane with active shards has their caches
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures, forced)

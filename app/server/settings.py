@@ -87,6 +87,9 @@ class Settings(BaseSettings):
         "64 unlabelled images on a 10-class model",
     )
     max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
+    fault_every_steps: int = Field(
+        0, ge=0, description="soak and tests only: every Nth decode step fails (an injected fault); 0: never"
+    )
     max_header_bytes: int = Field(
         32 * 1024, ge=1024, description="request line plus headers above this get 431 and the connection closed"
     )
