@@ -46,11 +46,11 @@ def likelihood_body(n: int) -> bytes:
     return json.dumps({"model": "cond", "images": [base64.b64encode(png_bytes(i)).decode() for i in images]}).encode()
 
 
-async def call_and_leave(app, body: bytes, leave_after_s: float) -> list[dict]:
-    """POST /likelihood straight to the ASGI app; the client disconnects `leave_after_s` after its body.
-    Returns what the app sent."""
+async def call_and_leave(app, body: bytes, leave_after_s: float, whole_body: bool = True) -> list[dict]:
+    """POST /likelihood straight to the ASGI app; the client disconnects `leave_after_s` after its body
+    (or after the first part of it). Returns what the app sent."""
     sent: list[dict] = []
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    messages = [{"type": "http.request", "body": body, "more_body": not whole_body}]
 
     async def receive() -> dict:
         if messages:
@@ -106,6 +106,16 @@ async def test_dropped_likelihood_frees_its_slot_and_stops_between_passes(serve,
         )
         assert response.status_code == 200, response.text
         assert len(response.json()["results"]) == 20
+
+
+async def test_a_client_gone_in_the_middle_of_its_body_is_logged_as_499(serve, caplog):
+    async with serve() as (app, client):
+        with caplog.at_level(logging.INFO, logger="pixelcnn.access"):
+            sent = await call_and_leave(app, b'{"images": [', leave_after_s=0, whole_body=False)
+        assert sent == []  # nobody to answer
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pixelcnn.access"]
+        assert [(line["path"], line["status"]) for line in lines] == [("/likelihood", 499)]
+        assert 'status="499"' in (await client.get("/metrics")).text
 
 
 async def test_likelihood_cost_cap_names_the_limit(serve):
