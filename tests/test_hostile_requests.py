@@ -4,7 +4,8 @@ methods, and the metrics labels they must not multiply."""
 from __future__ import annotations
 
 import pytest
-from conftest import without_request_id
+
+from tests.helpers import without_request_id
 
 pytestmark = pytest.mark.anyio
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 from pydantic import ValidationError
-from test_abandoned_work import likelihood_body, slow_scoring_factory
 
 from app.server import Settings
 from app.server.registry import default_engine_factory
+from tests.test_abandoned_work import likelihood_body, slow_scoring_factory
 
 pytestmark = pytest.mark.anyio
 

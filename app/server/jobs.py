@@ -19,9 +19,7 @@ import numpy as np
 from fastapi import Request
 
 from app.engine import (
-    DeadlineExceededError,
     EngineStoppedError,
-    GenerationError,
     GenerationRequest,
     LikelihoodResult,
     QueueFullError,
@@ -29,24 +27,10 @@ from app.engine import (
     SampleResult,
 )
 
-from .errors import (
-    RETRY_AFTER_S,
-    ClientDisconnected,
-    DeadlinePassed,
-    EngineFailed,
-    InvalidRequest,
-    NotReady,
-    Overloaded,
-    RequestTimedOut,
-    error_body,
-)
+from .errors import ApiError, ClientDisconnected, RequestTimedOut, error_body, from_engine_error
 from .metrics import ServerMetrics
 from .outputs import generation_body, row_data, sse_event
 from .registry import ServedModel
-
-
-def overloaded(model: ServedModel, error: Exception) -> Overloaded:
-    return Overloaded(f"model {model.name!r} has a full queue ({error}); retry after {RETRY_AFTER_S} s")
 
 
 class GenerationRun:
@@ -84,12 +68,8 @@ class GenerationRun:
         self.time_limit_s = time_limit_s
         try:
             self.stream = model.engine.submit(engine_request, rows=stream_rows)
-        except QueueFullError as error:
-            raise overloaded(model, error) from None
-        except ValueError as error:  # the engine's own checks: its message is written for the client
-            raise InvalidRequest(str(error)) from None
-        except EngineStoppedError as error:
-            raise NotReady(f"model {model.name!r} is not serving ({error}); retry") from None
+        except (QueueFullError, EngineStoppedError, ValueError) as error:
+            raise api_error(error, model) from None
         loop = asyncio.get_running_loop()
         self.watcher = loop.create_task(self._cancel_on_disconnect())
         self.timer = loop.create_task(self._cancel_at_time_limit())
@@ -209,19 +189,22 @@ class GenerationRun:
                 yield sse_event("error", self.timeout_error().body())
         except Exception as error:  # noqa: BLE001 - reported to the client as an event
             self.metrics.failures.labels(reason="stream_error").inc()
-            yield sse_event("error", stream_error_body(error))
+            yield sse_event("error", stream_error_body(error, self.model.name))
         finally:
             await self.close()
 
 
-def stream_error_body(error: Exception) -> dict[str, Any]:
-    if isinstance(error, DeadlineExceededError):
-        return DeadlinePassed.of(error).body()
-    if isinstance(error, EngineStoppedError):
-        return error_body(NotReady.type, f"the model's engine stopped ({error}); retry")
-    if isinstance(error, GenerationError):
-        return error_body(EngineFailed.type, str(error))
-    return error_body("internal", f"generation failed ({type(error).__name__}: {error})")
+def stream_error_body(error: Exception, model: str | None = None) -> dict[str, Any]:
+    """The error object of a failure after the response has started (an SSE `error` event): the engine's
+    errors mapped as everywhere else (errors.from_engine_error), anything else an internal error."""
+    mapped = from_engine_error(error, model)
+    return mapped.body() if mapped else error_body("internal", f"generation failed ({type(error).__name__}: {error})")
+
+
+def api_error(error: QueueFullError | EngineStoppedError | ValueError, model: ServedModel) -> ApiError:
+    mapped = from_engine_error(error, model.name)
+    assert mapped is not None  # every one of these errors has its API error
+    return mapped
 
 
 async def until_disconnect(request: Request) -> None:
@@ -253,7 +236,5 @@ async def score(
         raise ClientDisconnected("the client disconnected; the likelihood pass was stopped")
     try:
         return scoring.result()
-    except QueueFullError as error:
-        raise overloaded(model, error) from None
-    except ValueError as error:
-        raise InvalidRequest(str(error)) from None
+    except (QueueFullError, ValueError) as error:
+        raise api_error(error, model) from None
