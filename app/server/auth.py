@@ -58,7 +58,7 @@ class ApiKeyMiddleware:
                 )
         except ApiError as error:
             self.metrics.failures.labels(reason=error.type).inc()
-            await error_response(error)(scope, receive, send)
+            await error_response(error, scope["path"])(scope, receive, send)
             return
         scope.setdefault("state", {})[TENANT_STATE] = tenant
         self.in_progress[tenant.name] += 1

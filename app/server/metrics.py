@@ -236,9 +236,8 @@ class MetricsMiddleware:
             self.metrics.failures.labels(reason="internal").inc()
             if response_started:
                 raise  # too late for an error body: the server closes the connection
-            await error_response(HttpError(500, "internal", f"internal server error ({type(error).__name__})"))(
-                scope, receive, send_and_watch
-            )
+            internal = HttpError(500, "internal", f"internal server error ({type(error).__name__})")
+            await error_response(internal, scope["path"])(scope, receive, send_and_watch)
         finally:
             REQUEST_ID.reset(token)
             duration = time.perf_counter() - started
