@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -220,6 +221,25 @@ def test_a_completion_that_keeps_part_of_a_row_draws_that_row_row_by_row_then_by
     assert np.array_equal(result.images, alone.images.numpy())
     assert np.array_equal(result.log_prob, alone.log_prob.numpy())
     assert stats.rows_wavefront == SIZE - 4, "the row with kept pixels one lane draws, the rest the wavefront"
+
+
+def test_a_request_with_a_deadline_decodes_row_by_row():
+    """Each decode step checks a request's deadline; a wavefront would run past it."""
+    model = gated(1, 4)
+
+    async def main():
+        engine = Engine(model, lanes=2)
+        await engine.start()
+        try:
+            deadline = time.monotonic() + 60
+            result = await engine.generate(GenerationRequest(seed=5, labels=[1], deadline=deadline))
+            return result, engine.stats()
+        finally:
+            await engine.stop()
+
+    result, stats = asyncio.run(main())
+    assert np.array_equal(result.images, sample_cached(model, 1, seed=5, labels=torch.tensor([1])).images.numpy())
+    assert stats.rows_decoded == SIZE and stats.rows_wavefront == 0
 
 
 def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_one_lane():
