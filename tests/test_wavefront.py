@@ -309,7 +309,7 @@ def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
 
     async def main():
         engine = Engine(model, lanes=2, wavefront=None)
-        with caplog.at_level(logging.INFO, logger="app.engine.scheduler"):
+        with caplog.at_level(logging.INFO, logger="app.engine.lanes"):
             await engine.start()
         try:
             return engine.wavefront is not None, await engine.generate(GenerationRequest(seed=3))

@@ -6,7 +6,7 @@ others to finish, and a finished or cancelled request leaves at once, freeing it
 state of every image is independent of its row index (see cached.py), which is what makes this exact:
 a request's images are the same whether it runs alone or beside others.
 
-Decode lanes: each lane is a thread with its own batch and caches (see Engine). The compiled row loop
+Decode lanes: each lane is a thread with its own batch and caches (lanes.py). The compiled row loop
 releases the GIL, so the lanes and the asyncio event loop run side by side. Results reach each
 request's asyncio queue through call_soon_threadsafe.
 
@@ -21,57 +21,30 @@ import asyncio
 import collections
 import ctypes
 import itertools
-import logging
 import threading
 import time
 
-import torch
-
 from app.model import ModelConfig, PixelCNNModel
 
-from .admission import admission_order, expired
-from .cache import DecodeCache
-from .cached import CachedSampler, sample_cached
+from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
-from .posterior import infer_labels
-from .protocol import ImagesIn, LabelsIn, forced_row, row_uniforms, start_sampling
+from .lanes import Lane, LaneLoop
+from .protocol import ImagesIn, LabelsIn, forced_row, start_sampling
 from .scoring import Scorer
 from .stats import TimeHistogram
 from .stream import Stream, StreamItem
 from .types import (
-    DeadlineExceededError,
     EngineStats,
     EngineStoppedError,
-    GenerationError,
     GenerationRequest,
     LikelihoodResult,
     QueueFullError,
     SampleResult,
 )
-from .wavefront import Wavefront, rewind, sample_wavefront, uniforms_ahead
-
-log = logging.getLogger(__name__)
+from .wavefront import Wavefront
 
 
-class _Lane:
-    """One decode thread and the batch it runs: its requests and their caches, which only it touches."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.thread: threading.Thread | None = None
-        self.wake = threading.Event()
-        self.active: list[Shard] = []
-        self.state: DecodeCache | None = None
-        # Shards set aside, each with its own caches, while shards of a higher priority run in this lane:
-        # they resume (exactly where they were) once no higher-priority shard is left.
-        self.parked: list[tuple[Shard, DecodeCache]] = []
-        self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
-        # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.batch_sizes: collections.Counter[int] = collections.Counter()
-
-
-class Engine:
+class Engine(LaneLoop):
     """Continuous batching over `lanes` decode threads.
 
     Each lane runs its own batch, joined by the waiting requests at its row boundaries, up to a fair
@@ -108,7 +81,7 @@ class Engine:
         self.scorer = Scorer(self.model, max_in_flight=max_queue)
         self._waiting: collections.deque[Shard] = collections.deque()
         self._lock = threading.Lock()
-        self._lanes = [_Lane(index) for index in range(lanes)]
+        self._lanes = [Lane(index) for index in range(lanes)]
         self._stopping = False
         self._counters: collections.Counter[str] = collections.Counter()  # changed under the lock
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # under the lock
@@ -306,393 +279,8 @@ class Engine:
                 self._waiting = collections.deque(left)
                 self._count_cancelled(owner, self._counters)
 
-    @staticmethod
-    def _count_cancelled(owner: TrackedRequest, counts: collections.Counter) -> None:
-        """Count a cancelled request once, whichever of its shards leaves first; under the lock."""
-        if owner.cancelled and not owner.cancel_counted:
-            owner.cancel_counted = True
-            counts["requests_cancelled"] += 1
-
     async def likelihood(
         self, images: ImagesIn, labels: LabelsIn = None, deadline: float | None = None
     ) -> LikelihoodResult:
         """Teacher-forced NLL (see Scorer.score); no pass begins after `deadline` (time.monotonic())."""
         return await self.scorer.score(images, labels, deadline)
-
-    def _expire(self, owner: TrackedRequest, counts: collections.Counter) -> bool:
-        """Note that a request's deadline passed; True the first time (the caller then fails it, outside
-        the lock). Under the lock."""
-        if owner.expired or owner.closed:
-            return False
-        owner.expired = True
-        counts["requests_expired"] += 1
-        return True
-
-    @staticmethod
-    def _late_error() -> DeadlineExceededError:
-        return DeadlineExceededError("the request's deadline passed before it finished; its work was stopped")
-
-    def _drop_gone_and_late(self, lane: _Lane, now: float) -> list[int] | None:
-        """Before a decode step (its batch is fixed at `now`): requests past their deadline end
-        (DeadlineExceededError) and leave the batch, and the parked shards, with the cancelled ones, so
-        no step computes a row for them. Returns the batch rows kept, or None when all are."""
-        late: list[TrackedRequest] = []
-        kept: list[Shard] = []
-        keep: list[int] = []
-        offset = 0
-
-        def leaving(shard: Shard) -> bool:  # under the lock
-            if expired(shard, now) and self._expire(shard.owner, self._counters):
-                late.append(shard.owner)
-            if shard.owner.gone or shard.owner.expired:
-                self._count_cancelled(shard.owner, self._counters)
-                return True
-            return False
-
-        with self._lock:
-            for shard in lane.active:
-                if not leaving(shard):
-                    kept.append(shard)
-                    keep.extend(range(offset, offset + shard.n))
-                offset += shard.n
-            if len(kept) != len(lane.active):
-                lane.active = kept
-                lane.images = sum(shard.n for shard in kept)
-            lane.parked = [(shard, cache) for shard, cache in lane.parked if not leaving(shard)]
-        for owner in late:
-            owner.fail(self._late_error())
-        if len(keep) == offset:
-            return None
-        assert lane.state is not None
-        lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
-        return keep
-
-    def _park(self, lane: _Lane, priority: int) -> None:
-        """Set aside the lane's shards below `priority`, each with its caches (this lane's thread only)."""
-        if lane.state is None:
-            return
-        kept: list[Shard] = []
-        keep: list[int] = []
-        offset = 0
-        for shard in lane.active:
-            rows = list(range(offset, offset + shard.n))
-            offset += shard.n
-            if shard.owner.request.priority < priority:
-                index = torch.tensor(rows, dtype=torch.long, device=self.device)
-                lane.parked.append((shard, lane.state.select(index)))
-            else:
-                kept.append(shard)
-                keep.extend(rows)
-        if len(kept) == len(lane.active):
-            return
-        lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
-        with self._lock:
-            self._counters["shards_parked"] += len(lane.active) - len(kept)
-            lane.active = kept
-            lane.images = sum(shard.n for shard in kept)
-
-    def _run_by_priority(self, lane: _Lane) -> None:
-        """Only the highest priority present in the lane decodes: lower shards are parked, and parked
-        shards resume once nothing above them is left (they take no step meanwhile)."""
-        if not lane.active and not lane.parked:
-            return
-        top = max(shard.owner.request.priority for shard in [*lane.active, *(s for s, _ in lane.parked)])
-        if any(shard.owner.request.priority < top for shard in lane.active):
-            self._park(lane, top)
-        resuming = [(shard, cache) for shard, cache in lane.parked if shard.owner.request.priority == top]
-        room = self.max_batch_images - lane.images
-        back: list[tuple[Shard, DecodeCache]] = []
-        for shard, cache in resuming:
-            if shard.n <= room:
-                back.append((shard, cache))
-                room -= shard.n
-        if not back:
-            return
-        lane.state = DecodeCache.concat(([lane.state] if lane.state is not None else []) + [c for _, c in back])
-        with self._lock:
-            lane.parked = [entry for entry in lane.parked if all(entry[0] is not shard for shard, _ in back)]
-            lane.active.extend(shard for shard, _ in back)
-            lane.images = sum(shard.n for shard in lane.active)
-
-    # ---- decode loop (one thread per lane) ---------------------------------------------------------------
-    def _run(self, lane: _Lane) -> None:
-        while not self._stopping:
-            try:
-                if not lane.active and self._waiting:
-                    self._let_the_burst_arrive()
-                # Cleared before looking for work: a request submitted after this wakes the wait below,
-                # one submitted before is seen by _admit (clearing after the wait could lose it).
-                lane.wake.clear()
-                self._admit(lane)
-                if not lane.active and not lane.parked:
-                    lane.wake.wait(timeout=0.5)
-                    continue
-                wavefront_lanes = self._wavefront_lanes(lane)
-                if wavefront_lanes > 1:
-                    self._decode_wavefront(lane, wavefront_lanes)
-                else:
-                    self._decode_one_row(lane)
-            except Exception as error:  # never leave a client hanging: fail the batch, keep serving
-                with self._lock:
-                    self._counters["decode_errors"] += 1
-                    failed, lane.active, lane.state, lane.images = lane.active, [], None, 0
-                for shard in failed:  # first, so that other lanes' shards of these requests stop at once
-                    shard.owner.fail(GenerationError(f"generation failed ({type(error).__name__}: {error})"))
-                log.exception("decode step failed")
-
-    def _let_the_burst_arrive(self) -> None:
-        deadline = time.perf_counter() + 5 * self.batch_wait_s
-        while not self._stopping:
-            now = time.perf_counter()
-            quiet_at = min(self._last_submit + self.batch_wait_s, deadline)
-            if now >= quiet_at:
-                return
-            time.sleep(quiet_at - now)
-
-    def _admit(self, lane: _Lane) -> None:
-        """Move waiting shards into this lane while they fit, up to its fair share of all the images
-        (running and waiting), and beyond that only while it is the least loaded lane (so the shards of
-        a request on an idle engine go one to each lane). FIFO, so none starves: a lane that leaves a
-        shard to a less loaded one lets it take the shard within a row."""
-        joined = []
-        late: list[TrackedRequest] = []
-        with self._lock:
-            others = [other.images for other in self._lanes if other is not lane]
-            total = lane.images + sum(others) + sum(shard.n for shard in self._waiting if not shard.owner.gone)
-            fair_share = -(-total // len(self._lanes))
-            self._waiting = collections.deque(admission_order(self._waiting))
-            head = next((shard for shard in self._waiting if not shard.owner.gone), None)
-            outranked = head is not None and any(
-                shard.owner.request.priority < head.owner.request.priority for shard in lane.active
-            )
-        if outranked:  # set the lower-priority shards aside: the waiting one gets their room now
-            assert head is not None
-            self._park(lane, head.owner.request.priority)
-        with self._lock:
-            others = [other.images for other in self._lanes if other is not lane]
-            now = time.monotonic()
-            while self._waiting:
-                shard = self._waiting[0]
-                if expired(shard, now) and self._expire(shard.owner, self._counters):
-                    late.append(shard.owner)
-                if shard.owner.gone or shard.owner.expired:  # cancelled, failed in another lane, or late
-                    self._waiting.popleft()
-                    self._count_cancelled(shard.owner, self._counters)
-                    continue
-                least_loaded = lane.images <= min(others, default=lane.images)
-                within_share = lane.images + shard.n <= fair_share
-                # Parked shards keep their places against work of their priority or lower (else parked work
-                # could grow without bound and never resume); higher-priority work takes their room.
-                held = sum(
-                    parked.n
-                    for parked, _ in lane.parked
-                    if parked.owner.request.priority >= shard.owner.request.priority
-                )
-                room = self.max_batch_images - lane.images - held
-                if shard.n > room or not (within_share or least_loaded):
-                    break
-                self._waiting.popleft()
-                lane.images += shard.n
-                if not shard.owner.admitted:
-                    shard.owner.admitted = True
-                    self._queue_wait.observe(time.perf_counter() - shard.owner.submitted)
-                joined.append(shard)
-        for owner in late:
-            owner.fail(self._late_error())
-        if not joined:
-            return
-        states = [lane.state] if lane.state is not None else []
-        pending = list(joined)
-        try:
-            self._prefill(lane, pending, states)
-        finally:  # whatever was not handled fails with the batch in _run, never left waiting
-            lane.active.extend(pending)
-        lane.state = DecodeCache.concat(states) if states else None
-
-    def _prefill(self, lane: _Lane, pending: list[Shard], states: list[DecodeCache]) -> None:
-        """Prefill each joining shard, taking it off `pending` once it is active, done or failed."""
-        for shard in list(pending):
-            pending.remove(shard)
-            try:  # prefill: one pass over the known rows fills this shard's caches
-                if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
-                    known_columns = shard.owner.request.known_columns
-                    shard.labels, class_log_probs = infer_labels(
-                        self.model, shard.streams, shard.canvas, shard.row, known_columns
-                    )
-                    shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
-                state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
-            except Exception as error:  # this request fails; the others, running or joining, go on
-                with self._lock:
-                    lane.images -= shard.n
-                    self._counters["prefill_errors"] += 1
-                shard.owner.fail(GenerationError(f"prefill failed ({type(error).__name__}: {error})"))
-                log.exception("prefill failed")
-                continue
-            if shard.row >= self.config.height:  # nothing to generate (all rows known): never split
-                with self._lock:
-                    lane.images -= shard.n
-                    self._counters["requests_completed"] += 1
-                shard.owner.finish()
-                continue
-            states.append(state)
-            lane.active.append(shard)  # from here a failure (even of the merge) reaches it via _run
-
-    def _decode_one_row(self, lane: _Lane) -> None:
-        self._drop_gone_and_late(lane, time.monotonic())
-        self._run_by_priority(lane)
-        if not lane.active:
-            return
-        c, w = self.config.image_channels, self.config.width
-        uniforms = torch.cat([row_uniforms(shard.streams, c, w) for shard in lane.active])
-        temperatures = torch.cat(
-            [
-                torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
-                for shard in lane.active
-            ]
-        )
-        # The step's batch is fixed now: a request that became late while the uniforms were drawn leaves
-        # it here (its stream advanced, but it is over), so the step computes nothing past a deadline.
-        started_at = time.monotonic()
-        kept_rows = self._drop_gone_and_late(lane, started_at)
-        if kept_rows is not None:
-            if not lane.active:
-                return
-            index = torch.tensor(kept_rows, dtype=torch.long)
-            uniforms, temperatures = uniforms[index], temperatures[index]
-        forced = None  # kept sub-pixels of a completion whose kept pixels end mid-row, in its first row
-        if any(shard.forced is not None for shard in lane.active):
-            drawn = -1  # every sub-pixel of the other shards' rows
-            forced = torch.cat([torch.full((s.n, c, w), drawn) if s.forced is None else s.forced for s in lane.active])
-        if self.fault_every_steps and next(self._steps) % self.fault_every_steps == 0:
-            raise RuntimeError(f"injected decode fault (every {self.fault_every_steps} steps)")
-        step_started = time.perf_counter()
-        assert lane.state is not None  # a lane with active shards has their caches
-        rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures, forced)
-        step_s = time.perf_counter() - step_started
-        self._row_drawn(lane, rows.to(torch.uint8).cpu(), log_prob.cpu(), step_s, started_at)
-
-    def _wavefront_pays(self) -> bool:
-        """Whether wavefront decoding draws one image sooner than one lane does, here and now: the best of
-        3 interleaved runs of each (a few hundredths of a second for the shipped model). Its threads need
-        free cores, which a busy machine may not have; the images are the same either way. Logged."""
-        assert self.wavefront is not None
-        threads = min(len(self._lanes), self.wavefront.useful_lanes)
-        one_lane, wavefront = [], []
-        for _ in range(3):
-            started = time.perf_counter()
-            sample_cached(self.model, 1, sampler=self.sampler)
-            one_lane.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            sample_wavefront(self.sampler, 1, lanes=threads)
-            wavefront.append(time.perf_counter() - started)
-        pays = min(wavefront) < 0.9 * min(one_lane)
-        log.info(
-            "wavefront decoding %s: one image in %.1f ms on %d threads vs %.1f ms on one",
-            "on" if pays else "off",
-            1e3 * min(wavefront),
-            threads,
-            1e3 * min(one_lane),
-        )
-        return pays
-
-    def _wavefront_lanes(self, lane: _Lane) -> int:
-        """Threads for wavefront decoding of this lane's batch; 1 (row by row) unless its batch is one
-        request (its images share the row index) that does not stream, nothing waits and every other lane
-        is idle: the idle lanes' cores then draw its rows too. Throughput first: any waiting request means
-        batching. A streamed request decodes row by row: a wavefront hands its rows on when it returns,
-        which would delay the first row."""
-        shard = lane.active[0] if len(lane.active) == 1 else None
-        # A completion's first row with kept pixels (forced) decodes row by row: the wavefront draws every pixel.
-        # A request with a deadline decodes row by row (each step checks it), as under fault injection.
-        if (
-            self.wavefront is None
-            or shard is None
-            or shard.owner.wants_rows
-            or shard.forced is not None
-            or shard.owner.request.deadline is not None
-            or self.fault_every_steps
-        ):
-            return 1
-        with self._lock:  # a cancel sets the stop flag under the lock, after marking its request gone
-            busy = any(o.images or o.parked for o in self._lanes if o is not lane)
-            if shard.owner.gone or lane.parked or self._waiting or busy:
-                return 1
-            self._stop_wavefront.value = 0
-            self._wavefront_threads = min(len(self._lanes), self.wavefront.useful_lanes)
-            return self._wavefront_threads
-
-    def _decode_wavefront(self, lane: _Lane, threads: int) -> None:
-        """The lane's remaining rows by wavefront decoding, until a submit stops it; each row is then
-        handed on as a decode step's would be."""
-        shard = lane.active[0]
-        assert self.wavefront is not None and lane.state is not None  # see _wavefront_lanes
-        c, w = self.config.image_channels, self.config.width
-        saved = [stream.bit_generator.state for stream in shard.streams]
-        uniforms = uniforms_ahead(shard.streams, self.config.height - shard.row, c, w)
-        temperatures = torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
-        started, started_at = time.perf_counter(), time.monotonic()
-        try:
-            values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, self._stop_wavefront)
-        finally:
-            with self._lock:
-                self._wavefront_threads = 0
-        drawn = values.shape[0]
-        if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
-            rewind(shard.streams, saved, drawn, c, w)
-        step_s = (time.perf_counter() - started) / max(drawn, 1)
-        for k in range(drawn):
-            if not lane.active:  # the request was cancelled: its later rows go nowhere
-                break
-            self._row_drawn(lane, values[k].to(torch.uint8), log_probs[k], step_s, started_at, wavefront=True)
-
-    def _row_drawn(
-        self,
-        lane: _Lane,
-        rows_cpu: torch.Tensor,
-        log_prob: torch.Tensor,
-        step_s: float,
-        started_at: float,
-        wavefront: bool = False,
-    ) -> None:
-        """Hand a drawn row (uint8 (B, C, W), log p (B,)) of every image of the lane to its request, and
-        let finished or cancelled shards leave the lane."""
-        counts = collections.Counter(rows_decoded=1, rows_wavefront=int(wavefront))
-        counts["rows_past_deadline"] += sum(shard.n for shard in lane.active if expired(shard, started_at))
-
-        keep: list[int] = []
-        still_active: list[Shard] = []
-        left: list[TrackedRequest] = []
-        done: list[Shard] = []
-        offset = 0
-        for shard in lane.active:
-            part = slice(offset, offset + shard.n)
-            offset += shard.n
-            if shard.owner.gone:  # cancelled, or ended by another shard's failure
-                left.append(shard.owner)
-                continue
-            shard.owner.row_done(shard, shard.row, rows_cpu[part], log_prob[part])
-            shard.row += 1
-            shard.forced = None
-            if shard.row == self.config.height:
-                done.append(shard)
-                continue
-            keep.extend(range(part.start, part.stop))
-            still_active.append(shard)
-        if len(still_active) != len(lane.active):
-            assert lane.state is not None  # a lane with active shards has their caches
-            lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
-        with self._lock:
-            for owner in left:
-                self._count_cancelled(owner, counts)
-            # A request is finished once its last shard has left its lane, so that (below) whoever receives
-            # the result sees an engine that has let go of all of it, in every lane.
-            finished = [shard.owner for shard in done if shard.owner.shard_left()]
-            counts["requests_completed"] += len(finished)
-            lane.active = still_active
-            lane.images = sum(shard.n for shard in still_active)
-            lane.counters.update(counts)
-            lane.batch_sizes[rows_cpu.shape[0]] += 1
-            self._batch_sizes.append(rows_cpu.shape[0])
-            self._row_time.observe(step_s)
-        for owner in finished:
-            owner.finish()
