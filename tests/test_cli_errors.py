@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import png_tensor, torch_threads
 
 from app.bench.servers import serve_in_thread
 from app.cli import main
 from app.imaging import png_bytes
 from app.server import Settings, create_app
+from tests.helpers import png_tensor, torch_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
         (["eval", "{missing}"], "model folder '{missing}' does not exist"),
         (["eval", "{tmp}"], "'{tmp}' is not a model folder: it has no config.json"),
         (["sample", "{missing}", "--out", "{tmp}/x.png"], "model folder '{missing}' does not exist"),
-        (["complete", "{store}/gray", "{missing}.png", "--out", "{tmp}/x.png"], "image file '{missing}.png' does not exist"),
+        (
+            ["complete", "{store}/gray", "{missing}.png", "--out", "{tmp}/x.png"],
+            "image file '{missing}.png' does not exist",
+        ),
         (
             ["complete", "{missing}", "{tmp}/top.png", "--out", "{tmp}/x.png"],
             "model folder '{missing}' does not exist",
@@ -75,6 +78,15 @@ def test_naive_sampling_shows_a_progress_bar_of_the_pixels_it_draws(server_store
     assert "naive sampling" in err and "64/64" in err  # an 8x8 model: one step per pixel
     kept = tmp_path / "top.png"
     kept.write_bytes(png_bytes(torch.zeros(1, 8, 8, dtype=torch.uint8)))
-    argv = ["complete", str(server_store / "gray"), str(kept), "--rows", "5", "--naive", "--out", str(tmp_path / "c.png")]
+    argv = [
+        "complete",
+        str(server_store / "gray"),
+        str(kept),
+        "--rows",
+        "5",
+        "--naive",
+        "--out",
+        str(tmp_path / "c.png"),
+    ]
     assert main(argv) == 0
     assert "24/24" in capsys.readouterr().err  # only the 3 generated rows are counted
