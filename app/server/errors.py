@@ -176,7 +176,7 @@ def from_validation_errors(errors: list[dict[str, Any]], content_type: str | Non
             message, field = "the request body is not valid JSON", None  # loc is a character position
         elif error.get("type") in ("model_type", "model_attributes_type", "dict_type") and not field:
             json_sent = content_type is None or content_type == "application/json" or content_type.endswith("+json")
-            message = "the request body must be a JSON object" if json_sent else not_json_message(content_type)
+            message = "the request body must be a JSON object" if json_sent else not_json_message(content_type or "")
         elif error.get("type") == "extra_forbidden":
             message = "unknown field"
         elif error.get("type") == "value_error":
