@@ -8,15 +8,26 @@ import sys
 from pathlib import Path
 
 
+def add_verb(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    """A verb whose one-line summary is both its line in `pixelcnn --help` and the top of its own --help."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=summary)
+    return parser
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     from app.train_options import add_train_options
 
-    p = sub.add_parser("train", help="train a model and write config.json, model.safetensors, metrics.json")
-    p.add_argument("--arch", choices=["pixelcnn", "gated"], default="gated")
+    p = add_verb(sub, "train", "train a model and write config.json, model.safetensors, metrics.json")
+    p.add_argument(
+        "--arch",
+        choices=["pixelcnn", "gated"],
+        default="gated",
+        help="masked-convolution PixelCNN or Gated PixelCNN (default)",
+    )
     p.add_argument("--channels", type=int, default=32, help="hidden channels")
     p.add_argument("--layers", type=int, default=7, help="gated layers or residual blocks")
     p.add_argument("--kernel-size", type=int, default=3, help="kernel of the layers after the first")
-    p.add_argument("--first-kernel-size", type=int, default=7)
+    p.add_argument("--first-kernel-size", type=int, default=7, help="kernel of the first (mask A) layer")
     p.add_argument("--head-channels", type=int, default=None, help="output head width (default 2 x channels)")
     p.add_argument("--conditional", action="store_true", help="class-conditional (needs a labelled dataset)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -58,16 +69,37 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="NLL (nats/image) and bits/dim of a trained model on a dataset split")
-    p.add_argument("model_dir", type=Path)
+    p = add_verb(sub, "eval", "NLL (nats/image) and bits/dim of a trained model on a dataset split")
+    p.add_argument(
+        "model_dir", type=Path, help="model folder (config.json + model.safetensors), e.g. model_store/fashion-mnist"
+    )
     p.add_argument("--data", help="dataset (default: the one in the model's metrics.json)")
-    p.add_argument("--data-dir")
-    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--data-dir", help="folder of the dataset (see train --data-dir)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="default test")
     p.add_argument("--limit", type=int, help="first N images only")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): cuda if available"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_eval)
+
+
+def check_model_folder(path: Path | str) -> None:
+    """A clear error before any loading: a missing folder, or a folder that holds no model."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model folder {str(folder)!r} does not exist (a model folder holds config.json and model.safetensors, "
+            "e.g. model_store/fashion-mnist)"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a model folder: it has no config.json")
+
+
+def check_image_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} does not exist")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -75,6 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from app.evaluate import evaluate
     from app.model import load, pick_device
 
+    check_model_folder(args.model_dir)
     data = args.data
     if data is None:
         metrics_file = args.model_dir / "metrics.json"
@@ -99,14 +132,18 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1, help="images to generate")
     p.add_argument("--seed", type=int, help="random seed (drawn and printed when absent)")
     p.add_argument("--label", help="class index or name (class-conditional models; drawn when absent)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="0.05..20; 1 (default) is the model's own distribution"
+    )
     p.add_argument("--url", help="use a running server (pixelcnn serve) instead of loading the model here")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): cuda if available"
+    )
     p.add_argument("--out", type=Path, required=True, help="PNG to write: the image itself, or a grid when n > 1")
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="generate images with the cached sampler (or --naive, or --url)")
+    p = add_verb(sub, "sample", "generate images with the cached sampler (or --naive, or --url)")
     p.add_argument("model", help="model folder, or with --url the model name on the server (optional)", nargs="?")
     add_generation_options(p)
     p.add_argument("--naive", action="store_true", help="use the reference sampler (same images, much slower)")
@@ -114,7 +151,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def add_complete(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("complete", help="keep the top rows of an image and sample the rest")
+    p = add_verb(sub, "complete", "keep the top rows of an image and sample the rest")
     p.add_argument("model", help="model folder, or with --url the model name on the server")
     p.add_argument("image", type=Path, help="image file of the model's size")
     p.add_argument("--rows", type=int, help="known rows kept from the top (default: half the height)")
@@ -130,6 +167,7 @@ def add_complete(sub: argparse._SubParsersAction) -> None:
 
 
 def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: int = 0, label_mode: str = "posterior"):
+    import functools
     import secrets
 
     import torch
@@ -142,7 +180,8 @@ def generate_locally(args: argparse.Namespace, n: int, known=None, known_rows: i
     labels = None
     if args.label is not None:
         labels = torch.tensor([model.config.class_index(args.label)] * n)
-    sampler = sample_naive if args.naive else sample_cached
+    # The naive sampler takes minutes (a full forward pass per sub-pixel): it shows a progress bar.
+    sampler = functools.partial(sample_naive, progress=True) if args.naive else sample_cached
     result = sampler(
         model,
         n,
@@ -218,15 +257,18 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.model is None:
         print("error: give a model folder (or --url URL)", file=sys.stderr)
         return 2
+    check_model_folder(args.model)
     return report(args, *generate_locally(args, args.n))
 
 
 def run_complete(args: argparse.Namespace) -> int:
+    check_image_file(args.image)
     if args.url:
         return generate_remotely(args, "complete")
     from app.imaging import decode_image
     from app.model import ModelConfig
 
+    check_model_folder(args.model)
     config = ModelConfig.load(Path(args.model) / "config.json")
     known = decode_image(args.image.read_bytes(), *config.shape)[None]
     rows = config.height // 2 if args.rows is None else args.rows
@@ -288,11 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from app.client import PixelCNNError
-    from app.data import DatasetNotFoundError
 
     try:
         return args.run(args)
-    except (DatasetNotFoundError, FileNotFoundError, ValueError, PixelCNNError) as error:
+    except (FileNotFoundError, ValueError, PixelCNNError) as error:  # a dataset's absence is one too
         print(f"error: {error}", file=sys.stderr)
         return 2
     except httpx.TransportError as error:  # --url: no server there, or the connection broke

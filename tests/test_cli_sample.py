@@ -89,7 +89,7 @@ def test_n_1_writes_exactly_the_image_the_api_returns(server_store, tmp_path):
     [
         (["sample", "{store}/gray", "--label", "3"], "unconditional"),
         (["sample", "{store}/cond", "--label", "cat"], "unknown label 'cat'"),
-        (["sample", "{store}/nope"], "is not a model checkpoint"),
+        (["sample", "{store}/nope"], "/nope' does not exist"),
         (["complete", "{store}/gray", "{store}/gray/config.json"], "could not read the image"),
     ],
 )

@@ -52,11 +52,11 @@ def naive_agreement(model: nn.Module, n: int, seed: int, temperature: float = 1.
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench agreement", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("model_dir", type=Path, help="model folder (config.json + model.safetensors)")
     parser.add_argument("--n", type=int, default=64, help="images per seed")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # how the server runs
     model = load(args.model_dir)

@@ -120,12 +120,12 @@ def scenario(url: str, attackers: list[Attacker], probes: int, interval_s: float
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench hostile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=Path("model_store"), help="model store the server serves")
-    parser.add_argument("--probes", type=int, default=300)
-    parser.add_argument("--interval-ms", type=float, default=10.0)
+    parser.add_argument("--probes", type=int, default=300, help="/health probes per scenario (default 300)")
+    parser.add_argument("--interval-ms", type=float, default=10.0, help="between probes (default 10)")
     parser.add_argument("--slowloris", type=int, default=50, help="slow-loris connections")
     parser.add_argument("--header-mb", type=int, default=80, help="size of the big header")
     parser.add_argument("--server-pythonpath", help="PYTHONPATH of the server (another checkout)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as well as the table")
     args = parser.parse_args(argv)
 
     env = {"PYTHONPATH": args.server_pythonpath} if args.server_pythonpath else None

@@ -188,11 +188,11 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--model-store", type=Path, help="in-process server: the model store")
     parser.add_argument("--model", help="model to use (default: the server's default)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="in-process server: its device")
     parser.add_argument("--n", type=int, default=64, help="images for (a)")
     parser.add_argument("--concurrency", type=int, default=16, help="simultaneous requests for (b)")
     parser.add_argument("--repeats", type=int, default=5, help="times to repeat (a)-(c); medians are reported")
-    parser.add_argument("--api-key")
+    parser.add_argument("--api-key", help="bearer token, for a server started with PIXELCNN_API_KEY")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     try:

@@ -255,15 +255,15 @@ def print_report(r: dict) -> None:
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="a running server, e.g. http://127.0.0.1:8000 (loopback)")
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds before the warm-up RSS reading")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the request mix (default 0)")
     parser.add_argument("--only", help=f"comma-separated scenarios to run (default all: {', '.join(SCENARIOS)})")
     parser.add_argument(
         "--faults", action="store_true", help="the server injects decode faults (PIXELCNN_FAULT_EVERY_STEPS)"
     )
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     scenarios = SCENARIOS
     if args.only:

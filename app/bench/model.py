@@ -139,8 +139,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-batch-size", type=positive, default=256, help="likelihood batch (default 256)")
     parser.add_argument("--steps", type=positive, default=5, help="timed iterations after one warm-up (default 5)")
     parser.add_argument("--threads", type=positive, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
 

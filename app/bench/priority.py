@@ -187,17 +187,19 @@ async def in_process(args: argparse.Namespace) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench priority", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", type=Path, default=Path("model_store"))
-    parser.add_argument("--model", default="fashion-mnist")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--capacity-s", type=float, default=10.0)
-    parser.add_argument("--unloaded", type=int, default=40)
-    parser.add_argument("--overload", type=float, default=2.0)
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--high-every-s", type=float, default=0.5)
-    parser.add_argument("--low-timeout-s", type=float, default=5.0)
+    parser.add_argument("--store", type=Path, default=Path("model_store"), help="model store the server serves")
+    parser.add_argument("--model", default="fashion-mnist", help="model to sample (default fashion-mnist)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests at a time while measuring capacity")
+    parser.add_argument("--capacity-s", type=float, default=10.0, help="seconds of the capacity measurement")
+    parser.add_argument("--unloaded", type=int, default=40, help="high-priority requests timed alone")
+    parser.add_argument("--overload", type=float, default=2.0, help="low-priority arrivals as a multiple of capacity")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of the overload phase")
+    parser.add_argument("--high-every-s", type=float, default=0.5, help="one high-priority request this often")
+    parser.add_argument(
+        "--low-timeout-s", type=float, default=5.0, help="X-Request-Timeout of the low-priority requests"
+    )
     parser.add_argument("--engine", action="store_true", help="the engine in this process, no HTTP")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.engine:
         result = asyncio.run(in_process(args))

@@ -138,10 +138,10 @@ def evaluate_model(
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dirs", type=Path, nargs="+")
-    parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("model_dirs", type=Path, nargs="+", help="model folders to compare")
+    parser.add_argument("--per-class", type=int, default=100, help="samples per class (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     classifier = get_classifier()

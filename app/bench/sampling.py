@@ -155,17 +155,17 @@ async def timed_async(awaitable) -> float:
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench sampling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("model_dir", type=Path, help="model folder (config.json + model.safetensors)")
     parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     parser.add_argument("--naive-rows", type=int, default=2, help="rows of naive sampling to time (then extrapolated)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--lanes", default="1,2", help="comma-separated decode lane counts for the engine part")
     parser.add_argument("--concurrency", type=int, default=16, help="simultaneous n=1 requests in the engine part")
     parser.add_argument("--big", type=int, default=64, help="images of the one big request in the engine part")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the engine part (medians are shown)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

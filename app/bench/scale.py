@@ -201,7 +201,7 @@ def int_list(text: str) -> list[int]:
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"), help="default model_store")
     parser.add_argument("--model", help="model to sample (default: the server's default)")
     available = sorted(os.sched_getaffinity(0))
     parser.add_argument(
@@ -215,7 +215,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=8, help="images per request (default 8)")
     parser.add_argument("--duration", type=float, default=60.0, help="measured seconds per count (default 60)")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the requests (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if min(args.replicas) < 1:

@@ -25,8 +25,9 @@ class ImageDataset:
         return self.images.shape[0]
 
 
-class DatasetNotFoundError(Exception):
-    """Raised when a dataset's files are absent; the message is one line saying what, where and how to get it."""
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised when a dataset's files are absent; the message is one line saying what, where and how to get it.
+    A FileNotFoundError, so that `pixelcnn` reports it without importing this (torch) module on every verb."""
 
 
 def check_split(split: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .config import LEVELS, ModelConfig
 
@@ -52,12 +53,14 @@ def sample_naive(
     known_rows: int = 0,
     label_mode: str = "posterior",
     known_pixels: int | None = None,
+    progress: bool = False,
 ) -> Samples:
     """With `known` (n or 1, C, H, W) and `known_rows` r, rows < r are kept and rows >= r are generated
     conditioned on them (image completion); `known_pixels` p instead keeps the first p pixels in raster
     order (all their channels), which may end mid-row: that row's kept sub-pixels keep their values and
     their uniforms go unused. Without labels, a conditional model draws each completion's class from
-    p(y | kept pixels) (label_mode "posterior") or uniformly ("prior")."""
+    p(y | kept pixels) (label_mode "posterior") or uniformly ("prior"). `progress` draws a bar on stderr
+    (one full forward pass per sub-pixel makes this sampler take minutes)."""
     config: ModelConfig = model.config
     device = next(model.parameters()).device
     if not temperature > 0:
@@ -85,6 +88,7 @@ def sample_naive(
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone()
     on_device_labels = None if labels is None else labels.to(device)
     log_prob = torch.zeros(n, dtype=torch.float64)
+    bar = tqdm(total=h * w - kept_count, desc="naive sampling", unit="pixel", disable=not progress)
     for i in range(kept_count // w, h):
         u = torch.tensor(np.array([stream.random((c, w)) for stream in streams]), dtype=torch.float64)
         for j in range(w):
@@ -95,6 +99,8 @@ def sample_naive(
                 values = inverse_cdf(logits, u[:, colour, j], temperature)
                 canvas[:, colour, i, j] = values.to(device)
                 log_prob += torch.log_softmax(logits, dim=1).gather(1, values[:, None])[:, 0]
+            bar.update()
+    bar.close()
     return Samples(canvas.to(torch.uint8).cpu(), labels, log_prob, class_log_probs)
 
 

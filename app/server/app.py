@@ -7,9 +7,8 @@ background, so /health answers and /ready says 503 "loading models" meanwhile), 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,13 +19,14 @@ from .errors import install_error_handlers
 from .head import HeadAsGetMiddleware
 from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware, ServerMetrics
+from .openapi import served_openapi
 from .registry import (
     EngineFactory,
     ModelRegistry,
     default_engine_factory,
     load_and_start,
 )
-from .routes import demo, generation, health, inference_v2, likelihood, metrics, models, openai_images
+from .routes import demo, generation, health, inference_v2, likelihood, metrics, models, openai_images, redoc
 from .settings import Settings
 
 DESCRIPTION = """Sample, complete and score images with PixelCNN models.
@@ -40,23 +40,6 @@ server's limit passed). Optional headers: X-Priority (0-2 or low/normal/high), X
 the OpenAI Images API under /v1 (`{"error": {"message", "type", "param", "code"}}`), the Open Inference
 Protocol V2 under /v2 (`{"error": "..."}`).
 """
-
-
-def without_security(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """The OpenAPI schema minus the bearer-token requirement: without PIXELCNN_API_KEY no route asks for
-    one, and the schema must say what the server really accepts (clients and fuzzers read it)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    operation.pop("security", None)
-            schema.get("components", {}).pop("securitySchemes", None)
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    return openapi
 
 
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
@@ -84,16 +67,18 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             app.state.registry = ModelRegistry(problems=["shutting down"])
 
     # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the package, not a CDN.
-    app = FastAPIOffline(title="PixelCNN server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPIOffline(
+        title="PixelCNN server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, redoc_url=None
+    )  # /redoc: routes/redoc.py (ReDoc's logo inlined instead of fetched from its CDN)
     app.state.settings = settings
     app.state.registry = ModelRegistry(problems=["starting up"])
     app.state.metrics = ServerMetrics()
     app.state.metrics.watch(lambda: app.state.registry)
 
-    if not settings.tenants():
-        app.openapi = without_security(app)  # type: ignore[method-assign]  # FastAPI's documented override
+    # PIXELCNN_API_KEY(S) unset: no route asks for a key, and the schema says so.
+    app.openapi = served_openapi(app, keep_security=bool(settings.tenants()))  # type: ignore[method-assign]
     install_error_handlers(app)
-    for module in (health, models, generation, likelihood, metrics, demo, openai_images, inference_v2):
+    for module in (health, models, generation, likelihood, metrics, demo, redoc, openai_images, inference_v2):
         app.include_router(module.router)
 
     # Added innermost first: HEAD as GET -> body limit -> API key -> CORS (so browsers can read 401s and

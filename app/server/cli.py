@@ -19,7 +19,9 @@ if TYPE_CHECKING:  # uvicorn and the app are imported when `pixelcnn serve` runs
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve the models of a model store over HTTP (see /docs once running)")
+    from app.cli import add_verb
+
+    p = add_verb(sub, "serve", "serve the models of a model store over HTTP (see /docs once running)")
     p.add_argument(
         "--model-store", type=Path, help="folder of model folders (env PIXELCNN_MODEL_STORE, default model_store)"
     )
@@ -43,7 +45,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shutdown-timeout-s", type=float, help="on SIGTERM, time running requests get to finish (default 30)"
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="default info"
+    )
     p.set_defaults(run=run_serve)
 
 

@@ -179,8 +179,19 @@ def error_response(error: ApiError, path: str = "") -> JSONResponse:
     return JSONResponse(body or error.body(), status_code=error.status, headers=error.headers)
 
 
-def from_validation_errors(errors: list[dict[str, Any]]) -> InvalidRequest:
-    """Pydantic's error list -> one readable message naming the field(s) and what was expected."""
+def not_json_message(content_type: str) -> str:
+    """A body that was not sent as JSON (typically `curl -d` without a header, which sends a form)."""
+    got = f"this request's Content-Type is {content_type!r}" if content_type else "this request has no Content-Type"
+    return (
+        f"the request body must be a JSON object sent with Content-Type: application/json ({got}; "
+        "curl -d sends a form unless given -H 'Content-Type: application/json')"
+    )
+
+
+def from_validation_errors(errors: list[dict[str, Any]], content_type: str | None = None) -> InvalidRequest:
+    """Pydantic's error list -> one readable message naming the field(s) and what was expected.
+    `content_type`: the request's media type ("" without the header; None: a body already read as JSON),
+    named when a JSON object was expected and the body was not sent as JSON."""
     parts, first_field = [], None
     for error in errors:
         loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "form")]
@@ -189,7 +200,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> InvalidRequest:
         if error.get("type") == "json_invalid":
             message, field = "the request body is not valid JSON", None  # loc is a character position
         elif error.get("type") in ("model_type", "model_attributes_type", "dict_type") and not field:
-            message = "the request body must be a JSON object"
+            json_sent = content_type is None or content_type == "application/json" or content_type.endswith("+json")
+            message = "the request body must be a JSON object" if json_sent else not_json_message(content_type or "")
         elif error.get("type") == "extra_forbidden":
             message = "unknown field"
         elif error.get("type") == "value_error":
@@ -236,7 +248,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return await api_error(request, from_validation_errors([dict(e) for e in error.errors()]))
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        return await api_error(request, from_validation_errors([dict(e) for e in error.errors()], content_type))
 
     @app.exception_handler(DeadlineExceededError)
     @app.exception_handler(QueueFullError)

@@ -21,7 +21,7 @@ from app.engine import GenerationRequest
 from app.engine.scoring import SCORE_CHUNK_IMAGES, scoring_passes
 from app.imaging import ImageDecodeError, decode_image
 
-from .errors import InvalidRequest, UnsupportedMediaType, from_pydantic
+from .errors import InvalidRequest, UnsupportedMediaType, from_pydantic, not_json_message
 from .registry import ServedModel
 from .schemas import GenerationFields
 from .settings import Settings
@@ -39,6 +39,8 @@ async def read_upload(request: Request, settings: Settings, fields_model: type[F
     """A JSON body (images as base64 strings under "image"/"images") or a multipart form (image files
     under "image", repeatable) -> (validated fields, image file bytes in order)."""
     kind = media_type(request)
+    if kind == "application/x-www-form-urlencoded" and (await request.body()).lstrip().startswith(b"{"):
+        raise InvalidRequest(not_json_message(kind))  # JSON text sent as a form (curl -d without a header)
     if kind in FORM_TYPES:
         return await _read_form(request, settings, fields_model)
     if kind in ("", "application/json") or kind.endswith("+json"):

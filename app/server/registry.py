@@ -23,6 +23,7 @@ from app.model import ModelConfig, PixelCNNModel, pick_device
 from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 from .errors import NotFound, NotReady
+from .model_store import missing_store_hint
 from .settings import DEFAULT_MODEL, Settings
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ def load_models(settings: Settings) -> tuple[list[LoadedModel], str | None, list
     default = default_model_name(settings, names)
     if not names:
         why = "does not exist" if not store.is_dir() else f"has no model folder (with {CONFIG_FILE} and {WEIGHTS_FILE})"
-        return [], default, [f"the model store {str(store)!r} {why}"]
+        return [], default, [f"the model store {str(store)!r} {why}: {missing_store_hint(store)}"]
     problems = []
     if default not in names:
         problems.append(
@@ -274,3 +275,12 @@ async def load_and_start(registry: ModelRegistry, settings: Settings, factory: E
     for problem in registry.problems:
         log.warning("%s", problem)
     log.info("serving %s (default %s)", ", ".join(sorted(registry.models)) or "no model", registry.default)
+    if registry.models:
+        url = browser_url(settings.host, settings.port)
+        log.info("ready: the web demo is at %s and the API docs at %sdocs", url, url)
+
+
+def browser_url(host: str, port: int) -> str:
+    """The address a person on this machine opens: a wildcard bind (0.0.0.0, ::) is reached via loopback."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"

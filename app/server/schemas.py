@@ -249,9 +249,17 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "invalid input"},
-    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
-    404: {"model": ErrorResponse, "description": "unknown model"},
-    413: {"model": ErrorResponse, "description": "body over max_upload_bytes"},
-    503: {"model": ErrorResponse, "description": "queue full (Retry-After) or not ready"},
+    400: {"model": ErrorResponse, "description": "invalid_request: invalid input (never 422)"},
+    401: {"model": ErrorResponse, "description": "unauthorized: missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "not_found: unknown model"},
+    413: {"model": ErrorResponse, "description": "payload_too_large: body over max_upload_bytes"},
+    500: {"model": ErrorResponse, "description": "engine_error: the model failed on this request"},
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded: queue full (Retry-After), not_ready, or timeout (past request_timeout_s)",
+    },
+}
+# /complete and /likelihood take multipart or JSON; anything else is refused.
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    415: {"model": ErrorResponse, "description": "unsupported_media_type: neither multipart/form-data nor JSON"}
 }

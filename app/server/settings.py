@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .connections import ConnectionLimits
+from .model_store import default_model_store
 from .tenants import Tenant, parse_tenants
 
 DEFAULT_MODEL = "fashion-mnist"
@@ -23,7 +24,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIXELCNN_", extra="ignore", protected_namespaces=())
 
     model_store: Path = Field(
-        Path("model_store"), description="folder of model folders (config.json + model.safetensors)"
+        default_factory=default_model_store,
+        description="folder of model folders (config.json + model.safetensors); unset: ./model_store if it "
+        "exists, else the one shipped beside the package",
     )
     model: str | None = Field(
         None, description=f"default model; unset: {DEFAULT_MODEL!r} if in the store, else the first alphabetically"

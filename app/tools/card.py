@@ -89,10 +89,10 @@ def curve(history: list[dict], path: Path, width: int = 640, height: int = 360) 
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn card", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("model_dir", type=Path, help="model folder; the pictures are written into it")
     parser.add_argument("--per-class", type=int, default=10, help="samples per class in the grid")
     parser.add_argument("--completions", type=int, default=6, help="test images to complete")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     args = parser.parse_args(argv)
     model = load(args.model_dir)
     metrics = json.loads((args.model_dir / "metrics.json").read_text())

@@ -22,6 +22,7 @@ from ..outputs import SSE_HEADERS, choose_format, generation_headers, generation
 from ..registry import ServedModel
 from ..schemas import (
     ERROR_RESPONSES,
+    UPLOAD_RESPONSES,
     CompleteFields,
     CompleteRequest,
     GenerationFields,
@@ -58,7 +59,7 @@ async def sample(
 @router.post(
     "/complete",
     summary="complete the lower rows of an image",
-    responses=GENERATION_RESPONSES,
+    responses={**GENERATION_RESPONSES, **UPLOAD_RESPONSES},
     openapi_extra=upload_body(CompleteFields, CompleteRequest, repeated=False),
 )
 async def complete(request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep) -> Response:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from ..deps import RegistryDep
 from ..errors import error_body
+from ..schemas import ErrorDetail
 
 router = APIRouter(tags=["health"])
+
+
+class NotReady(BaseModel):
+    """/ready's 503 body: the reason, what is loaded, the load problems, and the usual error object."""
+
+    status: str
+    reason: str
+    models: list[str]
+    problems: list[str]
+    error: ErrorDetail
 
 
 @router.get("/health", summary="the process is up (always 200)")
@@ -19,7 +31,7 @@ async def health() -> dict:
 @router.get(
     "/ready",
     summary="models are loaded and their engines run",
-    responses={503: {"description": "not ready; `reason` says why"}},
+    responses={503: {"model": NotReady, "description": "not ready; `reason` says why"}},
 )
 async def ready(registry: RegistryDep) -> JSONResponse:
     reason = registry.not_ready_reason

@@ -11,6 +11,7 @@ from ..jobs import score
 from ..outputs import likelihood_body
 from ..schemas import (
     ERROR_RESPONSES,
+    UPLOAD_RESPONSES,
     LikelihoodFields,
     LikelihoodRequest,
     LikelihoodResponse,
@@ -24,7 +25,7 @@ router = APIRouter(tags=["likelihood"], dependencies=[Depends(require_api_key)],
 @router.post(
     "/likelihood",
     summary="negative log-likelihood of images",
-    responses={200: {"model": LikelihoodResponse}},
+    responses={200: {"model": LikelihoodResponse}, **UPLOAD_RESPONSES},
     openapi_extra=upload_body(LikelihoodFields, LikelihoodRequest, repeated=True),
 )
 async def likelihood(

@@ -7,11 +7,13 @@
 
 const LN2 = Math.log(2);
 const HEAT_MAX_BITS = 8; // the top of the heat map's scale: a blind guess among 256 levels
+const SLOW_ROW_MS = 120; // slow motion: each row is held this long, so a 28-row image takes about 3 s
 
 const state = {
   models: [],
   model: null, // the /models entry in use
   examples: [], // examples.json entries, each with its decoded pixels
+  limits: null, // GET /limits: the per-request image limit and the temperature range
 };
 
 // --- small helpers -------------------------------------------------------------------------------------
@@ -236,6 +238,8 @@ async function loadModels() {
   const select = document.getElementById("model");
   try {
     state.models = await (await call("/models")).json();
+    state.limits = await (await call("/limits")).json();
+    applyLimits();
   } catch (error) {
     document.getElementById("model-info").textContent = "No model";
     showError(document.getElementById("page-error"), `Could not load the models: ${error.message}`);
@@ -253,6 +257,55 @@ async function loadModels() {
   select.addEventListener("change", () => selectModel(select.value));
   selectModel(select.value);
 }
+
+// The fields' bounds are the server's (GET /limits), so the page and the server refuse the same values.
+function applyLimits() {
+  const { max_images_per_request: maxImages, temperature } = state.limits;
+  for (const input of document.querySelectorAll("input[name=n]")) input.max = String(maxImages);
+  for (const input of document.querySelectorAll("input[name=temperature]")) {
+    input.min = String(temperature.min);
+    input.max = String(temperature.max);
+  }
+}
+
+// A float as Python prints it (20 -> "20.0"), so that the page's messages read as the server's.
+function pythonFloat(value) {
+  return Number.isInteger(value) ? value.toFixed(1) : String(value);
+}
+
+// The first field the server would refuse, in the server's words (see app/server/schemas.py and inputs.py),
+// or null: the request is not sent for a value that cannot succeed, and no typed junk becomes a default.
+function refusal(form) {
+  const { max_images_per_request: maxImages, temperature } = state.limits;
+  for (const input of form.querySelectorAll("input[type=number]")) {
+    if (input.validity.badInput) {
+      return `${input.name}: must be ${input.name === "temperature" ? "a number" : "an integer"}`;
+    }
+  }
+  const n = form.elements.n.value.trim();
+  if (n !== "" && Number.isInteger(Number(n)) && (Number(n) < 1 || Number(n) > maxImages)) {
+    return `n must be between 1 and ${maxImages} (the per-request image limit), got ${n}`;
+  }
+  const t = form.elements.temperature.value.trim();
+  if (t !== "" && (Number(t) < temperature.min || Number(t) > temperature.max)) {
+    return `temperature: must be between ${temperature.min} and ${pythonFloat(temperature.max)}, got ${t}`;
+  }
+  return null;
+}
+
+// The same request as a shell command, for the terminal (a completion sends the picture as top.png).
+function curlCommand(path, body) {
+  const origin = window.location.origin;
+  if (body instanceof FormData) {
+    const parts = [...body].filter(([key]) => key !== "stream")
+      .map(([key, value]) => (key === "image" ? "-F image=@top.png" : `-F ${key}='${value}'`));
+    return `curl -s ${parts.join(" ")} ${origin}${path}`;
+  }
+  const { stream, ...fields } = JSON.parse(body);
+  return `curl -s ${origin}${path} -H 'Content-Type: application/json' -d '${JSON.stringify(fields)}'`;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // --- tabs ----------------------------------------------------------------------------------------------
 
@@ -373,6 +426,13 @@ class GenerationView {
   // POST the request, draw its rows as they arrive, then report the `done` body (or the error).
   async run({ path, body, headers, firstRow, count, prefill }) {
     clearError(this.section);
+    const refused = refusal(this.form);
+    if (refused !== null) {
+      this.fail(refused);
+      return;
+    }
+    this.curl = curlCommand(path, body);
+    const slow = this.form.querySelector("[data-slow]")?.checked;
     this.setRunning(true);
     const { height } = modelShape();
     const rowsToDraw = height - firstRow;
@@ -400,6 +460,7 @@ class GenerationView {
       for await (const { event, data } of serverSentEvents(response)) {
         if (event === "row") {
           if (firstRowAt === null) firstRowAt = (performance.now() - started) / 1000;
+          if (slow) await sleep(SLOW_ROW_MS); // the stream waits in the socket meanwhile
           data.pixels.forEach((channels, i) => drawRow(this.cards[i].canvas, data.row, channels));
           rows += 1;
           this.moveCursors(data.row);
@@ -417,8 +478,7 @@ class GenerationView {
         this.showStats([...progress(), ["Stopped", `after ${rows} of ${rowsToDraw} rows`]]);
         this.section.dataset.outcome = "stopped";
       } else {
-        showError(this.section, error.message);
-        this.section.dataset.outcome = "error";
+        this.fail(error.message);
       }
     } finally {
       if (this.cards) this.moveCursors(null);
@@ -427,12 +487,24 @@ class GenerationView {
     }
   }
 
+  // A failure leaves nothing that looks like a result or a request still running: no images, no "…".
+  fail(message) {
+    showError(this.section, message);
+    this.gallery.replaceChildren(element("p", { class: "empty", text: "No images: the request failed (the reason is above)." }));
+    this.cards = null;
+    this.showStats([["Result", "failed"]]);
+    this.section.dataset.outcome = "error";
+  }
+
   finish(result, total, firstRowAt, rows) {
     result.images.forEach((image, i) => {
       const { caption } = this.cards[i];
       caption.querySelector(".caption-title").textContent = image.label_name ?? `image ${i + 1}`;
       caption.querySelector(".caption-value").textContent = `${result.bits_per_dim[i].toFixed(2)} bits/dim`;
       caption.querySelector(".caption-belief")?.remove();
+      const name = `${result.model}-seed${result.seed}-${i + 1}.png`;
+      caption.append(element("a", { class: "download", href: `data:image/png;base64,${image.png}`, download: name,
+        text: "download", "aria-label": `download image ${i + 1} as ${name}` }));
       if (image.class_probabilities) {
         // A completion without a class: the server drew it from p(class | kept rows); say what it saw.
         const [name, p] = Object.entries(image.class_probabilities).sort((a, b) => b[1] - a[1])[0];
@@ -444,8 +516,19 @@ class GenerationView {
       this.form.elements.seed.value = String(result.seed);
       this.form.requestSubmit();
     });
+    const curl = element("button", { type: "button", class: "link", text: "copy as curl", "data-curl": this.curl,
+      title: this.curl });
+    curl.addEventListener("click", async () => {
+      try {
+        await navigator.clipboard.writeText(this.curl);
+        curl.textContent = "copied";
+      } catch {
+        window.prompt("The request as a curl command:", this.curl); // no clipboard (plain http, say)
+      }
+    });
     this.showStats([
       ["Seed", String(result.seed), replay],
+      ["Request", curl],
       ["First row", formatSeconds(firstRowAt ?? total)],
       ["Speed", `${(rows / total).toFixed(1)} rows/s`],
       ["Total", formatSeconds(total)],
@@ -628,6 +711,7 @@ function setUpComplete() {
           + `takes ${width}x${height} images (nothing is resized: a stretched image is not the same image)`);
       }
       editor.load(gray);
+      document.getElementById("complete-example").value = ""; // the picture is no longer that test image
     } catch (error) {
       showError(section, error instanceof ApiError ? error.message : `${file.name}: not an image this browser can read`);
     }
