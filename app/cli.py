@@ -287,9 +287,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
         "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
-        "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx)",
+        "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx), "
+        "golden (seeded outputs of a real server vs tests/golden; --write regenerates them)",
     )
-    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale"])
+    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale", "golden"])
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(run=run_bench)
 
@@ -311,6 +312,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "quality": "app.bench.quality",
         "load": "app.bench.load",
         "scale": "app.bench.scale",
+        "golden": "app.bench.golden",
     }[args.what]
     return importlib.import_module(module).run(args.options)
 

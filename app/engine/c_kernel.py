@@ -37,7 +37,16 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "row_kernels.c"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared"]
+
+
+def flags() -> list[str]:
+    """FLAGS and the target CPU: -march=native, or $PIXELCNN_KERNEL_MARCH (e.g. x86-64-v3: no AVX-512)
+    for a kernel that must run on older CPUs than the build machine's, or to check that the vector width
+    changes no number."""
+    march = os.environ.get("PIXELCNN_KERNEL_MARCH", "").strip() or "native"
+    return [f"-march={march}", *FLAGS]
+
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -124,7 +133,7 @@ def _compiler() -> str | None:
 def build(compiler: str) -> Path:
     """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode())
+    key = hashlib.sha256(source + " ".join(flags()).encode() + compiler.encode() + _cpu_signature().encode())
     name = f"row_kernels-{key.hexdigest()[:16]}.so"
     for folder in (cache_folder(), Path(tempfile.gettempdir()) / "pixelcnn-kernels"):
         library = folder / name
@@ -137,7 +146,7 @@ def build(compiler: str) -> Path:
         # Build under a private name, then rename: processes starting together never load a half file.
         partial = folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *flags(), str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
