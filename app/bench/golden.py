@@ -121,6 +121,7 @@ def send(client: httpx.Client, case: Case) -> list[dict[str, Any]]:
             "label": image.get("label"),
             "pixels_sha256": fingerprint(png_pixels(base64.b64decode(image["png"]))),
             "log_prob": float(image["log_prob"]).hex(),
+            "numerics": response.headers.get("x-numerics"),
         }
         for index, image in enumerate(response.json()["images"])
     ]
@@ -157,7 +158,7 @@ def differences(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) ->
         if have is None:
             out.append((key, "missing"))
             continue
-        fields = [f for f in ("label", "pixels_sha256", "log_prob") if f in want and have[f] != want[f]]
+        fields = [f for f in ("label", "pixels_sha256", "log_prob", "numerics") if f in want and have[f] != want[f]]
         if fields:
             out.append((key, "; ".join(f"{f} {have[f]} != expected {want[f]}" for f in fields)))
     return out
@@ -195,15 +196,19 @@ def run_all(store: Path, lanes: list[int], env: dict[str, str] | None = None) ->
     return first, disagreements
 
 
-def document(records: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+def document(records: list[dict[str, Any]]) -> str:
+    """The golden file's text: what it is, where it was written, then one image per line (readable diffs)."""
+    header = {
         "generated_by": COMMAND,
-        "about": "SHA-256 of each image's uint8 pixels (C x H x W as its PNG decodes) and its log_prob as "
-        "float.hex(), for fixed seeded requests to `pixelcnn serve` of model_store/ on the CPU; identical "
-        "from 1 and 2 lanes and at any batch. Regenerate only when seeded outputs change on purpose.",
-        "machine": {"cpu": cpu_name(), "arch": platform.machine()},
-        "cases": records,
+        "about": "SHA-256 of each image's uint8 pixels (as its PNG decodes: H x W, or H x W x C) and its log_prob "
+        "as float.hex(), for fixed seeded requests to `pixelcnn serve` of model_store/ on the CPU; the same from "
+        "1 and 2 lanes, at any batch, on any x86-64 CPU (numerics 'portable'). Regenerate only when seeded "
+        "outputs change on purpose, in the commit that changes them, and say why.",
+        "written_on": {"cpu": cpu_name(), "arch": platform.machine()},
     }
+    lines = [json.dumps(record, sort_keys=True) for record in records]
+    head = json.dumps(header, indent=1)[:-2]  # without the closing brace
+    return head + ',\n "cases": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n"
 
 
 def cpu_name() -> str:
@@ -247,7 +252,7 @@ def run(argv: list[str]) -> int:
         return 1
     if args.write:
         args.file.parent.mkdir(parents=True, exist_ok=True)
-        args.file.write_text(json.dumps(document(records), indent=1) + "\n")
+        args.file.write_text(document(records))
         print(f"wrote {args.file}: {len(records)} images")
         return 0
     ok = True

@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
-            expose_headers=["X-Seed", "X-Labels", "X-Model", "X-Request-ID", "Retry-After"],
+            expose_headers=["X-Seed", "X-Labels", "X-Model", "X-Numerics", "X-Request-ID", "Retry-After"],
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -2,9 +2,12 @@
  * PixelCNNRowDecoder (row_decoders.py) do with a few dozen torch ops per sub-pixel, here as loops over
  * each image's own numbers.
  *
- * Built by app/engine/native.py at first use with -ffp-contract=off and without -ffast-math, so every
+ * Built by app/engine/c_kernel.py at first use with -ffp-contract=off and without -ffast-math, so every
  * sum is computed in the written order with IEEE rounding: an image's numbers never depend on the other
- * images of the batch (batch invariance by construction; no padding is needed for it).
+ * images of the batch (batch invariance by construction; no padding is needed for it), nor on the CPU:
+ * only IEEE adds, multiplies and divides, whose results the standard fixes, and exp and log written out
+ * here rather than taken from libm, whose implementation may be chosen per CPU (c_kernel.NUMERICS_VERSION
+ * counts the changes to these numbers).
  *
  * Images are processed in blocks of up to BLOCK (see affine_block): the matrix-vector products of a
  * block's images share each weight row while it is in cache, and every image's sums still run in the
@@ -19,7 +22,6 @@
  * uniforms (B, C, W) float64, temperature (B) float64 -> row (B, C, W) int64, log_prob (B) float64 (+=).
  * The masked-conv PixelCNN's layouts are described at PixelCNNWeights below.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -196,6 +198,36 @@ static inline double exp_nonpositive(double x) {
     return x < -708.0 ? 0.0 : p * scale.f;
 }
 
+/* log(x) for finite x > 0 (the total of a softmax's terms, in [1, 256]) in plain IEEE double arithmetic:
+ * fdlibm's e_log.c (Sun Microsystems, 1993; error below 1 ulp) for normal numbers, so that the result is the
+ * same bits on every machine. libm's log is chosen per CPU at load time (glibc 2.36 has an FMA variant and
+ * a plain one, which disagree in about 1 in 10^5 arguments), so a log_prob would depend on the CPU. */
+static double log_positive(double x) {
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    const double lg1 = 6.666666666666735130e-01, lg2 = 3.999999999940941908e-01, lg3 = 2.857142874366239149e-01,
+                 lg4 = 2.222219843214978396e-01, lg5 = 1.818357216161805012e-01, lg6 = 1.531383769920937332e-01,
+                 lg7 = 1.479819860511658591e-01;
+    union { double f; uint64_t i; } bits = {.f = x};
+    int32_t hx = (int32_t)(bits.i >> 32);
+    int k = (hx >> 20) - 1023;
+    hx &= 0x000fffff;
+    const int32_t i = (hx + 0x95f64) & 0x100000;  /* the mantissa above sqrt(2): halve it, k + 1 */
+    bits.i = ((uint64_t)(uint32_t)(hx | (i ^ 0x3ff00000)) << 32) | (bits.i & 0xffffffffu);
+    k += i >> 20;
+    const double f = bits.f - 1.0, dk = (double)k;
+    const double s = f / (2.0 + f), z = s * s, w = z * z;
+    const double t1 = w * (lg2 + w * (lg4 + w * lg6)), t2 = z * (lg1 + w * (lg3 + w * (lg5 + w * lg7)));
+    const double r = t2 + t1;
+    const int32_t near_one = (hx - 0x6147a) | (0x6b851 - hx);
+    if (near_one > 0) {
+        const double hfsq = 0.5 * f * f;
+        if (k == 0) return f - (hfsq - s * (hfsq + r));
+        return dk * ln2_hi - ((hfsq - (s * (hfsq + r) + dk * ln2_lo)) - f);
+    }
+    if (k == 0) return f - s * (f - r);
+    return dk * ln2_hi - ((s * (f - r) - dk * ln2_lo) - f);
+}
+
 /* The largest of LEVELS values, over 8 running maxima (vectorises; a maximum is exact in any order). */
 static inline double maximum(const double *restrict values) {
     double lanes[8];
@@ -227,7 +259,7 @@ static int draw(const float *restrict logits, double u, double temperature, doub
         for (int v = 0; v < LEVELS; v++) scaled[v] = exp_nonpositive(wide[v] - max);
         for (int v = 0; v < LEVELS; v++) total += scaled[v];
     }
-    *log_prob = (wide[value] - max) - log(total);
+    *log_prob = (wide[value] - max) - log_positive(total);
     return value;
 }
 
@@ -480,101 +512,157 @@ static inline void relu(float *values, int count) {
     for (int o = 0; o < count; o++) values[o] = values[o] > 0.0f ? values[o] : 0.0f;
 }
 
-int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
-                        float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
-                        double *log_prob) {
-    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
-    const int in_rows = (in_half + 1) * (2 * in_half + 1) * c;
-    int largest = in_rows;
+/* Each image's working vectors in a block of the masked-conv loop (slot b holds image first + b). */
+typedef struct {
+    float *scratch, *patch[BLOCK], *h[BLOCK], *act[BLOCK], *branch[BLOCK], *expanded[BLOCK], *hidden[BLOCK],
+        *logits[BLOCK];
+    double *cdf;
+} PixelCNNScratch;
+
+static int pixelcnn_scratch(const PixelCNNWeights *w, PixelCNNScratch *s) {
+    const int n = w->channels, half_n = n / 2, c = w->image_channels, in_half = w->in_half;
+    int largest = (in_half + 1) * (2 * in_half + 1) * c;
     for (int k = 0; k < w->blocks; k++) {
         const int size = (w->half[k] + 1) * (2 * w->half[k] + 1) * half_n;
         largest = size > largest ? size : largest;
     }
     const size_t per_image = (size_t)(largest + 4 * n + w->head + LEVELS);
-    float *scratch = malloc(sizeof(float) * per_image * BLOCK);
-    double *cdf = malloc(sizeof(double) * LEVELS);
-    if (scratch == NULL || cdf == NULL) {
-        free(scratch);
-        free(cdf);
+    s->scratch = malloc(sizeof(float) * per_image * BLOCK);
+    s->cdf = malloc(sizeof(double) * LEVELS);
+    if (s->scratch == NULL || s->cdf == NULL) {
+        free(s->scratch);
+        free(s->cdf);
         return 1;
     }
-    /* Each image's working vectors in a block (slot b holds image first + b). */
-    float *patch[BLOCK], *h[BLOCK], *act[BLOCK], *branch[BLOCK], *expanded[BLOCK], *hidden[BLOCK], *logits[BLOCK];
     for (int b = 0; b < BLOCK; b++) {
-        patch[b] = scratch + b * per_image;
-        h[b] = patch[b] + largest;
-        act[b] = h[b] + n;
-        branch[b] = act[b] + n;
-        expanded[b] = branch[b] + n;
-        hidden[b] = expanded[b] + n;
-        logits[b] = hidden[b] + w->head;
+        s->patch[b] = s->scratch + b * per_image;
+        s->h[b] = s->patch[b] + largest;
+        s->act[b] = s->h[b] + n;
+        s->branch[b] = s->act[b] + n;
+        s->expanded[b] = s->branch[b] + n;
+        s->hidden[b] = s->expanded[b] + n;
+        s->logits[b] = s->hidden[b] + w->head;
     }
+    return 0;
+}
+
+static void pixelcnn_free(PixelCNNScratch *s) {
+    free(s->scratch);
+    free(s->cdf);
+}
+
+/* Every layer below the head at column j of the current row for images first .. first + count - 1:
+ * the features into s->h, and each block's reduced input at (row, j) into its window. The products run
+ * for the whole block (affine_block), the rest image by image. */
+static void pixelcnn_layers(const PixelCNNWeights *w, int first, int count, int j, float *const *image_inputs,
+                            const float *input_bias, float *const *windows, const PixelCNNScratch *s) {
+    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
+    const int in_rows = (in_half + 1) * (2 * in_half + 1) * c;
     const float *x[BLOCK], *bias[BLOCK];
-    float *image_inputs[BLOCK], *window[BLOCK], *centre[BLOCK];
+    float *window[BLOCK], *centre[BLOCK];
+    for (int b = 0; b < count; b++) {
+        gather_window(s->patch[b], image_inputs[b], in_half + 1, in_half, width, c, j);
+        x[b] = s->patch[b];
+        bias[b] = input_bias + (size_t)(first + b) * n;
+    }
+    affine_block(s->h, bias, x, w->in_weight, in_rows, n, count);
+    for (int k = 0; k < w->blocks; k++) {
+        const int half = w->half[k];
+        for (int b = 0; b < count; b++) {
+            window[b] = windows[k] + (size_t)(first + b) * (half + 1) * (width + 2 * half) * half_n;
+            centre[b] = window[b] + ((size_t)half * (width + 2 * half) + j + half) * half_n;
+            memcpy(s->act[b], s->h[b], sizeof(float) * n);
+            relu(s->act[b], n);
+            x[b] = s->act[b];
+        }
+        same_for_block(bias, w->reduce_bias[k], count);
+        affine_block(centre, bias, x, w->reduce_weight[k], n, half_n, count);
+        for (int b = 0; b < count; b++) {
+            relu(centre[b], half_n);
+            gather_window(s->patch[b], window[b], half + 1, half, width, half_n, j);
+            x[b] = s->patch[b];
+        }
+        same_for_block(bias, w->conv_bias[k], count);
+        affine_block(s->branch, bias, x, w->conv_weight[k], (half + 1) * (2 * half + 1) * half_n, half_n, count);
+        for (int b = 0; b < count; b++) {
+            relu(s->branch[b], half_n);
+            x[b] = s->branch[b];
+        }
+        same_for_block(bias, w->expand_bias[k], count);
+        affine_block(s->expanded, bias, x, w->expand_weight[k], half_n, n, count);
+        for (int b = 0; b < count; b++)
+            for (int o = 0; o < n; o++) s->h[b][o] += s->expanded[b][o];
+    }
+}
+
+/* Sub-pixel (j, colour) of an image is `value` from now on: the input window's current row, scaled like
+ * scale_pixels. */
+static inline void pixelcnn_write(const PixelCNNWeights *w, float *image_inputs, int j, int colour, int64_t value) {
+    const int in_half = w->in_half;
+    image_inputs[((size_t)in_half * (w->width + 2 * in_half) + j + in_half) * w->image_channels + colour] =
+        (float)value / 127.5f - 1.0f;
+}
+
+int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
+                        float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
+                        double *log_prob) {
+    const int c = w->image_channels, width = w->width, in_half = w->in_half;
+    PixelCNNScratch s;
+    if (pixelcnn_scratch(w, &s) != 0) return 1;
+    const float *x[BLOCK], *bias[BLOCK];
+    float *image_inputs[BLOCK];
     const size_t input_size = (size_t)(in_half + 1) * (width + 2 * in_half) * c;
     for (int first = 0; first < batch; first += BLOCK) {
         const int count = batch - first < BLOCK ? batch - first : BLOCK;
         for (int b = 0; b < count; b++) image_inputs[b] = inputs + (first + b) * input_size;
         for (int j = 0; j < width; j++) {
             for (int colour = 0; colour < c; colour++) {
-                /* The products run for the whole block (affine_block), the rest image by image. */
+                pixelcnn_layers(w, first, count, j, image_inputs, input_bias, windows, &s);
                 for (int b = 0; b < count; b++) {
-                    gather_window(patch[b], image_inputs[b], in_half + 1, in_half, width, c, j);
-                    x[b] = patch[b];
-                    bias[b] = input_bias + (size_t)(first + b) * n;
-                }
-                affine_block(h, bias, x, w->in_weight, in_rows, n, count);
-                for (int k = 0; k < w->blocks; k++) {
-                    const int half = w->half[k];
-                    for (int b = 0; b < count; b++) {
-                        window[b] = windows[k] + (size_t)(first + b) * (half + 1) * (width + 2 * half) * half_n;
-                        centre[b] = window[b] + ((size_t)half * (width + 2 * half) + j + half) * half_n;
-                        memcpy(act[b], h[b], sizeof(float) * n);
-                        relu(act[b], n);
-                        x[b] = act[b];
-                    }
-                    same_for_block(bias, w->reduce_bias[k], count);
-                    affine_block(centre, bias, x, w->reduce_weight[k], n, half_n, count);
-                    for (int b = 0; b < count; b++) {
-                        relu(centre[b], half_n);
-                        gather_window(patch[b], window[b], half + 1, half, width, half_n, j);
-                        x[b] = patch[b];
-                    }
-                    same_for_block(bias, w->conv_bias[k], count);
-                    affine_block(branch, bias, x, w->conv_weight[k], (half + 1) * (2 * half + 1) * half_n, half_n,
-                                 count);
-                    for (int b = 0; b < count; b++) {
-                        relu(branch[b], half_n);
-                        x[b] = branch[b];
-                    }
-                    same_for_block(bias, w->expand_bias[k], count);
-                    affine_block(expanded, bias, x, w->expand_weight[k], half_n, n, count);
-                    for (int b = 0; b < count; b++)
-                        for (int o = 0; o < n; o++) h[b][o] += expanded[b][o];
-                }
-                for (int b = 0; b < count; b++) {
-                    relu(h[b], n);
-                    x[b] = h[b];
+                    relu(s.h[b], w->channels);
+                    x[b] = s.h[b];
                 }
                 same_for_block(bias, w->hidden_b, count);
-                affine_block(hidden, bias, x, w->hidden_w, n, w->head, count);
+                affine_block(s.hidden, bias, x, w->hidden_w, w->channels, w->head, count);
                 for (int b = 0; b < count; b++) {
-                    relu(hidden[b], w->head);
-                    x[b] = hidden[b];
+                    relu(s.hidden[b], w->head);
+                    x[b] = s.hidden[b];
                 }
                 same_for_block(bias, w->logits_b[colour], count);
-                affine_block(logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
+                affine_block(s.logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
                 for (int b = 0; b < count; b++) {
                     const size_t at = ((size_t)(first + b) * c + colour) * width + j;
-                    const int value = draw_into(logits[b], uniforms[at], temperature[first + b], row + at,
-                                                log_prob + first + b, cdf);
-                    image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
-                        (float)value / 127.5f - 1.0f;
+                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b], row + at,
+                                                log_prob + first + b, s.cdf);
+                    pixelcnn_write(w, image_inputs[b], j, colour, value);
                 }
             }
         }
     }
-    free(scratch);
-    free(cdf);
+    pixelcnn_free(&s);
+    return 0;
+}
+
+/* A known row (B, C, W) int64 through the same layers as pixelcnn_decode_row, sub-pixel by sub-pixel in
+ * the same order, each taking its known value instead of a drawn one (no head, no draw): the prefill of
+ * a completion's kept rows, so that its caches hold the very numbers decoding those rows would leave. */
+int pixelcnn_prefill_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
+                         float *const *windows, const int64_t *row) {
+    const int c = w->image_channels, width = w->width, in_half = w->in_half;
+    PixelCNNScratch s;
+    if (pixelcnn_scratch(w, &s) != 0) return 1;
+    float *image_inputs[BLOCK];
+    const size_t input_size = (size_t)(in_half + 1) * (width + 2 * in_half) * c;
+    for (int first = 0; first < batch; first += BLOCK) {
+        const int count = batch - first < BLOCK ? batch - first : BLOCK;
+        for (int b = 0; b < count; b++) image_inputs[b] = inputs + (first + b) * input_size;
+        for (int j = 0; j < width; j++)
+            for (int colour = 0; colour < c; colour++) {
+                pixelcnn_layers(w, first, count, j, image_inputs, input_bias, windows, &s);
+                for (int b = 0; b < count; b++)
+                    pixelcnn_write(w, image_inputs[b], j, colour, row[((size_t)(first + b) * c + colour) * width + j]);
+            }
+    }
+    pixelcnn_free(&s);
     return 0;
 }
