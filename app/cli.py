@@ -282,39 +282,42 @@ def run_complete(args: argparse.Namespace) -> int:
     return report(args, *generate_locally(args, args.n, known=known, known_rows=rows, label_mode=args.label_mode))
 
 
+# Verbs whose options are parsed by their own module's run(argv) (so that `pixelcnn --help` imports none
+# of them): name -> (module, what it does). `pixelcnn bench VERB --help` prints that module's options.
+BENCH_VERBS = {
+    "model": ("app.bench.model", "forward and training images/s of model sizes"),
+    "sampling": ("app.bench.sampling", "naive vs cached sampling vs one forward pass; engine concurrency by lanes"),
+    "http": ("app.bench.http", "a server: /sample vs /likelihood, concurrent requests, time to the first row"),
+    "agreement": ("app.bench.agreement", "cached vs naive images in the served dtype"),
+    "quality": ("app.bench.quality", "samples judged by an independent classifier"),
+    "load": ("app.bench.load", "load and soak: many clients, mixed routes, for a fixed time"),
+    "scale": ("app.bench.scale", "1 vs 2 replicas (one core each) behind nginx: images/s, p50/p99"),
+    "golden": ("app.bench.golden", "seeded outputs of a real server vs tests/golden (--write regenerates them)"),
+}
+CARD = ("app.tools.card", "draw a model card's pictures: samples per class, completions, training curve")
+
+
+def add_forwarded(sub: argparse._SubParsersAction, name: str, module: str, summary: str) -> None:
+    """A verb whose arguments (all of them, --help included) go to `module`.run(argv)."""
+    p = sub.add_parser(name, help=summary, description=summary, add_help=False)
+    p.set_defaults(run=lambda args: run_module(module, args.options), forwards=True)
+
+
+def run_module(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).run(argv))
+
+
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmarks: model (throughput), sampling (naive vs cached), http (server), "
-        "agreement (cached vs naive images in the served dtype), quality (samples judged by a classifier), "
-        "load (many clients, mixed routes, for a fixed time), scale (1 vs 2 replicas behind nginx), "
-        "golden (seeded outputs of a real server vs tests/golden; --write regenerates them)",
-    )
-    p.add_argument("what", choices=["model", "sampling", "http", "agreement", "quality", "load", "scale", "golden"])
-    p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
-    p.set_defaults(run=run_bench)
+    p = sub.add_parser("bench", help="benchmarks (pixelcnn bench --help lists them)", description="Benchmarks.")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB", title="benchmarks")
+    for name, (module, summary) in BENCH_VERBS.items():
+        add_forwarded(verbs, name, module, summary)
 
 
 def add_card(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("card", help="draw a model card's pictures: samples per class, completions, curve")
-    p.add_argument("options", nargs=argparse.REMAINDER, help="MODEL_DIR and options (see pixelcnn card -h)")
-    p.set_defaults(run=lambda args: __import__("app.tools.card").tools.card.run(args.options))
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    module = {
-        "model": "app.bench.model",
-        "sampling": "app.bench.sampling",
-        "http": "app.bench.http",
-        "agreement": "app.bench.agreement",
-        "quality": "app.bench.quality",
-        "load": "app.bench.load",
-        "scale": "app.bench.scale",
-        "golden": "app.bench.golden",
-    }[args.what]
-    return importlib.import_module(module).run(args.options)
+    add_forwarded(sub, "card", *CARD)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for add in (add_train, add_eval, add_sample, add_complete, add_serve, add_bench, add_card):
         add(sub)
-    args = parser.parse_args(argv)
+    # A forwarding verb's arguments are all unknown here: they go to its module, whose parser checks them.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "forwards", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.options = unknown
     args.argv = list(sys.argv[1:] if argv is None else argv)
     import httpx
 

@@ -118,7 +118,7 @@ def test_leaving_a_stream_early_frees_the_engine(client, server):
     assert next(stream)["row"] == 0
     stream.close()  # closes the HTTP connection
     deadline = time.monotonic() + 10
-    while engine.stats()["active_images"] or engine.stats()["queue_size"]:
+    while engine.stats().active_images or engine.stats().queue_size:
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.01)
     assert client.sample(seed=1)["seed"] == 1  # still serving
@@ -213,7 +213,7 @@ def test_closing_a_stream_cancels_the_engine_request_over_real_http(tmp_path):
         assert next(stream)["row"] == 0
         stream.close()
         deadline = time.monotonic() + 10
-        while not engine.stats().get("requests_cancelled"):
+        while not engine.stats().requests_cancelled:
             assert time.monotonic() < deadline, engine.stats()
             time.sleep(0.01)
-        assert engine.stats()["active_images"] == 0 and not engine.stats().get("requests_completed")
+        assert engine.stats().active_images == 0 and not engine.stats().requests_completed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def test_cuda_cached_sampling_with_graphs_equals_naive(arch, channels):
     for n in (1, 3, 16):
         cached = sample_cached(model, n, seed=n, sampler=sampler)
         naive = sample_naive(model, n, seed=n)
-        assert torch.equal(cached.images, naive.images)
+        assert np.array_equal(cached.images, naive.images)
     if arch == "gated":
         assert set(sampler.row_loop.graphs) == {64}  # every step runs at CUDA_BATCH images
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
@@ -77,7 +78,7 @@ def test_cuda_engine_batches_concurrent_requests_exactly():
             await engine.stop()
 
     results, stats = asyncio.run(scenario())
-    assert stats["max_batch_size_seen"] > 1
+    assert stats.max_batch_size_seen > 1
     for request, result in zip(requests, results):
         alone = sample_cached(model, request.n, seed=request.seed)
-        assert torch.equal(result.images, alone.images)
+        assert np.array_equal(result.images, alone.images)

@@ -67,7 +67,7 @@ async def started(engine: Engine):
 
 def assert_idle(engine: Engine) -> None:
     stats = engine.stats()
-    assert stats["queue_size"] == 0 and stats["active_requests"] == 0 and stats["active_images"] == 0, stats
+    assert stats.queue_size == 0 and stats.active_requests == 0 and stats.active_images == 0, stats
 
 
 async def still_serving(engine: Engine) -> None:
@@ -89,7 +89,7 @@ def test_a_failing_prefill_fails_only_its_request(lanes):
             failed = [r for r in results if isinstance(r, Exception)]
             assert len(failed) == 1 and isinstance(failed[0], GenerationError), results
             assert "prefill failed (Boom: injected fault)" in str(failed[0])
-            assert engine.stats()["prefill_errors"] == 1
+            assert engine.stats().prefill_errors == 1
             assert_idle(engine)
             await still_serving(engine)
 
@@ -112,7 +112,7 @@ def test_a_failing_decode_step_or_merge_fails_its_batch_with_an_error_and_the_en
             results = await outcomes(streams)
             assert all(isinstance(r, GenerationError) for r in results), results
             assert all("generation failed (Boom: injected fault)" in str(r) for r in results)
-            assert engine.stats()["decode_errors"] == 1
+            assert engine.stats().decode_errors == 1
             assert_idle(engine)
             await still_serving(engine)
 
@@ -156,7 +156,7 @@ def test_a_client_that_leaves_frees_its_slots_and_the_others_finish():
             result = await asyncio.wait_for(staying.result(), timeout=TIMEOUT_S)
             assert result.images.shape[0] == 1
             assert_idle(engine)
-            assert engine.stats()["requests_cancelled"] == 1
+            assert engine.stats().requests_cancelled == 1
             await still_serving(engine)
 
     run(scenario())
@@ -171,7 +171,7 @@ def test_a_failing_likelihood_pass_is_a_clear_error_and_frees_its_place():
         engine.scorer._forward = failing_once(engine.scorer._forward, error=MemoryError("out of memory"))
         with pytest.raises(ScoringError, match=r"the likelihood pass failed \(MemoryError: out of memory\)"):
             await asyncio.wait_for(engine.likelihood(images), timeout=TIMEOUT_S)
-        assert engine.stats()["likelihood_in_flight"] == 0 and engine.stats()["likelihood_errors"] == 1
+        assert engine.stats().likelihood_in_flight == 0 and engine.stats().likelihood_errors == 1
         result = await asyncio.wait_for(engine.likelihood(images), timeout=TIMEOUT_S)  # max_queue=1: freed
         assert result.nll_nats.shape == (2,)
 

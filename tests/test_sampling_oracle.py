@@ -117,12 +117,14 @@ def test_engine_likelihood_equals_a_direct_sum_of_log_softmax():
     engine = Engine(model)
     for label in range(3):
         result = engine.scorer.score_sync(images, torch.tensor([label] * 4))
-        torch.testing.assert_close(result.nll_nats, direct_nll(model, images, label), rtol=0, atol=1e-9)
-        per_pixel = result.per_pixel.double().sum(dim=(1, 2, 3))
+        torch.testing.assert_close(
+            torch.from_numpy(result.nll_nats), direct_nll(model, images, label), rtol=0, atol=1e-9
+        )
+        per_pixel = torch.from_numpy(result.per_pixel).double().sum(dim=(1, 2, 3))
         torch.testing.assert_close(per_pixel, direct_nll(model, images, label), rtol=0, atol=1e-9)
     # No label: -log (1/K sum_y p(x | y)), from the three conditional NLLs above.
     per_class = torch.stack([direct_nll(model, images, y) for y in range(3)], dim=1)
     marginal = -(torch.logsumexp(-per_class, dim=1) - math.log(3))
     result = engine.scorer.score_sync(images)
-    torch.testing.assert_close(result.nll_nats, marginal, rtol=0, atol=1e-9)
-    assert torch.equal(result.labels, per_class.argmin(dim=1))
+    torch.testing.assert_close(torch.from_numpy(result.nll_nats), marginal, rtol=0, atol=1e-9)
+    assert torch.equal(torch.from_numpy(result.labels), per_class.argmin(dim=1))

@@ -441,7 +441,7 @@ async def wait_until_left(engine) -> dict:
     with anyio.fail_after(10):
         while True:
             stats = engine.stats()
-            if stats.get("requests_cancelled", 0) >= 1 and stats["active_images"] == 0 and stats["queue_size"] == 0:
+            if stats.requests_cancelled >= 1 and stats.active_images == 0 and stats.queue_size == 0:
                 return stats
             await anyio.sleep(0.01)
 
@@ -457,7 +457,7 @@ async def test_stream_disconnect_cancels_the_engine_request(serve, tall_store, s
         assert "event: row" in text and "event: done" not in text
         assert len(engine.cancelled) == 1
         stats = await wait_until_left(engine)
-        assert stats.get("requests_completed", 0) == 0
+        assert stats.requests_completed == 0
         assert 'pixelcnn_failures_total{reason="client_disconnected"} 1.0' in (await client.get("/metrics")).text
         # The server is unharmed.
         assert (await client.post("/sample", json={"seed": 2})).status_code == 200
@@ -480,12 +480,12 @@ async def test_non_streamed_disconnect_mid_generation_stops_at_the_next_row(serv
             {"n": 2, "seed": 1},
             after_first_row=False,
             spec_version="2.4",
-            hang_up_when=lambda: engine.stats().get("rows_decoded", 0) >= 2,
+            hang_up_when=lambda: engine.stats().rows_decoded >= 2,
         )
         assert len(engine.cancelled) == 1
         stats = await wait_until_left(engine)
-        assert stats.get("requests_completed", 0) == 0
-        assert 2 <= stats["rows_decoded"] < 24, "the request must stop mid-image"
+        assert stats.requests_completed == 0
+        assert 2 <= stats.rows_decoded < 24, "the request must stop mid-image"
         assert json.loads(b"".join(chunks))["error"]["type"] == "client_disconnected"  # logged as a 499
         assert 'pixelcnn_failures_total{reason="client_disconnected"} 1.0' in (await client.get("/metrics")).text
 
@@ -608,7 +608,7 @@ async def test_a_failing_prefill_is_a_500_engine_error_in_json_and_an_error_even
         }
         assert (await client.post("/sample", json={"seed": 1})).status_code == 200
         stats = engine.stats()
-        assert stats["queue_size"] == 0 and stats["active_images"] == 0
+        assert stats.queue_size == 0 and stats.active_images == 0
 
 
 async def test_a_failing_likelihood_pass_is_a_500_engine_error(serve):
@@ -647,10 +647,10 @@ async def test_a_request_past_the_time_limit_is_stopped_with_a_clear_error(serve
         assert events[0][0] == "row" and events[-1][0] == "error"
         assert events[-1][1]["error"]["type"] == "timeout"
         for _ in range(200):  # the engine let go of both
-            if engine.stats()["active_images"] == 0:
+            if engine.stats().active_images == 0:
                 break
             await asyncio.sleep(0.01)
-        assert engine.stats()["active_images"] == 0 and engine.stats()["requests_cancelled"] == 2
+        assert engine.stats().active_images == 0 and engine.stats().requests_cancelled == 2
         assert 'pixelcnn_failures_total{reason="timeout"} 2.0' in (await client.get("/metrics")).text
 
 
@@ -692,5 +692,5 @@ async def test_a_stream_whose_client_stops_reading_is_cut_and_frees_everything(s
 
         await asyncio.wait_for(app(scope, receive, send), timeout=10)
         engine = app.state.registry.models["slow"].engine
-        assert engine.stats()["active_images"] == 0 and engine.stats()["queue_size"] == 0
+        assert engine.stats().active_images == 0 and engine.stats().queue_size == 0
         assert 'pixelcnn_failures_total{reason="stream_cut"} 1.0' in (await client.get("/metrics")).text

@@ -65,3 +65,16 @@ def test_shipped_model_completes_exactly_like_the_naive_sampler(shipped):
     naive = sample_naive(model, 1, seed=0, **kwargs)
     assert torch.equal(cached.images, naive.images)
     assert torch.equal(cached.images[:, :, :26], image[:, :, :26])
+
+
+@pytest.mark.anyio
+async def test_the_masked_conv_model_is_listed_as_a_baseline_with_its_accuracy(serve):
+    """Nobody should mistake the seed-architecture model's near-noise samples for the product: /models marks
+    it as a baseline, with a note that gives its measured sample accuracy; the default model is not one."""
+    async with serve(model_store=STORE, model="fashion-mnist") as (_, client):
+        models = {m["name"]: m for m in (await client.get("/models")).json()}
+    baseline, default = models["fashion-mnist-pixelcnn"], models["fashion-mnist"]
+    assert baseline["baseline"] and not default["baseline"] and default["default"]
+    accuracy = baseline["metrics"]["sample_class_accuracy"]
+    assert f"{accuracy:.1%}" in baseline["note"] and "baseline" in baseline["note"].lower()
+    assert default["note"] is None or "baseline" not in default["note"].lower()

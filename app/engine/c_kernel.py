@@ -35,8 +35,13 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import cast
 
 import torch
+
+from .cache import DecodeCache, GatedCache
+from .cached_models import CachedGated
+from .row_decoders import GatedRowDecoder, PixelCNNRowDecoder
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +238,7 @@ class NativeDecoder:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._library = library
-        self._keep: list = []  # everything the C structure points into
+        self._keep: list[object] = []  # everything the C structure points into
 
     def _tensors(self, tensors: list[torch.Tensor]) -> ctypes.Array:
         dense = [_dense(t) for t in tensors]
@@ -250,6 +255,10 @@ class NativeDecoder:
         array = (ctypes.c_int32 * len(values))(*values)
         self._keep.append(array)
         return array
+
+    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int) -> int:
+        """The C row loop on `batch` images; `outputs`: the addresses of uniforms, temperature, row, log p."""
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -275,7 +284,7 @@ class NativeDecoder:
 class NativeGatedDecoder(NativeDecoder):
     """GatedRowDecoder's loop; state: L horizontal buffers then L row biases."""
 
-    def __init__(self, library: ctypes.CDLL, decoder, width: int, image_channels: int) -> None:
+    def __init__(self, library: ctypes.CDLL, decoder: GatedRowDecoder, width: int, image_channels: int) -> None:
         super().__init__(library)
         head = decoder.head
         self.layers = len(decoder.h_weight)
@@ -296,7 +305,7 @@ class NativeGatedDecoder(NativeDecoder):
             self._tensors(head.logits_b),
         )
 
-    def _run(self, state, batch, *outputs) -> int:
+    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int) -> int:
         return self._library.gated_decode_row(
             ctypes.byref(self._weights),
             batch,
@@ -309,7 +318,7 @@ class NativeGatedDecoder(NativeDecoder):
 class NativePixelCNNDecoder(NativeDecoder):
     """PixelCNNRowDecoder's loop; state: the input window, the input bias, then one window per block."""
 
-    def __init__(self, library: ctypes.CDLL, decoder, width: int, image_channels: int) -> None:
+    def __init__(self, library: ctypes.CDLL, decoder: PixelCNNRowDecoder, width: int, image_channels: int) -> None:
         super().__init__(library)
         head = decoder.head
         self._weights = PixelCNNWeights(
@@ -333,7 +342,7 @@ class NativePixelCNNDecoder(NativeDecoder):
             self._tensors(head.logits_b),
         )
 
-    def _run(self, state, batch, *outputs) -> int:
+    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int) -> int:
         return self._library.pixelcnn_decode_row(
             ctypes.byref(self._weights), batch, state[0].data_ptr(), state[1].data_ptr(), _pointers(state[2:]), *outputs
         )
@@ -365,7 +374,7 @@ class NativeGatedVertical(NativeDecoder):
     ones by rounding (~1e-7 relative); the gate is the per-sub-pixel kernel's own (row_kernels.c `gate`).
     Each column of each image is computed on its own, so no batch padding is needed."""
 
-    def __init__(self, library: ctypes.CDLL, impl) -> None:
+    def __init__(self, library: ctypes.CDLL, impl: CachedGated) -> None:
         super().__init__(library)
         config = impl.config
         self.layers, self.n, self.width = len(impl.v_weight), impl.n, config.width
@@ -394,8 +403,9 @@ class NativeGatedVertical(NativeDecoder):
             raise ValueError("the native vertical stack needs contiguous float32 caches")
         return tensors
 
-    def begin_row(self, s) -> None:
+    def begin_row(self, state: DecodeCache) -> None:
         """CachedGated.begin_row: row_bias, the new kept rows of layers 1.., h_buffers zeroed."""
+        s = cast(GatedCache, state)
         b, w, n = s.batch, self.width, self.n
         rows = []
         for index in range(self.layers):
@@ -413,14 +423,15 @@ class NativeGatedVertical(NativeDecoder):
             _pointers(self._check(rows)),
             _pointers(self._check(s.v_bias)),
             _pointers(self._check(s.h_bias)),
-            _pointers(s.row_bias),
+            _pointers(cast(list[torch.Tensor], s.row_bias)),  # all allocated just above
             _pointers(self._check(s.h_buffers)),
         )
         if status != 0:
             raise MemoryError("the native vertical stack could not allocate its scratch memory")
 
-    def end_row(self, s, row: torch.Tensor) -> None:
+    def end_row(self, state: DecodeCache, row: torch.Tensor) -> None:
         """CachedGated.end_row: the drawn row (B, C, W) int64 joins layer 0's kept rows."""
+        s = cast(GatedCache, state)
         row = row.to(torch.int64).contiguous()
         fresh = torch.empty((s.batch, self.width, self.v_width[0] * self.channels), dtype=torch.float32)
         self._library.gated_end_row(ctypes.byref(self._weights), s.batch, row.data_ptr(), fresh.data_ptr())

@@ -10,7 +10,9 @@ continuously.
 
 from __future__ import annotations
 
-from dataclasses import Field, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -30,7 +32,7 @@ class DecodeCache:
 
     def select(self, index: torch.Tensor) -> DecodeCache:
         """The caches of images `index` (B',), in that order (an index may repeat)."""
-        picked = {}
+        picked: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             picked[f.name] = [None] * len(value) if f.metadata.get("scratch") else _apply(value, lambda t: t[index])
@@ -40,24 +42,25 @@ class DecodeCache:
     def concat(caches: list[DecodeCache]) -> DecodeCache:
         """The caches of all images of `caches` (of one type), in order."""
         cls = type(caches[0])
-        merged = {}
+        merged: dict[str, Any] = {}
         for f in fields(cls):
             parts = [getattr(c, f.name) for c in caches]
             merged[f.name] = [None] * len(parts[0]) if f.metadata.get("scratch") else _merge(parts)
         return cls(**merged)
 
 
-def _apply(value, fn):
+def _apply(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """fn on every tensor of a tensor or a (nested) list of them."""
     return [_apply(v, fn) for v in value] if isinstance(value, list) else fn(value)
 
 
-def _merge(parts: list):
+def _merge(parts: list[Any]) -> Any:
     """torch.cat of corresponding tensors in equally shaped (nested) lists."""
     return [_merge(list(group)) for group in zip(*parts)] if isinstance(parts[0], list) else torch.cat(parts)
 
 
-def scratch() -> Field:
+def scratch() -> Any:
+    """A field recomputed at every row start (see DecodeCache)."""
     return field(metadata={"scratch": True})
 
 

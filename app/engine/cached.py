@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import fields
+from typing import Any
 
 import torch
-from torch import nn
 
-from app.model import ModelConfig
+from app.model import ModelConfig, PixelCNNModel, Samples
 from app.model.checkpoint import full_float32_on_cuda
 from app.model.gated import GatedPixelCNN
 
@@ -26,7 +26,6 @@ from .cached_models import CachedGated, CachedPixelCNN
 from .posterior import infer_labels
 from .protocol import row_uniforms, start_sampling
 from .row_loops import Target, choose_row_loop, exact_execution, script
-from .types import SampleResult
 
 
 class CachedSampler:
@@ -46,7 +45,7 @@ class CachedSampler:
     """
 
     def __init__(
-        self, model: nn.Module, static_rows: bool | None = None, compiled: bool = True, native: bool = True
+        self, model: PixelCNNModel, static_rows: bool | None = None, compiled: bool = True, native: bool = True
     ) -> None:
         self.config: ModelConfig = model.config
         parameter = next(model.parameters())
@@ -125,7 +124,7 @@ class CachedSampler:
 
 
 def iter_sample(
-    model: nn.Module,
+    model: PixelCNNModel,
     n: int = 1,
     labels: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -134,8 +133,8 @@ def iter_sample(
     known_rows: int = 0,
     sampler: CachedSampler | None = None,
     label_mode: str = "posterior",
-) -> Iterator[tuple[int, torch.Tensor] | SampleResult]:
-    """Yield (row index, uint8 row (n, C, W)) as each row is final, then the SampleResult.
+) -> Iterator[tuple[int, torch.Tensor] | Samples]:
+    """Yield (row index, uint8 row (n, C, W)) as each row is final, then the Samples.
 
     Same protocol (and so the same images) as app.model.sample_naive."""
     config = model.config
@@ -155,10 +154,11 @@ def iter_sample(
         canvas[:, :, i] = row
         log_prob += lp
         yield i, row.to(torch.uint8).cpu()
-    yield SampleResult(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu(), class_log_probs)
+    yield Samples(canvas.to(torch.uint8).cpu(), labels, log_prob.cpu(), class_log_probs)
 
 
-def sample_cached(model: nn.Module, n: int = 1, **kwargs) -> SampleResult:
+def sample_cached(model: PixelCNNModel, n: int = 1, **kwargs: Any) -> Samples:
     """Cached sampling to completion; keyword arguments as iter_sample."""
     *_, result = iter_sample(model, n, **kwargs)
+    assert isinstance(result, Samples)  # iter_sample ends with it
     return result

@@ -19,19 +19,26 @@ of their sums (~1e-7 relative).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from app.model import ModelConfig
-from app.model.gated import GatedPixelCNN, gate
+from app.model.gated import GatedLayer, GatedPixelCNN, gate
 from app.model.head import OutputHead, scale_pixels
 from app.model.masked_conv import MaskedConv2d
-from app.model.pixelcnn import PixelCNN
+from app.model.pixelcnn import PixelCNN, ResidualBlock
 
 from .cache import DecodeCache, GatedCache, PixelCNNCache
 from .row_decoders import GatedRowDecoder, HeadStep, PixelCNNRowDecoder, scaled_gate, tanh_half_scale
+
+
+def bias(conv: nn.Conv2d) -> torch.Tensor:
+    """A convolution's bias: every convolution of these models has one."""
+    assert conv.bias is not None
+    return conv.bias
 
 
 def matrix(conv: nn.Conv2d, rows: slice = slice(None)) -> torch.Tensor:
@@ -44,10 +51,10 @@ def matrix(conv: nn.Conv2d, rows: slice = slice(None)) -> torch.Tensor:
 
 def head_step(head: OutputHead) -> HeadStep:
     c = head.image_channels
-    w, b = matrix(head.logits), head.logits.bias  # output channel = level * C + colour
+    w, b = matrix(head.logits), bias(head.logits)  # output channel = level * C + colour
     return HeadStep(
         matrix(head.hidden),
-        head.hidden.bias,
+        bias(head.hidden),
         [w[:, k::c].contiguous() for k in range(c)],
         [b[k::c].contiguous() for k in range(c)],
     )
@@ -56,11 +63,11 @@ def head_step(head: OutputHead) -> HeadStep:
 class CachedGated:
     def __init__(self, model: GatedPixelCNN) -> None:
         self.config: ModelConfig = model.config
-        self.layers = list(model.layers)
+        self.layers = cast(list[GatedLayer], list(model.layers))
         self.n = model.config.hidden_channels
         # Every weight and bias that produces a gated pre-activation comes with its tanh half scaled by -2
         # (see scaled_gate); the link's matrix divides that scale out of its input rows.
-        self.pre_scale = tanh_half_scale(self.n, self.layers[0].link.bias)
+        self.pre_scale = tanh_half_scale(self.n, bias(self.layers[0].link))
         self.decoder = GatedRowDecoder(
             h_weight=[matrix(layer.horizontal) * self.pre_scale for layer in self.layers],
             h_width=[layer.rows for layer in self.layers],
@@ -68,8 +75,8 @@ class CachedGated:
             # layer's residual output reaches nothing, so its matrix is the skip's alone.
             out_weight=[torch.cat([matrix(g.residual), matrix(g.skip)], dim=1) for g in self.layers[:-1]]
             + [matrix(self.layers[-1].skip)],
-            out_bias=[torch.cat([g.residual.bias, g.skip.bias]) for g in self.layers[:-1]]
-            + [self.layers[-1].skip.bias],
+            out_bias=[torch.cat([bias(g.residual), bias(g.skip)]) for g in self.layers[:-1]]
+            + [bias(self.layers[-1].skip)],
             channels=self.n,
             head=head_step(model.head),
         )
@@ -87,15 +94,17 @@ class CachedGated:
             [matrix(g.vertical, slice(r, r + 1)) * self.pre_scale for r in range(g.vertical.kernel_size[0])]
             for g in self.layers
         ]
-        self.v_bias = [g.vertical.bias * self.pre_scale for g in self.layers]
+        self.v_bias = [bias(g.vertical) * self.pre_scale for g in self.layers]
         # The vertical->horizontal link is a 1x1 conv: a matmul over a row's columns, with both biases;
         # it takes the gate-scaled vertical pre-activations and gives gate-scaled horizontal ones.
         self.link_weight = [matrix(g.link) / self.pre_scale[:, None] * self.pre_scale for g in self.layers]
-        self.link_bias = [(g.link.bias + g.horizontal.bias) * self.pre_scale for g in self.layers]
+        self.link_bias = [(bias(g.link) + bias(g.horizontal)) * self.pre_scale for g in self.layers]
 
-    def class_biases(self, labels: torch.Tensor | None, batch: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def class_biases(
+        self, labels: torch.Tensor | None, batch: int, layer: GatedLayer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.class_bias is None:
-            zero = self.layers[0].link.bias.new_zeros(batch, 2 * self.n)
+            zero = bias(self.layers[0].link).new_zeros(batch, 2 * self.n)
             return zero, zero
         return layer.class_bias(labels).chunk(2, dim=1)
 
@@ -141,7 +150,7 @@ class CachedGated:
         b, padded_width, ch = row.shape
         return row.as_strided((b, padded_width - kw + 1, kw * ch), (row.stride(0), ch, 1)).contiguous()
 
-    def begin_row(self, s: GatedCache) -> None:
+    def begin_row(self, state: DecodeCache) -> None:
         """Vertical stack for the row about to be drawn (it depends only on earlier rows). The readable
         reference: float32 CPU sampling with the C kernel runs NativeGatedVertical.begin_row instead, the
         same arithmetic with its sums in C's written order (they differ from MKL's by ~1e-7 relative).
@@ -149,8 +158,9 @@ class CachedGated:
         Channels-last throughout: each kept input row is already unfolded (B, W, kw * in), so a layer's
         pre-activations (B, W, 2n) are one matrix product per kernel row over all B * W columns, summed
         in place; the link is one more product."""
+        s = cast(GatedCache, state)
         b, w = s.batch, self.config.width
-        v_new = None  # the previous layer's vertical output for this row, (B, W, n)
+        v_new = torch.empty(0)  # the previous layer's vertical output for this row, (B, W, n)
         for index in range(len(self.layers)):
             kw = self.v_width[index]
             rows = s.vertical[index]
@@ -170,12 +180,14 @@ class CachedGated:
                 v_new = scaled_gate(v_pre)
             s.h_buffers[index].zero_()
 
-    def row_state(self, s: DecodeCache) -> list[torch.Tensor]:
-        """The caches the decoder reads and writes during a row, in its layout."""
-        return s.h_buffers + s.row_bias
+    def row_state(self, state: DecodeCache) -> list[torch.Tensor]:
+        """The caches the decoder reads and writes during a row, in its layout (after begin_row)."""
+        s = cast(GatedCache, state)
+        return s.h_buffers + cast(list[torch.Tensor], s.row_bias)
 
-    def end_row(self, s: GatedCache, row: torch.Tensor) -> None:
+    def end_row(self, state: DecodeCache, row: torch.Tensor) -> None:
         """Push the finished image row (B, C, W) into the first layer's kept rows."""
+        s = cast(GatedCache, state)
         kw = self.v_width[0]
         dtype = self.link_weight[0].dtype
         padded = F.pad(scale_pixels(row, dtype), (kw // 2, kw // 2)).transpose(1, 2)  # (B, W + 2 pad, C)
@@ -188,18 +200,18 @@ class CachedPixelCNN:
         self.model = model
         self.in_half = model.input.kernel_size[0] // 2
         self.batch_quantum = 1  # no transcendental function: relu and matrix products
-        blocks = list(model.blocks)
+        self.blocks = blocks = cast(list[ResidualBlock], list(model.blocks))
         self.k_half = [blk.conv.kernel_size[0] // 2 for blk in blocks]
         self.decoder = PixelCNNRowDecoder(
             in_half=self.in_half,
             in_weight=matrix(model.input, slice(0, self.in_half + 1)),  # rows below the centre are masked
             k_half=self.k_half,
             conv_weight=[matrix(blk.conv, slice(0, p + 1)) for blk, p in zip(blocks, self.k_half)],
-            conv_bias=[blk.conv.bias for blk in blocks],
+            conv_bias=[bias(blk.conv) for blk in blocks],
             reduce_weight=[matrix(blk.reduce) for blk in blocks],
-            reduce_bias=[blk.reduce.bias for blk in blocks],
+            reduce_bias=[bias(blk.reduce) for blk in blocks],
             expand_weight=[matrix(blk.expand) for blk in blocks],
-            expand_bias=[blk.expand.bias for blk in blocks],
+            expand_bias=[bias(blk.expand) for blk in blocks],
             head=head_step(model.head),
         )
 
@@ -219,8 +231,8 @@ class CachedPixelCNN:
         class_bias = m.class_bias(labels) if m.class_bias is not None else canvas.new_zeros(b, 1, dtype=dtype)
         h = m.input(known) + class_bias[:, :, None, None] if known_rows else None
         conv_inputs = []
-        for block, half in zip(m.blocks, self.k_half):
-            if known_rows:
+        for block, half in zip(self.blocks, self.k_half):
+            if h is not None:  # known rows
                 reduced = torch.relu(block.reduce(torch.relu(h)))
                 h = h + block.expand(torch.relu(block.conv(reduced)))
             else:
@@ -228,18 +240,20 @@ class CachedPixelCNN:
             conv_inputs.append(window(reduced, half))
         return PixelCNNCache(
             labels=labels if labels is not None else canvas.new_zeros(b),
-            input_bias=(m.input.bias + class_bias).expand(b, m.input.out_channels).contiguous(),
+            input_bias=(bias(m.input) + class_bias).expand(b, m.input.out_channels).contiguous(),
             inputs=inputs,
             conv_inputs=conv_inputs,
         )
 
-    def begin_row(self, s: DecodeCache) -> None:
+    def begin_row(self, state: DecodeCache) -> None:
         """Nothing is shared across a row: every layer is computed at each new position."""
 
-    def row_state(self, s: DecodeCache) -> list[torch.Tensor]:
+    def row_state(self, state: DecodeCache) -> list[torch.Tensor]:
+        s = cast(PixelCNNCache, state)
         return [s.inputs, s.input_bias, *s.conv_inputs]
 
-    def end_row(self, s: DecodeCache, row: torch.Tensor) -> None:
+    def end_row(self, state: DecodeCache, row: torch.Tensor) -> None:
         """Shift every window up one row; the new current row starts at zero."""
+        s = cast(PixelCNNCache, state)
         s.inputs = F.pad(s.inputs[:, 1:], (0, 0, 0, 0, 0, 1))
         s.conv_inputs = [F.pad(buffer[:, 1:], (0, 0, 0, 0, 0, 1)) for buffer in s.conv_inputs]

@@ -17,6 +17,8 @@ import torch
 
 from .types import GenerationRequest, RowEvent, SampleResult
 
+Delivery = RowEvent | SampleResult | BaseException  # what reaches the caller's queue
+
 
 class TrackedRequest:
     """One request inside the engine: what its shards share and what its caller receives. Shards in
@@ -28,7 +30,7 @@ class TrackedRequest:
         labels: torch.Tensor | None,
         canvas: torch.Tensor,
         shards: int,
-        deliver: Callable[[object], None],
+        deliver: Callable[[Delivery], None],
         withdraw: Callable[[TrackedRequest], None],
         wants_rows: bool,
     ) -> None:
@@ -75,7 +77,7 @@ class TrackedRequest:
             if self.first_row_at is None:
                 self.first_row_at = time.perf_counter()
             if self.wants_rows:  # under the lock: rows leave in order even when two lanes finish them
-                self.deliver(RowEvent(row, self.images[:, :, row].clone()))
+                self.deliver(RowEvent(row, self.images[:, :, row].numpy().copy()))
 
     def labels_inferred(self, shard: Shard, labels: torch.Tensor, class_log_probs: torch.Tensor) -> None:
         """A shard drew its images' classes from the posterior of their kept rows (before its prefill)."""
@@ -99,7 +101,9 @@ class TrackedRequest:
             if self.closed:
                 return
             self.closed = True
-        self.deliver(SampleResult(self.images, self.labels, self.log_prob, self.class_log_probs))
+        labels = None if self.labels is None else self.labels.cpu().numpy()
+        class_log_probs = None if self.class_log_probs is None else self.class_log_probs.numpy()
+        self.deliver(SampleResult(self.images.numpy(), labels, self.log_prob.numpy(), class_log_probs))
 
     def fail(self, error: BaseException) -> None:
         """End the request with `error`, unless it already ended; its other shards leave at their next row."""

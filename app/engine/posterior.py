@@ -17,13 +17,14 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
+
+from app.model import PixelCNNModel
 
 from .protocol import draw_labels
 
 
 @torch.no_grad()
-def kept_log_likelihoods(model: nn.Module, canvas: torch.Tensor, known_pixels: int) -> torch.Tensor:
+def kept_log_likelihoods(model: PixelCNNModel, canvas: torch.Tensor, known_pixels: int) -> torch.Tensor:
     """log p(kept | y) for every class y: canvas int64 (n, C, H, W) whose first `known_pixels` pixels in
     raster order are kept (all channels of each) -> float64 (n, K), nats.
 
@@ -53,7 +54,7 @@ def class_posterior(log_likelihoods: torch.Tensor) -> torch.Tensor:
 
 
 def infer_labels(
-    model: nn.Module, streams: list[np.random.Generator], canvas: torch.Tensor, known_rows: int
+    model: PixelCNNModel, streams: list[np.random.Generator], canvas: torch.Tensor, known_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2 of the protocol for a completion without labels: each image's class drawn from its posterior
     with its own stream. Returns (labels int64 (n,), log p(y | kept) float64 (n, K))."""

@@ -26,9 +26,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from app.model import ModelConfig
+
+# What the sampling and scoring functions accept: numpy arrays and lists from the server, tensors from the
+# library's own callers (the CLI, the tools, the tests).
+ImagesIn = torch.Tensor | npt.NDArray[np.uint8]
+LabelsIn = torch.Tensor | list[int] | None
 
 # Temperatures outside this range give no useful picture: at 0.05 nearly every draw is already the most
 # likely level (the greedy image), and at 20 softmax(logits / T) is close to uniform noise. Inside it,
@@ -48,7 +54,7 @@ def image_streams(seed: int, n: int) -> list[np.random.Generator]:
     return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,))) for k in range(n)]
 
 
-def check_labels(config: ModelConfig, n: int, labels: torch.Tensor | list[int] | None) -> torch.Tensor | None:
+def check_labels(config: ModelConfig, n: int, labels: LabelsIn) -> torch.Tensor | None:
     """Given labels as int64 (n,) (one label is repeated n times), checked against the model; None if none
     were given. Raises ValueError naming what is wrong."""
     if not config.conditional:
@@ -78,9 +84,7 @@ def infers_labels(config: ModelConfig, labels: object, known_rows: int, label_mo
     return config.conditional and labels is None and known_rows > 0 and label_mode == "posterior"
 
 
-def resolve_labels(
-    config: ModelConfig, labels: torch.Tensor | list[int] | None, streams: list[np.random.Generator]
-) -> torch.Tensor | None:
+def resolve_labels(config: ModelConfig, labels: LabelsIn, streams: list[np.random.Generator]) -> torch.Tensor | None:
     """The labels to condition on (step 2): given ones (checked), one drawn from each image's stream with the
     prior, or None for an unconditional model."""
     labels = check_labels(config, len(streams), labels)
@@ -118,7 +122,7 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor
 
 
 def prepare_canvas(
-    config: ModelConfig, n: int, known: torch.Tensor | None, known_rows: int, device: torch.device
+    config: ModelConfig, n: int, known: ImagesIn | None, known_rows: int, device: torch.device
 ) -> torch.Tensor:
     """The image being generated, int64 (n, C, H, W): known rows copied in, the rest zero."""
     canvas = torch.zeros((n, *config.shape), dtype=torch.long, device=device)
@@ -138,10 +142,10 @@ def prepare_canvas(
 def start_sampling(
     config: ModelConfig,
     n: int,
-    labels: torch.Tensor | list[int] | None,
+    labels: LabelsIn,
     temperature: float,
     seed: int,
-    known: torch.Tensor | None,
+    known: ImagesIn | None,
     known_rows: int,
     device: torch.device,
     label_mode: str = "posterior",

@@ -16,11 +16,13 @@ on static buffers of fixed batch buckets, each captured once as a CUDA graph and
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -124,13 +126,16 @@ class CKernelRows(RowLoop):
     batch_quantum = 1
     min_batch = 1
 
-    def __init__(self, impl: CachedGated | CachedPixelCNN, library: object, device: torch.device) -> None:
+    def __init__(self, impl: CachedGated | CachedPixelCNN, library: ctypes.CDLL, device: torch.device) -> None:
         super().__init__(impl, device)
         config = impl.config
-        gated = isinstance(impl, CachedGated)
-        pixels = NativeGatedDecoder if gated else NativePixelCNNDecoder
-        self.pixels = pixels(library, impl.decoder, config.width, config.image_channels)
-        self.vertical = NativeGatedVertical(library, impl) if gated else None
+        self.pixels: NativeGatedDecoder | NativePixelCNNDecoder
+        self.vertical: NativeGatedVertical | None = None
+        if isinstance(impl, CachedGated):
+            self.pixels = NativeGatedDecoder(library, impl.decoder, config.width, config.image_channels)
+            self.vertical = NativeGatedVertical(library, impl)
+        else:
+            self.pixels = NativePixelCNNDecoder(library, impl.decoder, config.width, config.image_channels)
 
     @property
     def numerics(self) -> str:
@@ -144,7 +149,7 @@ class CKernelRows(RowLoop):
         state = self.impl.prefill(canvas, labels, 0)  # zeros and class biases: exact
         for i in range(known_rows):
             self.begin_row(state)
-            if self.vertical is None:
+            if isinstance(self.pixels, NativePixelCNNDecoder):  # the gated model's rows need no per-pixel work
                 self.pixels.prefill_row(self.impl.row_state(state), canvas[:, :, i])
             self.end_row(state, canvas[:, :, i])
         return state
@@ -275,7 +280,8 @@ class StaticRows(RowLoop):
         bucket = next(size for size in self.buckets if size >= b)
         buf = self.buffers_for(state, bucket)
         graph = self.graphs.get(bucket)
-        for static, live in zip(buf["state"].row_bias, state.row_bias):
+        live_state = cast(GatedCache, state)
+        for static, live in zip(buf["state"].row_bias, live_state.row_bias):
             static[:b].copy_(live)
         for static in buf["state"].h_buffers:
             static.zero_()
@@ -296,7 +302,9 @@ class StaticRows(RowLoop):
                 self._record(bucket)
         return self.buffers[bucket]
 
-    def _allocate(self, state: DecodeCache, bucket: int) -> dict:
+    def _allocate(self, live: DecodeCache, bucket: int) -> dict:
+        state = cast(GatedCache, live)
+
         def like(t: torch.Tensor) -> torch.Tensor:
             return t.new_zeros((bucket, *t.shape[1:]))
 
@@ -309,7 +317,7 @@ class StaticRows(RowLoop):
                 v_bias=[],
                 h_bias=[],
                 h_buffers=[like(t) for t in state.h_buffers],
-                row_bias=[like(t) for t in state.row_bias],
+                row_bias=[like(t) for t in cast(list[torch.Tensor], state.row_bias)],  # after begin_row
             ),
             "uniforms": torch.full((bucket, c, w), 0.5, dtype=torch.float64, device=device),
             "temperature": torch.ones((bucket, 1), dtype=torch.float64, device=device),

@@ -25,19 +25,19 @@ import threading
 import time
 
 import torch
-from torch import nn
 
-from app.model import ModelConfig
+from app.model import ModelConfig, PixelCNNModel
 
 from .cache import DecodeCache
 from .cached import CachedSampler
-from .fan_in import Shard, TrackedRequest
+from .fan_in import Delivery, Shard, TrackedRequest
 from .posterior import infer_labels
-from .protocol import row_uniforms, start_sampling
+from .protocol import ImagesIn, LabelsIn, row_uniforms, start_sampling
 from .scoring import Scorer
-from .stats import ENGINE_COUNTERS, TimeHistogram
-from .stream import Stream
+from .stats import TimeHistogram
+from .stream import Stream, StreamItem
 from .types import (
+    EngineStats,
     EngineStoppedError,
     GenerationError,
     GenerationRequest,
@@ -75,7 +75,7 @@ class Engine:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PixelCNNModel,
         max_batch_images: int = 64,
         max_queue: int = 64,
         lanes: int = 1,
@@ -101,7 +101,7 @@ class Engine:
         self._lock = threading.Lock()
         self._lanes = [_Lane(index) for index in range(lanes)]
         self._stopping = False
-        self._counters = collections.Counter()  # changed under the lock
+        self._counters: collections.Counter[str] = collections.Counter()  # changed under the lock
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # under the lock
         self._queue_wait = TimeHistogram()  # submit -> joining a lane's batch, under the lock
         self._row_time = TimeHistogram()  # one decode step (a row of every image in a lane), under the lock
@@ -149,39 +149,42 @@ class Engine:
     def running(self) -> bool:
         return any(lane.thread is not None and lane.thread.is_alive() for lane in self._lanes)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         with self._lock:
             waiting = self._waiting_requests()
             active = [shard for lane in self._lanes for shard in lane.active]
-            scoring = self.scorer.in_flight
-            counters, batch_sizes = collections.Counter(dict.fromkeys(ENGINE_COUNTERS, 0)), collections.Counter()
-            counters.update(self._counters)
-            for lane in self._lanes:  # update(), not +: keeps the counts that are still 0
+            counters: collections.Counter[str] = collections.Counter(self._counters)
+            batch_sizes: collections.Counter[int] = collections.Counter()
+            for lane in self._lanes:
                 counters.update(lane.counters)
                 batch_sizes.update(lane.batch_sizes)
             rows_per_lane = [lane.counters["rows_decoded"] for lane in self._lanes]
             sizes = list(self._batch_sizes)
-            timings = {
-                "queue_wait_seconds": self._queue_wait.snapshot(),
-                "row_decode_seconds": self._row_time.snapshot(),
-            }
-        return {
-            "lanes": len(self._lanes),
-            "queue_size": waiting,
-            "likelihood_in_flight": scoring,
-            "active_requests": len({id(shard.owner) for shard in active}),
-            "active_images": sum(shard.n for shard in active),
-            "max_batch_images": self.max_batch_images,
-            "last_batch_size": sizes[-1] if sizes else 0,
-            "max_batch_size_seen": max(sizes, default=0),
-            "recent_batch_sizes": sizes[-50:],
-            "batch_sizes_seen": dict(batch_sizes),  # decode steps per batch size, all lanes
-            "histograms": timings,
-            "rows_decoded_per_lane": rows_per_lane,
-            **dict(counters),
-            "rejected_queue_full": counters["rejected_queue_full"] + self.scorer.rejected,
-            "likelihood_errors": self.scorer.failed,
-        }
+            queue_wait, row_time = self._queue_wait.snapshot(), self._row_time.snapshot()
+            scoring = self.scorer.in_flight
+        return EngineStats(
+            lanes=len(self._lanes),
+            queue_size=waiting,
+            likelihood_in_flight=scoring,
+            active_requests=len({id(shard.owner) for shard in active}),
+            active_images=sum(shard.n for shard in active),
+            max_batch_images=self.max_batch_images,
+            last_batch_size=sizes[-1] if sizes else 0,
+            max_batch_size_seen=max(sizes, default=0),
+            recent_batch_sizes=sizes[-50:],
+            batch_sizes_seen=dict(batch_sizes),
+            queue_wait_seconds=queue_wait,
+            row_decode_seconds=row_time,
+            rows_decoded_per_lane=rows_per_lane,
+            requests_submitted=counters["requests_submitted"],
+            requests_completed=counters["requests_completed"],
+            requests_cancelled=counters["requests_cancelled"],
+            rows_decoded=counters["rows_decoded"],
+            rejected_queue_full=counters["rejected_queue_full"] + self.scorer.rejected,
+            decode_errors=counters["decode_errors"],
+            prefill_errors=counters["prefill_errors"],
+            likelihood_errors=self.scorer.failed,
+        )
 
     # ---- requests --------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, rows: bool = True) -> Stream:
@@ -203,9 +206,9 @@ class Engine:
             request.label_mode,
         )
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
 
-        def deliver(item) -> None:
+        def deliver(item: Delivery) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -263,7 +266,7 @@ class Engine:
             owner.cancel_counted = True
             counts["requests_cancelled"] += 1
 
-    async def likelihood(self, images, labels=None) -> LikelihoodResult:
+    async def likelihood(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
         """Teacher-forced NLL (see Scorer.score)."""
         return await self.scorer.score(images, labels)
 
@@ -369,12 +372,17 @@ class Engine:
             ]
         )
         step_started = time.perf_counter()
+        assert lane.state is not None  # a lane with active shards has their caches
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
         step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
 
-        keep, still_active, left, done, offset = [], [], [], [], 0
+        keep: list[int] = []
+        still_active: list[Shard] = []
+        left: list[TrackedRequest] = []
+        done: list[Shard] = []
+        offset = 0
         for shard in lane.active:
             part = slice(offset, offset + shard.n)
             offset += shard.n

@@ -10,12 +10,11 @@ import asyncio
 import threading
 
 import torch
-from torch import nn
 
-from app.model import ModelConfig
+from app.model import ModelConfig, PixelCNNModel
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
 
-from .protocol import check_labels
+from .protocol import ImagesIn, LabelsIn, check_labels
 from .types import LikelihoodResult, QueueFullError, ScoringError
 
 
@@ -23,7 +22,7 @@ class Scorer:
     """Teacher-forced NLL of uploaded images. At most `max_in_flight` requests run at once: each holds its
     images and a forward pass's activations, so past that QueueFullError asks the caller to retry."""
 
-    def __init__(self, model: nn.Module, max_in_flight: int) -> None:
+    def __init__(self, model: PixelCNNModel, max_in_flight: int) -> None:
         self.model = model
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
@@ -33,7 +32,7 @@ class Scorer:
         self.failed = 0
         self._lock = threading.Lock()
 
-    async def score(self, images, labels=None) -> LikelihoodResult:
+    async def score(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
         """score_sync in a worker thread: images uint8 (N, C, H, W) and labels (N,) or one, as tensors or
         plain arrays and lists. ValueError for bad input; QueueFullError; ScoringError when the
         pass itself fails."""
@@ -48,7 +47,7 @@ class Scorer:
             with self._lock:
                 self.in_flight -= 1
 
-    def score_sync(self, images, labels=None) -> LikelihoodResult:
+    def score_sync(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
         images = torch.as_tensor(images)
         if tuple(images.shape[1:]) != self.config.shape:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, self.config.shape))})")
@@ -76,4 +75,9 @@ class Scorer:
         per_pixel = nll_per_subpixel(self.model(x, labels_dev), x)
         if nll is None:
             nll = per_pixel.flatten(1).sum(1).double().cpu()
-        return LikelihoodResult(nll, per_pixel.cpu(), None if labels is None else labels.cpu(), class_log_probs)
+        return LikelihoodResult(
+            nll.numpy(),
+            per_pixel.cpu().numpy(),
+            None if labels is None else labels.cpu().numpy(),
+            None if class_log_probs is None else class_log_probs.numpy(),
+        )

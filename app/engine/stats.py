@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-# The counts engine.stats() reports, each from 0, that only ever grow.
-ENGINE_COUNTERS = (
-    "requests_submitted",
-    "requests_completed",
-    "requests_cancelled",
-    "rows_decoded",
-    "rejected_queue_full",
-    "decode_errors",
-    "prefill_errors",
-    "likelihood_errors",
-)
+from .types import TimeSnapshot
 
 TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -30,5 +20,5 @@ class TimeHistogram:
         self.counts[next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))] += 1
         self.total_s += seconds
 
-    def snapshot(self) -> dict:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total_s}
+    def snapshot(self) -> TimeSnapshot:
+        return TimeSnapshot(list(self.bounds), list(self.counts), self.total_s)

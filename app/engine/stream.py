@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
-from .fan_in import TrackedRequest
+from .fan_in import Delivery, TrackedRequest
 from .types import EngineStoppedError, RowEvent, SampleResult
 
-_CANCELLED = object()  # queued by Stream.cancel() so that a consumer waiting for the next item wakes up
+
+class _Cancelled:
+    """Queued by Stream.cancel() so that a consumer waiting for the next item wakes up."""
+
+
+_CANCELLED = _Cancelled()
+StreamItem = Delivery | _Cancelled
 
 
 class Stream:
     """Async iterator over a request's RowEvents (when submitted with rows=True), then its SampleResult.
     Cancelling ends the iteration, also for a consumer already waiting for the next item."""
 
-    def __init__(self, request: TrackedRequest, queue: asyncio.Queue) -> None:
+    def __init__(self, request: TrackedRequest, queue: asyncio.Queue[StreamItem]) -> None:
         self._request = request
         self._queue = queue
         self._finished = False
@@ -26,7 +32,7 @@ class Stream:
         if self._finished:
             raise StopAsyncIteration
         item = await self._queue.get()
-        if item is _CANCELLED:
+        if isinstance(item, _Cancelled):
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             self._finished = True

@@ -16,9 +16,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")  # refused: unpickling runs code
 
+PixelCNNModel = PixelCNN | GatedPixelCNN  # a model of either architecture (ModelConfig.arch)
 
-def build(config: ModelConfig) -> nn.Module:
-    return {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}[config.arch](config)
+
+def build(config: ModelConfig) -> PixelCNNModel:
+    return GatedPixelCNN(config) if config.arch == "gated" else PixelCNN(config)
 
 
 def save(model: nn.Module, path: str | Path) -> None:
@@ -51,7 +53,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | Path, device: str | torch.device = "cpu") -> PixelCNNModel:
     """Rebuild the model from a checkpoint folder, in eval mode on `device`."""
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file():
@@ -68,4 +70,5 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     if torch.device(device).type == "cuda":
         full_float32_on_cuda()
-    return model.to(device).eval()
+    model.to(device).eval()  # in place: Module.to and .eval return the module itself
+    return model

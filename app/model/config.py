@@ -58,7 +58,8 @@ class ModelConfig:
         return self.image_channels * self.height * self.width
 
     def class_name(self, index: int) -> str:
-        return self.class_names[index] if self.class_names else str(index)
+        """The name of class `index`, or the index as text where the model names no such class."""
+        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
 
     def class_index(self, value: int | str) -> int:
         """A class given by index or by (case-insensitive) name -> its index; ValueError naming the choices."""

@@ -23,9 +23,10 @@ def nll_nats(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = No
     return nll_per_subpixel(model(x, labels), x).flatten(1).sum(1)
 
 
-def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
-    """Total NLL in nats of an image with `dims` sub-pixels -> bits per sub-pixel."""
-    return nats / (dims * math.log(2))
+def bits_per_dim(nats: float, dims: int) -> float:
+    """Total NLL in nats of an image with `dims` sub-pixels -> bits per sub-pixel (0 for no sub-pixel: a
+    completion that keeps every row draws none)."""
+    return nats / (dims * math.log(2)) if dims else 0.0
 
 
 def marginal_nll_nats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,9 @@ from .config import LEVELS, ModelConfig
 
 
 @dataclass
-class NaiveSample:
-    """What the reference sampler draws; the same fields as the engine's SampleResult (app.engine.types)."""
+class Samples:
+    """Images drawn by a sampler of this package (the naive reference here, the cached one in app.engine),
+    as torch tensors. The serving engine delivers the same fields as numpy arrays (app.engine.SampleResult)."""
 
     images: torch.Tensor  # uint8 (n, C, H, W)
     labels: torch.Tensor | None  # int64 (n,), None for unconditional models
@@ -50,7 +51,7 @@ def sample_naive(
     known: torch.Tensor | None = None,
     known_rows: int = 0,
     label_mode: str = "posterior",
-) -> NaiveSample:
+) -> Samples:
     """With `known` (n or 1, C, H, W) and `known_rows` r, rows < r are kept and rows >= r are generated
     conditioned on them (image completion). Without labels, a conditional model draws each completion's
     class from p(y | kept rows) (label_mode "posterior") or uniformly ("prior")."""
@@ -86,7 +87,7 @@ def sample_naive(
                 values = inverse_cdf(logits, u[:, colour, j], temperature)
                 canvas[:, colour, i, j] = values.to(device)
                 log_prob += torch.log_softmax(logits, dim=1).gather(1, values[:, None])[:, 0]
-    return NaiveSample(canvas.to(torch.uint8).cpu(), labels, log_prob, class_log_probs)
+    return Samples(canvas.to(torch.uint8).cpu(), labels, log_prob, class_log_probs)
 
 
 def posterior_of_kept_rows(model: nn.Module, canvas: torch.Tensor, known_rows: int) -> torch.Tensor:

@@ -7,8 +7,9 @@ background, so /health answers and /ready says 503 "loading models" meanwhile), 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -34,11 +35,11 @@ input), 401 unauthorized, 404 not_found, 413 payload_too_large, 415 unsupported_
 """
 
 
-def without_security(app: FastAPI):
+def without_security(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """The OpenAPI schema minus the bearer-token requirement: without PIXELCNN_API_KEY no route asks for
     one, and the schema must say what the server really accepts (clients and fuzzers read it)."""
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             for operations in schema.get("paths", {}).values():
@@ -83,7 +84,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.metrics.watch(lambda: app.state.registry)
 
     if settings.api_key is None:
-        app.openapi = without_security(app)
+        app.openapi = without_security(app)  # type: ignore[method-assign]  # FastAPI's documented override
     install_error_handlers(app)
     for module in (health, models, generation, likelihood, metrics, demo):
         app.include_router(module.router)

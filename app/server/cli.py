@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # uvicorn and the app are imported when `pixelcnn serve` runs
+    import uvicorn
+    from fastapi import FastAPI
+
+    from .settings import Settings
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +38,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_serve)
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with every flag that was given taking precedence."""
     from .settings import Settings
 
@@ -45,7 +55,7 @@ def settings_from_args(args: argparse.Namespace):
     return Settings(**{key: value for key, value in flags.items() if value is not None})
 
 
-def draining_server_class():
+def draining_server_class() -> Callable[[uvicorn.Config, FastAPI, Settings], uvicorn.Server]:
     import asyncio
     import signal
 
@@ -56,28 +66,28 @@ def draining_server_class():
         (/ready 503, running requests finish, then the rest end with an error event naming the shutdown),
         then uvicorn's own shutdown; a second signal stops at once. Exits 0 after a SIGTERM."""
 
-        def __init__(self, config, app, settings) -> None:
+        def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
             super().__init__(config)
             self.app, self.settings = app, settings
             self.loop: asyncio.AbstractEventLoop | None = None
             self.drain_task: asyncio.Task | None = None
 
-        def run(self, sockets=None) -> None:
+        def run(self, sockets: list[socket.socket] | None = None) -> None:
             # uvicorn re-raises a caught SIGTERM once it has stopped; a no-op handler makes that a clean exit.
             signal.signal(signal.SIGTERM, lambda *_: None)
             super().run(sockets)
 
-        async def serve(self, sockets=None) -> None:
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
             self.loop = asyncio.get_running_loop()
             await super().serve(sockets)
 
-        def handle_exit(self, sig, frame) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.drain_task is not None or self.loop is None:
                 return super().handle_exit(sig, frame)
             self.loop.call_soon_threadsafe(self._start_drain, sig, frame)
 
-        def _start_drain(self, sig, frame) -> None:
-            if self.drain_task is not None:
+        def _start_drain(self, sig: int, frame: FrameType | None) -> None:
+            if self.drain_task is not None or self.loop is None:
                 return
             drain = self.app.state.registry.drain(self.settings.shutdown_notice_s, self.settings.shutdown_timeout_s)
             self.drain_task = self.loop.create_task(drain)

@@ -132,7 +132,7 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> InvalidRequest:
 
 
 def from_pydantic(error: ValidationError) -> InvalidRequest:
-    return from_validation_errors(error.errors(include_url=False))
+    return from_validation_errors([dict(e) for e in error.errors(include_url=False)])
 
 
 _HTTP_TYPES = {
@@ -160,7 +160,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return await api_error(request, from_validation_errors(list(error.errors())))
+        return await api_error(request, from_validation_errors([dict(e) for e in error.errors()]))
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, error: QueueFullError) -> JSONResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -22,6 +22,7 @@ from app.engine import (
     EngineStoppedError,
     GenerationError,
     GenerationRequest,
+    LikelihoodResult,
     QueueFullError,
     RowEvent,
     SampleResult,
@@ -128,7 +129,7 @@ class GenerationRun:
             self.cancelled = True
             await self.stream.cancel()
 
-    async def events(self) -> AsyncIterator[RowEvent | SampleResult]:
+    async def events(self) -> AsyncGenerator[RowEvent | SampleResult, None]:
         """Engine events as they come; ends early (without the result) if the client has gone."""
         name, n = self.model.name, self.engine_request.n
         try:
@@ -211,7 +212,7 @@ def stream_error_body(error: Exception) -> dict[str, Any]:
     return error_body("internal", f"generation failed ({type(error).__name__}: {error})")
 
 
-async def score(model: ServedModel, images: np.ndarray, labels: list[int] | None) -> Any:
+async def score(model: ServedModel, images: np.ndarray, labels: list[int] | None) -> LikelihoodResult:
     """engine.likelihood with its errors mapped to the API's."""
     try:
         return await model.engine.likelihood(images, labels)

@@ -1,8 +1,8 @@
 """Prometheus metrics, in a CollectorRegistry of each app's own (so two apps in one process never clash).
 
 Request metrics come from an ASGI middleware (route template, not raw path, to bound label cardinality);
-engine gauges (queue size, active images, batch sizes) are read from `engine.stats()` at scrape time, so
-they cost nothing between scrapes.
+engine gauges (queue size, active images, batch sizes) are read from `engine.stats()` (an EngineStats) at
+scrape time, so they cost nothing between scrapes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.engine.stats import ENGINE_COUNTERS
+from app.engine.types import EngineStats, TimeSnapshot
 
 from .errors import REQUEST_ID
 
@@ -87,7 +87,7 @@ class EngineCollector(Collector):
             "mean images per decode step over the engine's recent window",
             labels=["model"],
         )
-        timings = {
+        timings: dict[str, HistogramMetricFamily] = {
             "queue_wait_seconds": HistogramMetricFamily(
                 "pixelcnn_queue_wait_seconds",
                 "from a generation request's arrival to its joining a decode batch",
@@ -99,51 +99,51 @@ class EngineCollector(Collector):
                 labels=["model"],
             ),
         }
-        extra: dict[str, Metric] = {}
+        extra: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        counters = EngineStats.counter_names()
         for model in served:
             loaded.add_metric([model.name, str(model.engine.running).lower()], 1)
             stats = model.engine.stats()
-            queue.add_metric([model.name], float(stats.get("queue_size", 0)))
-            active.add_metric([model.name], float(stats.get("active_images", 0)))
-            seen = stats.get("batch_sizes_seen")  # cumulative {size: decode steps}, when the engine keeps one
-            if isinstance(seen, Mapping) and seen:
-                buckets, total = _histogram(seen)
+            queue.add_metric([model.name], float(stats.queue_size))
+            active.add_metric([model.name], float(stats.active_images))
+            if stats.batch_sizes_seen:  # cumulative {size: decode steps}
+                buckets, total = _histogram(stats.batch_sizes_seen)
                 batches.add_metric([model.name], buckets, total)
             for key, family in timings.items():
-                histogram = stats.get("histograms", {}).get(key)
-                if histogram:
-                    family.add_metric([model.name], *_time_buckets(histogram))
-            recent = stats.get("recent_batch_sizes")  # a window of the last steps' sizes
-            if isinstance(recent, (list, tuple)) and recent:
+                histogram: TimeSnapshot = getattr(stats, key)
+                family.add_metric([model.name], *_time_buckets(histogram))
+            recent = stats.recent_batch_sizes  # a window of the last steps' sizes
+            if recent:
                 recent_mean.add_metric([model.name], sum(recent) / len(recent))
-            for key, value in stats.items():
-                if key in ("queue_size", "active_images") or isinstance(value, bool):
+            for key, value in stats.numbers().items():
+                if key in ("queue_size", "active_images"):
                     continue
-                if isinstance(value, (int, float)):
-                    name = f"pixelcnn_engine_{key}"
-                    if name not in extra:
-                        # Counts that only grow are counters (pixelcnn_engine_<key>_total), so that rate() and
-                        # increase() work on them; every other numeric stat is a gauge.
-                        family = CounterMetricFamily if key in ENGINE_COUNTERS else GaugeMetricFamily
-                        extra[name] = family(name, f"engine.stats()[{key!r}]", labels=["model"])
-                    extra[name].add_metric([model.name], float(value))
+                name = f"pixelcnn_engine_{key}"
+                if name not in extra:
+                    # Counts that only grow are counters (pixelcnn_engine_<key>_total), so that rate() and
+                    # increase() work on them; every other numeric stat is a gauge.
+                    kind = CounterMetricFamily if key in counters else GaugeMetricFamily
+                    extra[name] = kind(name, f"engine.stats().{key}", labels=["model"])
+                extra[name].add_metric([model.name], float(value))
         yield from (loaded, queue, active, batches, recent_mean, *timings.values(), *extra.values())
 
 
-def _time_buckets(histogram: Mapping) -> tuple[list[tuple[str, float]], float]:
-    """The engine's {bounds, counts per bound (+ one above), sum} -> cumulative Prometheus buckets, sum."""
-    buckets, cumulative = [], 0
-    for bound, count in zip(histogram["bounds"], histogram["counts"]):
+def _time_buckets(histogram: TimeSnapshot) -> tuple[list[tuple[str, float]], float]:
+    """The engine's bounds, counts per bound (+ one above) and sum -> cumulative Prometheus buckets, sum."""
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, count in zip(histogram.bounds, histogram.counts):
         cumulative += count
         buckets.append((repr(float(bound)), cumulative))
-    buckets.append(("+Inf", cumulative + histogram["counts"][-1]))
-    return buckets, float(histogram["sum"])
+    buckets.append(("+Inf", cumulative + histogram.counts[-1]))
+    return buckets, float(histogram.sum_s)
 
 
-def _histogram(counts: Mapping) -> tuple[list[tuple[str, float]], float]:
+def _histogram(counts: Mapping[int, int]) -> tuple[list[tuple[str, float]], float]:
     """{batch size: steps} -> cumulative Prometheus buckets and the sum of sizes."""
     sizes = {int(size): int(n) for size, n in counts.items()}
-    buckets, cumulative = [], 0
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
     for bound in COUNT_BUCKETS:
         cumulative = sum(n for size, n in sizes.items() if size <= bound)
         buckets.append((str(bound), cumulative))

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
+from app.engine.types import LikelihoodResult, SampleResult
 from app.imaging import enlarge, picture, png_bytes
+from app.model.likelihood import bits_per_dim
 
 from .registry import ServedModel
 
 Format = Literal["json", "png", "sse"]
-_MEDIA = {
+_MEDIA: dict[str, Format] = {
     "application/json": "json",
     "image/png": "png",
     "text/event-stream": "sse",
@@ -63,17 +65,13 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def png_b64(image, scale: int) -> str:
+def png_b64(image: npt.NDArray[np.uint8], scale: int) -> str:
     return b64(png_bytes(enlarge(image, scale)))
-
-
-def bits_per_dim(nats: float, dims: int) -> float:
-    return nats / (dims * math.log(2)) if dims else 0.0
 
 
 def generation_body(
     model: ServedModel,
-    result: Any,
+    result: SampleResult,
     seed: int,
     temperature: float,
     elapsed_s: float,
@@ -128,11 +126,11 @@ def sse_event(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def row_data(row: int, pixels) -> dict[str, Any]:
+def row_data(row: int, pixels: npt.NDArray[np.uint8]) -> dict[str, Any]:
     return {"row": row, "pixels": np.asarray(pixels).tolist()}
 
 
-def likelihood_body(model: ServedModel, result: Any, per_pixel: bool, scale: int = 1) -> dict[str, Any]:
+def likelihood_body(model: ServedModel, result: LikelihoodResult, per_pixel: bool, scale: int = 1) -> dict[str, Any]:
     """The JSON response of /likelihood from the engine's LikelihoodResult."""
     config = model.config
     nll = np.asarray(result.nll_nats).tolist()

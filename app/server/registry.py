@@ -15,22 +15,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 
-from app.model import ModelConfig, pick_device
+from app.model import ModelConfig, PixelCNNModel, pick_device
 from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 from .errors import NotFound, NotReady
 from .settings import DEFAULT_MODEL, Settings
 
+if TYPE_CHECKING:
+    from app.engine import Engine
+
 log = logging.getLogger("pixelcnn.server")
 
-EngineFactory = Callable[[Any, Settings], Any]  # (a loaded model, the settings) -> its engine
+EngineFactory = Callable[[PixelCNNModel, Settings], "Engine"]  # (a loaded model, the settings) -> its engine
 
 
-def default_engine_factory(model: Any, settings: Settings):
+def default_engine_factory(model: PixelCNNModel, settings: Settings) -> Engine:
     from app.engine import Engine
 
     lanes = settings.lanes_for(next(model.parameters()).device.type)
@@ -48,7 +51,7 @@ class ServedModel:
     name: str
     path: Path
     config: ModelConfig
-    engine: Any  # app.engine.Engine (duck-typed so tests can wrap it)
+    engine: Engine
     parameters: int
     metrics: dict | None  # metrics.json without its long training history
 
@@ -58,12 +61,9 @@ class ServedModel:
         return self.engine.numerics
 
     def class_name(self, label: int | None) -> str | None:
-        if label is None:
-            return None
-        names = self.config.class_names
-        return names[label] if label < len(names) else str(label)
+        return None if label is None else self.config.class_name(label)
 
-    def describe(self, default: bool) -> dict[str, Any]:
+    def describe(self, default: bool) -> dict[str, object]:
         c = self.config
         return {
             "name": self.name,
@@ -74,6 +74,9 @@ class ServedModel:
             "parameters": self.parameters,
             "metrics": self.metrics,
             "default": default,
+            # metrics.json may say what a model is for: "role": "baseline" marks one shipped only to compare.
+            "baseline": (self.metrics or {}).get("role") == "baseline",
+            "note": (self.metrics or {}).get("note"),
         }
 
 
@@ -132,7 +135,7 @@ class ModelRegistry:
         """Any generation waiting or running, or likelihood pass in flight, in any engine."""
         for model in self.models.values():
             stats = model.engine.stats()
-            if stats.get("queue_size") or stats.get("active_requests") or stats.get("likelihood_in_flight"):
+            if stats.queue_size or stats.active_requests or stats.likelihood_in_flight:
                 return True
         return False
 
@@ -189,7 +192,7 @@ def read_metrics(folder: Path) -> dict | None:
 class LoadedModel:
     name: str
     path: Path
-    model: Any  # a PixelCNN (torch.nn.Module) in eval mode
+    model: PixelCNNModel  # in eval mode
     metrics: dict | None
 
 

@@ -6,7 +6,8 @@ silently ignored option.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,6 +17,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
 )
 
@@ -27,7 +29,7 @@ Label = StrictInt | StrictStr  # strict: JSON true is not class 1, 1.0 is not a 
 LABEL_TYPE_ERROR = "must be a class index (integer), a class name (string), or a list of them"
 
 
-def check_label_type(value, handler):
+def check_label_type(value: object, handler: ValidatorFunctionWrapHandler) -> object:
     """One clear message instead of pydantic's error per union member."""
     try:
         return handler(value)
@@ -35,11 +37,11 @@ def check_label_type(value, handler):
         raise ValueError(LABEL_TYPE_ERROR) from None
 
 
-def in_range(low: float, high: float | None = None):
+def in_range(low: float, high: float | None = None) -> Callable[[object, ValidatorFunctionWrapHandler], object]:
     """A wrap validator that states the whole range (pydantic's message names only the bound crossed)."""
     expected = f"must be at least {low}" if high is None else f"must be between {low} and {high}"
 
-    def check(value, handler):
+    def check(value: object, handler: ValidatorFunctionWrapHandler) -> object:
         try:
             return handler(value)
         except ValidationError as error:
@@ -50,7 +52,7 @@ def in_range(low: float, high: float | None = None):
     return check
 
 
-def json_bool(value, info: ValidationInfo):
+def json_bool(value: object, info: ValidationInfo) -> object:
     """A JSON boolean is true or false, not 0 or "yes" (the schema says boolean); multipart form fields are
     text, so there "true"/"false" (and pydantic's other spellings) are parsed as usual."""
     if isinstance(value, bool) or (isinstance(value, str) and (info.context or {}).get("form")):
@@ -58,11 +60,11 @@ def json_bool(value, info: ValidationInfo):
     raise ValueError("must be true or false")
 
 
-def json_typed(kind: str):
+def json_typed(kind: str) -> Callable[[object, ValidationInfo], object]:
     """A before-validator: a JSON number is a number, not true/false or a string ("3"), as the schema
     says; multipart form fields are text, so there strings are parsed as usual."""
 
-    def check(value, info: ValidationInfo):
+    def check(value: object, info: ValidationInfo) -> object:
         if isinstance(value, bool) or (isinstance(value, str) and not (info.context or {}).get("form")):
             raise ValueError(f"must be {kind}")
         return value
@@ -215,6 +217,8 @@ class ModelInfo(BaseModel):
     parameters: int
     metrics: dict | None
     default: bool
+    baseline: bool = Field(False, description="shipped only to compare with (metrics.json role: baseline)")
+    note: str | None = Field(None, description="what the model is, in a sentence (metrics.json note)")
 
 
 class LikelihoodOut(BaseModel):
@@ -244,7 +248,7 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid input"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "unknown model"},

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
 
     @field_validator("cors_origins", mode="before")
     @classmethod
-    def _split_origins(cls, value):
+    def _split_origins(cls, value: object) -> object:
         """Accept "a,b" from the environment as well as a list."""
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value):
+    def _empty_key_is_none(cls, value: object) -> object:
         """PIXELCNN_API_KEY= (empty) means no key, not a key that is the empty string."""
         return None if value == "" else value
 

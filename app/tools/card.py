@@ -24,7 +24,7 @@ def sample_grid(model, path: Path, per_class: int, seed: int) -> None:
     config = model.config
     classes = config.num_classes if config.conditional else 1
     labels = torch.arange(classes).repeat_interleave(per_class) if config.conditional else None
-    result = sample_cached(model, classes * per_class, labels=labels, generator=torch.Generator().manual_seed(seed))
+    result = sample_cached(model, classes * per_class, labels=labels, seed=seed)
     save_grid(result.images, path, columns=per_class, scale=2)
 
 
@@ -43,7 +43,7 @@ def completion_grid(model, path: Path, dataset: str, count: int, samples: int, s
             labels=labels,
             known=image,
             known_rows=rows,
-            generator=torch.Generator().manual_seed(seed + k),
+            seed=seed + k,
         )
         top = image.clone()
         top[:, :, rows:] = 0

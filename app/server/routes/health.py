@@ -24,7 +24,7 @@ async def health() -> dict:
 async def ready(registry: RegistryDep) -> JSONResponse:
     reason = registry.not_ready_reason
     if reason is not None:
-        body = {
+        body: dict[str, object] = {
             "status": "not_ready",
             "reason": reason,
             "models": sorted(registry.models),

@@ -195,7 +195,8 @@ function describeModel(model) {
   const parts = [`${model.arch === "gated" ? "Gated PixelCNN" : "PixelCNN"}`, `${w}×${h}${c === 3 ? " colour" : ""}`];
   if (model.metrics?.dataset) parts.push(`trained on ${model.metrics.dataset}`);
   if (typeof bits === "number") parts.push(`${bits.toFixed(3)} bits/dim on its test set`);
-  return parts.join(" · ");
+  const summary = parts.join(" · ");
+  return model.note ? `${summary}. ${model.note}` : summary;
 }
 
 function selectModel(name) {
@@ -219,7 +220,10 @@ async function loadModels() {
     showError(document.getElementById("page-error"), "The server has no model loaded.");
     return;
   }
-  for (const model of state.models) select.append(element("option", { value: model.name, text: model.name }));
+  for (const model of state.models) {
+    const text = model.baseline ? `${model.name} (baseline, not for use)` : model.name;
+    select.append(element("option", { value: model.name, text }));
+  }
   select.value = (state.models.find((model) => model.default) ?? state.models[0]).name;
   select.addEventListener("change", () => selectModel(select.value));
   selectModel(select.value);
