@@ -68,9 +68,8 @@ class RowLoop:
     def numerics(self) -> str:
         """Which arithmetic draws the images, and whether its numbers are the same bits on every machine
         ("portable") or only on this one ("local"): a client replaying a seed elsewhere compares these."""
-        return (
-            f"{self.name}/{self.device.type}/{str(self.impl.decoder.head.hidden_w.dtype).removeprefix('torch.')}; local"
-        )
+        dtype = str(self.impl.decoder.head.hidden_w.dtype).removeprefix("torch.")
+        return f"{self.name}/{self.device.type}/{dtype}; local"
 
     def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
         """Caches for decoding row `known_rows` onwards, by the cached model's torch prefill. One image at a
