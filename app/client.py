@@ -114,12 +114,21 @@ class PixelCNNClient:
         seed: int | None = None,
         model: str | None = None,
         label_mode: str | None = None,
+        pixels: int | None = None,
     ) -> dict:
-        """Keep the top `rows` rows of `image` (bytes of an image file, or its path) and generate the rest.
+        """Keep the top `rows` rows of `image` (bytes of an image file, or its path) and generate the rest;
+        `pixels` instead keeps that many pixels in raster order (the kept part may end mid-row).
         Without `label`, a conditional model draws each image's class from p(class | kept rows) (reported
         as class_probabilities) or, with label_mode="prior", uniformly."""
         data = _form(
-            model=model, rows=rows, n=n, label=label, temperature=temperature, seed=seed, label_mode=label_mode
+            model=model,
+            rows=rows,
+            n=n,
+            label=label,
+            temperature=temperature,
+            seed=seed,
+            label_mode=label_mode,
+            pixels=pixels,
         )
         return self._json(self._http.post("/complete", data=data, files=[_file("image", image)]))
 
@@ -133,6 +142,7 @@ class PixelCNNClient:
         seed: int | None = None,
         model: str | None = None,
         label_mode: str | None = None,
+        pixels: int | None = None,
     ) -> Iterator[dict]:
         data = _form(
             model=model,
@@ -142,6 +152,7 @@ class PixelCNNClient:
             temperature=temperature,
             seed=seed,
             label_mode=label_mode,
+            pixels=pixels,
             stream=True,
         )
         yield from self._stream("POST", "/complete", data=data, files=[_file("image", image)])

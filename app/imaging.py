@@ -93,3 +93,36 @@ def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndar
             f"could not use a {picture.mode} image ({error}); expected grayscale, RGB, RGBA, palette or 16-bit"
         ) from None
     return np.ascontiguousarray(array)
+
+
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def encode_image(image, fmt: str, quality: int | None = None) -> bytes:
+    """uint8 (C, H, W) -> an image file in `fmt` (png, jpeg or webp). PNG is exact; JPEG and WebP compress
+    with `quality` 0..100 (WebP without it is lossless, so exact too; JPEG without it uses quality 95)."""
+    if fmt == "png":
+        return png_bytes(image)
+    buffer = io.BytesIO()
+    if fmt == "webp" and quality is None:
+        to_pil(image).save(buffer, format="WEBP", lossless=True)
+    else:
+        to_pil(image).save(buffer, format=IMAGE_FORMATS[fmt], quality=95 if quality is None else quality)
+    return buffer.getvalue()
+
+
+def decode_alpha(data: bytes, height: int, width: int) -> np.ndarray | None:
+    """The alpha channel of an image file, uint8 (H, W), or None if it has none (palette transparency
+    counts as alpha). ImageDecodeError for unreadable files or the wrong size, as decode_image."""
+    try:
+        picture = Image.open(io.BytesIO(data))
+        picture.load()
+    except Exception as error:  # PIL raises many types for bad bytes
+        raise ImageDecodeError(f"could not read the image ({error}); expected a PNG or WebP file with alpha") from None
+    if picture.size != (width, height):
+        raise ImageDecodeError(f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}")
+    if picture.mode == "P" and "transparency" in picture.info:
+        picture = picture.convert("RGBA")
+    if picture.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return None
+    return np.array(picture.getchannel("A"))

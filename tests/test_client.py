@@ -78,6 +78,10 @@ def test_complete_from_bytes_and_path(client, tmp_path):
     from_path = client.complete(path, rows=3, n=2, seed=4)
     from_bytes = client.complete(png_bytes(known), rows=3, n=2, seed=4)
     assert pixels(from_path) == pixels(from_bytes) and from_path["known_rows"] == 3
+    mid_row = client.complete(path, pixels=19, seed=4)  # 2 rows and 3 pixels of the third
+    assert mid_row["known_pixels"] == 19 and torch.equal(
+        png_tensor(mid_row["images"][0]["png"])[0, 2, :3], known[0, 2, :3]
+    )
     for image in from_path["images"]:
         assert torch.equal(png_tensor(image["png"])[:, :3], known[:, :3])
     streamed = list(client.stream_complete(path, rows=6, seed=4))

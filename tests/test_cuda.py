@@ -27,6 +27,20 @@ def test_cuda_cached_sampling_with_graphs_equals_naive(arch, channels):
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
+@pytest.mark.parametrize("arch,channels", ARCH_CHANNELS)
+def test_cuda_partial_row_completion_equals_naive(arch, channels):
+    """Kept pixels ending mid-row: the first row runs outside the graphs (forced values), the rest in them."""
+    model = tiny_model(arch, channels, size=6, num_classes=3, seed=33).cuda()
+    sampler = CachedSampler(model)
+    known = torch.randint(0, 256, (3, channels, 6, 6), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    for kept in (4, 15):
+        cached = sample_cached(
+            model, 3, seed=kept, known=known, known_rows=kept // 6, known_columns=kept % 6, sampler=sampler
+        )
+        naive = sample_naive(model, 3, seed=kept, known=known, known_pixels=kept)
+        assert torch.equal(cached.images, naive.images) and torch.equal(cached.labels, naive.labels)
+
+
 def test_cuda_graphs_are_captured_when_the_engine_starts():
     import asyncio
 

@@ -199,6 +199,7 @@ def _load() -> ctypes.CDLL | None:
         pointer,
         pointer,
         pointer,
+        pointer,
     ]
     library.gated_begin_row.restype = ctypes.c_int
     library.gated_begin_row.argtypes = [ctypes.POINTER(GatedVertical), ctypes.c_int32, *[pointers] * 5]
@@ -211,6 +212,7 @@ def _load() -> ctypes.CDLL | None:
         pointer,
         pointer,
         pointers,
+        pointer,
         pointer,
         pointer,
         pointer,
@@ -256,8 +258,9 @@ class NativeDecoder:
         self._keep.append(array)
         return array
 
-    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int) -> int:
-        """The C row loop on `batch` images; `outputs`: the addresses of uniforms, temperature, row, log p."""
+    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int | None) -> int:
+        """The C row loop on `batch` images; `outputs`: the addresses of uniforms, temperature, row, log p
+        and the forced sub-pixels (None: NULL, none forced)."""
         raise NotImplementedError
 
     def __call__(
@@ -267,6 +270,7 @@ class NativeDecoder:
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
         if not all(t.is_contiguous() and t.dtype == torch.float32 for t in state):
             raise ValueError("the native row kernel needs contiguous float32 caches (it writes into them in place)")
@@ -274,8 +278,15 @@ class NativeDecoder:
             raise ValueError("the native row kernel needs contiguous outputs")
         uniforms = uniforms.to(torch.float64).contiguous()
         temperature = temperature.to(torch.float64).reshape(-1).contiguous()
+        forced = None if forced is None else forced.to(torch.int64).contiguous()  # kept sub-pixels, or NULL
         status = self._run(
-            state, row.shape[0], uniforms.data_ptr(), temperature.data_ptr(), row.data_ptr(), log_prob.data_ptr()
+            state,
+            row.shape[0],
+            uniforms.data_ptr(),
+            temperature.data_ptr(),
+            row.data_ptr(),
+            log_prob.data_ptr(),
+            None if forced is None else forced.data_ptr(),
         )
         if status != 0:
             raise MemoryError("the native row kernel could not allocate its scratch memory")
@@ -305,7 +316,7 @@ class NativeGatedDecoder(NativeDecoder):
             self._tensors(head.logits_b),
         )
 
-    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int) -> int:
+    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int | None) -> int:
         return self._library.gated_decode_row(
             ctypes.byref(self._weights),
             batch,
@@ -342,7 +353,7 @@ class NativePixelCNNDecoder(NativeDecoder):
             self._tensors(head.logits_b),
         )
 
-    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int) -> int:
+    def _run(self, state: list[torch.Tensor], batch: int, *outputs: int | None) -> int:
         return self._library.pixelcnn_decode_row(
             ctypes.byref(self._weights), batch, state[0].data_ptr(), state[1].data_ptr(), _pointers(state[2:]), *outputs
         )

@@ -24,7 +24,7 @@ from app.model.gated import GatedPixelCNN
 from .cache import DecodeCache
 from .cached_models import CachedGated, CachedPixelCNN
 from .posterior import infer_labels
-from .protocol import row_uniforms, start_sampling
+from .protocol import forced_row, row_uniforms, start_sampling
 from .row_loops import Target, choose_row_loop, exact_execution, script
 
 
@@ -83,11 +83,17 @@ class CachedSampler:
 
     @torch.no_grad()
     def decode_row(
-        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw one row for every image in the batch; `state` moves on to the next row.
 
-        uniforms (B, C, W) float64, temperature (B, 1) -> values int64 (B, C, W), log p of the row (B,)."""
+        uniforms (B, C, W) float64, temperature (B, 1) -> values int64 (B, C, W), log p of the row (B,).
+        forced int64 (B, C, W), if given: values >= 0 are kept sub-pixels, taken instead of drawn and not
+        counted in log p (protocol.forced_row)."""
         b = state.batch
         padded = self.padded_batch(b)
         work = state
@@ -95,7 +101,9 @@ class CachedSampler:
             work = state.select(torch.cat([torch.arange(b), torch.zeros(padded - b, dtype=torch.long)]).to(self.device))
             uniforms = torch.cat([uniforms, uniforms.new_full((padded - b, *uniforms.shape[1:]), 0.5)])
             temperature = torch.cat([temperature, temperature.new_ones((padded - b, 1))])
-        row, log_prob = self._decode_row(work, uniforms, temperature)
+            if forced is not None:
+                forced = torch.cat([forced, forced.new_full((padded - b, *forced.shape[1:]), -1)])
+        row, log_prob = self._decode_row(work, uniforms, temperature, forced)
         if padded != b:
             kept = work.select(torch.arange(b, device=self.device))
             for f in fields(state):
@@ -103,10 +111,10 @@ class CachedSampler:
         return row[:b], log_prob[:b]
 
     def _decode_row(
-        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor
+        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor, forced: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.row_loop.begin_row(state)
-        row, log_prob = self.row_loop.draw_row(state, uniforms, temperature)
+        row, log_prob = self.row_loop.draw_row(state, uniforms, temperature, forced)
         self.row_loop.end_row(state, row)
         return row, log_prob
 
@@ -133,24 +141,27 @@ def iter_sample(
     known_rows: int = 0,
     sampler: CachedSampler | None = None,
     label_mode: str = "posterior",
+    known_columns: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor] | Samples]:
-    """Yield (row index, uint8 row (n, C, W)) as each row is final, then the Samples.
+    """Yield (row index, uint8 row (n, C, W)) as each row is final, then the Samples. Kept pixels:
+    rows < known_rows of `known`, and the first `known_columns` pixels of row known_rows.
 
     Same protocol (and so the same images) as app.model.sample_naive."""
     config = model.config
     sampler = sampler or CachedSampler(model)
     streams, labels, canvas, infer = start_sampling(
-        config, n, labels, temperature, seed, known, known_rows, sampler.device, label_mode
+        config, n, labels, temperature, seed, known, known_rows, sampler.device, label_mode, known_columns
     )
     class_log_probs = None
     if infer:
-        labels, class_log_probs = infer_labels(model, streams, canvas, known_rows)
+        labels, class_log_probs = infer_labels(model, streams, canvas, known_rows, known_columns)
     state = sampler.prefill(canvas, labels, known_rows)
     temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
     log_prob = torch.zeros(n, dtype=torch.float64, device=sampler.device)
     for i in range(known_rows, config.height):
         uniforms = row_uniforms(streams, config.image_channels, config.width)
-        row, lp = sampler.decode_row(state, uniforms, temperatures)
+        forced = forced_row(canvas, i, known_columns) if i == known_rows else None
+        row, lp = sampler.decode_row(state, uniforms, temperatures, forced)
         canvas[:, :, i] = row
         log_prob += lp
         yield i, row.to(torch.uint8).cpu()

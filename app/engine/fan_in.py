@@ -126,6 +126,8 @@ class Shard:
     canvas: torch.Tensor  # int64 (m, C, H, W) on the engine's device: the known rows, for the prefill
     row: int  # the next row to draw
     infer_labels: bool = False  # draw `labels` from the kept rows' posterior before the prefill
+    # int64 (m, C, W): the kept sub-pixels of the first row drawn (protocol.forced_row), until it is drawn
+    forced: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

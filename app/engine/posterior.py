@@ -54,9 +54,15 @@ def class_posterior(log_likelihoods: torch.Tensor) -> torch.Tensor:
 
 
 def infer_labels(
-    model: PixelCNNModel, streams: list[np.random.Generator], canvas: torch.Tensor, known_rows: int
+    model: PixelCNNModel,
+    streams: list[np.random.Generator],
+    canvas: torch.Tensor,
+    known_rows: int,
+    known_columns: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2 of the protocol for a completion without labels: each image's class drawn from its posterior
-    with its own stream. Returns (labels int64 (n,), log p(y | kept) float64 (n, K))."""
-    class_log_probs = class_posterior(kept_log_likelihoods(model, canvas, known_rows * model.config.width))
+    with its own stream. The kept pixels: rows < known_rows and the first known_columns of row known_rows.
+    Returns (labels int64 (n,), log p(y | kept) float64 (n, K))."""
+    known_pixels = known_rows * model.config.width + known_columns
+    class_log_probs = class_posterior(kept_log_likelihoods(model, canvas, known_pixels))
     return draw_labels(streams, class_log_probs), class_log_probs

@@ -11,6 +11,9 @@
    Sub-pixel (c, j) of image k is then the inverse CDF of softmax(logits / T) at U[c, j]: the first level
    whose cumulative probability exceeds U times the total (the total is 1 up to rounding; scaling by it
    means a level of probability 0 is never drawn).
+   A completion whose kept pixels end mid-row (known_columns pixels of its first generated row are kept)
+   draws that row's uniforms as any other; its kept sub-pixels take their known values instead of the
+   drawn ones (teacher forcing) and add nothing to log_prob, which counts generated sub-pixels only.
 An image's numbers therefore depend only on (seed, k), never on how many images its request has or on
 which of them are drawn together: the scheduler may split a request across decode lanes and the images
 stay the same, and image k of a request of n is image k of any longer request with the same seed.
@@ -76,12 +79,12 @@ def check_labels(config: ModelConfig, n: int, labels: LabelsIn) -> torch.Tensor 
 LABEL_MODES = ("posterior", "prior")  # how a completion without labels draws its class (step 2)
 
 
-def infers_labels(config: ModelConfig, labels: object, known_rows: int, label_mode: str) -> bool:
+def infers_labels(config: ModelConfig, labels: object, known_pixels: int, label_mode: str) -> bool:
     """Whether step 2 draws the labels from the posterior of the kept pixels (which needs a model pass,
     done where the model runs) instead of from the prior."""
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}")
-    return config.conditional and labels is None and known_rows > 0 and label_mode == "posterior"
+    return config.conditional and labels is None and known_pixels > 0 and label_mode == "posterior"
 
 
 def resolve_labels(config: ModelConfig, labels: LabelsIn, streams: list[np.random.Generator]) -> torch.Tensor | None:
@@ -122,21 +125,43 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor
 
 
 def prepare_canvas(
-    config: ModelConfig, n: int, known: ImagesIn | None, known_rows: int, device: torch.device
+    config: ModelConfig,
+    n: int,
+    known: ImagesIn | None,
+    known_rows: int,
+    device: torch.device,
+    known_columns: int = 0,
 ) -> torch.Tensor:
-    """The image being generated, int64 (n, C, H, W): known rows copied in, the rest zero."""
+    """The image being generated, int64 (n, C, H, W): known rows copied in, and the first `known_columns`
+    pixels of row `known_rows` (kept pixels that end mid-row), the rest zero."""
     canvas = torch.zeros((n, *config.shape), dtype=torch.long, device=device)
     if known is None:
-        if known_rows:
-            raise ValueError("known_rows needs a known image")
+        if known_rows or known_columns:
+            raise ValueError("known_rows and known_columns need a known image")
         return canvas
     known = torch.as_tensor(known)
     if tuple(known.shape[1:]) != config.shape or known.shape[0] not in (1, n):
         raise ValueError(f"known image must have shape (1 or {n}, {', '.join(map(str, config.shape))})")
     if not 0 <= known_rows <= config.height:
         raise ValueError(f"known_rows must be in 0..{config.height}, got {known_rows}")
+    if known_columns and not (0 < known_columns < config.width and known_rows < config.height):
+        raise ValueError(f"known_columns must be in 0..{config.width - 1} and leave a row to draw, got {known_columns}")
     canvas[:, :, :known_rows] = known[:, :, :known_rows].to(device=device, dtype=torch.long)
+    if known_columns:
+        kept = known[:, :, known_rows, :known_columns]
+        canvas[:, :, known_rows, :known_columns] = kept.to(device=device, dtype=torch.long)
     return canvas
+
+
+def forced_row(canvas: torch.Tensor, row: int, known_columns: int) -> torch.Tensor | None:
+    """The sub-pixels of row `row` a sampler must not draw (step 3, kept pixels that end mid-row): int64
+    (n, C, W) on the CPU, the kept values in columns < known_columns and -1 (drawn) after them; None
+    when no pixel of the row is kept."""
+    if not known_columns:
+        return None
+    forced = torch.full_like(canvas[:, :, row], -1).cpu()
+    forced[:, :, :known_columns] = canvas[:, :, row, :known_columns].cpu()
+    return forced
 
 
 def start_sampling(
@@ -149,6 +174,7 @@ def start_sampling(
     known_rows: int,
     device: torch.device,
     label_mode: str = "posterior",
+    known_columns: int = 0,
 ) -> tuple[list[np.random.Generator], torch.Tensor | None, torch.Tensor, bool]:
     """Steps 1 and 2 of the protocol: check the arguments, make each image's stream, resolve (or draw) the
     labels, and lay out the canvas. Returns (streams, labels, canvas, infer): with `infer`, the labels are
@@ -156,8 +182,8 @@ def start_sampling(
     check_temperature(temperature)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    canvas = prepare_canvas(config, n, known, known_rows, device)
+    canvas = prepare_canvas(config, n, known, known_rows, device, known_columns)
     streams = image_streams(seed, n)
-    if infers_labels(config, labels, known_rows, label_mode):
+    if infers_labels(config, labels, known_rows * config.width + known_columns, label_mode):
         return streams, None, canvas, True
     return streams, resolve_labels(config, labels, streams), canvas, False

@@ -47,14 +47,26 @@ class RowDecoder(nn.Module):
     """Draws one row of every image in the batch; subclasses define `step` and `write`."""
 
     def forward(
-        self, state: list[Tensor], uniforms: Tensor, temperature: Tensor, row: Tensor, log_prob: Tensor
+        self,
+        state: list[Tensor],
+        uniforms: Tensor,
+        temperature: Tensor,
+        row: Tensor,
+        log_prob: Tensor,
+        forced: Tensor | None = None,
     ) -> None:
         """uniforms float64 (B, C, W), temperature float64 (B, 1); writes the values into row int64 (B, C, W)
-        and adds their log p to log_prob (B,)."""
+        and adds their log p to log_prob (B,). forced int64 (B, C, W), if given: its values >= 0 are kept
+        sub-pixels, written instead of the drawn ones and not counted in log_prob (protocol step 3)."""
         for j in range(uniforms.shape[2]):
             for colour in range(uniforms.shape[1]):
                 logits = self.step(state, j, colour)
                 values, lp = draw(logits, uniforms[:, colour, j], temperature)
+                if forced is not None:
+                    kept = forced[:, colour, j]
+                    drawn = kept < 0
+                    values = torch.where(drawn, values, kept)
+                    lp = torch.where(drawn, lp, torch.zeros_like(lp))
                 self.write(state, j, colour, values)
                 row[:, colour, j] = values
                 log_prob += lp

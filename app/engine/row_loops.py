@@ -97,18 +97,25 @@ class RowLoop:
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
-        """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place."""
+        """The per-sub-pixel loop of one row, writing into `row` and adding to `log_prob` in place; `forced`
+        int64 (B, C, W): values >= 0 are kept sub-pixels, written instead of drawn (protocol step 3)."""
         raise NotImplementedError
 
     def draw_row(
-        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-sub-pixel loop into new tensors: values int64 (B, C, W), log p (B,) float64."""
         config = self.impl.config
         row = torch.empty((state.batch, config.image_channels, config.width), dtype=torch.long, device=self.device)
         log_prob = torch.zeros(state.batch, dtype=torch.float64, device=self.device)
-        self.fill_row(state, uniforms.to(self.device), temperature.to(self.device), row, log_prob)
+        forced = None if forced is None else forced.to(self.device)
+        self.fill_row(state, uniforms.to(self.device), temperature.to(self.device), row, log_prob, forced)
         return row, log_prob
 
     def prepare(self) -> None:
@@ -166,8 +173,9 @@ class CKernelRows(RowLoop):
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
-        self.pixels(self.impl.row_state(state), uniforms, temperature, row, log_prob)
+        self.pixels(self.impl.row_state(state), uniforms, temperature, row, log_prob, forced)
 
 
 class TorchRows(RowLoop):
@@ -199,9 +207,10 @@ class TorchRows(RowLoop):
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
         with exact_execution():
-            self.decoder(self.impl.row_state(state), uniforms, temperature, row, log_prob)
+            self.decoder(self.impl.row_state(state), uniforms, temperature, row, log_prob, forced)
 
 
 class StaticRows(RowLoop):
@@ -248,14 +257,22 @@ class StaticRows(RowLoop):
         temperature: torch.Tensor,
         row: torch.Tensor,
         log_prob: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> None:
-        self.inner.fill_row(state, uniforms, temperature, row, log_prob)
+        self.inner.fill_row(state, uniforms, temperature, row, log_prob, forced)
 
     def draw_row(
-        self, state: DecodeCache, uniforms: torch.Tensor, temperature: torch.Tensor
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        forced: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if state.batch > self.buckets[-1]:
-            return self.inner.draw_row(state, uniforms, temperature)
+        # A row with kept sub-pixels (a completion's first row, once per such request) runs the wrapped
+        # loop directly: the recorded graphs know no forced values, and the wrapped loop at the same
+        # padded batch computes the same numbers.
+        if state.batch > self.buckets[-1] or forced is not None:
+            return self.inner.draw_row(state, uniforms, temperature, forced)
         with self.lock:
             return self._run(state, uniforms, temperature)
 

@@ -32,7 +32,7 @@ from .cache import DecodeCache
 from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
 from .posterior import infer_labels
-from .protocol import ImagesIn, LabelsIn, row_uniforms, start_sampling
+from .protocol import ImagesIn, LabelsIn, forced_row, row_uniforms, start_sampling
 from .scoring import Scorer
 from .stats import TimeHistogram
 from .stream import Stream, StreamItem
@@ -204,7 +204,9 @@ class Engine:
             request.known_rows,
             self.device,
             request.label_mode,
+            request.known_columns,
         )
+        forced = forced_row(canvas, request.known_rows, request.known_columns)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
 
@@ -229,6 +231,7 @@ class Engine:
                 canvas[a:b],
                 request.known_rows,
                 infer_labels=infer,
+                forced=None if forced is None else forced[a:b],
             )
             for a, b in itertools.pairwise(bounds)
         ]
@@ -343,7 +346,10 @@ class Engine:
             pending.remove(shard)
             try:  # prefill: one pass over the known rows fills this shard's caches
                 if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
-                    shard.labels, class_log_probs = infer_labels(self.model, shard.streams, shard.canvas, shard.row)
+                    known_columns = shard.owner.request.known_columns
+                    shard.labels, class_log_probs = infer_labels(
+                        self.model, shard.streams, shard.canvas, shard.row, known_columns
+                    )
                     shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on
@@ -371,9 +377,13 @@ class Engine:
                 for shard in lane.active
             ]
         )
+        forced = None  # kept sub-pixels of a completion whose kept pixels end mid-row, in its first row
+        if any(shard.forced is not None for shard in lane.active):
+            drawn = -1  # every sub-pixel of the other shards' rows
+            forced = torch.cat([torch.full((s.n, c, w), drawn) if s.forced is None else s.forced for s in lane.active])
         step_started = time.perf_counter()
         assert lane.state is not None  # a lane with active shards has their caches
-        rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures)
+        rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures, forced)
         step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
@@ -391,6 +401,7 @@ class Engine:
                 continue
             shard.owner.row_done(shard, shard.row, rows_cpu[part], log_prob[part])
             shard.row += 1
+            shard.forced = None
             if shard.row == self.config.height:
                 done.append(shard)
                 continue

@@ -20,6 +20,8 @@ class GenerationRequest:
     temperature: float = 1.0
     known: npt.NDArray[np.uint8] | None = None  # uint8 (1 or n, C, H, W): image to complete
     known_rows: int = 0  # rows of `known` kept; generation starts at this row
+    # and the first known_columns pixels of row known_rows (kept pixels that end mid-row): teacher-forced
+    known_columns: int = 0
     label_mode: str = "posterior"  # a completion without labels: its class from the kept rows, or "prior"
 
 

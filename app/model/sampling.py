@@ -51,22 +51,28 @@ def sample_naive(
     known: torch.Tensor | None = None,
     known_rows: int = 0,
     label_mode: str = "posterior",
+    known_pixels: int | None = None,
 ) -> Samples:
     """With `known` (n or 1, C, H, W) and `known_rows` r, rows < r are kept and rows >= r are generated
-    conditioned on them (image completion). Without labels, a conditional model draws each completion's
-    class from p(y | kept rows) (label_mode "posterior") or uniformly ("prior")."""
+    conditioned on them (image completion); `known_pixels` p instead keeps the first p pixels in raster
+    order (all their channels), which may end mid-row: that row's kept sub-pixels keep their values and
+    their uniforms go unused. Without labels, a conditional model draws each completion's class from
+    p(y | kept pixels) (label_mode "posterior") or uniformly ("prior")."""
     config: ModelConfig = model.config
     device = next(model.parameters()).device
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     streams = [np.random.Generator(np.random.PCG64(child)) for child in np.random.SeedSequence(seed).spawn(n)]
     c, h, w = config.shape
+    kept_count = known_rows * w if known_pixels is None else known_pixels
+    kept = (torch.arange(h * w) < kept_count).reshape(h, w).to(device)  # (H, W): True where a pixel is kept
     canvas = torch.zeros((n, c, h, w), dtype=torch.long, device=device)
     if known is not None:
-        canvas[:, :, :known_rows] = torch.as_tensor(known)[:, :, :known_rows].to(device, torch.long)
+        given = torch.as_tensor(known).to(device, torch.long).expand(n, c, h, w)
+        canvas = torch.where(kept, given, canvas)
     class_log_probs = None
-    if config.conditional and labels is None and known_rows > 0 and label_mode == "posterior":
-        class_log_probs = posterior_of_kept_rows(model, canvas, known_rows)
+    if config.conditional and labels is None and kept_count > 0 and label_mode == "posterior":
+        class_log_probs = posterior_of_kept_rows(model, canvas, kept)
         labels = torch.stack(
             [
                 inverse_cdf(row[None], torch.tensor([stream.random()]), 1.0)[0]
@@ -79,9 +85,11 @@ def sample_naive(
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(n).clone()
     on_device_labels = None if labels is None else labels.to(device)
     log_prob = torch.zeros(n, dtype=torch.float64)
-    for i in range(known_rows, h):
+    for i in range(kept_count // w, h):
         u = torch.tensor(np.array([stream.random((c, w)) for stream in streams]), dtype=torch.float64)
         for j in range(w):
+            if kept[i, j]:
+                continue
             for colour in range(c):
                 logits = model(canvas, on_device_labels)[:, :, colour, i, j].double().cpu()  # (n, 256)
                 values = inverse_cdf(logits, u[:, colour, j], temperature)
@@ -90,9 +98,9 @@ def sample_naive(
     return Samples(canvas.to(torch.uint8).cpu(), labels, log_prob, class_log_probs)
 
 
-def posterior_of_kept_rows(model: nn.Module, canvas: torch.Tensor, known_rows: int) -> torch.Tensor:
-    """log p(y | rows < known_rows) (n, K), uniform prior: the full image scored under each class, one image
-    and one class at a time, with only the kept rows' log-probabilities counted."""
+def posterior_of_kept_rows(model: nn.Module, canvas: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """log p(y | kept pixels) (n, K), uniform prior, `kept` bool (H, W): the full image scored under each
+    class, one image and one class at a time, with only the kept pixels' log-probabilities counted."""
     config: ModelConfig = model.config
     out = torch.empty((canvas.shape[0], config.num_classes), dtype=torch.float64)
     for index in range(canvas.shape[0]):
@@ -101,5 +109,5 @@ def posterior_of_kept_rows(model: nn.Module, canvas: torch.Tensor, known_rows: i
             label = torch.tensor([y], device=image.device)
             log_p = torch.log_softmax(model(image, label).double(), dim=1)[0]  # (256, C, H, W)
             chosen = log_p.gather(0, image.long())[0]  # (C, H, W)
-            out[index, y] = chosen[:, :known_rows].sum()
+            out[index, y] = chosen[:, kept].sum()
     return torch.log_softmax(out, dim=1)

@@ -24,14 +24,16 @@ from .registry import (
     default_engine_factory,
     load_and_start,
 )
-from .routes import demo, generation, health, likelihood, metrics, models
+from .routes import demo, generation, health, inference_v2, likelihood, metrics, models, openai_images
 from .settings import Settings
 
 DESCRIPTION = """Sample, complete and score images with PixelCNN models.
 
-Errors always have the form `{"error": {"type", "message", "field"?}}`: 400 invalid_request (any bad
+Errors on the native routes have the form `{"error": {"type", "message", "field"?}}`: 400 invalid_request (any bad
 input), 401 unauthorized, 404 not_found, 413 payload_too_large, 415 unsupported_media_type,
-503 overloaded (with Retry-After) or not_ready.
+503 overloaded (with Retry-After) or not_ready. The protocol front ends answer in their protocols' formats:
+the OpenAI Images API under /v1 (`{"error": {"message", "type", "param", "code"}}`), the Open Inference
+Protocol V2 under /v2 (`{"error": "..."}`).
 """
 
 
@@ -86,7 +88,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     if settings.api_key is None:
         app.openapi = without_security(app)  # type: ignore[method-assign]  # FastAPI's documented override
     install_error_handlers(app)
-    for module in (health, models, generation, likelihood, metrics, demo):
+    for module in (health, models, generation, likelihood, metrics, demo, openai_images, inference_v2):
         app.include_router(module.router)
 
     # Added innermost first: CORS -> body limit -> metrics (outermost, so it sees 413s too).

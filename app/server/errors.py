@@ -5,12 +5,14 @@ one rule), 401 unauthorized, 404 not_found, 405 method_not_allowed, 413 payload_
 415 unsupported_media_type, 503 overloaded (with Retry-After), not_ready or timeout (past PIXELCNN_REQUEST_TIMEOUT_S), 500 engine_error (a prefill,
 decode step or likelihood pass failed, e.g. out of memory; the message says which) or internal (a bug,
 never bad input). Routes raise ApiError subclasses; the handlers below turn them, and the framework's own
-errors, into responses and count them in the failures metric.
+errors, into responses and count them in the failures metric. Under the protocol front ends' paths (/v1,
+/v2) the same errors are written in those protocols' formats (PROTOCOL_ERROR_FORMATS).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -88,6 +90,14 @@ class EngineFailed(ApiError):
     status, type = 500, "engine_error"
 
 
+class HttpError(ApiError):
+    """An error the framework raised (unknown route, wrong method) or a bug, with its own status."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, headers=dict(headers or {}))
+        self.status, self.type = status, type_
+
+
 class ClientDisconnected(ApiError):
     """The client left before the response was ready; nobody reads this answer (499 in nginx terms).
     GenerationRun.close() counts it, since a cancelled stream never reaches a handler."""
@@ -105,8 +115,25 @@ def error_body(type_: str, message: str, field: str | None = None) -> dict[str, 
     return {"error": error}
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def openai_error_body(error: ApiError) -> dict[str, Any]:
+    """OpenAI's format: the SDKs pick the exception class by status and show `message`."""
+    kind = "server_error" if error.status >= 500 else "invalid_request_error"
+    return {"error": {"message": error.message, "type": kind, "param": error.field, "code": error.type}}
+
+
+def inference_v2_error_body(error: ApiError) -> dict[str, Any]:
+    """The Open Inference Protocol's format: tritonclient raises InferenceServerException(body["error"])."""
+    return {"error": error.message}
+
+
+# Protocol front ends answer every error under their path prefix in their protocol's format (the clients
+# written for them parse nothing else); all other paths keep the server's own format.
+PROTOCOL_ERROR_FORMATS = {"/v1/": openai_error_body, "/v2": inference_v2_error_body}
+
+
+def error_response(error: ApiError, path: str = "") -> JSONResponse:
+    body = next((fmt(error) for prefix, fmt in PROTOCOL_ERROR_FORMATS.items() if path.startswith(prefix)), None)
+    return JSONResponse(body or error.body(), status_code=error.status, headers=error.headers)
 
 
 def from_validation_errors(errors: list[dict[str, Any]]) -> InvalidRequest:
@@ -156,7 +183,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         if not error.counted:
             count(request, error.type)
-        return error_response(error)
+        return error_response(error, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -183,11 +210,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         elif error.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        count(request, type_)
-        return JSONResponse(error_body(type_, message), status_code=error.status_code, headers=error.headers)
+        return await api_error(request, HttpError(error.status_code, type_, message, error.headers))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        count(request, "internal")
-        return JSONResponse(error_body("internal", f"internal server error ({type(error).__name__})"), status_code=500)
+        return await api_error(request, HttpError(500, "internal", f"internal server error ({type(error).__name__})"))

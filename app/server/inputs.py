@@ -137,18 +137,31 @@ def generation_request(
     known: np.ndarray | None = None,
     rows: int | None = None,
     label_mode: str = "posterior",
+    pixels: int | None = None,
 ) -> GenerationRequest:
     """The one step from validated fields (their static bounds are in the schemas) to the engine's typed
-    request: the rules that depend on the model or the settings live here, each once."""
+    request: the rules that depend on the model or the settings live here, each once. A completion keeps
+    `rows` whole rows or, instead, `pixels` pixels in raster order (which may end mid-row)."""
     limit = min(settings.max_images_per_request, settings.max_batch_images)
     if not fields.n <= limit:
         raise InvalidRequest(
             f"n must be between 1 and {limit} (the per-request image limit), got {fields.n}", field="n"
         )
-    known_rows = 0
+    known_rows = known_columns = 0
     if known is not None:
-        height = model.config.height
-        known_rows = height // 2 if rows is None else rows
+        height, width = model.config.height, model.config.width
+        if rows is not None and pixels is not None:
+            raise InvalidRequest("give rows (whole rows to keep) or pixels (pixels to keep), not both", field="pixels")
+        if pixels is not None:
+            if not pixels < height * width:
+                raise InvalidRequest(
+                    f"pixels must be between 0 and {height * width - 1} (pixels of the image to keep, in raster "
+                    f"order), got {pixels}",
+                    field="pixels",
+                )
+            known_rows, known_columns = divmod(pixels, width)
+        else:
+            known_rows = height // 2 if rows is None else rows
         if not known_rows < height:
             raise InvalidRequest(
                 f"rows must be between 0 and {height - 1} (rows of the image to keep), got {known_rows}", field="rows"
@@ -160,6 +173,7 @@ def generation_request(
         temperature=fields.temperature,
         known=known,
         known_rows=known_rows,
+        known_columns=known_columns,
         label_mode=label_mode,
     )
 

@@ -102,9 +102,17 @@ class GenerationRun:
 
     def body(self, result: SampleResult) -> dict[str, Any]:
         """The JSON response (also the `done` event of a stream)."""
-        known_rows = self.engine_request.known_rows if self.completion else None
+        request = self.engine_request
+        known_rows = request.known_rows if self.completion else None
         return generation_body(
-            self.model, result, self.seed, self.engine_request.temperature, self.elapsed_s, known_rows, self.png_scale
+            self.model,
+            result,
+            self.seed,
+            request.temperature,
+            self.elapsed_s,
+            known_rows,
+            self.png_scale,
+            request.known_columns,
         )
 
     async def _cancel_on_disconnect(self) -> None:
@@ -118,7 +126,7 @@ class GenerationRun:
             self.timed_out = True
             await self._cancel()  # events() ends; result() and sse() report the time limit
 
-    def _timeout_error(self) -> RequestTimedOut:
+    def timeout_error(self) -> RequestTimedOut:
         return RequestTimedOut(
             f"the request took longer than the server's limit of {self.time_limit_s:g} s "
             "(PIXELCNN_REQUEST_TIMEOUT_S) and was stopped; ask for fewer images or retry"
@@ -180,7 +188,7 @@ class GenerationRun:
                     if isinstance(event, SampleResult):
                         return event
             if self.timed_out:
-                raise self._timeout_error()
+                raise self.timeout_error()
             raise ClientDisconnected("the client disconnected; the generation was cancelled")
         finally:
             await self.close()
@@ -196,7 +204,7 @@ class GenerationRun:
                     else:
                         yield sse_event("row", row_data(event.row, event.pixels))
             if self.timed_out:
-                yield sse_event("error", self._timeout_error().body())
+                yield sse_event("error", self.timeout_error().body())
         except Exception as error:  # noqa: BLE001 - reported to the client as an event
             self.metrics.failures.labels(reason="stream_error").inc()
             yield sse_event("error", stream_error_body(error))

@@ -32,7 +32,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(self._too_large())(scope, receive, send)
+            await error_response(self._too_large(), scope["path"])(scope, receive, send)
             return
 
         chunks, size = [], 0
@@ -43,7 +43,7 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await error_response(self._too_large())(scope, receive, send)
+                await error_response(self._too_large(), scope["path"])(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break

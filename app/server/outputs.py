@@ -77,13 +77,16 @@ def generation_body(
     elapsed_s: float,
     known_rows: int | None = None,
     scale: int = 1,
+    known_columns: int = 0,
 ) -> dict[str, Any]:
     """The JSON response of /sample and /complete (also the `done` event of a stream).
 
-    bits_per_dim counts only the generated sub-pixels: known rows of a completion are given, not drawn.
+    bits_per_dim counts only the generated sub-pixels: the kept pixels of a completion (known rows, and
+    known_columns pixels of the next row) are given, not drawn.
     """
     c, h, w = model.config.shape
-    generated_dims = c * (h - (known_rows or 0)) * w
+    known_pixels = (known_rows or 0) * w + known_columns
+    generated_dims = c * (h * w - known_pixels)
     log_prob = [float(v) for v in np.asarray(result.log_prob)]
     labels = np.asarray(result.labels).tolist() if result.labels is not None else [None] * len(log_prob)
     images = [
@@ -107,6 +110,7 @@ def generation_body(
     }
     if known_rows is not None:
         body["known_rows"] = known_rows
+        body["known_pixels"] = known_pixels
     return body
 
 

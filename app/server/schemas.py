@@ -129,6 +129,12 @@ class SampleRequest(GenerationFields):
 
 class CompleteFields(GenerationFields):
     rows: int | None = Field(None, ge=0, description="rows of the given image to keep, 0..H-1; absent: H // 2")
+    pixels: int | None = Field(
+        None,
+        ge=0,
+        description="instead of rows: pixels of the given image to keep in raster order (row by row, left to "
+        "right), 0..H*W-1, so the kept part may end mid-row (rows=r is pixels=r*W)",
+    )
     label_mode: Literal["posterior", "prior"] = Field(
         "posterior",
         description="without `label`, how a conditional model picks each completion's class: `posterior` "
@@ -137,8 +143,8 @@ class CompleteFields(GenerationFields):
         "what the kept rows show (as before 2026-12-04)",
     )
 
-    _rows = field_validator("rows", mode="wrap")(in_range(0))
-    _rows_integer = field_validator("rows", mode="before")(json_typed("an integer"))
+    _rows = field_validator("rows", "pixels", mode="wrap")(in_range(0))
+    _rows_integer = field_validator("rows", "pixels", mode="before")(json_typed("an integer"))
 
 
 class CompleteRequest(CompleteFields):

@@ -20,6 +20,8 @@
  *   out_weight[l] (n, 2n), the last (n, n) residual and skip 1x1s fused (the last layer: skip only)
  *   hidden_w (n, head), logits_w[c] (head, 256)
  * uniforms (B, C, W) float64, temperature (B) float64 -> row (B, C, W) int64, log_prob (B) float64 (+=).
+ * forced (B, C, W) int64 or NULL: values >= 0 are kept sub-pixels (a completion whose kept pixels end
+ * mid-row), written instead of drawing and not counted in log_prob (protocol step 3).
  * The masked-conv PixelCNN's layouts are described at PixelCNNWeights below.
  */
 #include <stdint.h>
@@ -263,9 +265,14 @@ static int draw(const float *restrict logits, double u, double temperature, doub
     return value;
 }
 
-/* Draw sub-pixel `at` of the row: its value into *value, its log p added to *log_prob; returns the value. */
-static int draw_into(const float *logits, double u, double temperature, int64_t *value, double *log_prob,
-                     double *cdf) {
+/* Draw sub-pixel `at` of the row: its value into *value, its log p added to *log_prob; returns the value.
+ * A kept sub-pixel (forced >= 0) is not drawn: its value is written and nothing is added. */
+static int draw_into(const float *logits, double u, double temperature, int64_t forced, int64_t *value,
+                     double *log_prob, double *cdf) {
+    if (forced >= 0) {
+        *value = forced;
+        return (int)forced;
+    }
     double lp;
     const int drawn = draw(logits, u, temperature, &lp, cdf);
     *value = drawn;
@@ -341,7 +348,8 @@ static void step_block(const GatedWeights *w, int first, int count, int j, int c
 }
 
 int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffers, const float *const *row_bias,
-                     const double *uniforms, const double *temperature, int64_t *row, double *log_prob) {
+                     const double *uniforms, const double *temperature, int64_t *row, double *log_prob,
+                     const int64_t *forced) {
     const int n = w->channels, c = w->image_channels, width = w->width;
     const size_t per_image = (size_t)(6 * n + w->head + LEVELS);
     float *scratch = malloc(sizeof(float) * per_image * BLOCK);
@@ -368,8 +376,8 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
                 step_block(w, first, count, j, colour, h_buffers, row_bias, &s);
                 for (int b = first; b < first + count; b++) {
                     const size_t at = ((size_t)b * c + colour) * width + j;
-                    const int value =
-                        draw_into(s.logits[b - first], uniforms[at], temperature[b], row + at, log_prob + b, cdf);
+                    const int value = draw_into(s.logits[b - first], uniforms[at], temperature[b],
+                                                forced ? forced[at] : -1, row + at, log_prob + b, cdf);
                     /* the first layer's input, scaled like scale_pixels */
                     h_buffers[0][((size_t)b * (width + kw0 - 1) + j + kw0 - 1) * c + colour] = (float)value / 127.5f - 1.0f;
                 }
@@ -605,7 +613,7 @@ static inline void pixelcnn_write(const PixelCNNWeights *w, float *image_inputs,
 
 int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
                         float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
-                        double *log_prob) {
+                        double *log_prob, const int64_t *forced) {
     const int c = w->image_channels, width = w->width, in_half = w->in_half;
     PixelCNNScratch s;
     if (pixelcnn_scratch(w, &s) != 0) return 1;
@@ -632,8 +640,8 @@ int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, 
                 affine_block(s.logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
                 for (int b = 0; b < count; b++) {
                     const size_t at = ((size_t)(first + b) * c + colour) * width + j;
-                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b], row + at,
-                                                log_prob + first + b, s.cdf);
+                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b],
+                                                forced ? forced[at] : -1, row + at, log_prob + first + b, s.cdf);
                     pixelcnn_write(w, image_inputs[b], j, colour, value);
                 }
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -66,7 +67,7 @@ async def complete(request: Request, registry: RegistryDep, settings: SettingsDe
         raise InvalidRequest(f"/complete takes one image, got {len(files)}", field="image")
     model = registry.get(fields.model)
     known = decode_images(model, files, settings, "image")
-    engine_request = generation_request(model, fields, settings, known, fields.rows, fields.label_mode)
+    engine_request = generation_request(model, fields, settings, known, fields.rows, fields.label_mode, fields.pixels)
     return await respond(model, engine_request, True, request, metrics, settings, fields)
 
 
@@ -80,18 +81,7 @@ async def respond(
     fields: GenerationFields,
 ) -> Response:
     fmt = choose_format(request.headers.get("accept"), fields.stream)
-    request.state.model, request.state.images = model.name, engine_request.n  # for the access log
-    metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
-    run = GenerationRun(
-        model,
-        engine_request,
-        completion,
-        request,
-        metrics,
-        stream_rows=fmt == "sse",
-        time_limit_s=settings.request_timeout_s,
-        png_scale=fields.scale,
-    )
+    run = start_run(model, engine_request, completion, request, metrics, settings, fmt == "sse", fields.scale)
     if fmt == "sse":
         headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed), "X-Numerics": model.numerics}
         return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
@@ -105,6 +95,32 @@ async def respond(
     return JSONResponse(run.body(result), headers={"X-Numerics": model.numerics})
 
 
+def start_run(
+    model: ServedModel,
+    engine_request: GenerationRequest,
+    completion: bool,
+    request: Request,
+    metrics: ServerMetrics,
+    settings: Settings,
+    stream_rows: bool,
+    png_scale: int = 1,
+) -> GenerationRun:
+    """Submit a generation for any front end (native, OpenAI, V2): the access log's model and image count,
+    the images-per-request metric by route, and the request's time limit are the same for all."""
+    request.state.model, request.state.images = model.name, engine_request.n  # for the access log
+    metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
+    return GenerationRun(
+        model,
+        engine_request,
+        completion,
+        request,
+        metrics,
+        stream_rows=stream_rows,
+        time_limit_s=settings.request_timeout_s,
+        png_scale=png_scale,
+    )
+
+
 CUT_GRACE_S = 5.0
 
 
@@ -112,8 +128,9 @@ class RunStreamingResponse(StreamingResponse):
     """Streams a GenerationRun's SSE events and closes the run however the response ends, even when it
     is cancelled before the body generator ever started (which would skip the generator's finally)."""
 
-    def __init__(self, run: GenerationRun, **kwargs: Any) -> None:
-        super().__init__(run.sse(), **kwargs)
+    def __init__(self, run: GenerationRun, events: AsyncIterator[str] | None = None, **kwargs: Any) -> None:
+        """`events`: the SSE text to send (a protocol front end's own events); default: the run's own."""
+        super().__init__(events if events is not None else run.sse(), **kwargs)
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
