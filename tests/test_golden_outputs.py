@@ -1,5 +1,6 @@
-"""The golden-output contract: a real `pixelcnn serve` of the shipped models answers fixed seeded /sample and
-/complete requests with exactly the bytes of tests/golden/seeded-outputs.json (pixels and log_prob bits),
+"""The golden-output contract: a real `pixelcnn serve` of the shipped models answers fixed seeded /sample,
+/complete, OpenAI /v1/images/generations and V2 generate requests with exactly the bytes of
+tests/golden/seeded-outputs.json (pixels and log_prob bits),
 from 1 and 2 lanes, one request at a time and all of a model's at once (other batches). The file is the
 same on every x86-64 CPU (README, "Reproducibility across machines"); regenerate it with
 `pixelcnn bench golden --write` only in a commit that changes seeded outputs on purpose."""
@@ -25,10 +26,11 @@ def served() -> tuple[list[dict], list[str]]:
     return golden.run_all(golden.DEFAULT_STORE, [1, 2])
 
 
-def test_the_golden_file_covers_both_routes_of_every_shipped_model():
+def test_the_golden_file_covers_every_generation_front_end_of_every_shipped_model():
     covered = {(case["route"], case["request"]["model"]) for case in GOLDEN}
     models = golden.shipped_models(golden.DEFAULT_STORE)
-    assert covered == {(route, model) for route in ("/sample", "/complete") for model in models}
+    routes = ("/sample", "/complete", golden.OPENAI_GENERATIONS, golden.V2_GENERATE)
+    assert covered == {(route, model) for route in routes for model in models}
     assert {case["request"]["n"] for case in GOLDEN} >= {1, 2, 4, 8, 16}
 
 

@@ -171,10 +171,13 @@ async def test_generation_responses_carry_the_numerics_fingerprint(serve):
         upload = {"image": ("x.png", png_answer.content, "image/png")}
         completion = await client.post("/complete", data={"rows": "3", "seed": "1"}, files=upload)
         rgb = await client.post("/sample", json={"model": "rgb", "seed": 3})
-    for answer in (json_answer, png_answer, stream, completion, rgb):
+        openai = await client.post("/v1/images/generations", json={"prompt": "", "seed": 3})
+        v2 = await client.post("/v2/models/gray/generate", json={"seed": 3})
+        v2_stream = await client.post("/v2/models/gray/generate_stream", json={"seed": 3})
+    for answer in (json_answer, png_answer, stream, completion, rgb, openai, v2, v2_stream):
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-numerics"] == PORTABLE
-    assert json_answer.json()["numerics"] == completion.json()["numerics"] == PORTABLE
+    assert json_answer.json()["numerics"] == completion.json()["numerics"] == v2.json()["numerics"] == PORTABLE
     assert sse_events(stream.text)[-1][1]["numerics"] == PORTABLE
 
 

@@ -4,10 +4,10 @@
                           [--lanes 1,2] [--against FILE ...]
 
 Starts `pixelcnn serve` of the model store (CPU, default settings) once per lane count, sends every case
-(`cases`: /sample and /complete of each shipped model, plus each other generation route the server has),
+(`cases`: /sample and /complete of each shipped model, OpenAI's /v1/images/generations and V2's generate),
 first one at a time, then all of a model's cases at once so that they share decode steps (other batch
-sizes), and records per image the SHA-256 of its decoded pixels (uint8, C x H x W, as the PNG decodes)
-and its log_prob as float.hex(): a bit-for-bit fingerprint.
+sizes), and records per image the SHA-256 of its decoded pixels (uint8, H x W or H x W x C, as the PNG
+decodes), its log_prob as float.hex() (a bit-for-bit fingerprint) and the X-Numerics header.
 
 Without --write it compares what the servers return with --file (and with each --against file, e.g. one
 made on another machine, case by case over the cases that file has): it prints how many cases match,
@@ -60,6 +60,12 @@ COMPLETE_REQUESTS: list[dict[str, Any]] = [
     {"test_image": 7, "rows": 3, "n": 2, "seed": 7, "label": 3},
     {"test_image": 8, "rows": 10, "n": 3, "seed": 8},
 ]
+# The other front ends on the same engine: the OpenAI Images API (prompt = class name) and V2's generate
+# extension (/sample's fields, the model in the path).
+OPENAI_GENERATIONS = "/v1/images/generations"
+V2_GENERATE = "/v2/models/{model}/generate"
+OPENAI_REQUEST: dict[str, Any] = {"prompt": "Sneaker", "n": 3, "seed": 11}
+V2_REQUEST: dict[str, Any] = {"n": 2, "seed": 12, "label": "Bag", "temperature": 0.9}
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,10 @@ def cases(models: list[str]) -> list[Case]:
     for model in models:
         out += [Case("/sample", {"model": model, **request}) for request in SAMPLE_REQUESTS]
         out += [Case("/complete", {"model": model, **request}) for request in COMPLETE_REQUESTS]
+        out += [
+            Case(OPENAI_GENERATIONS, {"model": model, **OPENAI_REQUEST}),
+            Case(V2_GENERATE, {"model": model, **V2_REQUEST}),
+        ]
     return out
 
 
@@ -103,16 +113,26 @@ def test_image_png(index: int) -> bytes:
 
 
 def send(client: httpx.Client, case: Case) -> list[dict[str, Any]]:
-    """One case's records: route, request, image index, label, pixels_sha256, log_prob (float.hex)."""
+    """One case's records: route, request, image index, label, pixels_sha256, log_prob (float.hex; None
+    where the front end reports none) and the X-Numerics header."""
     request = dict(case.request)
     if case.route == "/complete":
         fields = {k: str(v) for k, v in request.items() if k != "test_image"}
         files = {"image": ("image.png", test_image_png(request["test_image"]), "image/png")}
         response = client.post("/complete", data=fields, files=files)
+    elif case.route == V2_GENERATE:
+        model = request.pop("model")
+        response = client.post(V2_GENERATE.format(model=model), json=request)
     else:
         response = client.post(case.route, json=request)
     if response.status_code != 200:
         raise RuntimeError(f"{case.key}: HTTP {response.status_code}: {response.text[:500]}")
+    body = response.json()
+    if case.route == OPENAI_GENERATIONS:  # OpenAI's shape: data[].b64_json, the labels in X-Labels
+        labels = [int(v) for v in response.headers["x-labels"].split(",")]
+        images = [{"png": d["b64_json"], "label": label} for d, label in zip(body["data"], labels)]
+    else:
+        images = body["images"]
     return [
         {
             "route": case.route,
@@ -120,10 +140,10 @@ def send(client: httpx.Client, case: Case) -> list[dict[str, Any]]:
             "image": index,
             "label": image.get("label"),
             "pixels_sha256": fingerprint(png_pixels(base64.b64decode(image["png"]))),
-            "log_prob": float(image["log_prob"]).hex(),
+            "log_prob": float(image["log_prob"]).hex() if "log_prob" in image else None,
             "numerics": response.headers.get("x-numerics"),
         }
-        for index, image in enumerate(response.json()["images"])
+        for index, image in enumerate(images)
     ]
 
 
