@@ -52,13 +52,14 @@ SAMPLE_REQUESTS: list[dict[str, Any]] = [
     {"n": 1, "seed": 3, "temperature": 1.3, "label": 9},
     {"n": 2, "seed": 12345678901, "temperature": 1.0, "label": 0},
 ]
-# Completions of Fashion-MNIST test images (known rows run through the prefill); the last one without a
-# label: its class drawn from p(class | kept rows).
+# Completions of Fashion-MNIST test images (known rows run through the prefill); one without a label (its
+# class drawn from p(class | kept rows)) and one whose kept pixels end mid-row.
 COMPLETE_REQUESTS: list[dict[str, Any]] = [
     {"test_image": 5, "rows": 14, "n": 2, "seed": 5, "label": 3},
     {"test_image": 6, "rows": 20, "n": 2, "seed": 6, "label": 3},
     {"test_image": 7, "rows": 3, "n": 2, "seed": 7, "label": 3},
     {"test_image": 8, "rows": 10, "n": 3, "seed": 8},
+    {"test_image": 9, "pixels": 12 * 28 + 9, "n": 2, "seed": 9, "label": 3},  # kept pixels end mid-row
 ]
 # The other front ends on the same engine: the OpenAI Images API (prompt = class name) and V2's generate
 # extension (/sample's fields, the model in the path).
