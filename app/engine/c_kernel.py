@@ -15,7 +15,7 @@ on any CPU (a BLAS library picks kernels by shape and CPU: MKL on AMD EPYC round
 the product's size, which the torch decoders cannot avoid). The vector width -march picks changes the
 speed, never a number, and exp and log are the kernel's own, not libm's (chosen per CPU): the kernel's
 numbers are the same bits on every x86-64 CPU (NUMERICS_VERSION; README, "Reproducibility across
-machines"). A completion's known rows go through it too (`prefill_row`, the gated vertical stack).
+machines"). A completion's known rows go through it too (row_loops.CKernelRows.prefill).
 
 When there is no compiler, the build fails or PIXELCNN_NATIVE_KERNEL=0, `load_kernel()` returns None
 and the engine runs the TorchScript decoder (row_decoders.py), which stays the readable reference; the
@@ -218,9 +218,6 @@ def _load() -> ctypes.CDLL | None:
         pointer,
         pointer,
     ]
-    library.pixelcnn_prefill_row.restype = ctypes.c_int
-    library.pixelcnn_prefill_row.argtypes = [ctypes.POINTER(PixelCNNWeights), ctypes.c_int32, pointer, pointer]
-    library.pixelcnn_prefill_row.argtypes += [pointers, pointer]
     return library
 
 
@@ -357,22 +354,6 @@ class NativePixelCNNDecoder(NativeDecoder):
         return self._library.pixelcnn_decode_row(
             ctypes.byref(self._weights), batch, state[0].data_ptr(), state[1].data_ptr(), _pointers(state[2:]), *outputs
         )
-
-    def prefill_row(self, state: list[torch.Tensor], row: torch.Tensor) -> None:
-        """The known row (B, C, W) through the layers as if drawn: the caches end as decoding it leaves them."""
-        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in state):
-            raise ValueError("the native row kernel needs contiguous float32 caches (it writes into them in place)")
-        row = row.to(torch.int64).contiguous()
-        status = self._library.pixelcnn_prefill_row(
-            ctypes.byref(self._weights),
-            row.shape[0],
-            state[0].data_ptr(),
-            state[1].data_ptr(),
-            _pointers(state[2:]),
-            row.data_ptr(),
-        )
-        if status != 0:
-            raise MemoryError("the native row kernel could not allocate its scratch memory")
 
 
 class NativeGatedVertical(NativeDecoder):

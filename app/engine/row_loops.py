@@ -149,15 +149,19 @@ class CKernelRows(RowLoop):
 
     def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
         """The known rows through the kernel, row by row, as if they had been drawn (the gated model: its
-        vertical stack; the masked-conv one: every layer at every sub-pixel), not through torch's
+        vertical stack; the masked-conv one: every sub-pixel, forced to its known value), not through torch's
         convolutions, whose rounding depends on the CPU: the caches hold the numbers decoding would leave,
         the same bits on every machine and for any batch, so the whole batch is prefilled at once."""
         state = self.impl.prefill(canvas, labels, 0)  # zeros and class biases: exact
+        b, c, _, w = canvas.shape
+        uniforms = torch.zeros((b, c, w), dtype=torch.float64)  # ignored: every sub-pixel is forced
+        temperature = torch.ones((b, 1), dtype=torch.float64)
         for i in range(known_rows):
+            known = canvas[:, :, i]
             self.begin_row(state)
-            if isinstance(self.pixels, NativePixelCNNDecoder):  # the gated model's rows need no per-pixel work
-                self.pixels.prefill_row(self.impl.row_state(state), canvas[:, :, i])
-            self.end_row(state, canvas[:, :, i])
+            if self.vertical is None:  # the gated model's next rows see only its vertical stack
+                self.draw_row(state, uniforms, temperature, forced=known)
+            self.end_row(state, known)
         return state
 
     def begin_row(self, state: DecodeCache) -> None:

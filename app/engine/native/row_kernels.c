@@ -520,157 +520,101 @@ static inline void relu(float *values, int count) {
     for (int o = 0; o < count; o++) values[o] = values[o] > 0.0f ? values[o] : 0.0f;
 }
 
-/* Each image's working vectors in a block of the masked-conv loop (slot b holds image first + b). */
-typedef struct {
-    float *scratch, *patch[BLOCK], *h[BLOCK], *act[BLOCK], *branch[BLOCK], *expanded[BLOCK], *hidden[BLOCK],
-        *logits[BLOCK];
-    double *cdf;
-} PixelCNNScratch;
-
-static int pixelcnn_scratch(const PixelCNNWeights *w, PixelCNNScratch *s) {
-    const int n = w->channels, half_n = n / 2, c = w->image_channels, in_half = w->in_half;
-    int largest = (in_half + 1) * (2 * in_half + 1) * c;
+int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
+                        float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
+                        double *log_prob, const int64_t *forced) {
+    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
+    const int in_rows = (in_half + 1) * (2 * in_half + 1) * c;
+    int largest = in_rows;
     for (int k = 0; k < w->blocks; k++) {
         const int size = (w->half[k] + 1) * (2 * w->half[k] + 1) * half_n;
         largest = size > largest ? size : largest;
     }
     const size_t per_image = (size_t)(largest + 4 * n + w->head + LEVELS);
-    s->scratch = malloc(sizeof(float) * per_image * BLOCK);
-    s->cdf = malloc(sizeof(double) * LEVELS);
-    if (s->scratch == NULL || s->cdf == NULL) {
-        free(s->scratch);
-        free(s->cdf);
+    float *scratch = malloc(sizeof(float) * per_image * BLOCK);
+    double *cdf = malloc(sizeof(double) * LEVELS);
+    if (scratch == NULL || cdf == NULL) {
+        free(scratch);
+        free(cdf);
         return 1;
     }
+    /* Each image's working vectors in a block (slot b holds image first + b). */
+    float *patch[BLOCK], *h[BLOCK], *act[BLOCK], *branch[BLOCK], *expanded[BLOCK], *hidden[BLOCK], *logits[BLOCK];
     for (int b = 0; b < BLOCK; b++) {
-        s->patch[b] = s->scratch + b * per_image;
-        s->h[b] = s->patch[b] + largest;
-        s->act[b] = s->h[b] + n;
-        s->branch[b] = s->act[b] + n;
-        s->expanded[b] = s->branch[b] + n;
-        s->hidden[b] = s->expanded[b] + n;
-        s->logits[b] = s->hidden[b] + w->head;
+        patch[b] = scratch + b * per_image;
+        h[b] = patch[b] + largest;
+        act[b] = h[b] + n;
+        branch[b] = act[b] + n;
+        expanded[b] = branch[b] + n;
+        hidden[b] = expanded[b] + n;
+        logits[b] = hidden[b] + w->head;
     }
-    return 0;
-}
-
-static void pixelcnn_free(PixelCNNScratch *s) {
-    free(s->scratch);
-    free(s->cdf);
-}
-
-/* Every layer below the head at column j of the current row for images first .. first + count - 1:
- * the features into s->h, and each block's reduced input at (row, j) into its window. The products run
- * for the whole block (affine_block), the rest image by image. */
-static void pixelcnn_layers(const PixelCNNWeights *w, int first, int count, int j, float *const *image_inputs,
-                            const float *input_bias, float *const *windows, const PixelCNNScratch *s) {
-    const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
-    const int in_rows = (in_half + 1) * (2 * in_half + 1) * c;
     const float *x[BLOCK], *bias[BLOCK];
-    float *window[BLOCK], *centre[BLOCK];
-    for (int b = 0; b < count; b++) {
-        gather_window(s->patch[b], image_inputs[b], in_half + 1, in_half, width, c, j);
-        x[b] = s->patch[b];
-        bias[b] = input_bias + (size_t)(first + b) * n;
-    }
-    affine_block(s->h, bias, x, w->in_weight, in_rows, n, count);
-    for (int k = 0; k < w->blocks; k++) {
-        const int half = w->half[k];
-        for (int b = 0; b < count; b++) {
-            window[b] = windows[k] + (size_t)(first + b) * (half + 1) * (width + 2 * half) * half_n;
-            centre[b] = window[b] + ((size_t)half * (width + 2 * half) + j + half) * half_n;
-            memcpy(s->act[b], s->h[b], sizeof(float) * n);
-            relu(s->act[b], n);
-            x[b] = s->act[b];
-        }
-        same_for_block(bias, w->reduce_bias[k], count);
-        affine_block(centre, bias, x, w->reduce_weight[k], n, half_n, count);
-        for (int b = 0; b < count; b++) {
-            relu(centre[b], half_n);
-            gather_window(s->patch[b], window[b], half + 1, half, width, half_n, j);
-            x[b] = s->patch[b];
-        }
-        same_for_block(bias, w->conv_bias[k], count);
-        affine_block(s->branch, bias, x, w->conv_weight[k], (half + 1) * (2 * half + 1) * half_n, half_n, count);
-        for (int b = 0; b < count; b++) {
-            relu(s->branch[b], half_n);
-            x[b] = s->branch[b];
-        }
-        same_for_block(bias, w->expand_bias[k], count);
-        affine_block(s->expanded, bias, x, w->expand_weight[k], half_n, n, count);
-        for (int b = 0; b < count; b++)
-            for (int o = 0; o < n; o++) s->h[b][o] += s->expanded[b][o];
-    }
-}
-
-/* Sub-pixel (j, colour) of an image is `value` from now on: the input window's current row, scaled like
- * scale_pixels. */
-static inline void pixelcnn_write(const PixelCNNWeights *w, float *image_inputs, int j, int colour, int64_t value) {
-    const int in_half = w->in_half;
-    image_inputs[((size_t)in_half * (w->width + 2 * in_half) + j + in_half) * w->image_channels + colour] =
-        (float)value / 127.5f - 1.0f;
-}
-
-int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
-                        float *const *windows, const double *uniforms, const double *temperature, int64_t *row,
-                        double *log_prob, const int64_t *forced) {
-    const int c = w->image_channels, width = w->width, in_half = w->in_half;
-    PixelCNNScratch s;
-    if (pixelcnn_scratch(w, &s) != 0) return 1;
-    const float *x[BLOCK], *bias[BLOCK];
-    float *image_inputs[BLOCK];
+    float *image_inputs[BLOCK], *window[BLOCK], *centre[BLOCK];
     const size_t input_size = (size_t)(in_half + 1) * (width + 2 * in_half) * c;
     for (int first = 0; first < batch; first += BLOCK) {
         const int count = batch - first < BLOCK ? batch - first : BLOCK;
         for (int b = 0; b < count; b++) image_inputs[b] = inputs + (first + b) * input_size;
         for (int j = 0; j < width; j++) {
             for (int colour = 0; colour < c; colour++) {
-                pixelcnn_layers(w, first, count, j, image_inputs, input_bias, windows, &s);
+                /* The products run for the whole block (affine_block), the rest image by image. */
                 for (int b = 0; b < count; b++) {
-                    relu(s.h[b], w->channels);
-                    x[b] = s.h[b];
+                    gather_window(patch[b], image_inputs[b], in_half + 1, in_half, width, c, j);
+                    x[b] = patch[b];
+                    bias[b] = input_bias + (size_t)(first + b) * n;
+                }
+                affine_block(h, bias, x, w->in_weight, in_rows, n, count);
+                for (int k = 0; k < w->blocks; k++) {
+                    const int half = w->half[k];
+                    for (int b = 0; b < count; b++) {
+                        window[b] = windows[k] + (size_t)(first + b) * (half + 1) * (width + 2 * half) * half_n;
+                        centre[b] = window[b] + ((size_t)half * (width + 2 * half) + j + half) * half_n;
+                        memcpy(act[b], h[b], sizeof(float) * n);
+                        relu(act[b], n);
+                        x[b] = act[b];
+                    }
+                    same_for_block(bias, w->reduce_bias[k], count);
+                    affine_block(centre, bias, x, w->reduce_weight[k], n, half_n, count);
+                    for (int b = 0; b < count; b++) {
+                        relu(centre[b], half_n);
+                        gather_window(patch[b], window[b], half + 1, half, width, half_n, j);
+                        x[b] = patch[b];
+                    }
+                    same_for_block(bias, w->conv_bias[k], count);
+                    affine_block(branch, bias, x, w->conv_weight[k], (half + 1) * (2 * half + 1) * half_n, half_n,
+                                 count);
+                    for (int b = 0; b < count; b++) {
+                        relu(branch[b], half_n);
+                        x[b] = branch[b];
+                    }
+                    same_for_block(bias, w->expand_bias[k], count);
+                    affine_block(expanded, bias, x, w->expand_weight[k], half_n, n, count);
+                    for (int b = 0; b < count; b++)
+                        for (int o = 0; o < n; o++) h[b][o] += expanded[b][o];
+                }
+                for (int b = 0; b < count; b++) {
+                    relu(h[b], n);
+                    x[b] = h[b];
                 }
                 same_for_block(bias, w->hidden_b, count);
-                affine_block(s.hidden, bias, x, w->hidden_w, w->channels, w->head, count);
+                affine_block(hidden, bias, x, w->hidden_w, n, w->head, count);
                 for (int b = 0; b < count; b++) {
-                    relu(s.hidden[b], w->head);
-                    x[b] = s.hidden[b];
+                    relu(hidden[b], w->head);
+                    x[b] = hidden[b];
                 }
                 same_for_block(bias, w->logits_b[colour], count);
-                affine_block(s.logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
+                affine_block(logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
                 for (int b = 0; b < count; b++) {
                     const size_t at = ((size_t)(first + b) * c + colour) * width + j;
-                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b],
-                                                forced ? forced[at] : -1, row + at, log_prob + first + b, s.cdf);
-                    pixelcnn_write(w, image_inputs[b], j, colour, value);
+                    const int value = draw_into(logits[b], uniforms[at], temperature[first + b],
+                                                forced ? forced[at] : -1, row + at, log_prob + first + b, cdf);
+                    image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
+                        (float)value / 127.5f - 1.0f;
                 }
             }
         }
     }
-    pixelcnn_free(&s);
-    return 0;
-}
-
-/* A known row (B, C, W) int64 through the same layers as pixelcnn_decode_row, sub-pixel by sub-pixel in
- * the same order, each taking its known value instead of a drawn one (no head, no draw): the prefill of
- * a completion's kept rows, so that its caches hold the very numbers decoding those rows would leave. */
-int pixelcnn_prefill_row(const PixelCNNWeights *w, int32_t batch, float *inputs, const float *input_bias,
-                         float *const *windows, const int64_t *row) {
-    const int c = w->image_channels, width = w->width, in_half = w->in_half;
-    PixelCNNScratch s;
-    if (pixelcnn_scratch(w, &s) != 0) return 1;
-    float *image_inputs[BLOCK];
-    const size_t input_size = (size_t)(in_half + 1) * (width + 2 * in_half) * c;
-    for (int first = 0; first < batch; first += BLOCK) {
-        const int count = batch - first < BLOCK ? batch - first : BLOCK;
-        for (int b = 0; b < count; b++) image_inputs[b] = inputs + (first + b) * input_size;
-        for (int j = 0; j < width; j++)
-            for (int colour = 0; colour < c; colour++) {
-                pixelcnn_layers(w, first, count, j, image_inputs, input_bias, windows, &s);
-                for (int b = 0; b < count; b++)
-                    pixelcnn_write(w, image_inputs[b], j, colour, row[((size_t)(first + b) * c + colour) * width + j]);
-            }
-    }
-    pixelcnn_free(&s);
+    free(scratch);
+    free(cdf);
     return 0;
 }
