@@ -9,9 +9,9 @@ from pathlib import Path
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
+    from app.train_options import add_train_options
+
     p = sub.add_parser("train", help="train a model and write config.json, model.safetensors, metrics.json")
-    p.add_argument("--data", required=True, help="fashion-mnist, mnist, cifar10, folder, an image folder or a .npz")
-    p.add_argument("--data-dir", help="folder of the dataset (required for mnist, cifar10, folder)")
     p.add_argument("--arch", choices=["pixelcnn", "gated"], default="gated")
     p.add_argument("--channels", type=int, default=32, help="hidden channels")
     p.add_argument("--layers", type=int, default=7, help="gated layers or residual blocks")
@@ -19,36 +19,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--first-kernel-size", type=int, default=7)
     p.add_argument("--head-channels", type=int, default=None, help="output head width (default 2 x channels)")
     p.add_argument("--conditional", action="store_true", help="class-conditional (needs a labelled dataset)")
-    p.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch (split across torchrun processes)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (cosine decay to 0)")
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--limit", type=int, help="train on the first N training images only")
-    p.add_argument("--eval-every", type=int, default=500, help="steps between quick test evaluations")
-    p.add_argument("--eval-limit", type=int, default=1000, help="test images in each quick evaluation")
-    p.add_argument("--final-eval-limit", type=int, help="test images in the final evaluation (default: all)")
-    p.add_argument("--checkpoint-dir", type=Path, help="default ~/.cache/pixelcnn/checkpoints/NAME")
-    p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if any")
-    p.add_argument("--init-from", type=Path, help="start from this model folder's weights (fresh optimizer)")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "float32", "bf16"],
-        default="auto",
-        help="bf16 autocast (auto: on CUDA only; bf16 on CPU is fast where it has AMX)",
-    )
-    p.add_argument(
-        "--ema",
-        type=float,
-        default=0.0,
-        help="keep an exponential moving average of the weights with this decay (e.g. 0.9995) and "
-        "evaluate and save it instead of the last step's weights (default 0: off)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--no-samples", action="store_true", help="skip the sample grid at the end")
-    p.add_argument("--out", type=Path, required=True, help="model folder to write, e.g. model_store/NAME")
+    add_train_options(p)  # every TrainOptions field, with its default and help
     p.set_defaults(run=run_train)
 
 
@@ -57,7 +29,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from app.data import load_dataset
     from app.model import ModelConfig
-    from app.train import TrainOptions, command_line, train
+    from app.train import command_line, train
+    from app.train_options import train_options_from
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,29 +52,7 @@ def run_train(args: argparse.Namespace) -> int:
         num_classes=num_classes,
         class_names=list(probe.class_names) if num_classes else [],
     )
-    options = TrainOptions(
-        data=args.data,
-        data_dir=args.data_dir,
-        out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        limit=args.limit,
-        eval_every=args.eval_every,
-        eval_limit=args.eval_limit,
-        final_eval_limit=args.final_eval_limit,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        init_from=args.init_from,
-        precision=args.precision,
-        ema=args.ema,
-        seed=args.seed,
-        device=args.device,
-        sample_grid=not args.no_samples,
-        command=command_line(args.argv),
-    )
+    options = train_options_from(args, command_line(args.argv))
     train(config, options)
     return 0
 

@@ -18,7 +18,6 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,35 +31,10 @@ from app.evaluate import check_dataset, evaluate
 from app.model import ModelConfig, build, pick_device, save
 from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from app.model.likelihood import nll_per_subpixel
+from app.train_options import TrainOptions
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
-
-
-@dataclass
-class TrainOptions:
-    data: str
-    out: Path
-    data_dir: str | None = None
-    epochs: float = 1.0
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 200  # capped at a tenth of the run, so short runs reach the peak rate
-    grad_clip: float = 1.0
-    limit: int | None = None
-    eval_every: int = 500  # steps
-    eval_limit: int = 1000  # test images for the periodic evaluation (the final one uses all)
-    final_eval_limit: int | None = None
-    checkpoint_every: float = 120.0  # seconds
-    checkpoint_dir: Path | None = None
-    resume: bool = False
-    init_from: Path | None = None  # a model folder whose weights start a fresh run (new optimizer, new schedule)
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU; or "float32" / "bf16" on any device
-    ema: float = 0.0  # decay of the weights' exponential moving average (0: off); evaluated and saved when on
-    seed: int = 0
-    device: str = "auto"
-    sample_grid: bool = True
-    command: str = ""
 
 
 def git_commit() -> str:

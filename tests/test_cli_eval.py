@@ -13,7 +13,7 @@ import torch
 from app.cli import main
 from app.data import load_dataset
 from app.model import load, nll_nats
-from tests.conftest import torch_threads
+from tests.helpers import torch_threads
 
 
 @pytest.fixture(autouse=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import png_tensor, torch_threads
 
 from app.bench.servers import serve_in_thread
 from app.cli import main
 from app.imaging import grid, png_bytes
 from app.model import load, sample_naive
 from app.server import Settings, create_app
+from tests.helpers import png_tensor, torch_threads
 
 
 def test_sample_cached_and_naive_write_the_same_grid(server_store, tmp_path, capsys):

@@ -1,21 +1,24 @@
-"""The offline tools behind the CLI: `pixelcnn bench` (one verb per benchmark, each described) and
-`pixelcnn card` (a model card's pictures, drawn from the checkpoint with fixed seeds)."""
+"""The CLI's own wiring: `pixelcnn bench` (one verb per benchmark, each described), `pixelcnn card` (a model
+card's pictures, drawn from the checkpoint with fixed seeds) and the `pixelcnn train` flags (TrainOptions)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import torch_threads
 from PIL import Image
 
-from app.cli import BENCH_VERBS, main
+from app.cli import BENCH_VERBS, add_train, main
 from app.engine import sample_cached
 from app.imaging import enlarge, grid, save_grid
 from app.model import load, save
-from tests.helpers import tiny_model
+from app.train_options import TrainOptions, train_options_from
+from tests.helpers import tiny_model, torch_threads
 
 
 def test_bench_help_lists_every_verb_with_its_description(capsys: pytest.CaptureFixture) -> None:
@@ -62,3 +65,34 @@ def test_card_draws_the_seeded_pictures_of_a_small_model(tmp_path, tiny_npz) -> 
     blank = enlarge(grid(np.zeros((2 * 6, 1, 8, 8), dtype=np.uint8), columns=6), 2)
     assert Image.open(folder / "completions.png").size == (blank.shape[2], blank.shape[1])
     assert Image.open(folder / "curve.png").size == (640, 360)
+
+
+def train_flags(*argv: str) -> TrainOptions:
+    parser = argparse.ArgumentParser()
+    add_train(parser.add_subparsers())
+    args = parser.parse_args(["train", *argv])
+    return train_options_from(args, "pixelcnn train")
+
+
+def test_train_flags_are_the_train_options_fields() -> None:
+    """Defaults come from TrainOptions, and each flag sets its field (a bool flag turns its default around)."""
+    assert train_flags("--data", "d", "--out", "o") == TrainOptions(data="d", out=Path("o"), command="pixelcnn train")
+    given = train_flags(
+        *("--data", "d", "--out", "o", "--epochs", "2.5", "--batch-size", "8", "--ema", "0.99"),
+        *("--init-from", "w", "--precision", "bf16", "--no-samples", "--resume", "--final-eval-limit", "7"),
+    )
+    assert given == TrainOptions(
+        data="d",
+        out=Path("o"),
+        epochs=2.5,
+        batch_size=8,
+        ema=0.99,
+        init_from=Path("w"),
+        precision="bf16",
+        sample_grid=False,
+        resume=True,
+        final_eval_limit=7,
+        command="pixelcnn train",
+    )
+    flags = {f.name for f in dataclasses.fields(TrainOptions) if f.metadata.get("cli", True)}
+    assert flags == set(TrainOptions.__dataclass_fields__) - {"grad_clip", "command"}

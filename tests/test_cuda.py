@@ -62,7 +62,7 @@ def test_cuda_graphs_are_captured_when_the_engine_starts():
 
 def test_cuda_is_batch_invariant_in_float32():
     from app.engine import GenerationRequest
-    from tests.test_batch_invariance import check_invariance
+    from tests.helpers import check_invariance
 
     model = tiny_model("gated", 1, size=8, num_classes=3, seed=34, dtype=torch.float32, hidden_channels=12).cuda()
     check_invariance(

@@ -5,41 +5,13 @@ must serve the next request normally."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 
 import pytest
 import torch
 
 from app.engine import Engine, EngineStoppedError, GenerationError, GenerationRequest, ScoringError
 from app.engine.cache import DecodeCache
-from tests.helpers import tiny_model
-
-TIMEOUT_S = 20
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=4 * TIMEOUT_S))
-
-
-class Boom(RuntimeError):
-    pass
-
-
-def failing_once(fn, after_calls: int = 0, error: Exception | None = None):
-    """`fn`, except that call number `after_calls` (0-based) raises."""
-    calls = {"n": 0}
-    lock = threading.Lock()
-
-    def wrapped(*args, **kwargs):
-        with lock:
-            k = calls["n"]
-            calls["n"] += 1
-        if k == after_calls:
-            raise error or Boom("injected fault")
-        return fn(*args, **kwargs)
-
-    return wrapped
+from tests.helpers import TIMEOUT_S, assert_idle, failing_once, run, started, tiny_model
 
 
 async def outcomes(streams) -> list:
@@ -54,20 +26,6 @@ async def outcomes(streams) -> list:
             return error
 
     return await asyncio.gather(*(one(s) for s in streams))
-
-
-@contextlib.asynccontextmanager
-async def started(engine: Engine):
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
-def assert_idle(engine: Engine) -> None:
-    stats = engine.stats()
-    assert stats.queue_size == 0 and stats.active_requests == 0 and stats.active_images == 0, stats
 
 
 async def still_serving(engine: Engine) -> None:

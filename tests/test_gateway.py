@@ -23,10 +23,13 @@ from app.bench.gateway import Gateway, Replica
 from app.model import save
 from tests.helpers import tiny_model
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nginx") is None and shutil.which("nginx", path="/usr/sbin") is None,
-    reason="nginx is not installed (apt-get install -y nginx): the gateway tests need Debian's nginx",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("nginx") is None and shutil.which("nginx", path="/usr/sbin") is None,
+        reason="nginx is not installed (apt-get install -y nginx): the gateway tests need Debian's nginx",
+    ),
+]
 
 SLOW_ROWS = 256  # the "slow" model's height: a stream of 4 such images takes 0.4-8 s, row by row
 SLOW_STREAM = {"model": "slow", "n": 4, "seed": 3, "stream": True}

@@ -17,6 +17,7 @@ from app.bench import golden
 from app.engine.c_kernel import NUMERICS_VERSION
 
 GOLDEN = json.loads(golden.DEFAULT_FILE.read_text())["cases"]
+pytestmark = pytest.mark.slow  # real servers of the shipped models
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import pytest
 from app.model import save
 from tests.helpers import start_server, tiny_model
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def slow_store(tmp_path_factory) -> Path:

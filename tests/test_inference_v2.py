@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from conftest import png_tensor
 from helpers import start_server
 from tritonclient.utils import InferenceServerException
 
 from app.imaging import png_bytes
+from tests.helpers import png_tensor
 
 
 @pytest.fixture(scope="module")

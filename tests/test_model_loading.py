@@ -15,12 +15,12 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import torch_threads
 
 import app.server.registry as registry_module
 from app.bench.servers import free_port
 from app.server import Settings, create_app
 from app.server.cli import draining_server_class
+from tests.helpers import torch_threads
 
 
 class HeldLoad:

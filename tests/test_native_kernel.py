@@ -66,6 +66,7 @@ def test_without_the_kernel_sampling_falls_back_to_torchscript(monkeypatch, tmp_
     assert c_kernel.load_kernel() is None
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_the_kernel_is_built_once_into_the_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(c_kernel, "_loaded", {})

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sse_events, torch_threads
-from helpers import tiny_model
 
 from app.engine import CachedSampler
 from app.engine.c_kernel import NUMERICS_VERSION, load_kernel
 from app.engine.protocol import image_streams, row_uniforms
+from tests.helpers import sse_events, tiny_model, torch_threads
 
 needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="no C compiler: the kernel does not build here")
 PORTABLE = f"c-kernel/{NUMERICS_VERSION}; portable"
@@ -147,6 +146,7 @@ ANOTHER_CPU = {
 }
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 code paths")
 def test_the_kernel_gives_the_same_bytes_on_another_cpu_where_torch_does_not(tmp_path):

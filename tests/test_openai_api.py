@@ -16,12 +16,12 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import png_tensor
 from helpers import start_server, tiny_model
 from PIL import Image
 
 from app.imaging import png_bytes
 from app.model import sample_naive, save
+from tests.helpers import png_tensor
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import torch
 from app.engine import CachedSampler, Engine, GenerationRequest, sample_cached
 from app.model import sample_naive
 from app.model.likelihood import nll_per_subpixel
-from tests.helpers import ARCH_CHANNELS, tiny_model
-from tests.test_engine_faults import assert_idle, run, started
+from tests.helpers import ARCH_CHANNELS, assert_idle, run, started, tiny_model
 
 SIZE = 6
 KEPT = (1, 8, 15, 29)  # pixels kept in raster order: mid-row 0, 1, 2 and 4

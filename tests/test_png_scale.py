@@ -7,10 +7,10 @@ import base64
 
 import numpy as np
 import pytest
-from conftest import png_tensor, sse_events, without_request_id
 
 from app.imaging import enlarge, png_bytes
 from app.server.schemas import MAX_PNG_SCALE
+from tests.helpers import png_tensor, sse_events, without_request_id
 
 pytestmark = pytest.mark.anyio
 

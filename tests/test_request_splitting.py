@@ -17,8 +17,7 @@ import torch
 
 from app.engine import Engine, EngineStoppedError, GenerationError, GenerationRequest, RowEvent, sample_cached
 from app.model import sample_naive
-from tests.helpers import tiny_model
-from tests.test_engine_faults import TIMEOUT_S, assert_idle, failing_once, run, started
+from tests.helpers import TIMEOUT_S, assert_idle, failing_once, run, started, tiny_model
 
 
 async def until_idle(engine: Engine) -> None:

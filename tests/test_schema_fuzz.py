@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import start_server
 
+pytestmark = pytest.mark.slow
+
 
 def test_schemathesis_finds_no_failure(server_store):
     cli = shutil.which("schemathesis")

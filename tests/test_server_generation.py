@@ -10,12 +10,11 @@ import json
 import anyio
 import pytest
 import torch
-from conftest import pixels, png_tensor, sse_events, torch_threads, without_request_id
-from helpers import tiny_model
 
 from app.engine import Engine, SampleResult
 from app.imaging import png_bytes
 from app.model import sample_naive, save
+from tests.helpers import pixels, png_tensor, sse_events, tiny_model, torch_threads, without_request_id
 
 pytestmark = pytest.mark.anyio
 
@@ -588,7 +587,7 @@ async def test_openapi_documents_both_upload_forms(serve):
 async def test_a_failing_prefill_is_a_500_engine_error_in_json_and_an_error_event_in_a_stream(serve):
     """A real fault inside the engine (the prefill raises, as CUDA out of memory would): the client gets
     the error in the one error format, never a hang, and the server goes on serving."""
-    from test_engine_faults import failing_once
+    from tests.helpers import failing_once
 
     async with serve() as (app, client):
         engine = app.state.registry.models["gray"].engine
@@ -612,7 +611,7 @@ async def test_a_failing_prefill_is_a_500_engine_error_in_json_and_an_error_even
 
 
 async def test_a_failing_likelihood_pass_is_a_500_engine_error(serve):
-    from test_engine_faults import failing_once
+    from tests.helpers import failing_once
 
     async with serve() as (app, client):
         scorer = app.state.registry.models["gray"].engine.scorer

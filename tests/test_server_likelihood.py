@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import png_tensor, torch_threads
 
 from app.imaging import png_bytes
 from app.model import marginal_nll_nats, nll_nats, nll_per_subpixel
+from tests.helpers import png_tensor, torch_threads
 
 pytestmark = pytest.mark.anyio
 

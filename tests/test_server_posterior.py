@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from conftest import SERVER_CLASS_NAMES, png_tensor, sse_events
 
 from app.imaging import png_bytes
 from app.model import sample_naive
+from tests.helpers import SERVER_CLASS_NAMES, png_tensor, sse_events
 
 pytestmark = pytest.mark.anyio
 

@@ -14,6 +14,8 @@ from app.engine import sample_cached
 from app.evaluate import evaluate
 from app.model import load, sample_naive
 
+pytestmark = pytest.mark.slow
+
 STORE = Path(__file__).resolve().parent.parent / "model_store"
 SHIPPED = ["fashion-mnist", "fashion-mnist-pixelcnn"]
 FASHION_CLASSES = [

@@ -26,8 +26,7 @@ from app.data import load_dataset
 from app.evaluate import evaluate
 from app.model import ModelConfig, load, save
 from app.train import TrainOptions, train
-from tests.conftest import TINY_MODEL_ARGS, torch_threads, write_tiny_npz
-from tests.helpers import tiny_model
+from tests.helpers import TINY_MODEL_ARGS, tiny_model, torch_threads, write_tiny_npz
 
 STEPS = 2 * (96 // 16)  # 2 epochs of 96 training images in batches of 16
 
@@ -371,6 +370,7 @@ def check_matches_single_process(ddp: Path, single: Path) -> None:
     assert metrics["test_bits_per_dim"] == pytest.approx(read_metrics(single)["test_bits_per_dim"], abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
 def test_ddp_two_processes(tmp_path: Path, tiny_npz: Path, single_process_run, arch: str) -> None:
     """torchrun with 2 CPU (gloo) processes on one node."""
@@ -378,6 +378,7 @@ def test_ddp_two_processes(tmp_path: Path, tiny_npz: Path, single_process_run, a
     check_matches_single_process(tmp_path / "m", single_process_run(arch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["c10d", "static"])
 def test_ddp_two_nodes(tmp_path: Path, tiny_npz: Path, single_process_run, rendezvous: str) -> None:
     """Two torchrun launchers of one process each, as the two nodes of a multi-node run (README, "Training past
@@ -398,6 +399,7 @@ def test_ddp_two_nodes(tmp_path: Path, tiny_npz: Path, single_process_run, rende
     check_matches_single_process(tmp_path / "m", single_process_run("gated"))
 
 
+@pytest.mark.slow
 def test_two_node_resume_stops_when_a_node_lacks_the_checkpoint(
     tmp_path: Path, tiny_npz: Path, single_process_run
 ) -> None:

@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from helpers import start_server, tiny_model
 from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.imaging import png_bytes
 from app.model import save
 from app.server.routes.demo import STATIC_DIR
+from tests.helpers import start_server, tiny_model
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (apt-get install chromium); Playwright downloads nothing
 LAUNCH_ARGS = [

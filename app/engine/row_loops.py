@@ -5,10 +5,11 @@ joins the caches) and the per-sub-pixel loop (`fill_row`), and declares the batc
 numbers are the same for an image whatever else shares the step (`batch_quantum`, `min_batch`: see
 CachedSampler.padded_batch). CachedSampler picks one from ROW_LOOPS, the first that can run:
 
-| row loop   | where                                   | per-row work  | per-pixel loop      | padding         |
-|------------|-----------------------------------------|---------------|---------------------|-----------------|
-| c-kernel   | float32 on the CPU, the kernel builds    | C (gated)     | C (c_kernel.py)     | none            |
-| torch      | everything else (float64, CUDA, no cc)  | torch         | TorchScript / eager | 2 x quantum; 64 on CUDA |
+- c-kernel: float32 on the CPU, when the kernel builds. Per-row work and per-pixel loop in C (c_kernel.py),
+  each image on its own: no padding.
+- torch: everything else (float64, CUDA, no compiler, native=False). The torch per-row methods and the
+  TorchScript (or eager) row decoder: steps padded to at least 2 images and whole 32-float chunks, and to
+  64 images on CUDA (TorchRows says why).
 
 and, for gated models on CUDA (or when asked, for testing), wraps it in StaticRows: the per-pixel loop
 on static buffers of fixed batch buckets, each captured once as a CUDA graph and replayed.

@@ -115,6 +115,24 @@ def error_body(type_: str, message: str, field: str | None = None) -> dict[str, 
     return {"error": error}
 
 
+def from_engine_error(error: Exception, model: str | None) -> ApiError | None:
+    """The API error for an engine error (app.engine.types), wherever it surfaces: raised by submit or
+    score, or delivered while a result is awaited or a stream runs (then as an SSE `error` event). None for
+    anything else, which is a bug (internal). `model`: the model's name, when known."""
+    from app.engine.types import EngineStoppedError, GenerationError, QueueFullError, ScoringError
+
+    name = f"model {model!r}" if model else "the model"
+    if isinstance(error, QueueFullError):
+        return Overloaded(f"{name} has a full queue ({error}); retry after {RETRY_AFTER_S} s")
+    if isinstance(error, EngineStoppedError):
+        return NotReady(f"{name} is not serving ({error}); retry")
+    if isinstance(error, GenerationError | ScoringError):
+        return EngineFailed(str(error))
+    if isinstance(error, ValueError):  # the engine's own checks: its message is written for the client
+        return InvalidRequest(str(error))
+    return None
+
+
 def openai_error_body(error: ApiError) -> dict[str, Any]:
     """OpenAI's format: the SDKs pick the exception class by status and show `message`."""
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
@@ -172,7 +190,7 @@ _HTTP_TYPES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from app.engine import EngineStoppedError, GenerationError, QueueFullError, ScoringError
+    from app.engine.types import EngineStoppedError, GenerationError, QueueFullError, ScoringError
 
     def count(request: Request, type_: str) -> None:
         metrics = getattr(request.app.state, "metrics", None)
@@ -190,17 +208,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return await api_error(request, from_validation_errors([dict(e) for e in error.errors()]))
 
     @app.exception_handler(QueueFullError)
-    async def queue_full(request: Request, error: QueueFullError) -> JSONResponse:
-        return await api_error(request, Overloaded(f"the server is busy ({error}); retry after {RETRY_AFTER_S} s"))
-
     @app.exception_handler(EngineStoppedError)
-    async def engine_stopped(request: Request, error: EngineStoppedError) -> JSONResponse:
-        return await api_error(request, NotReady(f"the model's engine stopped ({error}); retry on another replica"))
-
     @app.exception_handler(GenerationError)
     @app.exception_handler(ScoringError)
     async def engine_error(request: Request, error: Exception) -> JSONResponse:
-        return await api_error(request, EngineFailed(str(error)))
+        mapped = from_engine_error(error, getattr(request.state, "model", None))
+        assert mapped is not None  # registered for the engine's errors only
+        return await api_error(request, mapped)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -169,7 +169,7 @@ def generation_request(
     return GenerationRequest(
         n=fields.n,
         seed=secrets.randbits(31) if fields.seed is None else fields.seed,  # returned, so it can be replayed
-        labels=resolve_labels(model, fields.label, fields.n),
+        labels=class_indices(model, fields.label, fields.n),
         temperature=fields.temperature,
         known=known,
         known_rows=known_rows,
@@ -178,8 +178,9 @@ def generation_request(
     )
 
 
-def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "label") -> list[int] | None:
-    """A label (index or case-insensitive class name), or one per image -> `count` class indices."""
+def class_indices(model: ServedModel, label: Any, count: int, field: str = "label") -> list[int] | None:
+    """A label (index or case-insensitive class name), or one per image of `count` -> their class indices,
+    one or `count` of them (the engine gives one label to every image)."""
     if label is None:
         return None
     config = model.config
@@ -190,8 +191,7 @@ def resolve_labels(model: ServedModel, label: Any, count: int, field: str = "lab
         raise InvalidRequest(
             f"got {len(values)} labels for {count} images: give one label, or one per image", field=field
         )
-    indices = [class_index(model, value, field) for value in values]
-    return indices * count if len(indices) == 1 else indices
+    return [class_index(model, value, field) for value in values]
 
 
 def class_index(model: ServedModel, value: Any, field: str) -> int:

@@ -20,7 +20,6 @@ from fastapi import Request
 
 from app.engine import (
     EngineStoppedError,
-    GenerationError,
     GenerationRequest,
     LikelihoodResult,
     QueueFullError,
@@ -28,23 +27,10 @@ from app.engine import (
     SampleResult,
 )
 
-from .errors import (
-    RETRY_AFTER_S,
-    ClientDisconnected,
-    EngineFailed,
-    InvalidRequest,
-    NotReady,
-    Overloaded,
-    RequestTimedOut,
-    error_body,
-)
+from .errors import ApiError, ClientDisconnected, RequestTimedOut, error_body, from_engine_error
 from .metrics import ServerMetrics
 from .outputs import generation_body, row_data, sse_event
 from .registry import ServedModel
-
-
-def overloaded(model: ServedModel, error: Exception) -> Overloaded:
-    return Overloaded(f"model {model.name!r} has a full queue ({error}); retry after {RETRY_AFTER_S} s")
 
 
 class GenerationRun:
@@ -82,12 +68,8 @@ class GenerationRun:
         self.time_limit_s = time_limit_s
         try:
             self.stream = model.engine.submit(engine_request, rows=stream_rows)
-        except QueueFullError as error:
-            raise overloaded(model, error) from None
-        except ValueError as error:  # the engine's own checks: its message is written for the client
-            raise InvalidRequest(str(error)) from None
-        except EngineStoppedError as error:
-            raise NotReady(f"model {model.name!r} is not serving ({error}); retry") from None
+        except (QueueFullError, EngineStoppedError, ValueError) as error:
+            raise api_error(error, model) from None
         loop = asyncio.get_running_loop()
         self.watcher = loop.create_task(self._cancel_on_disconnect())
         self.timer = loop.create_task(self._cancel_at_time_limit())
@@ -207,24 +189,27 @@ class GenerationRun:
                 yield sse_event("error", self.timeout_error().body())
         except Exception as error:  # noqa: BLE001 - reported to the client as an event
             self.metrics.failures.labels(reason="stream_error").inc()
-            yield sse_event("error", stream_error_body(error))
+            yield sse_event("error", stream_error_body(error, self.model.name))
         finally:
             await self.close()
 
 
-def stream_error_body(error: Exception) -> dict[str, Any]:
-    if isinstance(error, EngineStoppedError):
-        return error_body(NotReady.type, f"the model's engine stopped ({error}); retry")
-    if isinstance(error, GenerationError):
-        return error_body(EngineFailed.type, str(error))
-    return error_body("internal", f"generation failed ({type(error).__name__}: {error})")
+def stream_error_body(error: Exception, model: str | None = None) -> dict[str, Any]:
+    """The error object of a failure after the response has started (an SSE `error` event): the engine's
+    errors mapped as everywhere else (errors.from_engine_error), anything else an internal error."""
+    mapped = from_engine_error(error, model)
+    return mapped.body() if mapped else error_body("internal", f"generation failed ({type(error).__name__}: {error})")
+
+
+def api_error(error: QueueFullError | EngineStoppedError | ValueError, model: ServedModel) -> ApiError:
+    mapped = from_engine_error(error, model.name)
+    assert mapped is not None  # every one of these errors has its API error
+    return mapped
 
 
 async def score(model: ServedModel, images: np.ndarray, labels: list[int] | None) -> LikelihoodResult:
     """engine.likelihood with its errors mapped to the API's."""
     try:
         return await model.engine.likelihood(images, labels)
-    except QueueFullError as error:
-        raise overloaded(model, error) from None
-    except ValueError as error:
-        raise InvalidRequest(str(error)) from None
+    except (QueueFullError, ValueError) as error:
+        raise api_error(error, model) from None

@@ -120,7 +120,11 @@ class ModelRegistry:
             raise NotFound(
                 f'the default model {wanted!r} is not loaded; pass "model", one of: {available}', field="model"
             )
-        raise NotFound(f"unknown model {name!r}; available models: {available}", field="model")
+        raise self.unknown_model(name)
+
+    def unknown_model(self, name: str) -> NotFound:
+        """The 404 for a model name that is not loaded, naming those that are."""
+        return NotFound(f"unknown model {name!r}; available models: {', '.join(sorted(self.models))}", field="model")
 
     async def start(self) -> None:
         for model in list(self.models.values()):

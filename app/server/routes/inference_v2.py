@@ -295,6 +295,6 @@ async def generate_events(run: GenerationRun) -> AsyncIterator[str]:
             yield data_event(inference_v2_error_body(run.timeout_error()))
     except Exception as error:  # noqa: BLE001 - reported to the client as an event
         run.metrics.failures.labels(reason="stream_error").inc()
-        yield data_event({"error": stream_error_body(error)["error"]["message"]})
+        yield data_event({"error": stream_error_body(error, run.model.name)["error"]["message"]})
     finally:
         await run.close()

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
-from ..inputs import decode_images, read_upload, resolve_labels
+from ..inputs import class_indices, decode_images, read_upload
 from ..jobs import score
 from ..outputs import likelihood_body
 from ..schemas import (
@@ -32,7 +32,7 @@ async def likelihood(
     fields, files = await read_upload(request, settings, LikelihoodFields)
     model = registry.get(fields.model)
     images = decode_images(model, files, settings, "image" if len(files) <= 1 else "images")
-    labels = resolve_labels(model, fields.label, len(images))
+    labels = class_indices(model, fields.label, len(images))
     request.state.model, request.state.images = model.name, len(images)  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(len(images))
     result = await score(model, images, labels)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..deps import RegistryDep
-from ..errors import NotFound
 from ..schemas import ERROR_RESPONSES, ModelInfo
 
 router = APIRouter(tags=["models"])
@@ -19,5 +18,5 @@ async def list_models(registry: RegistryDep) -> list[dict]:
 @router.get("/models/{name}", response_model=ModelInfo, responses={404: ERROR_RESPONSES[404]}, summary="one model")
 async def get_model(name: str, registry: RegistryDep) -> dict:
     if name not in registry.models:
-        raise NotFound(f"unknown model {name!r}; available models: {', '.join(sorted(registry.models))}", field="model")
+        raise registry.unknown_model(name)
     return registry.models[name].describe(name == registry.default)

@@ -299,7 +299,7 @@ async def image_events(run: GenerationRun, fields: OpenAIImageFields, kind: str)
             yield sse_event("error", openai_error_body(run.timeout_error()))
     except Exception as error:  # noqa: BLE001 - reported to the client as an event
         run.metrics.failures.labels(reason="stream_error").inc()
-        native = stream_error_body(error)["error"]
+        native = stream_error_body(error, run.model.name)["error"]
         yield sse_event("error", openai_error_body(HttpError(500, native["type"], native["message"])))
     finally:
         await run.close()
