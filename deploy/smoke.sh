@@ -5,14 +5,15 @@
 #
 #   deploy/smoke.sh                  # from anywhere; about 5 minutes on 2 cores, most of it the build
 #
-# Needs docker-compose (Debian's 1.29) and podman (with runc) or Docker. With podman, the route of
+# Needs docker-compose (Debian's 1.29), curl, python3, and podman (with runc and debootstrap) or Docker. With podman, the route of
 # deploy/README.md: runc and explicit ulimits in a CONTAINERS_CONF, compose against `podman system
 # service`, and when no image registry answers, base images made offline: a debootstrapped Debian, the
 # Python base of deploy/python-base.Dockerfile and the nginx gateway of deploy/nginx.Dockerfile.
 # Settings (environment): SMOKE_ENGINE (podman or docker; default podman when installed), SMOKE_PORT
 # (gateway port on the host, 18088), SMOKE_REPLICAS (2), SMOKE_WHEELS (a folder of wheels for the build,
 # default /opt/wheels when it exists), SMOKE_DEBIAN_MIRROR (default: the first one apt uses),
-# SMOKE_KEEP_IMAGES (1, the default: keep the tagged images for the next run; 0: remove them too).
+# SMOKE_KEEP_IMAGES (1, the default: keep the tagged images for the next run; 0: remove them too),
+# SMOKE_PREFLIGHT_ONLY (1: check the prerequisites, then stop).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,9 +61,21 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "FAILED at line $LINENO: $BASH_COMMAND"' ERR
 
-command -v "$ENGINE" >/dev/null || fail "$ENGINE is not installed (apt-get install -y podman buildah runc debootstrap)"
-command -v docker-compose >/dev/null || fail "docker-compose is not installed (apt-get install -y docker-compose)"
-command -v curl >/dev/null || fail "curl is not installed"
+# --- prerequisites, all checked before anything starts ----------------------------------------------------
+# debootstrap is needed on the offline route (podman, no image registry, no base image made earlier);
+# whether a registry answers is only known later, so it is required unless a base image is already here.
+missing=()
+for tool in "$ENGINE" docker-compose curl python3; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ "$ENGINE" = podman ] && command -v podman >/dev/null \
+        && ! podman image exists localhost/debian:bookworm-local 2>/dev/null \
+        && ! podman image exists docker.io/library/python:3.11-slim-bookworm 2>/dev/null; then
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+    fail "missing prerequisites: ${missing[*]}. On Debian: apt-get install -y podman buildah runc debootstrap \
+docker-compose curl python3 (debootstrap makes the base images when no image registry answers)"
+fi
+if [ "${SMOKE_PREFLIGHT_ONLY:-0}" = 1 ]; then log "prerequisites: all there"; exit 0; fi
 if [ "$ENGINE" = podman ]; then
     # runc: crun fails on the hybrid cgroups of such machines; nproc above 4096 is refused there.
     printf '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n' \
@@ -141,9 +154,29 @@ done
 ready_s=$(($(date +%s) - up_started))
 log "/ready 200 through the gateway ${ready_s} s after up: $(cat "$WORK/ready.json")"
 
+replica_ids() { compose ps -q pixelcnn; }
+replica_ready() {  # id: the replica's own /ready, from inside its container
+    "$ENGINE" exec "$1" python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)" \
+        >/dev/null 2>&1
+}
+wait_for_every_replica() {  # the gateway is ready with one replica; the checks below need all of them
+    local id waiting
+    for _ in $(seq 240); do
+        waiting=0
+        for id in $(replica_ids); do replica_ready "$id" || waiting=$((waiting + 1)); done
+        [ "$waiting" = 0 ] && [ "$(replica_ids | wc -l)" = "$REPLICAS" ] && break
+        sleep 0.5
+    done
+    [ "$waiting" = 0 ] || fail "$waiting replica(s) not ready after 2 minutes"
+    # nginx marks a replica that refused it (still loading) down for fail_timeout (5 s); gateway.sh looks
+    # the names up every 5 s: past both, every replica gets requests.
+    sleep 6
+}
+wait_for_every_replica
+log "every replica answers /ready itself"
+
 # Requests reach every replica (counted in each replica's own access log); this also warms them up:
 # a replica's first decodes run slower while TorchScript profiles the row loop.
-replica_ids() { compose ps -q pixelcnn; }
 sample_counts() {  # [since]: only log lines after that time
     local id
     for id in $(replica_ids); do
@@ -216,12 +249,7 @@ address_after=$(address "$restarted")
 if [ "$address_before" != "$address_after" ]; then
     log "the restarted replica moved from $address_before to $address_after"
 fi
-for _ in $(seq 120); do
-    "$ENGINE" exec "$restarted" python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)" \
-        >/dev/null 2>&1 && break
-    sleep 0.5
-done
-sleep 6  # gateway.sh looks the name up every 5 s; nginx's fail_timeout (5 s) ends for a replica marked failed
+wait_for_every_replica
 restarted_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 sleep 1
 burst || fail "a burst after the restart"

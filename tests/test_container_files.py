@@ -243,3 +243,55 @@ def test_shell_scripts_parse_and_pass_shellcheck(script, shell):
         pytest.skip("shellcheck is not on PATH (apt-get install -y shellcheck)")
     run = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def run_smoke_preflight(tmp_path: Path, tools: list[str], base_image_here: bool = False) -> subprocess.CompletedProcess:
+    """deploy/smoke.sh's prerequisite check with only `tools` on PATH (stubs) besides the shell utilities
+    the script itself uses; podman's stub says whether a base image is already here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for utility in ("dirname", "date", "mktemp", "rm"):
+        (bin_dir / utility).symlink_to(shutil.which(utility))
+    for tool in tools:
+        stub = bin_dir / tool
+        exists = 0 if base_image_here else 1
+        stub.write_text(f'#!/bin/sh\n[ "$1 $2" = "image exists" ] && exit {exists}\nexit 0\n')
+        stub.chmod(0o755)
+    env = {"PATH": str(bin_dir), "SMOKE_PREFLIGHT_ONLY": "1", "SMOKE_ENGINE": "podman", "HOME": str(tmp_path)}
+    bash = shutil.which("bash")
+    return subprocess.run(
+        [bash, str(ROOT / "deploy/smoke.sh")], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    "tools, base_image_here, missing",
+    [
+        (["podman", "docker-compose", "curl", "python3", "debootstrap"], False, None),
+        (["podman", "docker-compose", "curl", "python3"], False, "debootstrap"),
+        (["podman", "docker-compose", "curl", "python3"], True, None),  # a base image: no debootstrap needed
+        (["podman", "curl", "python3", "debootstrap"], False, "docker-compose"),
+    ],
+)
+def test_smoke_checks_its_prerequisites_first(tmp_path, tools, base_image_here, missing):
+    run = run_smoke_preflight(tmp_path, tools, base_image_here)
+    if missing is None:
+        assert run.returncode == 0, run.stderr
+        assert "prerequisites: all there" in run.stderr
+    else:
+        assert run.returncode == 1
+        assert f"missing prerequisites: {missing}" in run.stderr and "apt-get install -y" in run.stderr
+
+
+def test_smoke_waits_for_every_replica_before_checking_them():
+    """The gateway answers /ready once one replica is up; the per-replica checks must wait for all (and
+    for nginx's fail_timeout), at the start and after the restart."""
+    script = (ROOT / "deploy/smoke.sh").read_text()
+    first_check = script.index("burst 2 64")
+    assert script.index("\nwait_for_every_replica\n") < first_check
+    restart = script.index('restart -t 45 "$restarted"')
+    assert script.index("\nwait_for_every_replica\n", restart) < script.index(
+        'burst || fail "a burst after the restart"'
+    )
+    body = script[script.index("wait_for_every_replica() {") : first_check]
+    assert "for id in $(replica_ids); do replica_ready" in body and '= "$REPLICAS"' in body and "sleep 6" in body

@@ -432,3 +432,51 @@ def test_completion_without_a_class_says_what_the_kept_rows_look_like(visit, ser
     tops = [max(image["class_probabilities"].items(), key=lambda item: item[1]) for image in expected["images"]]
     assert [belief.split(" (")[0] for belief in beliefs] == [f"looks like {name}" for name, _ in tops]
     assert tops[0][0] == "Ankle boot" and tops[0][1] > 0.9  # the shipped model recognises a boot's top
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory) -> str:
+    """`pixelcnn serve` of the shipped model with PIXELCNN_API_KEY set."""
+    store = tmp_path_factory.mktemp("keyed_store")
+    (store / "fashion-mnist").symlink_to(SHIPPED, target_is_directory=True)
+    process, url = start_server(store, {"PIXELCNN_API_KEY": "demo-secret"})
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_the_api_key_field_is_sent_as_the_bearer_key_and_kept_for_the_session_only(browser, keyed_server):
+    context = browser.new_context(viewport=VIEWPORTS["desktop"])
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    visit = Visit(page, keyed_server)
+    visit.open("likelihood")
+    page.click("#score-examples")
+    assert visit.wait_for_outcome("likelihood") == "error"
+    said = page.inner_text("#view-likelihood .error")
+    assert "missing API key" in said and "enter the server's API key" in said
+
+    page.fill("#api-key", "demo-secret")
+    with page.expect_request(lambda request: request.url.endswith("/likelihood")) as scored:
+        page.click("#score-examples")
+    assert scored.value.headers["authorization"] == "Bearer demo-secret"
+    page.wait_for_selector("#view-likelihood[data-outcome=done]")
+    assert page.evaluate("sessionStorage.getItem('pixelcnn-api-key')") == "demo-secret"
+    assert page.evaluate("localStorage.length") == 0 and "demo-secret" not in page.evaluate("document.cookie")
+    visit.open("likelihood")  # a reload in the same tab keeps it
+    assert page.input_value("#api-key") == "demo-secret"
+    context.close()
+    assert visit.errors == [], visit.errors
+
+    fresh = browser.new_context()  # another session: no key
+    other = fresh.new_page()
+    Visit(other, keyed_server).open("likelihood")
+    assert other.input_value("#api-key") == ""
+    fresh.close()
+
+
+def test_static_index_html_has_the_pages_security_policy(server):
+    page = httpx.get(f"{server}/static/index.html")
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"] == httpx.get(server).headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

@@ -8,6 +8,7 @@ from .scheduler import Engine
 from .scoring import Scorer
 from .stream import Stream
 from .types import (
+    DeadlineExceededError,
     EngineStats,
     EngineStoppedError,
     GenerationError,
@@ -27,6 +28,7 @@ def set_cpu_threads(threads: int) -> None:
 
 __all__ = [
     "CachedSampler",
+    "DeadlineExceededError",
     "Engine",
     "EngineStats",
     "EngineStoppedError",

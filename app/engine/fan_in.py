@@ -47,6 +47,7 @@ class TrackedRequest:
         self.closed = False  # a result or an error was delivered: its shards leave the engine
         self.cancel_counted = False  # changed under the engine's lock: a cancellation counts once
         self.admitted = False  # changed under the engine's lock: its queue wait is observed once
+        self.expired = False  # changed under the engine's lock: its deadline passed (counted once)
         self.submitted = time.perf_counter()
         self.first_row_at: float | None = None  # perf_counter() when the first generated row was final
         self._lock = threading.Lock()

@@ -28,6 +28,7 @@ import torch
 
 from app.model import ModelConfig, PixelCNNModel
 
+from .admission import admission_order, expired
 from .cache import DecodeCache
 from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
@@ -37,6 +38,7 @@ from .scoring import Scorer
 from .stats import TimeHistogram
 from .stream import Stream, StreamItem
 from .types import (
+    DeadlineExceededError,
     EngineStats,
     EngineStoppedError,
     GenerationError,
@@ -58,6 +60,9 @@ class _Lane:
         self.wake = threading.Event()
         self.active: list[Shard] = []
         self.state: DecodeCache | None = None
+        # Shards set aside, each with its own caches, while shards of a higher priority run in this lane:
+        # they resume (exactly where they were) once no higher-priority shard is left.
+        self.parked: list[tuple[Shard, DecodeCache]] = []
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
         # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
         self.counters: collections.Counter[str] = collections.Counter()
@@ -80,6 +85,7 @@ class Engine:
         max_queue: int = 64,
         lanes: int = 1,
         batch_wait_s: float = 0.002,
+        fault_every_steps: int = 0,
     ) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
@@ -105,6 +111,9 @@ class Engine:
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # under the lock
         self._queue_wait = TimeHistogram()  # submit -> joining a lane's batch, under the lock
         self._row_time = TimeHistogram()  # one decode step (a row of every image in a lane), under the lock
+        # Soak and tests only: every Nth decode step fails, as a real fault would (0: never).
+        self.fault_every_steps = fault_every_steps
+        self._steps = itertools.count(1)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,8 +144,8 @@ class Engine:
             leftover = list(self._waiting)
             self._waiting.clear()
             for lane in self._lanes:
-                leftover += lane.active
-                lane.thread, lane.active, lane.state, lane.images = None, [], None, 0
+                leftover += lane.active + [shard for shard, _ in lane.parked]
+                lane.thread, lane.active, lane.state, lane.images, lane.parked = None, [], None, 0, []
         for shard in leftover:
             shard.owner.fail(EngineStoppedError("the server is shutting down"))
 
@@ -184,6 +193,11 @@ class Engine:
             decode_errors=counters["decode_errors"],
             prefill_errors=counters["prefill_errors"],
             likelihood_errors=self.scorer.failed,
+            likelihood_cancelled=self.scorer.cancelled,
+            likelihood_passes=self.scorer.passes,
+            requests_expired=counters["requests_expired"] + self.scorer.expired,
+            rows_past_deadline=counters["rows_past_deadline"],
+            shards_parked=counters["shards_parked"],
         )
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -238,15 +252,30 @@ class Engine:
         with self._lock:
             if self._stopping or not self.running:
                 raise EngineStoppedError("the engine is not running")
+            displaced = None
             if self._waiting_requests() >= self.max_queue:
+                displaced = self._displaceable(request.priority)
                 self._counters["rejected_queue_full"] += 1
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+                if displaced is None:
+                    raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+                self._waiting = collections.deque(shard for shard in self._waiting if shard.owner is not displaced)
             self._waiting.extend(shards)
             self._counters["requests_submitted"] += 1
             self._last_submit = time.perf_counter()
+        if displaced is not None:
+            displaced.fail(QueueFullError("the queue is full and higher-priority work took this request's place"))
         for lane in self._lanes:  # the least loaded lane takes it; an idle lane is always least loaded
             lane.wake.set()
         return Stream(owner, queue)
+
+    def _displaceable(self, priority: int) -> TrackedRequest | None:
+        """The waiting request a new one of `priority` may push out of a full queue: the latest of the
+        lowest priority below it (none: the new one is refused). Under the lock."""
+        lower = [shard.owner for shard in self._waiting if shard.owner.request.priority < priority]
+        if not lower:
+            return None
+        lowest = min(owner.request.priority for owner in lower)
+        return [owner for owner in lower if owner.request.priority == lowest][-1]
 
     async def generate(self, request: GenerationRequest) -> SampleResult:
         return await self.submit(request, rows=False).result()
@@ -269,9 +298,106 @@ class Engine:
             owner.cancel_counted = True
             counts["requests_cancelled"] += 1
 
-    async def likelihood(self, images: ImagesIn, labels: LabelsIn = None) -> LikelihoodResult:
-        """Teacher-forced NLL (see Scorer.score)."""
-        return await self.scorer.score(images, labels)
+    async def likelihood(
+        self, images: ImagesIn, labels: LabelsIn = None, deadline: float | None = None
+    ) -> LikelihoodResult:
+        """Teacher-forced NLL (see Scorer.score); no pass begins after `deadline` (time.monotonic())."""
+        return await self.scorer.score(images, labels, deadline)
+
+    def _expire(self, owner: TrackedRequest, counts: collections.Counter) -> bool:
+        """Note that a request's deadline passed; True the first time (the caller then fails it, outside
+        the lock). Under the lock."""
+        if owner.expired or owner.closed:
+            return False
+        owner.expired = True
+        counts["requests_expired"] += 1
+        return True
+
+    @staticmethod
+    def _late_error() -> DeadlineExceededError:
+        return DeadlineExceededError("the request's deadline passed before it finished; its work was stopped")
+
+    def _drop_gone_and_late(self, lane: _Lane, now: float) -> list[int] | None:
+        """Before a decode step (its batch is fixed at `now`): requests past their deadline end
+        (DeadlineExceededError) and leave the batch, and the parked shards, with the cancelled ones, so
+        no step computes a row for them. Returns the batch rows kept, or None when all are."""
+        late: list[TrackedRequest] = []
+        kept: list[Shard] = []
+        keep: list[int] = []
+        offset = 0
+
+        def leaving(shard: Shard) -> bool:  # under the lock
+            if expired(shard, now) and self._expire(shard.owner, self._counters):
+                late.append(shard.owner)
+            if shard.owner.gone or shard.owner.expired:
+                self._count_cancelled(shard.owner, self._counters)
+                return True
+            return False
+
+        with self._lock:
+            for shard in lane.active:
+                if not leaving(shard):
+                    kept.append(shard)
+                    keep.extend(range(offset, offset + shard.n))
+                offset += shard.n
+            if len(kept) != len(lane.active):
+                lane.active = kept
+                lane.images = sum(shard.n for shard in kept)
+            lane.parked = [(shard, cache) for shard, cache in lane.parked if not leaving(shard)]
+        for owner in late:
+            owner.fail(self._late_error())
+        if len(keep) == offset:
+            return None
+        assert lane.state is not None
+        lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+        return keep
+
+    def _park(self, lane: _Lane, priority: int) -> None:
+        """Set aside the lane's shards below `priority`, each with its caches (this lane's thread only)."""
+        if lane.state is None:
+            return
+        kept: list[Shard] = []
+        keep: list[int] = []
+        offset = 0
+        for shard in lane.active:
+            rows = list(range(offset, offset + shard.n))
+            offset += shard.n
+            if shard.owner.request.priority < priority:
+                index = torch.tensor(rows, dtype=torch.long, device=self.device)
+                lane.parked.append((shard, lane.state.select(index)))
+            else:
+                kept.append(shard)
+                keep.extend(rows)
+        if len(kept) == len(lane.active):
+            return
+        lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+        with self._lock:
+            self._counters["shards_parked"] += len(lane.active) - len(kept)
+            lane.active = kept
+            lane.images = sum(shard.n for shard in kept)
+
+    def _run_by_priority(self, lane: _Lane) -> None:
+        """Only the highest priority present in the lane decodes: lower shards are parked, and parked
+        shards resume once nothing above them is left (they take no step meanwhile)."""
+        if not lane.active and not lane.parked:
+            return
+        top = max(shard.owner.request.priority for shard in [*lane.active, *(s for s, _ in lane.parked)])
+        if any(shard.owner.request.priority < top for shard in lane.active):
+            self._park(lane, top)
+        resuming = [(shard, cache) for shard, cache in lane.parked if shard.owner.request.priority == top]
+        room = self.max_batch_images - lane.images
+        back: list[tuple[Shard, DecodeCache]] = []
+        for shard, cache in resuming:
+            if shard.n <= room:
+                back.append((shard, cache))
+                room -= shard.n
+        if not back:
+            return
+        lane.state = DecodeCache.concat(([lane.state] if lane.state is not None else []) + [c for _, c in back])
+        with self._lock:
+            lane.parked = [entry for entry in lane.parked if all(entry[0] is not shard for shard, _ in back)]
+            lane.active.extend(shard for shard, _ in back)
+            lane.images = sum(shard.n for shard in lane.active)
 
     # ---- decode loop (one thread per lane) ---------------------------------------------------------------
     def _run(self, lane: _Lane) -> None:
@@ -283,7 +409,7 @@ class Engine:
                 # one submitted before is seen by _admit (clearing after the wait could lose it).
                 lane.wake.clear()
                 self._admit(lane)
-                if not lane.active:
+                if not lane.active and not lane.parked:
                     lane.wake.wait(timeout=0.5)
                     continue
                 self._decode_one_row(lane)
@@ -310,19 +436,41 @@ class Engine:
         a request on an idle engine go one to each lane). FIFO, so none starves: a lane that leaves a
         shard to a less loaded one lets it take the shard within a row."""
         joined = []
+        late: list[TrackedRequest] = []
         with self._lock:
             others = [other.images for other in self._lanes if other is not lane]
             total = lane.images + sum(others) + sum(shard.n for shard in self._waiting if not shard.owner.gone)
             fair_share = -(-total // len(self._lanes))
+            self._waiting = collections.deque(admission_order(self._waiting))
+            head = next((shard for shard in self._waiting if not shard.owner.gone), None)
+            outranked = head is not None and any(
+                shard.owner.request.priority < head.owner.request.priority for shard in lane.active
+            )
+        if outranked:  # set the lower-priority shards aside: the waiting one gets their room now
+            assert head is not None
+            self._park(lane, head.owner.request.priority)
+        with self._lock:
+            others = [other.images for other in self._lanes if other is not lane]
+            now = time.monotonic()
             while self._waiting:
                 shard = self._waiting[0]
-                if shard.owner.gone:  # cancelled, or failed in another lane
+                if expired(shard, now) and self._expire(shard.owner, self._counters):
+                    late.append(shard.owner)
+                if shard.owner.gone or shard.owner.expired:  # cancelled, failed in another lane, or late
                     self._waiting.popleft()
                     self._count_cancelled(shard.owner, self._counters)
                     continue
                 least_loaded = lane.images <= min(others, default=lane.images)
                 within_share = lane.images + shard.n <= fair_share
-                if shard.n > self.max_batch_images - lane.images or not (within_share or least_loaded):
+                # Parked shards keep their places against work of their priority or lower (else parked work
+                # could grow without bound and never resume); higher-priority work takes their room.
+                held = sum(
+                    parked.n
+                    for parked, _ in lane.parked
+                    if parked.owner.request.priority >= shard.owner.request.priority
+                )
+                room = self.max_batch_images - lane.images - held
+                if shard.n > room or not (within_share or least_loaded):
                     break
                 self._waiting.popleft()
                 lane.images += shard.n
@@ -330,6 +478,8 @@ class Engine:
                     shard.owner.admitted = True
                     self._queue_wait.observe(time.perf_counter() - shard.owner.submitted)
                 joined.append(shard)
+        for owner in late:
+            owner.fail(self._late_error())
         if not joined:
             return
         states = [lane.state] if lane.state is not None else []
@@ -369,6 +519,10 @@ class Engine:
             lane.active.append(shard)  # from here a failure (even of the merge) reaches it via _run
 
     def _decode_one_row(self, lane: _Lane) -> None:
+        self._drop_gone_and_late(lane, time.monotonic())
+        self._run_by_priority(lane)
+        if not lane.active:
+            return
         c, w = self.config.image_channels, self.config.width
         uniforms = torch.cat([row_uniforms(shard.streams, c, w) for shard in lane.active])
         temperatures = torch.cat(
@@ -377,16 +531,28 @@ class Engine:
                 for shard in lane.active
             ]
         )
+        # The step's batch is fixed now: a request that became late while the uniforms were drawn leaves
+        # it here (its stream advanced, but it is over), so the step computes nothing past a deadline.
+        started_at = time.monotonic()
+        kept_rows = self._drop_gone_and_late(lane, started_at)
+        if kept_rows is not None:
+            if not lane.active:
+                return
+            index = torch.tensor(kept_rows, dtype=torch.long)
+            uniforms, temperatures = uniforms[index], temperatures[index]
         forced = None  # kept sub-pixels of a completion whose kept pixels end mid-row, in its first row
         if any(shard.forced is not None for shard in lane.active):
             drawn = -1  # every sub-pixel of the other shards' rows
             forced = torch.cat([torch.full((s.n, c, w), drawn) if s.forced is None else s.forced for s in lane.active])
+        if self.fault_every_steps and next(self._steps) % self.fault_every_steps == 0:
+            raise RuntimeError(f"injected decode fault (every {self.fault_every_steps} steps)")
         step_started = time.perf_counter()
         assert lane.state is not None  # a lane with active shards has their caches
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures, forced)
         step_s = time.perf_counter() - step_started
         rows_cpu, log_prob = rows.to(torch.uint8).cpu(), log_prob.cpu()
         counts = collections.Counter(rows_decoded=1)
+        counts["rows_past_deadline"] += sum(shard.n for shard in lane.active if expired(shard, started_at))
 
         keep: list[int] = []
         still_active: list[Shard] = []

@@ -23,6 +23,11 @@ class GenerationRequest:
     # and the first known_columns pixels of row known_rows (kept pixels that end mid-row): teacher-forced
     known_columns: int = 0
     label_mode: str = "posterior"  # a completion without labels: its class from the kept rows, or "prior"
+    # Admission (admission.py): higher priority first (0 low, 1 normal, 2 high), then tenants in turn,
+    # then arrival. No work starts or continues past `deadline` (time.monotonic()): DeadlineExceededError.
+    priority: int = 1
+    tenant: str = ""
+    deadline: float | None = None
 
 
 @dataclass
@@ -54,6 +59,10 @@ class EngineStoppedError(RuntimeError):
 
 class GenerationError(RuntimeError):
     """A prefill or decode step failed; the request can be retried."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The request's deadline passed before it finished; its work stopped there (none is done after it)."""
 
 
 class QueueFullError(RuntimeError):
@@ -103,6 +112,13 @@ class EngineStats:
     decode_errors: int = _counter()
     prefill_errors: int = _counter()
     likelihood_errors: int = _counter()
+    likelihood_cancelled: int = _counter()  # requests whose caller left while they were scored
+    likelihood_passes: int = _counter()  # forward passes of up to 16 images run for /likelihood
+    requests_expired: int = _counter()  # generation and likelihood requests ended by their deadline
+    # Image rows decoded in steps that began after their request's deadline: the scheduler drops late
+    # requests before each step, so this stays 0; it is measured at each step, not assumed.
+    rows_past_deadline: int = _counter()
+    shards_parked: int = _counter()  # set aside while higher-priority work ran in their lane
 
     @classmethod
     def counter_names(cls) -> tuple[str, ...]:

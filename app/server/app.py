@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from .auth import ApiKeyMiddleware
 from .errors import install_error_handlers
+from .head import HeadAsGetMiddleware
 from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware, ServerMetrics
 from .registry import (
@@ -30,8 +32,11 @@ from .settings import Settings
 DESCRIPTION = """Sample, complete and score images with PixelCNN models.
 
 Errors on the native routes have the form `{"error": {"type", "message", "field"?}}`: 400 invalid_request (any bad
-input), 401 unauthorized, 404 not_found, 413 payload_too_large, 415 unsupported_media_type,
-503 overloaded (with Retry-After) or not_ready. The protocol front ends answer in their protocols' formats:
+input), 401 unauthorized, 404 not_found, 408 request_timeout (a head or body sent too slowly),
+413 payload_too_large, 415 unsupported_media_type, 429 too_many_requests (a tenant's cap),
+431 headers_too_large, 503 overloaded (with Retry-After), not_ready or timeout (X-Request-Timeout or the
+server's limit passed). Optional headers: X-Priority (0-2 or low/normal/high), X-Request-Timeout
+(seconds). The protocol front ends answer in their protocols' formats:
 the OpenAI Images API under /v1 (`{"error": {"message", "type", "param", "code"}}`), the Open Inference
 Protocol V2 under /v2 (`{"error": "..."}`).
 """
@@ -85,21 +90,24 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.state.metrics = ServerMetrics()
     app.state.metrics.watch(lambda: app.state.registry)
 
-    if settings.api_key is None:
+    if not settings.tenants():
         app.openapi = without_security(app)  # type: ignore[method-assign]  # FastAPI's documented override
     install_error_handlers(app)
     for module in (health, models, generation, likelihood, metrics, demo, openai_images, inference_v2):
         app.include_router(module.router)
 
-    # Added innermost first: CORS -> body limit -> metrics (outermost, so it sees 413s too).
+    # Added innermost first: HEAD as GET -> body limit -> API key -> CORS (so browsers can read 401s and
+    # 413s) -> metrics (outermost, so it sees every status).
+    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
+    app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
             expose_headers=["X-Seed", "X-Labels", "X-Model", "X-Numerics", "X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

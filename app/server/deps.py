@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import Unauthorized
+from .auth import authenticate
 from .metrics import ServerMetrics
 from .registry import ModelRegistry
 from .settings import Settings
@@ -39,11 +38,6 @@ _bearer = HTTPBearer(auto_error=False, description="PIXELCNN_API_KEY, when the s
 async def require_api_key(
     settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """Bearer token check on the POST routes; a no-op unless PIXELCNN_API_KEY is set."""
-    if settings.api_key is None:
-        return
-    if credentials is None:
-        raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
-    expected = settings.api_key.get_secret_value().encode()
-    if not secrets.compare_digest(credentials.credentials.encode(), expected):
-        raise Unauthorized("wrong API key")
+    """Bearer token on the POST routes (ApiKeyMiddleware checks it before the body is read; this
+    dependency puts the requirement in the OpenAPI schema and checks again, at no cost)."""
+    authenticate(settings.tenants(), None if credentials is None else f"Bearer {credentials.credentials}")

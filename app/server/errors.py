@@ -11,7 +11,6 @@ errors, into responses and count them in the failures metric. Under the protocol
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -21,8 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("pixelcnn.server")
 
 RETRY_AFTER_S = 1
 # The id of the request being handled (set by MetricsMiddleware): every error body carries it, so that a
@@ -68,6 +65,25 @@ class UnsupportedMediaType(ApiError):
     status, type = 415, "unsupported_media_type"
 
 
+class TooManyRequests(ApiError):
+    """A tenant's cap on requests in progress (PIXELCNN_API_KEYS) is reached."""
+
+    status, type = 429, "too_many_requests"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class DeadlinePassed(ApiError):
+    """The request's own deadline (X-Request-Timeout) passed; the engine stopped its work there."""
+
+    status, type = 503, "timeout"
+
+    @classmethod
+    def of(cls, error: Exception) -> DeadlinePassed:
+        return cls(f"{error} (X-Request-Timeout); ask for less work or a longer timeout")
+
+
 class Overloaded(ApiError):
     status, type = 503, "overloaded"
 
@@ -100,7 +116,8 @@ class HttpError(ApiError):
 
 class ClientDisconnected(ApiError):
     """The client left before the response was ready; nobody reads this answer (499 in nginx terms).
-    GenerationRun.close() counts it, since a cancelled stream never reaches a handler."""
+    Counted where it is noticed (GenerationRun.close(), since a cancelled stream never reaches a handler;
+    jobs.score)."""
 
     status, type, counted = 499, "client_disconnected", True
 
@@ -119,9 +136,17 @@ def from_engine_error(error: Exception, model: str | None) -> ApiError | None:
     """The API error for an engine error (app.engine.types), wherever it surfaces: raised by submit or
     score, or delivered while a result is awaited or a stream runs (then as an SSE `error` event). None for
     anything else, which is a bug (internal). `model`: the model's name, when known."""
-    from app.engine.types import EngineStoppedError, GenerationError, QueueFullError, ScoringError
+    from app.engine.types import (
+        DeadlineExceededError,
+        EngineStoppedError,
+        GenerationError,
+        QueueFullError,
+        ScoringError,
+    )
 
     name = f"model {model!r}" if model else "the model"
+    if isinstance(error, DeadlineExceededError):
+        return DeadlinePassed.of(error)
     if isinstance(error, QueueFullError):
         return Overloaded(f"{name} has a full queue ({error}); retry after {RETRY_AFTER_S} s")
     if isinstance(error, EngineStoppedError):
@@ -190,7 +215,13 @@ _HTTP_TYPES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from app.engine.types import EngineStoppedError, GenerationError, QueueFullError, ScoringError
+    from app.engine.types import (
+        DeadlineExceededError,
+        EngineStoppedError,
+        GenerationError,
+        QueueFullError,
+        ScoringError,
+    )
 
     def count(request: Request, type_: str) -> None:
         metrics = getattr(request.app.state, "metrics", None)
@@ -207,6 +238,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return await api_error(request, from_validation_errors([dict(e) for e in error.errors()]))
 
+    @app.exception_handler(DeadlineExceededError)
     @app.exception_handler(QueueFullError)
     @app.exception_handler(EngineStoppedError)
     @app.exception_handler(GenerationError)
@@ -225,8 +257,3 @@ def install_error_handlers(app: FastAPI) -> None:
         elif error.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return await api_error(request, HttpError(error.status_code, type_, message, error.headers))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return await api_error(request, HttpError(500, "internal", f"internal server error ({type(error).__name__})"))

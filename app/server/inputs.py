@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from app.engine import GenerationRequest
+from app.engine.scoring import SCORE_CHUNK_IMAGES, scoring_passes
 from app.imaging import ImageDecodeError, decode_image
 
 from .errors import InvalidRequest, UnsupportedMediaType, from_pydantic
@@ -53,6 +54,8 @@ async def _read_json(request: Request, fields_model: type[Fields]) -> tuple[Fiel
         body = json.loads(await request.body() or b"null")
     except ValueError:
         raise InvalidRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is JSON nested too deeply; expected a flat object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object with base64 images, or a multipart form with image files")
     encoded: list[tuple[str, Any]] = []
@@ -199,3 +202,18 @@ def class_index(model: ServedModel, value: Any, field: str) -> int:
         return model.config.class_index(value)
     except ValueError as error:
         raise InvalidRequest(f"model {model.name!r}: {error}", field=field) from None
+
+
+def check_scoring_cost(model: ServedModel, images: int, labelled: bool, settings: Settings) -> None:
+    """The cost cap of one /likelihood request, in forward passes (see scoring_passes): a conditional
+    model scored without labels costs one pass per class, so its image count is capped lower."""
+    passes = scoring_passes(model.config, images, labelled)
+    if passes > settings.max_likelihood_passes:
+        marginal = model.config.conditional and not labelled
+        hint = "give a label, or send fewer images" if marginal else "send fewer images"
+        raise InvalidRequest(
+            f"scoring {images} images {'without a label ' if marginal else ''}on model {model.name!r} takes "
+            f"{passes} forward passes (of up to {SCORE_CHUNK_IMAGES} images), over the limit of "
+            f"{settings.max_likelihood_passes} per request (PIXELCNN_MAX_LIKELIHOOD_PASSES): {hint}",
+            field="label" if marginal else "images",
+        )

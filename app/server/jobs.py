@@ -207,9 +207,34 @@ def api_error(error: QueueFullError | EngineStoppedError | ValueError, model: Se
     return mapped
 
 
-async def score(model: ServedModel, images: np.ndarray, labels: list[int] | None) -> LikelihoodResult:
-    """engine.likelihood with its errors mapped to the API's."""
+async def until_disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body has been read by then, so only a disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def score(
+    model: ServedModel,
+    images: np.ndarray,
+    labels: list[int] | None,
+    request: Request,
+    metrics: ServerMetrics,
+    deadline: float | None = None,
+) -> LikelihoodResult:
+    """engine.likelihood with its errors mapped to the API's; stopped when the client goes away (its slot
+    freed at once, its scoring thread stopped before the next pass): ClientDisconnected, counted here."""
+    scoring = asyncio.ensure_future(model.engine.likelihood(images, labels, deadline))
+    watcher = asyncio.ensure_future(until_disconnect(request))
     try:
-        return await model.engine.likelihood(images, labels)
+        await asyncio.wait([scoring, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watcher, scoring):
+            task.cancel()
+        await asyncio.wait([watcher, scoring])  # quick: a cancelled score returns before its thread ends
+    if scoring.cancelled():
+        metrics.failures.labels(reason=ClientDisconnected.type).inc()
+        raise ClientDisconnected("the client disconnected; the likelihood pass was stopped")
+    try:
+        return scoring.result()
     except (QueueFullError, ValueError) as error:
         raise api_error(error, model) from None

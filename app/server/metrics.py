@@ -22,12 +22,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.engine.types import EngineStats, TimeSnapshot
 
-from .errors import REQUEST_ID
+from .connections import REFUSED_STATUS, REQUEST_ID_STATE
+from .errors import REQUEST_ID, HttpError, error_response
+from .tenants import TENANT_STATE
 
 if TYPE_CHECKING:
     from .registry import ModelRegistry
 
 access_log = logging.getLogger("pixelcnn.access")
+log = logging.getLogger("pixelcnn.server")
 REQUEST_ID_HEADER = b"x-request-id"
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")  # a caller's (or gateway's) id is kept if it looks sane
 
@@ -62,6 +65,18 @@ class ServerMetrics:
             "pixelcnn_request_images", "images asked for per request", ["route"], buckets=COUNT_BUCKETS, registry=r
         )
         self.failures = Counter("pixelcnn_failures", "failed requests by reason (error type)", ["reason"], registry=r)
+        self.tenant_requests = Counter(
+            "pixelcnn_tenant_requests",
+            "POST requests by tenant (the names of PIXELCNN_API_KEYS, so a bounded set) and status",
+            ["tenant", "status"],
+            registry=r,
+        )
+
+    def count_refused(self, status: int, reason: str, reached_app: bool) -> None:
+        """A request the connection guard answered itself: 431 (too large a head), 408 (too slow)."""
+        self.failures.labels(reason=reason).inc()
+        if not reached_app:  # else MetricsMiddleware counts it, under its route
+            self.requests.labels(route="unmatched", method="other", status=str(status)).inc()
 
     def watch(self, get_registry: Callable[[], ModelRegistry | None]) -> None:
         self.registry.register(EngineCollector(get_registry))
@@ -151,10 +166,31 @@ def _histogram(counts: Mapping[int, int]) -> tuple[list[tuple[str, float]], floa
     return buckets, float(sum(size * n for size, n in sizes.items()))
 
 
+# Methods that get their own metrics label; any other (a client may send any token) counts as "other".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+CLIENT_LEFT = 499  # nginx's status for a request whose client went away before its response was complete
+
+
+def route_label(scope: Scope, outer_root_path: str) -> str:
+    """A bounded label for the route that served the request: the route template ("/models/{name}"), the
+    mount point of a mounted app ("/static"), the path of a fixed framework route ("/openapi.json",
+    "/docs"), or "unmatched"."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", "unmatched")
+    if scope.get("endpoint") is None:
+        return "unmatched"
+    mounted = scope.get("root_path", "")[len(outer_root_path) :]
+    return mounted or scope["path"]  # a Route without an APIRoute has no parameters: its path is fixed
+
+
 class MetricsMiddleware:
-    """Every HTTP request: counted by route template, method and status, timed to the last byte, given a
+    """Every HTTP request: counted by route label, method and status, timed to the last byte, given a
     request id (the caller's X-Request-ID if sane, else a new one; echoed in the response header and in
-    every error body) and logged as one JSON access line (route, status, duration, model, images, id)."""
+    every error body) and logged as one JSON access line (route, status, duration, model, images, id).
+    A client that left before its response was complete is logged and counted as 499; a request the
+    connection guard answered itself (408 mid-body) with that status; an unhandled error as a 500
+    `internal` error body with the request id, its traceback logged."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -166,37 +202,64 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # what the client sees if the app raises before answering
+        response_started = response_complete = client_left = False
         given = dict(scope.get("headers", ())).get(REQUEST_ID_HEADER, b"")
         request_id = given.decode() if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
+        state = scope.setdefault("state", {})  # routes note the model and the image count in request.state
+        state[REQUEST_ID_STATE] = request_id
+        outer_root_path = scope.get("root_path", "")
+
+        async def receive_and_watch() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not response_complete:
+                client_left = True
+            return message
 
         async def send_and_watch(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started, response_complete
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())],
                 }
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_complete = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self.app(scope, receive_and_watch, send_and_watch)
+        except Exception as error:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            self.metrics.failures.labels(reason="internal").inc()
+            if response_started:
+                raise  # too late for an error body: the server closes the connection
+            internal = HttpError(500, "internal", f"internal server error ({type(error).__name__})")
+            await error_response(internal, scope["path"])(scope, receive, send_and_watch)
         finally:
             REQUEST_ID.reset(token)
             duration = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", "unmatched")
-            labels = dict(route=route, method=scope["method"], status=str(status))
+            if REFUSED_STATUS in state:
+                status = state[REFUSED_STATUS]
+            elif client_left and not response_complete:
+                status = CLIENT_LEFT
+            route = route_label(scope, outer_root_path)
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            labels = dict(route=route, method=method, status=str(status))
             self.metrics.requests.labels(**labels).inc()
             self.metrics.request_duration.labels(**labels).observe(duration)
-            state = scope.get("state", {})  # routes note the model and the image count in request.state
+            tenant = state.get(TENANT_STATE)
+            if tenant is not None:
+                self.metrics.tenant_requests.labels(tenant=tenant.name, status=str(status)).inc()
             access_log.info(
                 json.dumps(
                     {
                         "request_id": request_id,
-                        "method": scope["method"],
+                        "method": scope["method"][:16],
                         "route": route,
-                        "path": scope["path"],
+                        "path": scope["path"][:256],
                         "status": status,
                         "duration_s": round(duration, 4),
                         "model": state.get("model"),

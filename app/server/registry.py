@@ -43,6 +43,7 @@ def default_engine_factory(model: PixelCNNModel, settings: Settings) -> Engine:
         max_queue=settings.max_queue,
         lanes=lanes,
         batch_wait_s=settings.batch_wait_ms / 1000,
+        fault_every_steps=settings.fault_every_steps,
     )
 
 

@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .connections import ConnectionLimits
+from .tenants import Tenant, parse_tenants
+
 DEFAULT_MODEL = "fashion-mnist"
 
 
@@ -76,8 +79,36 @@ class Settings(BaseSettings):
         description="generation requests waiting for a batch slot, and likelihood requests running, before 503",
     )
     max_images_per_request: int = Field(64, ge=1)
+    max_likelihood_passes: int = Field(
+        44,
+        ge=1,
+        description="cost cap of one /likelihood request in forward passes of up to 16 images: one per "
+        "16 images, times (classes + 1) for a conditional model scored without a label. Default 44: "
+        "64 unlabelled images on a 10-class model",
+    )
     max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1, description="request bodies above this get 413")
+    fault_every_steps: int = Field(
+        0, ge=0, description="soak and tests only: every Nth decode step fails (an injected fault); 0: never"
+    )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="request line plus headers above this get 431 and the connection closed"
+    )
+    max_header_count: int = Field(100, ge=1, description="requests with more headers get 431")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head not complete this long after its first byte gets 408"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not complete this long after its head gets 408"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="a connection with no request in progress is closed after this long idle"
+    )
     api_key: SecretStr | None = Field(None, description="bearer token required on POST routes; unset: no auth")
+    api_keys: SecretStr | None = Field(
+        None,
+        description="tenants and their bearer keys, 'name:key[:priority[:max_in_progress]],...' (see "
+        "app/server/tenants.py); with PIXELCNN_API_KEY too, that key is tenant 'default'",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed browser origins, comma-separated in the environment; empty: CORS off"
     )
@@ -90,11 +121,34 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_tenants(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_tenants(value.get_secret_value())  # ValueError names the bad entry
+        return value
+
+    def tenants(self) -> list[Tenant]:
+        """Every API key as a tenant: PIXELCNN_API_KEYS, and PIXELCNN_API_KEY as 'default'."""
+        tenants = parse_tenants(self.api_keys.get_secret_value()) if self.api_keys is not None else []
+        if self.api_key is not None:
+            tenants.append(Tenant("default", self.api_key.get_secret_value()))
+        return tenants
+
+    @field_validator("api_key", "api_keys", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         """PIXELCNN_API_KEY= (empty) means no key, not a key that is the empty string."""
         return None if value == "" else value
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            max_header_bytes=self.max_header_bytes,
+            max_header_count=self.max_header_count,
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            keep_alive_timeout_s=self.keep_alive_timeout_s,
+        )
 
     def lanes_for(self, device_type: str) -> int:
         """The decode lanes to run on a device of this type ("cpu" or "cuda")."""

@@ -29,6 +29,7 @@ from ..schemas import (
     SampleRequest,
 )
 from ..settings import Settings
+from ..tenants import request_budget
 from .docs import upload_body
 
 log = logging.getLogger("pixelcnn.server")
@@ -106,7 +107,14 @@ def start_run(
     png_scale: int = 1,
 ) -> GenerationRun:
     """Submit a generation for any front end (native, OpenAI, V2): the access log's model and image count,
-    the images-per-request metric by route, and the request's time limit are the same for all."""
+    the images-per-request metric by route, the request's time limit, and its priority, tenant and deadline
+    (X-Priority, the API key, X-Request-Timeout) are the same for all."""
+    budget = request_budget(request)  # priority, tenant and deadline: the scheduler's business
+    engine_request.priority, engine_request.tenant, engine_request.deadline = (
+        budget.priority,
+        budget.tenant,
+        budget.deadline,
+    )
     request.state.model, request.state.images = model.name, engine_request.n  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(engine_request.n)
     return GenerationRun(

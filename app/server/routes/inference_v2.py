@@ -26,13 +26,14 @@ from app.engine import SampleResult
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..errors import InvalidRequest, NotFound, inference_v2_error_body
-from ..inputs import generation_request, validate
+from ..inputs import check_scoring_cost, generation_request, validate
 from ..jobs import GenerationRun, score, stream_error_body
 from ..metrics import ServerMetrics
 from ..outputs import SSE_HEADERS, row_data
 from ..registry import ModelRegistry, ServedModel
 from ..schemas import SampleRequest
 from ..settings import Settings
+from ..tenants import request_budget
 from ..v2_tensors import HEADER_LENGTH, InferRequest, Tensor, encode_response, parse_infer_request
 from .generation import RunStreamingResponse, start_run
 
@@ -164,7 +165,8 @@ async def infer(
     wanted = requested_outputs(model, parsed)
     request.state.model, request.state.images = model.name, len(images)  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(len(images))
-    result = await score(model, images, labels)
+    check_scoring_cost(model, len(images), labels is not None, settings)
+    result = await score(model, images, labels, request, metrics, request_budget(request).deadline)
     metrics.scored.labels(model=model.name).inc(len(images))
     nll = np.asarray(result.nll_nats, dtype=np.float64)
     tensors = {

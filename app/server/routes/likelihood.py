@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
-from ..inputs import class_indices, decode_images, read_upload
+from ..inputs import check_scoring_cost, class_indices, decode_images, read_upload
 from ..jobs import score
 from ..outputs import likelihood_body
 from ..schemas import (
@@ -15,6 +15,7 @@ from ..schemas import (
     LikelihoodRequest,
     LikelihoodResponse,
 )
+from ..tenants import request_budget
 from .docs import upload_body
 
 router = APIRouter(tags=["likelihood"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -33,8 +34,9 @@ async def likelihood(
     model = registry.get(fields.model)
     images = decode_images(model, files, settings, "image" if len(files) <= 1 else "images")
     labels = class_indices(model, fields.label, len(images))
+    check_scoring_cost(model, len(images), labels is not None, settings)
     request.state.model, request.state.images = model.name, len(images)  # for the access log
     metrics.request_images.labels(route=request.url.path).observe(len(images))
-    result = await score(model, images, labels)
+    result = await score(model, images, labels, request, metrics, request_budget(request).deadline)
     metrics.scored.labels(model=model.name).inc(len(images))
     return JSONResponse(likelihood_body(model, result, fields.per_pixel, fields.scale))

@@ -67,13 +67,38 @@ async function errorFrom(response) {
   return new ApiError(message);
 }
 
+// The API key, when the server asks for one (PIXELCNN_API_KEY): typed into the page, kept in this tab's
+// sessionStorage only (gone when the tab closes, never sent anywhere but this server), sent as a bearer token.
+const API_KEY_ITEM = "pixelcnn-api-key";
+
+function apiKey() {
+  return sessionStorage.getItem(API_KEY_ITEM) ?? "";
+}
+
+function setUpApiKey() {
+  const input = document.getElementById("api-key");
+  input.value = apiKey();
+  input.addEventListener("input", () => {
+    const key = input.value.trim();
+    if (key) sessionStorage.setItem(API_KEY_ITEM, key);
+    else sessionStorage.removeItem(API_KEY_ITEM);
+  });
+}
+
 async function call(path, init = {}) {
+  const key = apiKey();
+  const headers = new Headers(init.headers);
+  if (key) headers.set("Authorization", `Bearer ${key}`);
   let response;
   try {
-    response = await fetch(path, init);
+    response = await fetch(path, { ...init, headers });
   } catch (error) {
     if (error.name === "AbortError") throw error;
     throw new ApiError(`could not reach the server (${error.message})`);
+  }
+  if (response.status === 401) {
+    const error = await errorFrom(response);
+    throw new ApiError(`${error.message} (enter the server's API key at the top of the page)`);
   }
   if (!response.ok) throw await errorFrom(response);
   return response;
@@ -832,6 +857,7 @@ function setUpLikelihood() {
 
 // --- start ---------------------------------------------------------------------------------------------
 
+setUpApiKey();
 setUpTabs();
 setUpSample();
 setUpComplete();

@@ -1,0 +1,215 @@
+"""Priorities under overload: high-priority latency while low-priority requests arrive at twice what the
+server can serve, against a real `pixelcnn serve`.
+
+    pixelcnn bench priority [--store model_store] [--seconds 30] [--overload 2] [--json]
+
+With --engine, the same against the engine in this process, without HTTP (what the scheduler does,
+apart from the event loop's and the client's share of the CPU).
+
+1. capacity: /sample n=1 requests, --concurrency at a time for --capacity-s: requests/s served;
+2. unloaded: high-priority (X-Priority: high) requests one after another: their latency;
+3. overload: low-priority requests arriving at --overload x capacity (open loop, each with
+   X-Request-Timeout --low-timeout-s, as clients that give up would), and a high-priority request every
+   --high-every-s, for --seconds. Reports high-priority p50/p99 against the unloaded ones, low-priority
+   outcomes by status, and the engine's requests_expired and rows_past_deadline counters from /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.bench.gateway import Replica
+from app.engine import DeadlineExceededError, Engine, GenerationRequest, QueueFullError, set_cpu_threads
+from app.model import load
+
+# (seed, headers) -> (HTTP status or its equivalent, seconds): one /sample of one image
+Sample = Callable[[int, dict[str, str]], Awaitable[tuple[int, float]]]
+PRIORITIES = {"low": 0, "normal": 1, "high": 2}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def http_sample(client: httpx.AsyncClient) -> Sample:
+    async def sample(seed: int, headers: dict[str, str]) -> tuple[int, float]:
+        """Status 0 when the connection failed (counted apart in the outcomes)."""
+        started = time.perf_counter()
+        try:
+            response = await client.post("/sample", json={"n": 1, "seed": seed}, headers=headers)
+        except httpx.TransportError:
+            return 0, time.perf_counter() - started
+        return response.status_code, time.perf_counter() - started
+
+    return sample
+
+
+def engine_sample(engine: Engine) -> Sample:
+    async def sample(seed: int, headers: dict[str, str]) -> tuple[int, float]:
+        started = time.perf_counter()
+        timeout = headers.get("x-request-timeout")
+        request = GenerationRequest(
+            n=1,
+            seed=seed,
+            priority=PRIORITIES[headers.get("x-priority", "normal")],
+            deadline=None if timeout is None else time.monotonic() + float(timeout),
+        )
+        try:
+            await engine.generate(request)
+        except (QueueFullError, DeadlineExceededError):
+            return 503, time.perf_counter() - started
+        return 200, time.perf_counter() - started
+
+    return sample
+
+
+async def capacity(sample: Sample, concurrency: int, seconds: float) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(k: int) -> None:
+        nonlocal done
+        seed = k * 100000
+        while time.perf_counter() < stop:
+            status, _ = await sample(seed, {})
+            done += status == 200
+            seed += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+async def unloaded(sample: Sample, count: int) -> list[float]:
+    latencies = []
+    for seed in range(count):
+        status, seconds = await sample(seed, {"x-priority": "high"})
+        assert status == 200, status
+        latencies.append(seconds)
+    return latencies
+
+
+async def overload(
+    sample: Sample, rate: float, seconds: float, high_every_s: float, low_timeout_s: float
+) -> tuple[list[float], Counter[int], Counter[int]]:
+    low_outcomes: Counter[int] = Counter()
+    high_outcomes: Counter[int] = Counter()
+    high_latencies: list[float] = []
+    tasks: list[asyncio.Task] = []
+    low_headers = {"x-priority": "low", "x-request-timeout": str(low_timeout_s)}
+
+    async def low(seed: int) -> None:
+        status, _ = await sample(seed, low_headers)
+        low_outcomes[status] += 1
+
+    async def high(seed: int) -> None:
+        status, latency = await sample(seed, {"x-priority": "high"})
+        high_outcomes[status] += 1
+        if status == 200:
+            high_latencies.append(latency)
+
+    started = time.perf_counter()
+    next_low, next_high, seed = started, started + 1.0, 0
+    while (now := time.perf_counter()) < started + seconds:
+        if now >= next_low:
+            tasks.append(asyncio.create_task(low(seed)))
+            next_low += 1 / rate
+            seed += 1
+        if now >= next_high:
+            tasks.append(asyncio.create_task(high(10**6 + seed)))
+            next_high += high_every_s
+        await asyncio.sleep(max(0.0, min(next_low, next_high) - time.perf_counter()))
+    await asyncio.gather(*tasks)
+    return high_latencies, low_outcomes, high_outcomes
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    wanted = ("pixelcnn_engine_requests_expired", "pixelcnn_engine_rows_past_deadline")
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name in wanted:
+            found[family.name.removeprefix("pixelcnn_engine_")] = sum(s.value for s in family.samples)
+    return found
+
+
+async def measure(sample: Sample, args: argparse.Namespace) -> dict:
+    await unloaded(sample, 5)  # warm-up
+    served_per_s = await capacity(sample, args.concurrency, args.capacity_s)
+    alone = await unloaded(sample, args.unloaded)
+    loaded, low_outcomes, high_outcomes = await overload(
+        sample, args.overload * served_per_s, args.seconds, args.high_every_s, args.low_timeout_s
+    )
+    unloaded_p99 = percentile(alone, 0.99)
+    loaded_p99 = percentile(loaded, 0.99)
+    return {
+        "capacity_requests_per_s": round(served_per_s, 2),
+        "low_arrivals_per_s": round(args.overload * served_per_s, 2),
+        "unloaded_high_p50_ms": round(1000 * statistics.median(alone), 1),
+        "unloaded_high_p99_ms": round(1000 * unloaded_p99, 1),
+        "overload_high_p50_ms": round(1000 * statistics.median(loaded), 1),
+        "overload_high_p99_ms": round(1000 * loaded_p99, 1),
+        "p99_ratio": round(loaded_p99 / unloaded_p99, 2),
+        "high_outcomes": dict(high_outcomes),
+        "low_outcomes": dict(low_outcomes),
+    }
+
+
+async def over_http(url: str, args: argparse.Namespace) -> dict:
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        result = await measure(http_sample(client), args)
+    return {**result, **engine_counters(url)}
+
+
+async def in_process(args: argparse.Namespace) -> dict:
+    set_cpu_threads(1)
+    engine = Engine(load(args.store / args.model).float(), lanes=1)
+    await engine.start()
+    try:
+        result = await measure(engine_sample(engine), args)
+        stats = engine.stats()
+    finally:
+        await engine.stop()
+    return {**result, "requests_expired": stats.requests_expired, "rows_past_deadline": stats.rows_past_deadline}
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixelcnn bench priority", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, default=Path("model_store"))
+    parser.add_argument("--model", default="fashion-mnist")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--capacity-s", type=float, default=10.0)
+    parser.add_argument("--unloaded", type=int, default=40)
+    parser.add_argument("--overload", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--high-every-s", type=float, default=0.5)
+    parser.add_argument("--low-timeout-s", type=float, default=5.0)
+    parser.add_argument("--engine", action="store_true", help="the engine in this process, no HTTP")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.engine:
+        result = asyncio.run(in_process(args))
+    else:
+        replica = Replica(args.store, Path(tempfile.mkdtemp(prefix="pixelcnn-priority-")), model=args.model)
+        try:
+            replica.wait_ready(180)
+            result = asyncio.run(over_http(replica.url, args))
+        finally:
+            replica.stop()
+    for key, value in result.items():
+        print(f"{key:<28} {value}")
+    if args.json:
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,191 @@
+"""Admission by priority, then tenants in turn, then arrival; deadlines end work that is late, waiting or
+running, and no decode step or likelihood pass is spent on it (the engine counts it to prove so)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine import DeadlineExceededError, GenerationRequest, QueueFullError, RowEvent, sample_cached
+from app.engine.admission import admission_order
+from tests.helpers import tiny_model
+from tests.test_scheduler import held_lane, run, running
+
+
+def waiting_shard(name: str, priority: int = 1, tenant: str = "", shards: int = 1) -> list[SimpleNamespace]:
+    owner = SimpleNamespace(name=name, request=GenerationRequest(priority=priority, tenant=tenant))
+    return [SimpleNamespace(owner=owner) for _ in range(shards)]
+
+
+def test_admission_order_is_priority_then_tenants_in_turn_then_arrival():
+    waiting = [
+        *waiting_shard("a1", tenant="a", shards=2),
+        *waiting_shard("a2", tenant="a"),
+        *waiting_shard("a3", tenant="a"),
+        *waiting_shard("low", priority=0, tenant="b"),
+        *waiting_shard("b1", tenant="b"),
+        *waiting_shard("high", priority=2, tenant="a"),
+        *waiting_shard("b2", tenant="b"),
+        *waiting_shard("c1", tenant="c"),
+    ]
+    order = [shard.owner.name for shard in admission_order(waiting)]
+    # Turns are counted per tenant over every waiting request: b's "low" is b's first, so b1 is its second.
+    assert order == ["high", "a1", "a1", "c1", "a2", "b1", "a3", "b2", "low"]
+
+
+def admitted_order(model, requests: list[GenerationRequest]) -> list[int]:
+    """Submit `requests` while the engine's only lane (one image per step) is held, release it, and
+    return their indices in the order they finished."""
+
+    async def scenario():
+        async with held_lane(model, max_batch_images=1, max_queue=64) as (engine, release):
+            blocker = engine.submit(GenerationRequest(n=1, seed=99), rows=False)
+            while engine.stats().queue_size:
+                await asyncio.sleep(0.005)
+            streams = [engine.submit(request, rows=False) for request in requests]
+            finished: list[int] = []
+
+            async def wait(index: int) -> None:
+                await streams[index].result()
+                finished.append(index)
+
+            release.set()
+            await asyncio.wait_for(asyncio.gather(blocker.result(), *map(wait, range(len(streams)))), timeout=60)
+            return finished
+
+    return run(scenario())
+
+
+def test_a_high_priority_request_overtakes_the_queue():
+    model = tiny_model("gated", 1, size=6, seed=41)
+    requests = [GenerationRequest(n=1, seed=i, priority=1) for i in range(4)]
+    requests.append(GenerationRequest(n=1, seed=10, priority=2))
+    requests.insert(1, GenerationRequest(n=1, seed=11, priority=0))
+    order = admitted_order(model, requests)
+    assert order[0] == 5  # the high one first
+    assert order[-1] == 1  # the low one last
+    assert order[1:-1] == [0, 2, 3, 4]  # the rest in arrival order
+
+
+def test_a_flooding_tenant_cannot_starve_another():
+    model = tiny_model("gated", 1, size=6, seed=42)
+    flood = [GenerationRequest(n=1, seed=i, tenant="a") for i in range(10)]
+    other = [GenerationRequest(n=1, seed=20 + i, tenant="b") for i in range(2)]
+    order = admitted_order(model, flood + other)
+    b_positions = [order.index(10), order.index(11)]
+    assert b_positions == [1, 3], order  # a, b, a, b, then the rest of a's flood
+
+
+def test_a_waiting_request_past_its_deadline_ends_without_running():
+    model = tiny_model("gated", 1, size=8, seed=43)
+
+    async def scenario():
+        async with held_lane(model, max_batch_images=1) as (engine, release):
+            blocker = engine.submit(GenerationRequest(n=1, seed=1), rows=False)
+            while engine.stats().queue_size:
+                await asyncio.sleep(0.005)
+            late = engine.submit(GenerationRequest(n=1, seed=2, deadline=time.monotonic() + 0.05), rows=False)
+            on_time = engine.submit(GenerationRequest(n=1, seed=3), rows=False)
+            await asyncio.sleep(0.1)
+            release.set()
+            with pytest.raises(DeadlineExceededError, match="deadline passed"):
+                await asyncio.wait_for(late.result(), timeout=30)
+            results = await asyncio.wait_for(asyncio.gather(blocker.result(), on_time.result()), timeout=30)
+            return results, engine.stats()
+
+    results, stats = run(scenario())
+    assert np.array_equal(results[1].images, sample_cached(model, 1, seed=3).images)
+    assert stats.requests_expired == 1 and stats.rows_past_deadline == 0
+    assert stats.rows_decoded == 2 * 8  # the blocker's rows and on_time's; none for the late request
+
+
+def test_a_running_request_stops_at_its_deadline_and_the_others_finish():
+    model = tiny_model("gated", 1, size=24, layers=4, seed=44, hidden_channels=192).float()
+
+    async def scenario():
+        async with running(model, max_batch_images=8, batch_wait_s=0) as engine:
+            other = engine.submit(GenerationRequest(n=1, seed=5), rows=False)
+            late = engine.submit(GenerationRequest(n=2, seed=6))
+            rows = []
+            with pytest.raises(DeadlineExceededError):
+                async for event in late:
+                    assert isinstance(event, RowEvent)
+                    rows.append(event.row)
+                    if len(rows) == 2:  # from now on, the request is late
+                        late._request.request.deadline = time.monotonic()
+            result = await asyncio.wait_for(other.result(), timeout=60)
+            return rows, result, engine.stats()
+
+    rows, result, stats = run(scenario())
+    assert 2 <= len(rows) <= 3  # a row already being drawn when the deadline passed may still arrive
+    assert np.array_equal(result.images, sample_cached(model, 1, seed=5).images)
+    assert stats.requests_expired == 1 and stats.rows_past_deadline == 0
+    assert stats.active_images == 0
+
+
+def test_likelihood_past_its_deadline_runs_no_pass():
+    model = tiny_model("gated", 1, size=6, num_classes=3, seed=45)
+    images = torch.randint(0, 256, (4, 1, 6, 6), dtype=torch.uint8)
+
+    async def scenario():
+        async with running(model) as engine:
+            with pytest.raises(DeadlineExceededError):
+                await engine.likelihood(images, None, deadline=time.monotonic())
+            before = engine.stats()
+            scored = await engine.likelihood(images, None, deadline=time.monotonic() + 60)
+            return before, scored, engine.stats()
+
+    before, scored, after = run(scenario())
+    assert before.likelihood_passes == 0 and before.requests_expired == 1
+    assert after.likelihood_passes == 4 and len(scored.nll_nats) == 4  # 3 classes + the per-pixel pass
+
+
+def test_higher_priority_work_runs_alone_and_parked_work_resumes_with_the_same_bytes():
+    model = tiny_model("gated", 1, size=10, seed=46)
+
+    async def scenario():
+        async with running(model, max_batch_images=4, batch_wait_s=0) as engine:
+            low = engine.submit(GenerationRequest(n=4, seed=7, priority=0))
+            high = None
+            async for event in low:
+                if isinstance(event, RowEvent) and event.row == 2:  # the lane is full of low work
+                    high = asyncio.ensure_future(engine.generate(GenerationRequest(n=2, seed=8, priority=2)))
+                if not isinstance(event, RowEvent):
+                    low_result = event
+            return low_result, await high, engine.stats()
+
+    low, high, stats = run(scenario())
+    assert np.array_equal(low.images, sample_cached(model, 4, seed=7).images)
+    assert np.array_equal(high.images, sample_cached(model, 2, seed=8).images)
+    assert stats.shards_parked >= 1
+    assert 2 in stats.batch_sizes_seen and 6 not in stats.batch_sizes_seen  # the high one alone, never mixed
+    assert stats.active_images == 0 and stats.requests_completed == 2
+
+
+def test_a_higher_priority_request_takes_the_place_of_the_latest_lower_one_in_a_full_queue():
+    model = tiny_model("gated", 1, size=6, seed=47)
+
+    async def scenario():
+        async with held_lane(model, max_batch_images=1, max_queue=2) as (engine, release):
+            blocker = engine.submit(GenerationRequest(n=1, seed=1), rows=False)
+            while engine.stats().queue_size:
+                await asyncio.sleep(0.005)
+            first = engine.submit(GenerationRequest(n=1, seed=2, priority=0), rows=False)
+            second = engine.submit(GenerationRequest(n=1, seed=3, priority=0), rows=False)
+            with pytest.raises(QueueFullError):  # a peer cannot push anyone out
+                engine.submit(GenerationRequest(n=1, seed=4, priority=0), rows=False)
+            high = engine.submit(GenerationRequest(n=1, seed=5, priority=2), rows=False)
+            with pytest.raises(QueueFullError, match="higher-priority work took this request's place"):
+                await asyncio.wait_for(second.result(), timeout=10)
+            release.set()
+            results = await asyncio.wait_for(asyncio.gather(blocker.result(), first.result(), high.result()), 30)
+            return results, engine.stats()
+
+    results, stats = run(scenario())
+    assert np.array_equal(results[2].images, sample_cached(model, 1, seed=5).images)
+    assert stats.rejected_queue_full == 2 and stats.requests_completed == 3
