@@ -71,7 +71,7 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path, ti
 
 
 class Replica:
-    """One `pixelcnn serve` process on a free loopback port, one lane and one torch thread, pinned to
+    """One `pixelcnn serve` process on a free loopback port, one lane (or `lanes`) and one torch thread, pinned to
     `cpu` with taskset when given; its log goes to a file (a pipe nobody reads would block it)."""
 
     def __init__(
@@ -81,6 +81,7 @@ class Replica:
         cpu: int | None = None,
         env: dict[str, str] | None = None,
         model: str | None = None,
+        lanes: int = 1,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -96,7 +97,7 @@ class Replica:
             "--port",
             str(self.port),
             "--lanes",
-            "1",
+            str(lanes),
             "--threads",
             "1",
             "--device",

@@ -12,11 +12,15 @@ loaded with ctypes, which releases the GIL during the call (the decode lanes run
 Flags: -O3 -march=native (the kernel is built where it runs), -ffp-contract=off and no -ffast-math, so
 every sum runs in the written order with IEEE rounding and an image's numbers never depend on its batch,
 on any CPU (a BLAS library picks kernels by shape and CPU: MKL on AMD EPYC rounds a product's rows by
-the product's size, which the torch decoders cannot avoid).
+the product's size, which the torch decoders cannot avoid). The vector width -march picks changes the
+speed, never a number, and exp and log are the kernel's own, not libm's (chosen per CPU): the kernel's
+numbers are the same bits on every x86-64 CPU (NUMERICS_VERSION; README, "Reproducibility across
+machines"). A completion's known rows go through it too (row_loops.CKernelRows.prefill).
 
 When there is no compiler, the build fails or PIXELCNN_NATIVE_KERNEL=0, `load_kernel()` returns None
 and the engine runs the TorchScript decoder (row_decoders.py), which stays the readable reference; the
-two round differently, so seeded images are reproducible per machine and kernel, not across them.
+two round differently, and torch's numbers depend on the CPU (oneDNN, MKL and ATen pick their code by
+it), so seeded images from the fallback are reproducible per machine, not across machines.
 """
 
 from __future__ import annotations
@@ -42,7 +46,19 @@ from .row_decoders import GatedRowDecoder, PixelCNNRowDecoder
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "row_kernels.c"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared", "-pthread"]
+# The version of the kernel's numbers: bump it in any change to row_kernels.c that changes a number it
+# computes (and regenerate tests/golden). 1: libm's log; 2: its own log, known rows through the kernel.
+NUMERICS_VERSION = 2
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared", "-pthread"]
+
+
+def flags() -> list[str]:
+    """FLAGS and the target CPU: -march=native, or $PIXELCNN_KERNEL_MARCH (e.g. x86-64-v3: no AVX-512)
+    for a kernel that must run on older CPUs than the build machine's, or to check that the vector width
+    changes no number."""
+    march = os.environ.get("PIXELCNN_KERNEL_MARCH", "").strip() or "native"
+    return [f"-march={march}", *FLAGS]
+
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -130,7 +146,7 @@ def build(compiler: str, source_file: Path = SOURCE) -> Path:
     """Compile the kernel (or another C file of native/, built alike: the benchmark's peak loop) once per
     source, flags, compiler and CPU, and return the shared library."""
     source = source_file.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode())
+    key = hashlib.sha256(source + " ".join(flags()).encode() + compiler.encode() + _cpu_signature().encode())
     name = f"{source_file.stem}-{key.hexdigest()[:16]}.so"
     for folder in (cache_folder(), Path(tempfile.gettempdir()) / "pixelcnn-kernels"):
         library = folder / name
@@ -143,7 +159,7 @@ def build(compiler: str, source_file: Path = SOURCE) -> Path:
         # Build under a private name, then rename: processes starting together never load a half file.
         partial = folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
         result = subprocess.run(
-            [compiler, *FLAGS, str(source_file), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *flags(), str(source_file), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             partial.unlink(missing_ok=True)

@@ -70,19 +70,16 @@ class CachedSampler:
 
     @torch.no_grad()
     def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
-        """Caches for decoding row `known_rows` onwards. One image at a time when rows are known: the
-        convolutions over them round by batch size, and an image's caches must not depend on its request's
-        size. With none known the caches are zeros and class biases (a lookup and exact products), the same
-        numbers for any batch, so the whole batch is prefilled at once."""
+        """Caches for decoding row `known_rows` onwards, by the row loop (RowLoop.prefill): the same numbers
+        for an image whatever its batch."""
         canvas = canvas.to(self.device)
         labels = None if labels is None else labels.to(self.device)
-        if known_rows == 0:
-            return self.impl.prefill(canvas, labels, 0)
-        caches = [
-            self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
-            for i in range(canvas.shape[0])
-        ]
-        return caches[0] if len(caches) == 1 else DecodeCache.concat(caches)
+        return self.row_loop.prefill(canvas, labels, known_rows)
+
+    @property
+    def numerics(self) -> str:
+        """The row loop's numerics fingerprint (RowLoop.numerics)."""
+        return self.row_loop.numerics
 
     @torch.no_grad()
     def decode_row(

@@ -28,7 +28,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from .c_kernel import NativeGatedDecoder, NativeGatedVertical, NativePixelCNNDecoder, load_kernel
+from .c_kernel import NUMERICS_VERSION, NativeGatedDecoder, NativeGatedVertical, NativePixelCNNDecoder, load_kernel
 from .cache import DecodeCache, GatedCache
 from .cached_models import CachedGated, CachedPixelCNN
 
@@ -64,6 +64,26 @@ class RowLoop:
     def __init__(self, impl: CachedGated | CachedPixelCNN, device: torch.device) -> None:
         self.impl = impl
         self.device = device
+
+    @property
+    def numerics(self) -> str:
+        """Which arithmetic draws the images, and whether its numbers are the same bits on every machine
+        ("portable") or only on this one ("local"): a client replaying a seed elsewhere compares these."""
+        dtype = str(self.impl.decoder.head.hidden_w.dtype).removeprefix("torch.")
+        return f"{self.name}/{self.device.type}/{dtype}; local"
+
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
+        """Caches for decoding row `known_rows` onwards, by the cached model's torch prefill. One image at a
+        time when rows are known: the convolutions over them round by batch size, and an image's caches must
+        not depend on its request's size. With none known the caches are zeros and class biases (a lookup
+        and exact products), the same numbers for any batch, so the whole batch is prefilled at once."""
+        if known_rows == 0:
+            return self.impl.prefill(canvas, labels, 0)
+        caches = [
+            self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
+            for i in range(canvas.shape[0])
+        ]
+        return caches[0] if len(caches) == 1 else DecodeCache.concat(caches)
 
     def begin_row(self, state: DecodeCache) -> None:
         self.impl.begin_row(state)
@@ -123,6 +143,27 @@ class CKernelRows(RowLoop):
             self.vertical = NativeGatedVertical(library, impl)
         else:
             self.pixels = NativePixelCNNDecoder(library, impl.decoder, config.width, config.image_channels)
+
+    @property
+    def numerics(self) -> str:
+        return f"c-kernel/{NUMERICS_VERSION}; portable"
+
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
+        """The known rows through the kernel, row by row, as if they had been drawn (the gated model: its
+        vertical stack; the masked-conv one: every sub-pixel, forced to its known value), not through torch's
+        convolutions, whose rounding depends on the CPU: the caches hold the numbers decoding would leave,
+        the same bits on every machine and for any batch, so the whole batch is prefilled at once."""
+        state = self.impl.prefill(canvas, labels, 0)  # zeros and class biases: exact
+        b, c, _, w = canvas.shape
+        uniforms = torch.zeros((b, c, w), dtype=torch.float64)  # ignored: every sub-pixel is forced
+        temperature = torch.ones((b, 1), dtype=torch.float64)
+        for i in range(known_rows):
+            known = canvas[:, :, i]
+            self.begin_row(state)
+            if self.vertical is None:  # the gated model's next rows see only its vertical stack
+                self.draw_row(state, uniforms, temperature, forced=known)
+            self.end_row(state, known)
+        return state
 
     def begin_row(self, state: DecodeCache) -> None:
         (self.vertical or self.impl).begin_row(state)
@@ -200,6 +241,13 @@ class StaticRows(RowLoop):
         self.buffers: dict[int, dict] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lock = threading.Lock()
+
+    @property
+    def numerics(self) -> str:
+        return self.inner.numerics  # the same kernels, replayed
+
+    def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
+        return self.inner.prefill(canvas, labels, known_rows)
 
     def begin_row(self, state: DecodeCache) -> None:
         self.inner.begin_row(state)

@@ -139,6 +139,11 @@ class Engine(LaneLoop):
             shard.owner.fail(EngineStoppedError("the server is shutting down"))
 
     @property
+    def numerics(self) -> str:
+        """The sampler's numerics fingerprint (RowLoop.numerics): what a seeded request's bytes depend on."""
+        return self.sampler.numerics
+
+    @property
     def running(self) -> bool:
         return any(lane.thread is not None and lane.thread.is_alive() for lane in self._lanes)
 

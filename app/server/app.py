@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
-            expose_headers=["X-Seed", "X-Labels", "X-Model", "X-Request-ID", "Retry-After"],
+            expose_headers=["X-Seed", "X-Labels", "X-Model", "X-Numerics", "X-Request-ID", "Retry-After"],
         )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

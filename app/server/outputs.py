@@ -106,6 +106,7 @@ def generation_body(
         "rows": h,
         "temperature": temperature,
         "elapsed_s": round(elapsed_s, 4),
+        "numerics": model.numerics,
     }
     if known_rows is not None:
         body["known_rows"] = known_rows
@@ -118,7 +119,7 @@ def generation_png(result: Any, scale: int = 1) -> bytes:
 
 
 def generation_headers(model: ServedModel, result: Any, seed: int) -> dict[str, str]:
-    headers = {"X-Model": model.name, "X-Seed": str(seed)}
+    headers = {"X-Model": model.name, "X-Seed": str(seed), "X-Numerics": model.numerics}
     if result.labels is not None:
         headers["X-Labels"] = ",".join(str(v) for v in result.labels.tolist())
     return headers

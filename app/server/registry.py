@@ -58,6 +58,11 @@ class ServedModel:
     parameters: int
     metrics: dict | None  # metrics.json without its long training history
 
+    @property
+    def numerics(self) -> str:
+        """The engine's numerics fingerprint (RowLoop.numerics), sent with every generation."""
+        return self.engine.numerics
+
     def class_name(self, label: int | None) -> str | None:
         return None if label is None else self.config.class_name(label)
 

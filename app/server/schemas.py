@@ -201,6 +201,12 @@ class GenerationResponse(BaseModel):
     known_rows: int | None = Field(None, description="/complete only: rows kept from the given image")
     temperature: float
     elapsed_s: float
+    numerics: str = Field(
+        description="which arithmetic drew the images and whether the same seed gives the same bytes on every "
+        "machine: 'c-kernel/VERSION; portable' (any x86-64 CPU with that kernel version), or "
+        "'ROW_LOOP/DEVICE/DTYPE; local' (this machine only); also the X-Numerics header",
+        examples=["c-kernel/2; portable"],
+    )
 
 
 class ClassOut(BaseModel):

@@ -2,9 +2,12 @@
  * PixelCNNRowDecoder (row_decoders.py) do with a few dozen torch ops per sub-pixel, here as loops over
  * each image's own numbers.
  *
- * Built by app/engine/native.py at first use with -ffp-contract=off and without -ffast-math, so every
+ * Built by app/engine/c_kernel.py at first use with -ffp-contract=off and without -ffast-math, so every
  * sum is computed in the written order with IEEE rounding: an image's numbers never depend on the other
- * images of the batch (batch invariance by construction; no padding is needed for it).
+ * images of the batch (batch invariance by construction; no padding is needed for it), nor on the CPU:
+ * only IEEE adds, multiplies and divides, whose results the standard fixes, and exp and log written out
+ * here rather than taken from libm, whose implementation may be chosen per CPU (c_kernel.NUMERICS_VERSION
+ * counts the changes to these numbers).
  *
  * Images are processed in blocks of up to BLOCK (see affine_block): the matrix-vector products of a
  * block's images share each weight row while it is in cache, and every image's sums still run in the
@@ -22,7 +25,6 @@
  * The masked-conv PixelCNN's layouts are described at PixelCNNWeights below.
  */
 #define _GNU_SOURCE /* pthreads, sched_yield and (Linux) the futex syscall under -std=c11: the wavefront */
-#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #if defined(__linux__)
@@ -208,6 +210,36 @@ static inline double exp_nonpositive(double x) {
     return x < -708.0 ? 0.0 : p * scale.f;
 }
 
+/* log(x) for finite x > 0 (the total of a softmax's terms, in [1, 256]) in plain IEEE double arithmetic:
+ * fdlibm's e_log.c (Sun Microsystems, 1993; error below 1 ulp) for normal numbers, so that the result is the
+ * same bits on every machine. libm's log is chosen per CPU at load time (glibc 2.36 has an FMA variant and
+ * a plain one, which disagree in about 1 in 10^5 arguments), so a log_prob would depend on the CPU. */
+static double log_positive(double x) {
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    const double lg1 = 6.666666666666735130e-01, lg2 = 3.999999999940941908e-01, lg3 = 2.857142874366239149e-01,
+                 lg4 = 2.222219843214978396e-01, lg5 = 1.818357216161805012e-01, lg6 = 1.531383769920937332e-01,
+                 lg7 = 1.479819860511658591e-01;
+    union { double f; uint64_t i; } bits = {.f = x};
+    int32_t hx = (int32_t)(bits.i >> 32);
+    int k = (hx >> 20) - 1023;
+    hx &= 0x000fffff;
+    const int32_t i = (hx + 0x95f64) & 0x100000;  /* the mantissa above sqrt(2): halve it, k + 1 */
+    bits.i = ((uint64_t)(uint32_t)(hx | (i ^ 0x3ff00000)) << 32) | (bits.i & 0xffffffffu);
+    k += i >> 20;
+    const double f = bits.f - 1.0, dk = (double)k;
+    const double s = f / (2.0 + f), z = s * s, w = z * z;
+    const double t1 = w * (lg2 + w * (lg4 + w * lg6)), t2 = z * (lg1 + w * (lg3 + w * (lg5 + w * lg7)));
+    const double r = t2 + t1;
+    const int32_t near_one = (hx - 0x6147a) | (0x6b851 - hx);
+    if (near_one > 0) {
+        const double hfsq = 0.5 * f * f;
+        if (k == 0) return f - (hfsq - s * (hfsq + r));
+        return dk * ln2_hi - ((hfsq - (s * (hfsq + r) + dk * ln2_lo)) - f);
+    }
+    if (k == 0) return f - s * (f - r);
+    return dk * ln2_hi - ((s * (f - r) - dk * ln2_lo) - f);
+}
+
 /* The largest of LEVELS values, over 8 running maxima (vectorises; a maximum is exact in any order). */
 static inline double maximum(const double *restrict values) {
     double lanes[8];
@@ -239,7 +271,7 @@ static int draw(const float *restrict logits, double u, double temperature, doub
         for (int v = 0; v < LEVELS; v++) scaled[v] = exp_nonpositive(wide[v] - max);
         for (int v = 0; v < LEVELS; v++) total += scaled[v];
     }
-    *log_prob = (wide[value] - max) - log(total);
+    *log_prob = (wide[value] - max) - log_positive(total);
     return value;
 }
 

@@ -41,6 +41,7 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": GenerationResponse,
         "description": "JSON; with Accept: image/png the PNG (a grid if n > 1, headers X-Seed, X-Labels); "
+        "every format has the X-Numerics header (the `numerics` field); "
         "with stream or Accept: text/event-stream, SSE `row` events then `done` (the JSON) or `error`",
         "content": {"image/png": {}, "text/event-stream": {}},
     }
@@ -84,7 +85,7 @@ async def respond(
     fmt = choose_format(request.headers.get("accept"), fields.stream)
     run = start_run(model, engine_request, completion, request, metrics, settings, fmt == "sse", fields.scale)
     if fmt == "sse":
-        headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed)}
+        headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed), "X-Numerics": model.numerics}
         return RunStreamingResponse(run, media_type="text/event-stream", headers=headers)
     result = await run.result()
     if fmt == "png":
@@ -93,7 +94,7 @@ async def respond(
             media_type="image/png",
             headers=generation_headers(model, result, run.seed),
         )
-    return JSONResponse(run.body(result))
+    return JSONResponse(run.body(result), headers={"X-Numerics": model.numerics})
 
 
 def start_run(

@@ -242,7 +242,7 @@ async def generate(
 ) -> JSONResponse:
     run = await start_generation(name, request, registry, settings, metrics, stream=False)
     result = await run.result()
-    return JSONResponse(tagged(run, run.body(result)))
+    return JSONResponse(tagged(run, run.body(result)), headers={"X-Numerics": run.model.numerics})
 
 
 @router.post(
@@ -255,7 +255,7 @@ async def generate_stream(
     name: str, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Response:
     run = await start_generation(name, request, registry, settings, metrics, stream=True)
-    headers = {**SSE_HEADERS, "X-Model": run.model.name, "X-Seed": str(run.seed)}
+    headers = {**SSE_HEADERS, "X-Model": run.model.name, "X-Seed": str(run.seed), "X-Numerics": run.model.numerics}
     return RunStreamingResponse(run, generate_events(run), media_type="text/event-stream", headers=headers)
 
 

@@ -242,7 +242,7 @@ async def respond(
 ) -> Response:
     run = start_run(model, engine_request, completion, request, metrics, settings, stream_rows=fields.stream)
     if fields.stream:
-        headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed)}
+        headers = {**SSE_HEADERS, "X-Model": model.name, "X-Seed": str(run.seed), "X-Numerics": model.numerics}
         events = image_events(run, fields, kind)
         return RunStreamingResponse(run, events, media_type="text/event-stream", headers=headers)
     result = await run.result()
