@@ -159,7 +159,10 @@ def build(compiler: str, source_file: Path = SOURCE) -> Path:
         # Build under a private name, then rename: processes starting together never load a half file.
         partial = folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
         result = subprocess.run(
-            [compiler, *flags(), str(source_file), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *flags(), str(source_file), "-o", str(partial), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
