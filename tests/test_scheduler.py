@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 
 import numpy as np
 import pytest
@@ -19,43 +17,7 @@ from app.engine import (
     RowEvent,
     sample_cached,
 )
-from tests.helpers import tiny_model
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-@contextlib.asynccontextmanager
-async def running(model, **limits):
-    """A started engine, stopped however the block ends."""
-    engine = Engine(model, **limits)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
-@contextlib.asynccontextmanager
-async def held_lane(model, **limits):
-    """A started engine whose lane holds in its first prefill until `release` is set: what a busy
-    engine looks like, so that later requests wait in the queue."""
-    engine = Engine(model, batch_wait_s=0, **limits)
-    release = threading.Event()
-    prefill = engine.sampler.prefill
-
-    def held_prefill(*args):
-        release.wait(10)
-        return prefill(*args)
-
-    engine.sampler.prefill = held_prefill
-    await engine.start()
-    try:
-        yield engine, release
-    finally:
-        release.set()
-        await engine.stop()
+from tests.helpers import held_lane, run, running, tiny_model
 
 
 def test_concurrent_requests_equal_sequential_ones_and_share_steps():

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from app.server import Settings
 from app.server.registry import default_engine_factory
-from tests.test_abandoned_work import likelihood_body, slow_scoring_factory
+from tests.helpers import likelihood_body, slow_scoring_factory
 
 pytestmark = pytest.mark.anyio
 

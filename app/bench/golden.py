@@ -261,7 +261,9 @@ def report(name: str, expected: list[dict[str, Any]], records: list[dict[str, An
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="pixelcnn bench golden", description=__doc__.split("\n\n")[0])
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE, help="the golden file (default %(default)s)")
-    parser.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument(
+        "--model-store", type=Path, default=DEFAULT_STORE, help="the models to serve (default: the shipped model_store)"
+    )
     parser.add_argument("--lanes", default="1,2", help="decode lane counts to serve with (default 1,2)")
     parser.add_argument("--write", action="store_true", help="write --file from this machine's outputs")
     parser.add_argument("--against", type=Path, action="append", default=[], help="also compare with this file")
