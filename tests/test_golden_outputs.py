@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from app.bench import golden
-from app.engine.c_kernel import NUMERICS_VERSION
+from app.engine.c_library import NUMERICS_VERSION
 
 GOLDEN = json.loads(golden.DEFAULT_FILE.read_text())["cases"]
 pytestmark = pytest.mark.slow  # real servers of the shipped models

@@ -11,10 +11,10 @@ import shutil
 import pytest
 import torch
 
-from app.engine import CachedSampler, c_kernel, sample_cached
+from app.engine import CachedSampler, c_library, sample_cached
 from tests.helpers import tiny_model
 
-needs_compiler = pytest.mark.skipif(c_kernel._compiler() is None, reason="no C compiler on this machine")
+needs_compiler = pytest.mark.skipif(c_library._compiler() is None, reason="no C compiler on this machine")
 
 
 @needs_compiler
@@ -46,37 +46,37 @@ def test_native_kernel_draws_what_the_torchscript_decoder_draws(arch, channels, 
 def test_without_the_kernel_sampling_falls_back_to_torchscript(monkeypatch, tmp_path, caplog):
     model = tiny_model("gated", dtype=torch.float32)
     expected = sample_cached(model, 2, seed=3, sampler=CachedSampler(model, compiled=False))
-    monkeypatch.setattr(c_kernel, "_loaded", {})
+    monkeypatch.setattr(c_library, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_KERNEL_CACHE", str(tmp_path))  # nothing built before can be found
-    monkeypatch.setattr(c_kernel, "_compiler", lambda: shutil.which("false"))  # a compiler that always fails
-    with caplog.at_level(logging.WARNING, logger="app.engine.c_kernel"):
+    monkeypatch.setattr(c_library, "_compiler", lambda: shutil.which("false"))  # a compiler that always fails
+    with caplog.at_level(logging.WARNING, logger="app.engine.c_library"):
         sampler = CachedSampler(model)
     assert sampler.row_loop.name == "torchscript"
     assert "TorchScript" in caplog.text
     result = sample_cached(model, 2, seed=3, sampler=sampler)
     assert torch.equal(result.images, expected.images)
 
-    monkeypatch.setattr(c_kernel, "_loaded", {})
-    monkeypatch.setattr(c_kernel, "_compiler", lambda: None)  # no compiler at all
-    assert c_kernel.load_kernel() is None
+    monkeypatch.setattr(c_library, "_loaded", {})
+    monkeypatch.setattr(c_library, "_compiler", lambda: None)  # no compiler at all
+    assert c_library.load_kernel() is None
 
     monkeypatch.undo()
-    monkeypatch.setattr(c_kernel, "_loaded", {})
+    monkeypatch.setattr(c_library, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_NATIVE_KERNEL", "0")  # switched off by the operator
-    assert c_kernel.load_kernel() is None
+    assert c_library.load_kernel() is None
 
 
 @pytest.mark.slow
 @needs_compiler
 def test_the_kernel_is_built_once_into_the_cache_folder(monkeypatch, tmp_path):
-    monkeypatch.setattr(c_kernel, "_loaded", {})
+    monkeypatch.setattr(c_library, "_loaded", {})
     monkeypatch.setenv("PIXELCNN_KERNEL_CACHE", str(tmp_path))
-    assert c_kernel.load_kernel() is not None
+    assert c_library.load_kernel() is not None
     built = list(tmp_path.glob("row_kernels-*.so"))
     assert len(built) == 1 and not list(tmp_path.glob(".*")), "one library, no half-written file left"
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(c_kernel, "_loaded", {})
-    assert c_kernel.load_kernel() is not None
+    monkeypatch.setattr(c_library, "_loaded", {})
+    assert c_library.load_kernel() is not None
     assert built[0].stat().st_mtime_ns == stamp, "a second start reuses the library"
 
 

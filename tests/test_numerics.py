@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from app.engine import CachedSampler
-from app.engine.c_kernel import NUMERICS_VERSION, load_kernel
+from app.engine.c_library import NUMERICS_VERSION, load_kernel
 from app.engine.protocol import image_streams, row_uniforms
 from tests.helpers import sse_events, tiny_model, torch_threads
 

@@ -459,7 +459,7 @@ def test_bench_model_json(capsys: pytest.CaptureFixture) -> None:
 
 def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from app.bench.sampling import run
-    from app.engine import c_kernel
+    from app.engine import c_library
 
     save(tiny_model("gated", 1, size=6, num_classes=3, seed=3).float(), tmp_path / "m")
     args = [
@@ -481,10 +481,10 @@ def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     for row in result["sampling"]:
         assert row["naive_extrapolated"] and row["naive_rows_timed"] == 1
         assert min(row["naive_s"], row["cached_s"], row["torchscript_s"], row["eager_decoder_s"], row["forward_s"]) > 0
-        assert row["native_kernel"] == (c_kernel._compiler() is not None)
+        assert row["native_kernel"] == (c_library._compiler() is not None)
     assert [row["lanes"] for row in result["engine"]] == [1, 2]
     assert all(row["concurrency"] == 3 and row["one_s"] > 0 and row["concurrent_s"] > 0 for row in result["engine"])
-    native = c_kernel._compiler() is not None
+    native = c_library._compiler() is not None
     # Batch 1 as a 2-lane engine draws a lone request (by wavefront with the C kernel), larger ones on one lane.
     assert [row["cached_lanes"] for row in result["sampling"]] == [2 if native else 1, 1]
     assert all(row["one_lane_s"] > 0 for row in result["sampling"])

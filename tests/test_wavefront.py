@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import CachedSampler, Engine, GenerationRequest, c_kernel, sample_cached
+from app.engine import CachedSampler, Engine, GenerationRequest, c_library, sample_cached
 from app.engine.protocol import image_streams, prepare_canvas, row_uniforms
 from app.engine.wavefront import Wavefront, gated_reach, masked_conv_reach, uniforms_ahead
 from app.model import build
 from tests.helpers import tiny_model
 
-pytestmark = pytest.mark.skipif(c_kernel._compiler() is None, reason="no C compiler on this machine")
+pytestmark = pytest.mark.skipif(c_library._compiler() is None, reason="no C compiler on this machine")
 
 SIZE = 14  # wide enough for a skew: rows start (reach 4) + group columns apart
 

@@ -18,10 +18,10 @@ import time
 
 from torch import nn
 
-from app.engine import CachedSampler, c_kernel
+from app.engine import CachedSampler, c_library
 from app.engine.cached_models import CachedGated
 
-PEAK_SOURCE = c_kernel.SOURCE.with_name("peak.c")
+PEAK_SOURCE = c_library.SOURCE.with_name("peak.c")
 
 
 def cached_macs(sampler: CachedSampler) -> int:
@@ -49,10 +49,10 @@ def forward_macs(model: nn.Module) -> int:
 
 
 def _peak_library() -> ctypes.CDLL | None:
-    compiler = c_kernel._compiler()
+    compiler = c_library._compiler()
     if compiler is None:
         return None
-    library = ctypes.CDLL(str(c_kernel.build(compiler, PEAK_SOURCE)))
+    library = ctypes.CDLL(str(c_library.build(compiler, PEAK_SOURCE)))
     for name in ("peak_fma", "peak_mul_add"):
         function = getattr(library, name)
         function.restype, function.argtypes = ctypes.c_float, [ctypes.c_int64, ctypes.c_float]

@@ -28,7 +28,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from .c_kernel import NUMERICS_VERSION, NativeGatedDecoder, NativeGatedVertical, NativePixelCNNDecoder, load_kernel
+from .c_kernel import NativeGatedDecoder, NativeGatedVertical, NativePixelCNNDecoder
+from .c_library import NUMERICS_VERSION, load_kernel
 from .cache import DecodeCache, GatedCache
 from .cached_models import CachedGated, CachedPixelCNN
 

@@ -206,8 +206,8 @@ class LoadedModel:
 def load_models(settings: Settings) -> tuple[list[LoadedModel], str | None, list[str]]:
     """Blocking (torch) part of startup, run in a worker thread: (loaded models, default name, problems).
     It also builds the engines' C row kernel if this machine has not yet (a second or so of compiling,
-    which must not hold up the event loop; see app/engine/c_kernel.py)."""
-    from app.engine.c_kernel import load_kernel
+    which must not hold up the event loop; see app/engine/c_library.py)."""
+    from app.engine.c_library import load_kernel
     from app.model import load
 
     load_kernel()
