@@ -78,6 +78,17 @@ def start_server(store: Path, env: dict[str, str] | None = None) -> tuple[subpro
     return replica.process, replica.url
 
 
+@contextmanager
+def serving(store: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`start_server` for the length of a block: its URL, and the server stopped however the block ends."""
+    process, url = start_server(store, env)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 # --- models, data and the CLI -------------------------------------------------------------------
 
 TINY_MODEL_ARGS = [

@@ -12,22 +12,16 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from helpers import start_server
 from tritonclient.utils import InferenceServerException
 
 from app.imaging import png_bytes
-from tests.helpers import png_tensor
+from tests.helpers import png_tensor, serving
 
 
 @pytest.fixture(scope="module")
 def server(server_store):
-    process, url = start_server(server_store, {"PIXELCNN_MODEL": "gray"})
-    try:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            yield url, http
-    finally:
-        process.terminate()
-        process.wait(30)
+    with serving(server_store, {"PIXELCNN_MODEL": "gray"}) as url, httpx.Client(base_url=url, timeout=60) as http:
+        yield url, http
 
 
 @pytest.fixture

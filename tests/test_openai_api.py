@@ -16,12 +16,11 @@ import numpy as np
 import openai
 import pytest
 import torch
-from helpers import start_server, tiny_model
 from PIL import Image
 
 from app.imaging import png_bytes
 from app.model import sample_naive, save
-from tests.helpers import png_tensor
+from tests.helpers import png_tensor, serving, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +31,8 @@ def server(server_store, tmp_path_factory):
     for name in ("gray", "cond", "rgb"):
         shutil.copytree(server_store / name, store / name)
     save(tiny_model("gated", 1, size=24, layers=4, seed=4, hidden_channels=192).float(), store / "tall")
-    process, url = start_server(store, {"PIXELCNN_MODEL": "gray"})
-    try:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            yield url, http
-    finally:
-        process.terminate()
-        process.wait(30)
+    with serving(store, {"PIXELCNN_MODEL": "gray"}) as url, httpx.Client(base_url=url, timeout=60) as http:
+        yield url, http
 
 
 @pytest.fixture

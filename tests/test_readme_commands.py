@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import start_server
+from tests.helpers import serving
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,8 @@ def test_the_extraction_finds_the_readme_commands():
 
 @pytest.fixture(scope="module")
 def shipped_server():
-    process, url = start_server(ROOT / "model_store")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(ROOT / "model_store") as url:
+        yield url
 
 
 def test_every_readme_command_that_talks_to_a_server_runs_as_written(shipped_server, tmp_path):

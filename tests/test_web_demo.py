@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.imaging import png_bytes
 from app.model import save
 from app.server.routes.demo import STATIC_DIR
-from tests.helpers import start_server, tiny_model
+from tests.helpers import serving, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +56,8 @@ def server(tmp_path_factory) -> str:
     store = tmp_path_factory.mktemp("demo_store")
     (store / "fashion-mnist").symlink_to(SHIPPED, target_is_directory=True)
     save(tiny_model("gated", 1, size=28, layers=12, hidden_channels=384, seed=5).float(), store / SLOW)
-    process, url = start_server(store, {"PIXELCNN_MODEL": "fashion-mnist"})
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(store, {"PIXELCNN_MODEL": "fashion-mnist"}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -442,10 +440,8 @@ def keyed_server(tmp_path_factory) -> str:
     """`pixelcnn serve` of the shipped model with PIXELCNN_API_KEY set."""
     store = tmp_path_factory.mktemp("keyed_store")
     (store / "fashion-mnist").symlink_to(SHIPPED, target_is_directory=True)
-    process, url = start_server(store, {"PIXELCNN_API_KEY": "demo-secret"})
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(store, {"PIXELCNN_API_KEY": "demo-secret"}) as url:
+        yield url
 
 
 def test_the_api_key_field_is_sent_as_the_bearer_key_and_kept_for_the_session_only(browser, keyed_server):
