@@ -6,10 +6,15 @@ flag. The one-hour run's figures are in BENCHMARKS.md."""
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
+import time
 
+import httpx
 import pytest
+from PIL import Image
 
+from app.bench.load import CUT_BY_KILL, SCENARIOS, Load
 from app.bench.soak import RSS_GROWTH_LIMIT, run_soak
 
 pytestmark = [
@@ -69,3 +74,28 @@ def test_a_planted_leak_is_flagged_by_the_same_report(server_store, tmp_path):
     assert all(g is not None and g > RSS_GROWTH_LIMIT for g in growth), growth
     assert all(p["leak"] for p in report["processes"])
     assert [line.split(":")[0] for line in report["verdict"]] == ["LEAK", "LEAK"], report["verdict"]
+
+
+def test_outcomes_are_told_apart_and_each_fault_timed():
+    """How the report classes what clients saw: a connection cut or a stream without `done` after a kill
+    (expected, timed from the kill) vs the same without a kill (unexpected); 503s by type, the gateway's own
+    apart; an injected fault timed from the time in its message."""
+    png = io.BytesIO()
+    Image.new("L", (8, 8)).save(png, format="PNG")
+    load = Load(httpx.AsyncClient(), png.getvalue(), seed=0, scenarios=SCENARIOS, faults=True)
+    before_kill = time.perf_counter()
+    assert load.record("sample_stream", before_kill, "RemoteProtocolError", "peer closed") == "RemoteProtocolError"
+    load.kills.append(time.perf_counter())
+    assert load.record("sample_stream", before_kill, "RemoteProtocolError", "peer closed") == CUT_BY_KILL
+    assert load.record("stream_slow_reader", before_kill, "stream ended with row", "") == CUT_BY_KILL
+    after_kill = time.perf_counter()
+    assert load.record("sample_json", after_kill, "ConnectError", "refused") == "ConnectError"
+    gateway = '{"error": {"type": "not_ready", "message": "no replica of the server is available right now"}}'
+    assert load.record("complete", after_kill, 503, gateway) == "503 no_replica"
+    assert load.record("complete", after_kill, 503, '{"error": {"type": "timeout"}}') == "503 timeout"
+    fault = f'{{"error": {{"type": "engine_error", "message": "injected decode fault (every 9 steps) at {time.time() - 0.25:.3f}"}}}}'
+    assert load.record("sample_json", after_kill, 500, fault) == "injected_fault"
+    assert [u.split(":")[1].split()[0] for u in load.unexpected] == ["RemoteProtocolError", "ConnectError"]
+    assert len(load.fault_to_end_s[("replica_kill", "sample_stream")]) == 1
+    assert len(load.fault_to_end_s[("replica_kill", "stream_slow_reader")]) == 1
+    assert 0.24 <= load.fault_to_end_s[("injected_fault", "sample_json")][0] < 1.0
