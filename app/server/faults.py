@@ -16,6 +16,6 @@ class LeakPerRequestMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            # Filled, not zeroed: zero pages from calloc would not count in the resident set until written.
+            # Filled with a non-zero byte: every page written, so it counts in the resident set.
             self.kept.append(b"\xa5" * self.bytes_per_request)
         await self.app(scope, receive, send)
