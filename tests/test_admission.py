@@ -166,6 +166,67 @@ def test_higher_priority_work_runs_alone_and_parked_work_resumes_with_the_same_b
     assert stats.active_images == 0 and stats.requests_completed == 2
 
 
+def image_rows_decoded(stats) -> int:
+    return sum(size * steps for size, steps in stats.batch_sizes_seen.items())
+
+
+def test_a_lane_decodes_at_most_step_images_per_step_and_its_groups_take_turns_with_the_same_bytes():
+    model = tiny_model("gated", 1, size=8, seed=48)
+    requests = [GenerationRequest(n=n, seed=20 + n) for n in (2, 5, 1, 3)]
+
+    async def scenario():
+        async with running(model, step_images=2, batch_wait_s=0.05) as engine:
+            streams = [engine.submit(request) for request in requests]
+            firsts = []
+
+            async def first_and_result(stream):
+                result = None
+                async for event in stream:
+                    if isinstance(event, RowEvent) and event.row == 0:
+                        firsts.append(image_rows_decoded(engine.stats()))
+                    if not isinstance(event, RowEvent):
+                        result = event
+                return result
+
+            results = await asyncio.gather(*(first_and_result(stream) for stream in streams))
+            return results, firsts, engine.stats()
+
+    results, firsts, stats = run(scenario())
+    for request, result in zip(requests, results):
+        assert np.array_equal(result.images, sample_cached(model, request.n, seed=request.seed).images)
+    assert set(stats.batch_sizes_seen) <= {1, 2}  # the request of 5 went in shards of at most 2
+    # Turns: every request drew its first row before any had drawn all 8 (11 images x 8 rows in all).
+    assert max(firsts) <= 2 * 11
+    assert stats.active_images == 0 and stats.requests_completed == 4
+
+
+def test_a_higher_priority_arrival_waits_for_one_short_step_not_the_lane_s_whole_batch():
+    model = tiny_model("gated", 1, size=10, seed=49)
+
+    async def scenario():
+        async with running(model, step_images=2, batch_wait_s=0) as engine:
+            low = engine.submit(GenerationRequest(n=8, seed=7, priority=0))
+            high_first_row = None
+            async for event in low:
+                if isinstance(event, RowEvent) and event.row == 2 and high_first_row is None:
+                    before = image_rows_decoded(engine.stats())
+                    high = engine.submit(GenerationRequest(n=1, seed=8, priority=2))
+                    async for high_event in high:
+                        if high_first_row is None:
+                            high_first_row = image_rows_decoded(engine.stats()) - before
+                        if not isinstance(high_event, RowEvent):
+                            high_result = high_event
+                if not isinstance(event, RowEvent):
+                    low_result = event
+            return low_result, high_result, high_first_row
+
+    low, high, images_before_high = run(scenario())
+    assert np.array_equal(low.images, sample_cached(model, 8, seed=7).images)
+    assert np.array_equal(high.images, sample_cached(model, 1, seed=8).images)
+    # Rows of images decoded from its arrival to its first row: the step in flight (2 images) and its own.
+    assert images_before_high <= 2 + 1
+
+
 def test_a_higher_priority_request_takes_the_place_of_the_latest_lower_one_in_a_full_queue():
     model = tiny_model("gated", 1, size=6, seed=47)
 

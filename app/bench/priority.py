@@ -9,8 +9,8 @@ apart from the event loop's and the client's share of the CPU).
 1. capacity: /sample n=1 requests, --concurrency at a time for --capacity-s: requests/s served;
 2. unloaded: high-priority (X-Priority: high) requests one after another: their latency;
 3. overload: low-priority requests arriving at --overload x capacity (open loop, each with
-   X-Request-Timeout --low-timeout-s, as clients that give up would), and a high-priority request every
-   --high-every-s, for --seconds. Reports high-priority p50/p99 against the unloaded ones, low-priority
+   X-Request-Timeout --low-timeout-s, as clients that give up would; over HTTP from a process of their
+   own, as other clients), and a high-priority request every --high-every-s, for --seconds. Reports high-priority p50/p99 against the unloaded ones, low-priority
    outcomes by status, and the engine's requests_expired and rows_past_deadline counters from /metrics.
 """
 
@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 import httpx
@@ -101,38 +103,62 @@ async def unloaded(sample: Sample, count: int) -> list[float]:
     return latencies
 
 
-async def overload(
-    sample: Sample, rate: float, seconds: float, high_every_s: float, low_timeout_s: float
-) -> tuple[list[float], Counter[int], Counter[int]]:
-    low_outcomes: Counter[int] = Counter()
-    high_outcomes: Counter[int] = Counter()
-    high_latencies: list[float] = []
-    tasks: list[asyncio.Task] = []
-    low_headers = {"x-priority": "low", "x-request-timeout": str(low_timeout_s)}
+async def open_loop(sample: Sample, rate: float, seconds: float, low_timeout_s: float) -> Counter[int]:
+    """Low-priority requests arriving at `rate` per second for `seconds`, each giving up after
+    `low_timeout_s` (X-Request-Timeout), as clients that give up would: their outcomes by status."""
+    outcomes: Counter[int] = Counter()
+    headers = {"x-priority": "low", "x-request-timeout": str(low_timeout_s)}
 
     async def low(seed: int) -> None:
-        status, _ = await sample(seed, low_headers)
-        low_outcomes[status] += 1
+        status, _ = await sample(seed, headers)
+        outcomes[status] += 1
+
+    tasks: list[asyncio.Task] = []
+    started = time.perf_counter()
+    seed = 0
+    while (now := time.perf_counter()) < started + seconds:
+        tasks.append(asyncio.create_task(low(seed)))
+        seed += 1
+        await asyncio.sleep(max(0.0, started + seed / rate - now))
+    await asyncio.gather(*tasks)
+    return outcomes
+
+
+async def probes(sample: Sample, every_s: float, seconds: float) -> tuple[list[float], Counter[int]]:
+    """A high-priority request every `every_s` for `seconds` (the first after 1 s): the latencies of
+    those answered 200, and the outcomes by status."""
+    outcomes: Counter[int] = Counter()
+    latencies: list[float] = []
 
     async def high(seed: int) -> None:
         status, latency = await sample(seed, {"x-priority": "high"})
-        high_outcomes[status] += 1
+        outcomes[status] += 1
         if status == 200:
-            high_latencies.append(latency)
+            latencies.append(latency)
 
+    tasks: list[asyncio.Task] = []
     started = time.perf_counter()
-    next_low, next_high, seed = started, started + 1.0, 0
-    while (now := time.perf_counter()) < started + seconds:
-        if now >= next_low:
-            tasks.append(asyncio.create_task(low(seed)))
-            next_low += 1 / rate
-            seed += 1
-        if now >= next_high:
-            tasks.append(asyncio.create_task(high(10**6 + seed)))
-            next_high += high_every_s
-        await asyncio.sleep(max(0.0, min(next_low, next_high) - time.perf_counter()))
+    while (at := 1.0 + len(tasks) * every_s) < seconds:
+        await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+        tasks.append(asyncio.create_task(high(10**6 + len(tasks))))
     await asyncio.gather(*tasks)
-    return high_latencies, low_outcomes, high_outcomes
+    return latencies, outcomes
+
+
+def flood_process(url: str, rate: float, seconds: float, low_timeout_s: float, results: Queue) -> None:
+    """open_loop over HTTP in a process of its own: the bulk clients are not the high-priority one, and
+    a client loop busy sending them would delay (and mis-time) its requests."""
+
+    async def flood() -> Counter[int]:
+        async with client_for(url) as client:
+            return await open_loop(http_sample(client), rate, seconds, low_timeout_s)
+
+    results.put(dict(asyncio.run(flood())))
+
+
+def client_for(url: str) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    return httpx.AsyncClient(base_url=url, timeout=300, limits=limits)
 
 
 def engine_counters(url: str) -> dict[str, float]:
@@ -144,13 +170,14 @@ def engine_counters(url: str) -> dict[str, float]:
     return found
 
 
-async def measure(sample: Sample, args: argparse.Namespace) -> dict:
+Overload = Callable[[float, argparse.Namespace], Awaitable[tuple[list[float], Counter[int], Counter[int]]]]
+
+
+async def measure(sample: Sample, overload: Overload, args: argparse.Namespace) -> dict:
     await unloaded(sample, 5)  # warm-up
     served_per_s = await capacity(sample, args.concurrency, args.capacity_s)
     alone = await unloaded(sample, args.unloaded)
-    loaded, low_outcomes, high_outcomes = await overload(
-        sample, args.overload * served_per_s, args.seconds, args.high_every_s, args.low_timeout_s
-    )
+    loaded, low_outcomes, high_outcomes = await overload(args.overload * served_per_s, args)
     unloaded_p99 = percentile(alone, 0.99)
     loaded_p99 = percentile(loaded, 0.99)
     return {
@@ -167,9 +194,23 @@ async def measure(sample: Sample, args: argparse.Namespace) -> dict:
 
 
 async def over_http(url: str, args: argparse.Namespace) -> dict:
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        result = await measure(http_sample(client), args)
+    async with client_for(url) as client:
+        sample = http_sample(client)
+
+        async def overload(rate: float, args: argparse.Namespace) -> tuple[list[float], Counter[int], Counter[int]]:
+            results: Queue = multiprocessing.get_context("spawn").Queue()
+            flood = multiprocessing.get_context("spawn").Process(
+                target=flood_process, args=(url, rate, args.seconds, args.low_timeout_s, results)
+            )
+            flood.start()
+            try:
+                latencies, high_outcomes = await probes(sample, args.high_every_s, args.seconds)
+                low_outcomes = await asyncio.to_thread(results.get, timeout=args.seconds + args.low_timeout_s + 120)
+            finally:
+                flood.join(timeout=10)
+            return latencies, Counter(low_outcomes), high_outcomes
+
+        result = await measure(sample, overload, args)
     return {**result, **engine_counters(url)}
 
 
@@ -177,8 +218,16 @@ async def in_process(args: argparse.Namespace) -> dict:
     set_cpu_threads(1)
     engine = Engine(load(args.store / args.model).float(), lanes=1)
     await engine.start()
+    sample = engine_sample(engine)
+
+    async def overload(rate: float, args: argparse.Namespace) -> tuple[list[float], Counter[int], Counter[int]]:
+        low_outcomes, (latencies, high_outcomes) = await asyncio.gather(
+            open_loop(sample, rate, args.seconds, args.low_timeout_s), probes(sample, args.high_every_s, args.seconds)
+        )
+        return latencies, low_outcomes, high_outcomes
+
     try:
-        result = await measure(engine_sample(engine), args)
+        result = await measure(sample, overload, args)
         stats = engine.stats()
     finally:
         await engine.stop()

@@ -20,7 +20,7 @@ import torch
 
 from app.model import ModelConfig, PixelCNNModel
 
-from .admission import LaneDiscipline, admission_order, expired
+from .admission import Group, LaneDiscipline, admission_order, expired, in_steps
 from .cache import DecodeCache
 from .cached import CachedSampler, sample_cached
 from .fan_in import Shard, TrackedRequest
@@ -42,13 +42,19 @@ class Lane:
         self.wake = threading.Event()
         self.active: list[Shard] = []
         self.state: DecodeCache | None = None
-        # Shards set aside, each with its own caches, while shards of a higher priority run in this lane:
-        # they resume (exactly where they were) once no higher-priority shard is left.
-        self.parked: list[tuple[Shard, DecodeCache]] = []
+        # The lane's other shards, with their caches, waiting for their turn (admission.py): the rest of its
+        # batch beyond step_images, and lower-priority shards set aside while higher ones decode. Each resumes
+        # exactly where it was. Changed by this lane's thread under the engine's lock, read by other lanes.
+        self.groups: list[Group] = []
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
         # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
         self.counters: collections.Counter[str] = collections.Counter()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    @property
+    def load(self) -> int:
+        """Images the lane holds: its batch and its waiting groups (under the engine's lock)."""
+        return self.images + sum(group.n for group in self.groups)
 
 
 class LaneLoop(LaneDiscipline):
@@ -81,7 +87,7 @@ class LaneLoop(LaneDiscipline):
                 # one submitted before is seen by _admit (clearing after the wait could lose it).
                 lane.wake.clear()
                 self._admit(lane)
-                if not lane.active and not lane.parked:
+                if not lane.active and not lane.groups:
                     lane.wake.wait(timeout=0.5)
                     continue
                 wavefront_lanes = self._wavefront_lanes(lane)
@@ -110,12 +116,13 @@ class LaneLoop(LaneDiscipline):
         """Move waiting shards into this lane while they fit, up to its fair share of all the images
         (running and waiting), and beyond that only while it is the least loaded lane (so the shards of
         a request on an idle engine go one to each lane). FIFO, so none starves: a lane that leaves a
-        shard to a less loaded one lets it take the shard within a row."""
+        shard to a less loaded one lets it take the shard within a row. They join the batch up to
+        step_images; the others form groups that take their turns (admission.py)."""
         joined = []
         late: list[TrackedRequest] = []
         with self._lock:
-            others = [other.images for other in self._lanes if other is not lane]
-            total = lane.images + sum(others) + sum(shard.n for shard in self._waiting if not shard.owner.gone)
+            others = [other.load for other in self._lanes if other is not lane]
+            total = lane.load + sum(others) + sum(shard.n for shard in self._waiting if not shard.owner.gone)
             fair_share = -(-total // len(self._lanes))
             self._waiting = collections.deque(admission_order(self._waiting))
             head = next((shard for shard in self._waiting if not shard.owner.gone), None)
@@ -124,9 +131,9 @@ class LaneLoop(LaneDiscipline):
             )
         if outranked:  # set the lower-priority shards aside: the waiting one gets their room now
             assert head is not None
-            self._park(lane, head.owner.request.priority)
+            self._set_aside(lane, head.owner.request.priority)
         with self._lock:
-            others = [other.images for other in self._lanes if other is not lane]
+            others = [other.load for other in self._lanes if other is not lane]
             now = time.monotonic()
             while self._waiting:
                 shard = self._waiting[0]
@@ -136,15 +143,12 @@ class LaneLoop(LaneDiscipline):
                     self._waiting.popleft()
                     self._count_cancelled(shard.owner, self._counters)
                     continue
-                least_loaded = lane.images <= min(others, default=lane.images)
-                within_share = lane.images + shard.n <= fair_share
-                # Parked shards keep their places against work of their priority or lower (else parked work
-                # could grow without bound and never resume); higher-priority work takes their room.
-                held = sum(
-                    parked.n
-                    for parked, _ in lane.parked
-                    if parked.owner.request.priority >= shard.owner.request.priority
-                )
+                load = lane.load
+                least_loaded = load <= min(others, default=load)
+                within_share = load + shard.n <= fair_share
+                # Waiting groups keep their places against work of their priority or lower (else set-aside
+                # work could grow without bound and never resume); higher-priority work takes their room.
+                held = sum(group.n for group in lane.groups if group.priority >= shard.owner.request.priority)
                 room = self.max_batch_images - lane.images - held
                 if shard.n > room or not (within_share or least_loaded):
                     break
@@ -158,13 +162,33 @@ class LaneLoop(LaneDiscipline):
             owner.fail(self._late_error())
         if not joined:
             return
-        states = [lane.state] if lane.state is not None else []
+        seated = len(lane.active)
+        states: list[DecodeCache] = []
         pending = list(joined)
         try:
             self._prefill(lane, pending, states)
         finally:  # whatever was not handled fails with the batch in _run, never left waiting
             lane.active.extend(pending)
-        lane.state = DecodeCache.concat(states) if states else None
+        self._seat(lane, seated, states)
+
+    def _seat(self, lane: Lane, seated: int, states: list[DecodeCache]) -> None:
+        """The shards prefilled into the lane's batch after its first `seated` ones (`states` are their
+        caches) join the batch up to step_images; the others form waiting groups of that size."""
+        joined = lane.active[seated:]
+        if not joined:
+            return
+        batch_images = sum(shard.n for shard in lane.active[:seated])
+        parts = in_steps(joined, max(self.step_images - batch_images, 0), self.step_images)
+        caches = iter(states)  # in the order of `joined`, i.e. of the parts
+        into_batch = [next(caches) for _ in parts[0]]
+        groups = [Group(part, DecodeCache.concat([next(caches) for _ in part])) for part in parts[1:]]
+        old = [lane.state] if lane.state is not None else []
+        state = DecodeCache.concat(old + into_batch) if old or into_batch else None
+        with self._lock:
+            lane.active = lane.active[:seated] + parts[0]
+            lane.state = state
+            lane.images = sum(shard.n for shard in lane.active)
+            lane.groups = lane.groups + groups
 
     def _prefill(self, lane: Lane, pending: list[Shard], states: list[DecodeCache]) -> None:
         """Prefill each joining shard, taking it off `pending` once it is active, done or failed."""
@@ -196,7 +220,7 @@ class LaneLoop(LaneDiscipline):
 
     def _decode_one_row(self, lane: Lane) -> None:
         self._drop_gone_and_late(lane, time.monotonic())
-        self._run_by_priority(lane)
+        self._take_turn(lane)
         if not lane.active:
             return
         c, w = self.config.image_channels, self.config.width
@@ -300,8 +324,8 @@ class LaneLoop(LaneDiscipline):
         ):
             return 1
         with self._lock:  # a cancel sets the stop flag under the lock, after marking its request gone
-            busy = any(o.images or o.parked for o in self._lanes if o is not lane)
-            if shard.owner.gone or lane.parked or self._waiting or busy:
+            busy = any(o.load for o in self._lanes if o is not lane)
+            if shard.owner.gone or lane.groups or self._waiting or busy:
                 return 1
             self._stop_wavefront.value = 0
             self._wavefront_threads = min(len(self._lanes), self.wavefront.useful_lanes)

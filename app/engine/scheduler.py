@@ -59,6 +59,7 @@ class Engine(LaneLoop):
         max_batch_images: int = 64,
         max_queue: int = 64,
         lanes: int = 1,
+        step_images: int | None = None,
         batch_wait_s: float = 0.002,
         fault_every_steps: int = 0,
         wavefront: bool | None = True,
@@ -71,7 +72,16 @@ class Engine(LaneLoop):
         self.config: ModelConfig = model.config
         self.sampler = CachedSampler(model)
         self.device = self.sampler.device
-        self.max_batch_images = max_batch_images  # per decode step, i.e. per lane
+        self.max_batch_images = max_batch_images  # held by one lane, and the most one request may ask for
+        # The most images one decode step draws a row of (admission.py): a lane's other images wait their
+        # turn, so a higher-priority arrival waits for one such step at most. On a CPU a row costs the same
+        # per image from 16 images up (BENCHMARKS.md), so smaller steps cost no throughput there; a GPU
+        # wants the biggest batch it can get.
+        if step_images is None:
+            step_images = max_batch_images if self.device.type == "cuda" else min(16, max_batch_images)
+        if step_images < 1:
+            raise ValueError(f"step_images must be >= 1, got {step_images}")
+        self.step_images = step_images
         self.max_queue = max_queue
         # An idle lane that finds work first lets a burst finish arriving: it starts once no request has
         # come for batch_wait_s (at most 5 x batch_wait_s in all), so requests sent together start together
@@ -133,8 +143,8 @@ class Engine(LaneLoop):
             leftover = list(self._waiting)
             self._waiting.clear()
             for lane in self._lanes:
-                leftover += lane.active + [shard for shard, _ in lane.parked]
-                lane.thread, lane.active, lane.state, lane.images, lane.parked = None, [], None, 0, []
+                leftover += lane.active + [shard for group in lane.groups for shard in group.shards]
+                lane.thread, lane.active, lane.state, lane.images, lane.groups = None, [], None, 0, []
         for shard in leftover:
             shard.owner.fail(EngineStoppedError("the server is shutting down"))
 
@@ -151,6 +161,7 @@ class Engine(LaneLoop):
         with self._lock:
             waiting = self._waiting_requests()
             active = [shard for lane in self._lanes for shard in lane.active]
+            active += [shard for lane in self._lanes for group in lane.groups for shard in group.shards]
             counters: collections.Counter[str] = collections.Counter(self._counters)
             batch_sizes: collections.Counter[int] = collections.Counter()
             for lane in self._lanes:
@@ -221,9 +232,11 @@ class Engine(LaneLoop):
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
-        # One shard per lane, so that an idle engine draws a big request on every core; a completion with
-        # nothing to generate is answered by its prefill alone.
-        parts = 1 if request.known_rows >= self.config.height else min(len(self._lanes), request.n)
+        # One shard per lane, so that an idle engine draws a big request on every core, and at most
+        # step_images images each (a shard is never cut across steps); a completion with nothing to
+        # generate is answered by its prefill alone.
+        steps = -(-request.n // self.step_images)
+        parts = 1 if request.known_rows >= self.config.height else min(max(len(self._lanes), steps), request.n)
         owner = TrackedRequest(request, labels, canvas, parts, deliver, self._withdraw, rows)
         bounds = [request.n * k // parts for k in range(parts + 1)]
         shards = [

@@ -43,6 +43,7 @@ def default_engine_factory(model: PixelCNNModel, settings: Settings) -> Engine:
         max_batch_images=settings.max_batch_images,
         max_queue=settings.max_queue,
         lanes=lanes,
+        step_images=settings.step_images,
         batch_wait_s=settings.batch_wait_ms / 1000,
         fault_every_steps=settings.fault_every_steps,
         wavefront=None,  # measured at start: one image by wavefront only where that is faster here

@@ -50,7 +50,16 @@ class Settings(BaseSettings):
         description="decode lanes (threads, each with its own batch) per model. Unset: "
         "1 on a GPU; on a CPU one per `threads` usable CPUs (affinity, cgroup quota), at most 8",
     )
-    max_batch_images: int = Field(64, ge=1, description="images decoded together by one lane's step")
+    max_batch_images: int = Field(
+        64, ge=1, description="images one lane holds at a time, and the most one request may ask for"
+    )
+    step_images: int | None = Field(
+        None,
+        ge=1,
+        description="the most images one decode step draws a row of; a lane's other images take turns, "
+        "so a higher-priority request waits for one such step at most. Unset: 16 on a CPU (where a row "
+        "costs the same per image from 16 up), max_batch_images on a GPU",
+    )
     request_timeout_s: float = Field(
         300.0,
         gt=0,
