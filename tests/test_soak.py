@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from app.bench.load import CUT_BY_KILL, SCENARIOS, Load
-from app.bench.soak import RSS_GROWTH_LIMIT, run_soak
+from app.bench.soak import RSS_GROWTH_LIMIT, ReplicaProcess, run_soak
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,6 +35,7 @@ def test_a_short_soak_with_a_replica_killed_and_faults_loses_nothing(server_stor
             fault_every_steps=29,
             kill_at_s=(6.0,),
             restart_after_s=1.0,
+            rss_every_s=1.0,
         )
     )
     assert report["verdict"] == [], report["verdict"]
@@ -45,7 +46,7 @@ def test_a_short_soak_with_a_replica_killed_and_faults_loses_nothing(server_stor
     assert kill["replica"] == 0 and kill["at_s"] >= 6.0 and kill["ready_after_s"] < 10, kill
     lives = [(p["replica"], p["ended"].split(" at ")[0]) for p in report["processes"]]
     assert lives == [(0, "SIGKILL"), (1, "ran to the end"), (0, "ran to the end")], lives
-    assert report["processes"][2]["rss_mb"]["end"] > 0  # the restarted one answered /metrics at the end
+    assert report["processes"][2]["rss_readings"] >= 2  # the restarted one answered /metrics until the end
     # Faults reached clients and ended their requests at once; every gauge of both replicas is back to 0.
     outcomes = report["by_outcome"]
     assert outcomes.get("injected_fault", 0) > 0 and outcomes.get("200", 0) > 100, outcomes
@@ -67,6 +68,7 @@ def test_a_planted_leak_is_flagged_by_the_same_report(server_store, tmp_path):
             fault_every_steps=29,
             kill_at_s=(),
             leak_bytes_per_request=256 * 1024,
+            rss_every_s=1.0,
         )
     )
     assert report["unexpected_errors"] == 0 and report["hanging"] == 0, report["unexpected_examples"]
@@ -99,3 +101,18 @@ def test_outcomes_are_told_apart_and_each_fault_timed():
     assert len(load.fault_to_end_s[("replica_kill", "sample_stream")]) == 1
     assert len(load.fault_to_end_s[("replica_kill", "stream_slow_reader")]) == 1
     assert 0.24 <= load.fault_to_end_s[("injected_fault", "sample_json")][0] < 1.0
+
+
+def test_rss_growth_is_judged_on_medians_after_warm_up():
+    """A spike in the last reading is not a leak; memory that keeps growing after warm-up is, however
+    much it grew during warm-up."""
+    mb = 2**20
+    steady = [(t, (500 if t % 20 else 530) * mb) for t in range(0, 1205, 5)]  # +6% every 20 s, the last too
+    process = ReplicaProcess(replica=0, pid=1, started_s=0, warmup_s=300, rss=[(0, 280 * mb), *steady])
+    report = process.report()
+    assert report["rss_growth_after_warmup"] == 0 and not report["leak"], report
+    assert report["rss_mb"]["start"] == 280 and report["rss_mb"]["max"] == 530
+    leaking = ReplicaProcess(0, 1, 0, 300, rss=[(t, (500 + t / 20) * mb) for t in range(0, 1200, 5)])
+    assert leaking.report()["leak"] and 0.05 < leaking.report()["rss_growth_after_warmup"] < 0.09
+    short = ReplicaProcess(0, 1, 0, 300, rss=[(t, 500 * mb) for t in range(0, 300, 5)])
+    assert short.report()["rss_growth_after_warmup"] is None and not short.report()["leak"]

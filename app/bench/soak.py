@@ -13,8 +13,9 @@ each fault, the seconds from it to the end of every request it ended (an injecte
 message; a kill's is when the signal went), all within 1 s; what the gateway retried (nginx sends a
 request whose replica failed before answering to the other one: the client sees that one's answer; a
 stream already under way cannot be retried and is cut: `cut_by_replica_kill`); each replica process's
-resident memory after warm-up and at its end (growth over 3% is reported as a LEAK); and the queue, slot
-and request gauges of every replica back to 0 at the end. The exit status is 1 if any of these fails.
+resident memory, read every `--rss-every` seconds, as the median of its first minute after `--warmup`
+and of its last minute (growth over 3% is reported as a LEAK); and the queue, slot and request gauges
+of every replica back to 0 at the end. The exit status is 1 if any of these fails.
 `--leak-bytes-per-request` plants a leak (PIXELCNN_FAULT_LEAK_BYTES_PER_REQUEST) the report must flag.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import json
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +55,7 @@ RSS = "process_resident_memory_bytes"
 # Its client reads a line per 50 ms: it reads a stream's error event or cut seconds after they happen.
 SLOW = "stream_slow_reader"
 RETRY_AFTER_S = 1.0  # the server's and the gateway's Retry-After
+RSS_WINDOW_S = 60.0
 
 
 @dataclass
@@ -62,25 +65,35 @@ class ReplicaProcess:
     replica: int
     pid: int
     started_s: float  # seconds into the run
-    rss_start: float | None = None
-    rss_after_warmup: float | None = None
-    rss_end: float | None = None
+    warmup_s: float
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, bytes)
+    alive: bool = True
     ended: str = "ran to the end"
 
+    def growth_window(self) -> tuple[float | None, float | None]:
+        """The median RSS of the first and of the last window after warm-up (RSS_WINDOW_S, or a quarter
+        of the measured time if that is shorter): one reading moves by a few % from one minute to the
+        next as the allocator takes and gives back memory, a median of a dozen does not."""
+        measured = [(t, v) for t, v in self.rss if t >= self.started_s + self.warmup_s]
+        if len(measured) < 2:
+            return None, None  # its warm-up ended with the run (or its life)
+        window = min(RSS_WINDOW_S, (measured[-1][0] - measured[0][0]) / 4)
+        first = [v for t, v in measured if t <= measured[0][0] + window]
+        last = [v for t, v in measured if t >= measured[-1][0] - window]
+        return statistics.median(first), statistics.median(last)
+
     def report(self) -> dict:
-        growth = None
-        if self.rss_end and self.rss_after_warmup:
-            growth = round(self.rss_end / self.rss_after_warmup - 1, 4)
-        mb = {
-            k: None if v is None else round(v / 2**20, 1)
-            for k, v in (("start", self.rss_start), ("after_warmup", self.rss_after_warmup), ("end", self.rss_end))
-        }
+        after_warmup, end = self.growth_window()
+        growth = round(end / after_warmup - 1, 4) if end and after_warmup else None
+        readings = {"start": self.rss[0][1] if self.rss else None, "after_warmup": after_warmup, "end": end}
+        readings["max"] = max((v for _, v in self.rss), default=None)
         return {
             "replica": self.replica,
             "pid": self.pid,
             "started_s": round(self.started_s, 1),
             "ended": self.ended,
-            "rss_mb": mb,
+            "rss_readings": len(self.rss),
+            "rss_mb": {k: None if v is None else round(v / 2**20, 1) for k, v in readings.items()},
             "rss_growth_after_warmup": growth,
             "leak": growth is not None and growth > RSS_GROWTH_LIMIT,
         }
@@ -93,6 +106,7 @@ class Soak:
     warmup_s: float
     restart_after_s: float
     duration_s: float
+    rss_every_s: float
     load: Load
     started: float = field(default_factory=time.perf_counter)
     processes: list[ReplicaProcess] = field(default_factory=list)
@@ -102,29 +116,32 @@ class Soak:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    async def rss(self, replica: int) -> float | None:
+    async def read_rss(self, replica: int) -> None:
+        process = self.current[replica]
         try:
-            return (await metrics(self.direct, self.replicas[replica].url)).get(RSS)
+            rss = (await metrics(self.direct, self.replicas[replica].url)).get(RSS)
         except httpx.HTTPError:
-            return None
+            return  # being killed or restarted
+        if rss and process.alive:
+            process.rss.append((self.elapsed(), rss))
 
     async def begin(self, replica: int) -> None:
-        process = ReplicaProcess(replica, self.replicas[replica].process.pid, self.elapsed())
-        process.rss_start = await self.rss(replica)
+        process = ReplicaProcess(replica, self.replicas[replica].process.pid, self.elapsed(), self.warmup_s)
         self.processes.append(process)
         self.current[replica] = process
+        await self.read_rss(replica)
 
-    async def read_warmup(self, replica: int) -> None:
-        process = self.current[replica]
-        if process.started_s + self.warmup_s >= self.duration_s:
-            return  # its warm-up would end after the run: no growth figure for this process
-        await asyncio.sleep(max(0.0, process.started_s + self.warmup_s - self.elapsed()))
-        if self.current[replica] is process:
-            process.rss_after_warmup = await self.rss(replica)
+    async def sample_rss(self) -> None:
+        """Every replica's RSS every rss_every_s until the end of the run."""
+        while self.elapsed() < self.duration_s:
+            for replica in list(self.current):
+                await self.read_rss(replica)
+            await asyncio.sleep(self.rss_every_s)
 
     async def kill_and_restart(self, replica: int) -> None:
         process = self.current[replica]
-        process.rss_end = await self.rss(replica)  # its last reading: the process is about to go
+        await self.read_rss(replica)  # its last reading: the process is about to go
+        process.alive = False
         self.replicas[replica].process.kill()  # SIGKILL: no drain, no error events, sockets reset
         killed = time.perf_counter()
         self.load.kills.append(killed)
@@ -143,7 +160,6 @@ class Soak:
             }
         )
         await self.begin(replica)
-        await self.read_warmup(replica)
 
 
 def gateway_retries(access_log: list[str]) -> dict[str, int]:
@@ -170,6 +186,7 @@ async def run_soak(
     kill_at_s: tuple[float, ...] = (1200.0, 2400.0),
     restart_after_s: float = 2.0,
     leak_bytes_per_request: int = 0,
+    rss_every_s: float = 5.0,
 ) -> dict:
     env = {
         "PIXELCNN_FAULT_EVERY_STEPS": str(fault_every_steps),
@@ -188,17 +205,16 @@ async def run_soak(
                 faults = fault_every_steps > 0
                 image = await first_image(client, seed, faults)
                 load = Load(client, image, seed, SCENARIOS, faults, pause_after_503_s=RETRY_AFTER_S)
-                soak = Soak(replicas, direct, warmup_s, restart_after_s, duration_s, load)
-                events = []
+                soak = Soak(replicas, direct, warmup_s, restart_after_s, duration_s, rss_every_s, load)
                 for k in range(len(replicas)):
                     await soak.begin(k)
-                    events.append((0.0, lambda k=k: soak.read_warmup(k)))
+                events = [(0.0, soak.sample_rss)]
                 for k, at_s in enumerate(kill_at_s):
                     events.append((at_s, lambda k=k: soak.kill_and_restart(k % len(replicas))))
                 elapsed, hanging = await run_clients(load, clients, duration_s, events)
                 freed = {}
                 for k, replica in enumerate(replicas):
-                    soak.current[k].rss_end = await soak.rss(k)
+                    await soak.read_rss(k)
                     freed[k] = await seconds_until_freed(direct, replica.url)
                 gauges = {k: await metrics(direct, r.url) for k, r in enumerate(replicas)}
             access_log = gateway.log_lines()
@@ -276,13 +292,16 @@ def print_report(r: dict) -> None:
         p99, top, slow = ("-" if x is None else f"{x:.3f}" for x in figures)
         print(f"{kind:16} {f['requests']:>14} {p99:>7} {top:>7} {slow:>18}")
     print("(seconds from each fault to the end of every request it ended, as its client saw it)")
-    print(f"{'replica':>7} {'pid':>8} {'from s':>7} {'RSS MB start':>12} {'warm':>7} {'end':>7} {'growth':>7}  ended")
+    print(
+        f"{'replica':>7} {'pid':>8} {'from s':>7} {'RSS MB start':>12} {'warm':>7} {'end':>7} {'max':>7} "
+        f"{'growth':>7}  ended   (warm, end: medians of the first and last minute after warm-up)"
+    )
     for p in r["processes"]:
         mb = p["rss_mb"]
         growth = p["rss_growth_after_warmup"]
         print(
             f"{p['replica']:>7} {p['pid']:>8} {p['started_s']:>7.1f} {mb['start']!s:>12} {mb['after_warmup']!s:>7} "
-            f"{mb['end']!s:>7} {'-' if growth is None else f'{growth:.2%}':>7}  {p['ended']}"
+            f"{mb['end']!s:>7} {mb['max']!s:>7} {'-' if growth is None else f'{growth:.2%}':>7}  {p['ended']}"
             + ("  LEAK" if p["leak"] else "")
         )
     freed = r["all_freed_after_s"]
@@ -307,6 +326,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=float, default=300.0, help="seconds of a replica process before its warm-up RSS (300)"
     )
+    parser.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS readings (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request mix (default 0)")
     parser.add_argument(
         "--fault-every-steps", type=int, default=97, help="PIXELCNN_FAULT_EVERY_STEPS of the replicas (97; 0: none)"
@@ -343,6 +363,7 @@ def run(argv: list[str] | None = None) -> int:
             kill_at_s=args.kill_at,
             restart_after_s=args.restart_after,
             leak_bytes_per_request=args.leak_bytes_per_request,
+            rss_every_s=args.rss_every,
         )
     )
     if args.report:
