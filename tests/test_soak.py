@@ -108,7 +108,7 @@ def test_rss_growth_is_judged_on_medians_after_warm_up():
     much it grew during warm-up."""
     mb = 2**20
     steady = [(t, (500 if t % 20 else 530) * mb) for t in range(0, 1205, 5)]  # +6% every 20 s, the last too
-    process = ReplicaProcess(replica=0, pid=1, started_s=0, warmup_s=300, rss=[(0, 280 * mb), *steady])
+    process = ReplicaProcess(replica=0, pid=1, started_s=0, warmup_s=301, rss=[(0, 280 * mb), *steady])
     report = process.report()
     assert report["rss_growth_after_warmup"] == 0 and not report["leak"], report
     assert report["rss_mb"]["start"] == 280 and report["rss_mb"]["max"] == 530
