@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import re
 import statistics
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,9 +210,9 @@ async def run_soak(
                 soak = Soak(replicas, direct, warmup_s, restart_after_s, duration_s, rss_every_s, load)
                 for k in range(len(replicas)):
                     await soak.begin(k)
-                events = [(0.0, soak.sample_rss)]
-                for k, at_s in enumerate(kill_at_s):
-                    events.append((at_s, lambda k=k: soak.kill_and_restart(k % len(replicas))))
+                events: list[tuple[float, Callable[[], Awaitable[None]]]] = [(0.0, soak.sample_rss)]
+                for k, at_s in enumerate(kill_at_s):  # the first replica, then the second, ...
+                    events.append((at_s, functools.partial(soak.kill_and_restart, k % len(replicas))))
                 elapsed, hanging = await run_clients(load, clients, duration_s, events)
                 freed = {}
                 for k, replica in enumerate(replicas):
