@@ -284,6 +284,7 @@ BENCH_VERBS = {
     "agreement": ("app.bench.agreement", "cached vs naive images in the served dtype"),
     "quality": ("app.bench.quality", "samples judged by an independent classifier"),
     "load": ("app.bench.load", "load and soak: many clients, mixed routes, for a fixed time"),
+    "soak": ("app.bench.soak", "soak behind the gateway: hostile clients, decode faults, a replica killed"),
     "scale": ("app.bench.scale", "1 vs 2 replicas (one core each) behind nginx: images/s, p50/p99"),
     "golden": ("app.bench.golden", "seeded outputs of a real server vs tests/golden (--write regenerates them)"),
     "hostile": ("app.bench.hostile", "/health latency while clients send huge headers or slow-loris heads"),

@@ -3,7 +3,8 @@
 # check it through the gateway, restart a replica and check again, print a summary, and remove what it
 # started (containers, network, the podman API service, the untagged images its builds left behind).
 #
-#   deploy/smoke.sh                  # from anywhere; about 5 minutes on 2 cores, most of it the build
+#   deploy/smoke.sh                  # from anywhere; 3-8 minutes on 2 cores, most of it the build (the
+#                                    # first run also makes the offline base images: about 4 more)
 #
 # Needs docker-compose (Debian's 1.29), curl, python3, and podman (with runc and debootstrap) or Docker. With podman, the route of
 # deploy/README.md: runc and explicit ulimits in a CONTAINERS_CONF, compose against `podman system

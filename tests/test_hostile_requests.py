@@ -68,3 +68,44 @@ async def test_metric_labels_stay_bounded(serve):
     assert 'pixelcnn_requests_total{method="GET",route="/openapi.json",status="200"} 1.0' in requests
     assert 'pixelcnn_requests_total{method="GET",route="/docs",status="200"} 1.0' in requests
     assert not any('route="unmatched"' in line for line in requests)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("HEAD", "/sample", "POST"),
+        ("GET", "/sample", "POST"),
+        ("PUT", "/likelihood", "POST"),
+        ("DELETE", "/complete", "POST"),
+        ("POST", "/health", "GET, HEAD"),
+        ("PATCH", "/models", "GET, HEAD"),
+        ("HEAD", "/v1/images/generations", "POST"),
+        ("GET", "/v2/models/gray/infer", "POST"),
+    ],
+)
+async def test_405_names_the_method_used_and_lists_the_allowed_ones(serve, method, path, allowed):
+    """In each protocol's error format (ours, OpenAI's, V2's); a HEAD answer has no body, but its
+    Content-Length is that of the error naming HEAD (the GET's error with the method and id swapped)."""
+    async with serve() as (_, client):
+        response = await client.request(method, path)
+        assert response.status_code == 405
+        assert response.headers["allow"] == allowed
+        message = f"{method} is not allowed on {path}; allowed: {allowed}"
+        if method == "HEAD":
+            assert response.content == b""
+            get = await client.get(path)
+            body = get.text.replace(f"GET is not allowed on {path}", f"HEAD is not allowed on {path}")
+            body = body.replace(get.headers["x-request-id"], response.headers["x-request-id"])
+            assert message in body and response.headers["content-length"] == str(len(body.encode()))
+        else:
+            assert message in response.text, response.text
+
+
+async def test_404_names_the_method_used(serve):
+    async with serve() as (_, client):
+        head = await client.head("/nope")
+        get = await client.get("/nope")
+        assert head.status_code == get.status_code == 404
+        assert get.json()["error"]["message"] == "no route GET /nope; see /docs for the API"
+        body = get.text.replace("no route GET", "no route HEAD").replace(get.headers["x-request-id"], "x" * 32)
+        assert head.headers["content-length"] == str(len(body.encode()) - 32 + len(head.headers["x-request-id"]))

@@ -192,7 +192,9 @@ async def test_unmatched_routes_share_one_metrics_label(serve):
 async def test_unknown_route_and_method(serve):
     async with serve() as (_, client):
         assert_error(await client.get("/nope"), 404, "not_found", "no route GET /nope")
-        assert_error(await client.get("/sample"), 405, "method_not_allowed", "GET is not allowed on /sample")
+        assert_error(
+            await client.get("/sample"), 405, "method_not_allowed", "GET is not allowed on /sample; allowed: POST"
+        )
 
 
 @pytest.mark.parametrize(

@@ -106,10 +106,18 @@ class Replica:
         ]
         if cpu is not None:
             command = [require_tool("taskset", "util-linux"), "-c", str(cpu), *command]
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
-            )
+        self.command, self.env = command, {**os.environ, **(env or {})}
+        self.process = self._start("w")
+
+    def _start(self, mode: str) -> subprocess.Popen:
+        with self.log_path.open(mode) as log:
+            return subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def restart(self) -> Replica:
+        """A new process on the same port (the gateway's upstream), its log appended; call wait_ready."""
+        self.stop()
+        self.process = self._start("a")
+        return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> Replica:
         deadline = time.monotonic() + timeout_s

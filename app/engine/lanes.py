@@ -251,7 +251,8 @@ class LaneLoop(LaneDiscipline):
             drawn = -1  # every sub-pixel of the other shards' rows
             forced = torch.cat([torch.full((s.n, c, w), drawn) if s.forced is None else s.forced for s in lane.active])
         if self.fault_every_steps and next(self._steps) % self.fault_every_steps == 0:
-            raise RuntimeError(f"injected decode fault (every {self.fault_every_steps} steps)")
+            # The wall-clock time lets a soak measure how long the fault took to end its requests.
+            raise RuntimeError(f"injected decode fault (every {self.fault_every_steps} steps) at {time.time():.3f}")
         step_started = time.perf_counter()
         assert lane.state is not None  # a lane with active shards has their caches
         rows, log_prob = self.sampler.decode_row(lane.state, uniforms, temperatures, forced)

@@ -16,6 +16,7 @@ from fastapi_offline import FastAPIOffline
 
 from .auth import ApiKeyMiddleware
 from .errors import install_error_handlers
+from .faults import LeakPerRequestMiddleware
 from .head import HeadAsGetMiddleware
 from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware, ServerMetrics
@@ -95,4 +96,6 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             expose_headers=["X-Seed", "X-Labels", "X-Model", "X-Numerics", "X-Request-ID", "Retry-After"],
         )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.fault_leak_bytes_per_request:
+        app.add_middleware(LeakPerRequestMiddleware, bytes_per_request=settings.fault_leak_bytes_per_request)
     return app

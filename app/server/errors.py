@@ -21,6 +21,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .head import client_method, with_head
+
 RETRY_AFTER_S = 1
 # The id of the request being handled (set by MetricsMiddleware): every error body carries it, so that a
 # client's complaint leads to the server's log line.
@@ -266,7 +268,10 @@ def install_error_handlers(app: FastAPI) -> None:
         type_ = _HTTP_TYPES.get(error.status_code, "http_error")
         message = str(error.detail)
         if error.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        elif error.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        return await api_error(request, HttpError(error.status_code, type_, message, error.headers))
+            message = f"no route {client_method(request)} {request.url.path}; see /docs for the API"
+        headers = error.headers
+        if error.status_code == 405:  # Starlette's Allow header lists the path's methods
+            allowed = with_head((headers or {}).get("Allow", ""))
+            headers = {**(headers or {}), "Allow": allowed}
+            message = f"{client_method(request)} is not allowed on {request.url.path}; allowed: {allowed}"
+        return await api_error(request, HttpError(error.status_code, type_, message, headers))

@@ -3,7 +3,23 @@ with 405; curl -I, uptime checkers and caches send it)."""
 
 from __future__ import annotations
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+CLIENT_METHOD = "pixelcnn.client_method"  # the scope key keeping the method the client sent
+
+
+def client_method(request: Request) -> str:
+    """The method the client sent: HEAD where this middleware passed the request on as a GET."""
+    return str(request.scope.get(CLIENT_METHOD, request.method))
+
+
+def with_head(allow: str) -> str:
+    """A route's Allow list as this server answers it: HEAD wherever GET is (FastAPI lists GET alone)."""
+    methods = [m.strip() for m in allow.split(",") if m.strip()]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.append("HEAD")
+    return ", ".join(methods)
 
 
 class HeadAsGetMiddleware:
@@ -22,4 +38,4 @@ class HeadAsGetMiddleware:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        await self.app({**scope, "method": "GET", CLIENT_METHOD: "HEAD"}, receive, headers_only)

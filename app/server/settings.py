@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     fault_every_steps: int = Field(
         0, ge=0, description="soak and tests only: every Nth decode step fails (an injected fault); 0: never"
     )
+    fault_leak_bytes_per_request: int = Field(
+        0,
+        ge=0,
+        description="soak and tests only: every request leaves this many bytes behind for good (a planted "
+        "leak that `pixelcnn bench soak` must flag); 0: never",
+    )
     max_header_bytes: int = Field(
         32 * 1024, ge=1024, description="request line plus headers above this get 431 and the connection closed"
     )
