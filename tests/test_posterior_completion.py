@@ -129,14 +129,25 @@ async def test_the_engine_draws_the_same_posterior_completions_on_any_lane_split
     model = tiny_model("gated", 1, size=6, num_classes=CLASSES, seed=25, dtype=torch.float32)
     known = known_image(1, 6, 7)
     reference = sample_cached(model, 6, seed=9, known=known, known_rows=2)
-    for lanes in (1, 2):
-        engine = Engine(model, lanes=lanes)
+    forward = model.forward
+    scoring_passes = 0
+
+    def counted(x, labels=None):  # a pass over the kept rows under every class: (K, C, kept rows, W)
+        nonlocal scoring_passes
+        scoring_passes += x.shape[0] == CLASSES and x.shape[2] == 2
+        return forward(x, labels)
+
+    model.forward = counted
+    for lanes, step_images in ((1, None), (2, None), (1, 2), (2, 1)):
+        scoring_passes = 0
+        engine = Engine(model, lanes=lanes, step_images=step_images)
         await engine.start()
         try:
             request = GenerationRequest(n=6, seed=9, known=known.numpy(), known_rows=2)
             result = await engine.generate(request)
         finally:
             await engine.stop()
+        assert scoring_passes == 1, "the kept rows are scored once per request, however many shards it has"
         assert np.array_equal(result.images, reference.images)
         assert np.array_equal(result.labels, reference.labels)
         np.testing.assert_allclose(result.class_log_probs, reference.class_log_probs, rtol=0, atol=0)

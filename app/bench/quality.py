@@ -5,7 +5,9 @@
 The classifier (a small CNN, trained here on the training split with a fixed seed the first time and
 kept in ~/.cache/pixelcnn/classifier/) is the judge: it never saw a sample. For each model, at
 temperature 1 and `--per-class` samples per class:
-- class accuracy: how often the classifier names the class the sample was asked for;
+- class accuracy: how often the classifier names the class the sample was asked for, beside how often
+  it names the right class of real test images (the judge's own ceiling: no sampler can be recognised
+  more often than real images are, class by class);
 - Frechet distance between the classifier's penultimate-layer features (128-d) of the samples and of
   the 10,000 real test images, and the ratio of that to the same distance between the two halves of the
   real test set (how far real images are from each other), as the issue that asked for it defines it;
@@ -112,6 +114,10 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * middle)
 
 
+def accuracy_per_class(predictions: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    return [round((predictions[labels == k] == k).double().mean().item(), 3) for k in range(10)]
+
+
 def evaluate_model(
     model_dir: Path, classifier: Classifier, test_features: torch.Tensor, per_class: int, seed: int
 ) -> dict:
@@ -125,12 +131,11 @@ def evaluate_model(
         images.append(result.images)
     images = torch.cat(images)
     feats, preds = features_and_predictions(classifier, images)
-    per_class_accuracy = [(preds[labels == k] == k).double().mean().item() for k in range(10)]
     return {
         "model": str(model_dir),
         "samples": len(labels),
         "class_accuracy": round((preds == labels).double().mean().item(), 4),
-        "class_accuracy_per_class": [round(a, 3) for a in per_class_accuracy],
+        "class_accuracy_per_class": accuracy_per_class(preds, labels),
         "frechet_distance": round(frechet_distance(feats, test_features), 3),
         "sampling_s": round(time.perf_counter() - started, 1),
     }
@@ -159,6 +164,7 @@ def run(argv: list[str] | None = None) -> int:
         "classifier": {
             "path": str(classifier_path()),
             "test_accuracy": round((test_preds == test.labels).double().mean().item(), 4),
+            "test_accuracy_per_class": accuracy_per_class(test_preds, test.labels),
         },
         "real_halves_frechet_distance": round(reference, 3),
         "real_train_images": count,
@@ -180,4 +186,9 @@ def run(argv: list[str] | None = None) -> int:
     print(f"{'model':40} {'class acc':>9} {'Frechet':>9} {'ratio':>6}")
     for r in report["models"]:
         print(f"{r['model']:40} {r['class_accuracy']:>9.1%} {r['frechet_distance']:>9.3f} {r['frechet_ratio']:>6.2f}")
+    print("\nclass accuracy per class (the classifier on real test images first: its ceiling)")
+    print(f"{'class':>5} {'real':>6}" + "".join(f" {Path(r['model']).name[:12]:>12}" for r in report["models"]))
+    for k in range(10):
+        real = report["classifier"]["test_accuracy_per_class"][k]
+        print(f"{k:>5} {real:>6.1%}" + "".join(f" {r['class_accuracy_per_class'][k]:>12.1%}" for r in report["models"]))
     return 0

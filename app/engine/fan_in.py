@@ -39,6 +39,10 @@ class TrackedRequest:
         self.images = canvas.to(torch.uint8).cpu()  # (n, C, H, W): the known rows, then each row as it is final
         self.log_prob = torch.zeros(request.n, dtype=torch.float64)
         self.class_log_probs: torch.Tensor | None = None  # (n, K) when the labels are drawn from the posterior
+        # log p(kept | y) of each distinct kept part (posterior.py), scored once for all of its shards: the
+        # first shard to need it scores it, holding scoring_lock, and the others (in any lane) reuse it.
+        self.kept_scores: dict[bytes, torch.Tensor] = {}
+        self.scoring_lock = threading.Lock()
         self.shards = shards
         self.deliver = deliver
         self.withdraw = withdraw  # takes its shards out of the engine's waiting queue, if they are still there

@@ -196,10 +196,16 @@ class LaneLoop(LaneDiscipline):
             pending.remove(shard)
             try:  # prefill: one pass over the known rows fills this shard's caches
                 if shard.infer_labels:  # the class first (step 2 of the protocol), from the kept rows
-                    known_columns = shard.owner.request.known_columns
-                    shard.labels, class_log_probs = infer_labels(
-                        self.model, shard.streams, shard.canvas, shard.row, known_columns
-                    )
+                    owner = shard.owner
+                    with owner.scoring_lock:
+                        shard.labels, class_log_probs = infer_labels(
+                            self.model,
+                            shard.streams,
+                            shard.canvas,
+                            shard.row,
+                            owner.request.known_columns,
+                            owner.kept_scores,
+                        )
                     shard.owner.labels_inferred(shard, shard.labels, class_log_probs)
                 state = self.sampler.prefill(shard.canvas, shard.labels, shard.row)
             except Exception as error:  # this request fails; the others, running or joining, go on

@@ -24,18 +24,21 @@ from .protocol import draw_labels
 
 
 @torch.no_grad()
-def kept_log_likelihoods(model: PixelCNNModel, canvas: torch.Tensor, known_pixels: int) -> torch.Tensor:
+def kept_log_likelihoods(
+    model: PixelCNNModel, canvas: torch.Tensor, known_pixels: int, scored: dict[bytes, torch.Tensor] | None = None
+) -> torch.Tensor:
     """log p(kept | y) for every class y: canvas int64 (n, C, H, W) whose first `known_pixels` pixels in
     raster order are kept (all channels of each) -> float64 (n, K), nats.
 
     Each distinct kept part is scored once, as one batch of K (one copy per class): an image's numbers never
-    depend on which other images are scored with it, and n completions of one upload cost one pass."""
+    depend on which other images are scored with it, and n completions of one upload cost one pass.
+    `scored` (kept part's bytes -> its (K,) scores) carries them over calls: a request's shards share it."""
     config = model.config
     k, width = config.num_classes, config.width
     rows = -(-known_pixels // width)  # rows holding a kept pixel
     kept = torch.arange(rows * width, device=canvas.device).view(rows, width) < known_pixels  # (rows, W)
     classes = torch.arange(k, device=canvas.device)
-    by_content: dict[bytes, torch.Tensor] = {}
+    by_content = {} if scored is None else scored
     out = torch.empty((canvas.shape[0], k), dtype=torch.float64)
     for index, image in enumerate(canvas[:, :, :rows]):
         key = image.cpu().numpy().tobytes()
@@ -59,10 +62,11 @@ def infer_labels(
     canvas: torch.Tensor,
     known_rows: int,
     known_columns: int = 0,
+    scored: dict[bytes, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2 of the protocol for a completion without labels: each image's class drawn from its posterior
     with its own stream. The kept pixels: rows < known_rows and the first known_columns of row known_rows.
-    Returns (labels int64 (n,), log p(y | kept) float64 (n, K))."""
+    `scored`: see kept_log_likelihoods. Returns (labels int64 (n,), log p(y | kept) float64 (n, K))."""
     known_pixels = known_rows * model.config.width + known_columns
-    class_log_probs = class_posterior(kept_log_likelihoods(model, canvas, known_pixels))
+    class_log_probs = class_posterior(kept_log_likelihoods(model, canvas, known_pixels, scored))
     return draw_labels(streams, class_log_probs), class_log_probs
