@@ -164,6 +164,27 @@ def test_a_draining_replica_answers_503_and_the_gateway_retries_elsewhere(replic
     assert draining.process.wait(30) == 0
 
 
+def test_a_missed_deadline_is_a_504_that_the_gateway_neither_retries_nor_counts_against_the_replica(replicas, gateway):
+    """A request whose own X-Request-Timeout passes gets 504 `timeout`: one try (a retry elsewhere would
+    start a fresh deadline), and however many there are, no replica is taken out of the pool for them."""
+    late = [
+        httpx.post(
+            f"{gateway.url}/sample",
+            json={"model": "slow", "n": 4, "seed": k},
+            headers={"X-Request-Timeout": "0.05"},
+            timeout=60,
+        )
+        for k in range(4)
+    ]
+    assert [(r.status_code, r.json()["error"]["type"]) for r in late] == [(504, "timeout")] * 4, [r.text for r in late]
+    tried = [line.split("upstream=")[1].split()[0] for line in gateway.log_lines() if '"POST /sample' in line]
+    assert len(tried) == 4 and not any(address.endswith(",") for address in tried), gateway.log_lines()  # one each
+    # Four misses in well under 5 s would have taken both replicas out (max_fails=2) had they counted.
+    responses = post_all(gateway.url, count=4, concurrent=1)
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    assert sum(sample_requests_answered(replica) for replica in replicas) == 4
+
+
 def test_a_started_stream_is_not_sent_to_another_replica(replicas, gateway):
     stream = Stream(gateway.url)
     stream.start()

@@ -637,7 +637,7 @@ async def test_a_request_past_the_time_limit_is_stopped_with_a_clear_error(serve
     async with serve(model_store=slow_store, model="slow", request_timeout_s=0.5) as (app, client):
         engine = app.state.registry.models["slow"].engine
         plain = await client.post("/sample", json={"n": 2, "seed": 1})
-        assert plain.status_code == 503 and plain.json()["error"]["type"] == "timeout"
+        assert plain.status_code == 504 and plain.json()["error"]["type"] == "timeout"
         assert (
             "longer than the server's limit of 0.5 s (PIXELCNN_REQUEST_TIMEOUT_S)" in plain.json()["error"]["message"]
         )

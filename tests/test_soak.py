@@ -94,7 +94,7 @@ def test_outcomes_are_told_apart_and_each_fault_timed():
     assert load.record("sample_json", after_kill, "ConnectError", "refused") == "ConnectError"
     gateway = '{"error": {"type": "not_ready", "message": "no replica of the server is available right now"}}'
     assert load.record("complete", after_kill, 503, gateway) == "503 no_replica"
-    assert load.record("complete", after_kill, 503, '{"error": {"type": "timeout"}}') == "503 timeout"
+    assert load.record("complete", after_kill, 504, '{"error": {"type": "timeout"}}') == "504 timeout"
     fault = f'{{"error": {{"type": "engine_error", "message": "injected decode fault (every 9 steps) at {time.time() - 0.25:.3f}"}}}}'
     assert load.record("sample_json", after_kill, 500, fault) == "injected_fault"
     assert [u.split(":")[1].split()[0] for u in load.unexpected] == ["RemoteProtocolError", "ConnectError"]

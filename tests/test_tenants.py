@@ -95,12 +95,12 @@ async def test_a_tenant_past_its_cap_gets_429_and_others_go_on(serve):
         assert again.status_code == 200  # the cap counts requests in progress, not requests made
 
 
-async def test_a_passed_deadline_is_a_503_timeout_and_stops_the_work(serve):
+async def test_a_passed_deadline_is_a_504_timeout_and_stops_the_work(serve):
     async with serve(engine_factory=slow_scoring_factory) as (app, client):
         engine = app.state.registry.get("cond").engine
         body = likelihood_body(64)  # 16 passes of 0.05 s
         late = await client.post("/likelihood", content=body, headers={**JSON, "x-request-timeout": "0.12"})
-        assert late.status_code == 503, late.text
+        assert late.status_code == 504, late.text
         error = late.json()["error"]
         assert error["type"] == "timeout" and "X-Request-Timeout" in error["message"]
         passes = engine.stats().likelihood_passes
@@ -108,7 +108,7 @@ async def test_a_passed_deadline_is_a_503_timeout_and_stops_the_work(serve):
         await asyncio.sleep(0.3)
         assert engine.stats().likelihood_passes == passes
         generated = await client.post("/sample", json={"n": 4}, headers={"x-request-timeout": "0.0001"})
-        assert generated.status_code == 503 and generated.json()["error"]["type"] == "timeout"
+        assert generated.status_code == 504 and generated.json()["error"]["type"] == "timeout"
         streamed = await client.post("/sample", json={"n": 4, "stream": True}, headers={"x-request-timeout": "0.0001"})
         assert streamed.status_code == 200
         last = streamed.text.strip().split("\n\n")[-1].splitlines()

@@ -7,7 +7,7 @@ throughput, p50/p99 latency per scenario, outcomes by status, the server's resid
 /metrics) after warm-up and at the end, and whether every queue place and decode slot was freed after
 the run (queue size, active images, active requests back to 0 within 10 s). Any 5xx, or a status that a
 scenario does not expect, counts as an unexpected error; 503 `overloaded` is an expected answer to load,
-503 `timeout` to a request with a deadline, and with --faults (a server run with
+504 `timeout` to a request with a deadline, and with --faults (a server run with
 PIXELCNN_FAULT_EVERY_STEPS) 500 `engine_error` or a stream's `error` event of that type, counted as
 `injected_fault`. A request not finished 60 s after the duration is `hanging` (cancelled, and reported).
 `pixelcnn bench soak` (app/bench/soak.py) drives the same clients through the gateway while it kills
@@ -41,11 +41,11 @@ SCENARIOS = {  # name: weight
     "stream_slow_reader": 10,
     "likelihood_dropped": 5,  # the client leaves 50 ms after sending
     "slow_sender": 5,  # the JSON body sent in pieces, 20 ms apart
-    "deadline": 10,  # X-Request-Timeout of 0.05-2 s: 200, or 503 `timeout`
+    "deadline": 10,  # X-Request-Timeout of 0.05-2 s: 200, or 504 `timeout`
 }
-# 503: overloaded (Retry-After) or timeout (a deadline); answers the server may give under load
+# 503: overloaded (Retry-After) or not ready; 504: timeout (a deadline); answers the server may give under load
 CUT_BY_KILL = "cut_by_replica_kill"
-EXPECTED = {200, "injected_fault", "dropped", CUT_BY_KILL, "503 overloaded", "503 timeout", "503 not_ready"}
+EXPECTED = {200, "injected_fault", "dropped", CUT_BY_KILL, "503 overloaded", "504 timeout", "503 not_ready"}
 # The gateway's own 503 (deploy/nginx.conf, @no_replica): no replica could take the request.
 NO_REPLICA = "503 no_replica"
 EXPECTED.add(NO_REPLICA)
@@ -99,9 +99,10 @@ class Load:
             fault_at = FAULT_AT.search(detail)
             if fault_at:
                 self.fault_to_end_s[("injected_fault", scenario)].append(time.time() - float(fault_at[1]))
-        elif status == 503:
+        elif status in (503, 504):
             error_type = re.search(r'"type":\s*"(\w+)"', detail)
-            status = NO_REPLICA if "no replica of the server" in detail else f"503 {error_type and error_type[1]}"
+            no_replica = "no replica of the server" in detail
+            status = NO_REPLICA if no_replica else f"{status} {error_type and error_type[1]}"
         elif isinstance(status, str) and status not in EXPECTED and "error" not in status:
             # A connection cut, or a stream ended without `done`: a kill's doing if one came after the start.
             kill = next((k for k in reversed(self.kills) if started < k <= now), None)

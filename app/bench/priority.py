@@ -121,8 +121,10 @@ def engine_sample(engine: Engine) -> Sample:
         )
         try:
             await engine.generate(request)
-        except (QueueFullError, DeadlineExceededError):
+        except QueueFullError:
             return 503, time.perf_counter() - started
+        except DeadlineExceededError:
+            return 504, time.perf_counter() - started
         return 200, time.perf_counter() - started
 
     return sample

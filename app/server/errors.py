@@ -77,9 +77,11 @@ class TooManyRequests(ApiError):
 
 
 class DeadlinePassed(ApiError):
-    """The request's own deadline (X-Request-Timeout) passed; the engine stopped its work there."""
+    """The request's own deadline (X-Request-Timeout) passed; the engine stopped its work there. 504, as
+    deadline-exceeded maps to in HTTP APIs (gRPC's DEADLINE_EXCEEDED): not a 503, which a gateway takes
+    for a failing replica, retrying the request elsewhere with a new deadline and marking the replica down."""
 
-    status, type = 503, "timeout"
+    status, type = 504, "timeout"
 
     @classmethod
     def of(cls, error: Exception) -> DeadlinePassed:
@@ -101,7 +103,7 @@ class RequestTimedOut(ApiError):
     """The request ran past PIXELCNN_REQUEST_TIMEOUT_S; its engine work was stopped. GenerationRun.close()
     counts it (a stream's timeout never reaches a handler)."""
 
-    status, type, counted = 503, "timeout", True
+    status, type, counted = 504, "timeout", True
 
 
 class EngineFailed(ApiError):

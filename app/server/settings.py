@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         300.0,
         gt=0,
-        description="a generation running longer is stopped: a 503 `timeout`, or an `error` event "
+        description="a generation running longer is stopped: a 504 `timeout`, or an `error` event "
         "in a stream; a stream whose client stopped reading is cut this long (plus 5 s) after it started",
     )
     shutdown_timeout_s: float = Field(
