@@ -268,7 +268,7 @@ async def over_http(url: str, args: argparse.Namespace) -> dict:
 
 async def in_process(args: argparse.Namespace) -> dict:
     set_cpu_threads(1)
-    engine = Engine(load(args.store / args.model).float(), lanes=1)
+    engine = Engine(load(args.store / args.model).float(), lanes=1, step_images=args.step_images)
     await engine.start()
     sample = engine_sample(engine)
 
@@ -299,13 +299,18 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--low-timeout-s", type=float, default=5.0, help="X-Request-Timeout of the low-priority requests"
     )
+    parser.add_argument(
+        "--step-images", type=int, help="images per decode step (PIXELCNN_STEP_IMAGES; default: the server's)"
+    )
     parser.add_argument("--engine", action="store_true", help="the engine in this process, no HTTP")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.engine:
         result = asyncio.run(in_process(args))
     else:
-        replica = Replica(args.store, Path(tempfile.mkdtemp(prefix="pixelcnn-priority-")), model=args.model)
+        env = {} if args.step_images is None else {"PIXELCNN_STEP_IMAGES": str(args.step_images)}
+        workdir = Path(tempfile.mkdtemp(prefix="pixelcnn-priority-"))
+        replica = Replica(args.store, workdir, model=args.model, env=env)
         try:
             replica.wait_ready(180)
             result = asyncio.run(over_http(replica.url, args))
