@@ -200,11 +200,13 @@ async def probes(sample: Sample, every_s: float, seconds: float) -> tuple[list[f
 
 def flood_process(url: str, rate: float, seconds: float, low_timeout_s: float, results: Queue) -> None:
     """open_loop over HTTP in a process of its own: the bulk clients are not the high-priority one, and
-    a client loop busy sending them would delay (and mis-time) its requests."""
+    a client loop busy sending them would delay (and mis-time) its requests. Puts None once it has
+    started (its imports done: they take a core for a second or two), then the outcomes."""
 
     async def flood() -> Counter[int]:
         return await open_loop(bulk_http_sample(url), rate, seconds, low_timeout_s)
 
+    results.put(None)
     results.put(dict(asyncio.run(flood())))
 
 
@@ -256,6 +258,7 @@ async def over_http(url: str, args: argparse.Namespace) -> dict:
             )
             flood.start()
             try:
+                await asyncio.to_thread(results.get, timeout=120)  # started: the probes' clock starts now
                 latencies, high_outcomes = await probes(sample, args.high_every_s, args.seconds)
                 low_outcomes = await asyncio.to_thread(results.get, timeout=args.seconds + args.low_timeout_s + 120)
             finally:
