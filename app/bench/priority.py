@@ -237,6 +237,7 @@ async def measure(sample: Sample, overload: Overload, args: argparse.Namespace) 
     return {
         "capacity_requests_per_s": round(served_per_s, 2),
         "low_arrivals_per_s": round(args.overload * served_per_s, 2),
+        "low_sent_per_s": round(sum(low_outcomes.values()) / args.seconds, 2),
         "unloaded_high_p50_ms": round(1000 * statistics.median(alone), 1),
         "unloaded_high_p99_ms": round(1000 * unloaded_p99, 1),
         "overload_high_p50_ms": round(1000 * statistics.median(loaded), 1),
