@@ -294,7 +294,7 @@ class LaneLoop(LaneDiscipline):
             still_active.append(shard)
         if len(still_active) != len(lane.active):
             assert lane.state is not None  # a lane with active shards has their caches
-            lane.state = lane.state.select(torch.tensor(keep, dtype=torch.long, device=self.device)) if keep else None
+            lane.state = self._select(lane.state, keep) if keep else None
         with self._lock:
             for owner in left:
                 self._count_cancelled(owner, counts)
