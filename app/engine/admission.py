@@ -209,7 +209,7 @@ class LaneDiscipline:
                 break
             chosen.append(group)
             images += group.n
-        batch = chosen[0].cache if len(chosen) == 1 else DecodeCache.concat([group.cache for group in chosen])
+        batch = DecodeCache.concat([group.cache for group in chosen])
         resting = [group for group in lane.groups + current if all(group is not c for c in chosen)]
         with self._lock:
             lane.groups = resting

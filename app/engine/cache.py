@@ -40,7 +40,10 @@ class DecodeCache:
 
     @staticmethod
     def concat(caches: list[DecodeCache]) -> DecodeCache:
-        """The caches of all images of `caches` (of one type), in order."""
+        """The caches of all images of `caches` (of one type), in order; one cache is itself (not copied:
+        its scratch fields are recomputed at the next row start anyway)."""
+        if len(caches) == 1:
+            return caches[0]
         cls = type(caches[0])
         merged: dict[str, Any] = {}
         for f in fields(cls):

@@ -84,7 +84,7 @@ class RowLoop:
             self.impl.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], known_rows)
             for i in range(canvas.shape[0])
         ]
-        return caches[0] if len(caches) == 1 else DecodeCache.concat(caches)
+        return DecodeCache.concat(caches)
 
     def begin_row(self, state: DecodeCache) -> None:
         self.impl.begin_row(state)
