@@ -10,8 +10,9 @@ apart from the event loop's and the client's share of the CPU).
 2. unloaded: high-priority (X-Priority: high) requests one after another: their latency;
 3. overload: low-priority requests arriving at --overload x capacity (open loop, each with
    X-Request-Timeout --low-timeout-s, as clients that give up would; over HTTP from a process of their
-   own, as other clients), and a high-priority request every --high-every-s, for --seconds. Reports high-priority p50/p99 against the unloaded ones, low-priority
-   outcomes by status, and the engine's requests_expired and rows_past_deadline counters from /metrics.
+   own, as other clients), and a high-priority request every --high-every-s, for --seconds. Reports
+   high-priority p50/p99 against the unloaded ones, low-priority outcomes by status, and the engine's
+   requests_expired and rows_past_deadline counters from /metrics.
 """
 
 from __future__ import annotations
@@ -253,10 +254,9 @@ async def over_http(url: str, args: argparse.Namespace) -> dict:
         sample = http_sample(client)
 
         async def overload(rate: float, args: argparse.Namespace) -> tuple[list[float], Counter[int], Counter[int]]:
-            results: Queue = multiprocessing.get_context("spawn").Queue()
-            flood = multiprocessing.get_context("spawn").Process(
-                target=flood_process, args=(url, rate, args.seconds, args.low_timeout_s, results)
-            )
+            spawn = multiprocessing.get_context("spawn")
+            results: Queue = spawn.Queue()
+            flood = spawn.Process(target=flood_process, args=(url, rate, args.seconds, args.low_timeout_s, results))
             flood.start()
             try:
                 await asyncio.to_thread(results.get, timeout=120)  # started: the probes' clock starts now
