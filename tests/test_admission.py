@@ -200,6 +200,25 @@ def test_a_lane_decodes_at_most_step_images_per_step_and_its_groups_take_turns_w
     assert stats.active_images == 0 and stats.requests_completed == 4
 
 
+def test_while_priorities_mix_steps_are_half_as_big_and_the_bytes_stay_the_same():
+    model = tiny_model("gated", 1, size=8, seed=50)
+
+    async def scenario(mixed: bool):
+        async with running(model, step_images=4, batch_wait_s=0.05) as engine:
+            requests = [GenerationRequest(n=1, seed=9, priority=2)] if mixed else []
+            requests.append(GenerationRequest(n=8, seed=7, priority=0))  # meets the high one: mixed from here
+            streams = [engine.submit(request, rows=False) for request in requests]
+            results = await asyncio.gather(*(stream.result() for stream in streams))
+            return results[-1], engine.stats()
+
+    alone, alone_stats = run(scenario(mixed=False))
+    mixed, mixed_stats = run(scenario(mixed=True))
+    expected = sample_cached(model, 8, seed=7).images
+    assert np.array_equal(alone.images, expected) and np.array_equal(mixed.images, expected)
+    assert max(alone_stats.batch_sizes_seen) == 4
+    assert max(mixed_stats.batch_sizes_seen) == 2
+
+
 def test_a_higher_priority_arrival_waits_for_one_short_step_not_the_lane_s_whole_batch():
     model = tiny_model("gated", 1, size=10, seed=49)
 

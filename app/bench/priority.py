@@ -320,8 +320,9 @@ def run(argv: list[str] | None = None) -> int:
             result = asyncio.run(over_http(replica.url, args))
         finally:
             replica.stop()
-    for key, value in result.items():
-        print(f"{key:<28} {value}")
     if args.json:
         print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:<28} {value}")
     return 0

@@ -22,6 +22,10 @@ from .cache import DecodeCache
 from .fan_in import Shard, TrackedRequest
 from .types import DeadlineExceededError
 
+# How long after work of two priorities last met in the engine its steps stay half-size (mixed_step_images):
+# long enough to span the gaps of a steady premium trickle, short enough that a past burst soon stops costing.
+MIXED_PRIORITIES_HOLD_S = 10.0
+
 if TYPE_CHECKING:
     from .lanes import Lane
 
@@ -101,6 +105,12 @@ class LaneDiscipline:
     device: torch.device
     max_batch_images: int
     step_images: int
+    mixed_step_images: int
+    _mixed_until: float
+
+    def _step_images_now(self) -> int:
+        """The most images a step draws now: half as many while priorities mix (Engine.__init__ says why)."""
+        return self.mixed_step_images if time.monotonic() < self._mixed_until else self.step_images
 
     @staticmethod
     def _count_cancelled(owner: TrackedRequest, counts: collections.Counter) -> None:
@@ -193,7 +203,7 @@ class LaneDiscipline:
         set aside), and the groups of that priority in turn, one row each: the batch goes to the back of
         the lane's groups and the first group of that priority takes its place, joined by the next ones
         while they fit in `step_images`."""
-        present = [*lane.active, *(shard for group in lane.groups for shard in group.shards)]
+        present = lane.shards()
         if not present:
             return
         top = max(shard.owner.request.priority for shard in present)
@@ -203,9 +213,9 @@ class LaneDiscipline:
             return
         current = [Group(lane.active, lane.state)] if lane.active and lane.state is not None else []
         queue = turn + current  # the batch that just decoded goes to the back
-        chosen, images = [queue[0]], queue[0].n
+        chosen, images, step_images = [queue[0]], queue[0].n, self._step_images_now()
         for group in queue[1:]:
-            if images + group.n > self.step_images:
+            if images + group.n > step_images:
                 break
             chosen.append(group)
             images += group.n

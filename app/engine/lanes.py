@@ -51,6 +51,10 @@ class Lane:
         self.counters: collections.Counter[str] = collections.Counter()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
 
+    def shards(self) -> list[Shard]:
+        """Every shard the lane holds: its batch's, then its waiting groups' (under the engine's lock)."""
+        return [*self.active, *(shard for group in self.groups for shard in group.shards)]
+
     @property
     def load(self) -> int:
         """Images the lane holds: its batch and its waiting groups (under the engine's lock)."""
@@ -135,6 +139,7 @@ class LaneLoop(LaneDiscipline):
         with self._lock:
             others = [other.load for other in self._lanes if other is not lane]
             now = time.monotonic()
+            running = max((shard.owner.request.priority for shard in lane.shards()), default=None)
             while self._waiting:
                 shard = self._waiting[0]
                 if expired(shard, now) and self._expire(shard.owner, self._counters):
@@ -143,6 +148,11 @@ class LaneLoop(LaneDiscipline):
                     self._waiting.popleft()
                     self._count_cancelled(shard.owner, self._counters)
                     continue
+                if running is not None and shard.owner.request.priority < running:
+                    # It could not run here before the higher-priority work ends, and seating it now (its
+                    # prefill, then setting it aside) would cost that work time: it waits, or another lane
+                    # takes it.
+                    break
                 load = lane.load
                 least_loaded = load <= min(others, default=load)
                 within_share = load + shard.n <= fair_share
@@ -178,7 +188,8 @@ class LaneLoop(LaneDiscipline):
         if not joined:
             return
         batch_images = sum(shard.n for shard in lane.active[:seated])
-        parts = in_steps(joined, max(self.step_images - batch_images, 0), self.step_images)
+        step_images = self._step_images_now()
+        parts = in_steps(joined, max(step_images - batch_images, 0), step_images)
         caches = iter(states)  # in the order of `joined`, i.e. of the parts
         into_batch = [next(caches) for _ in parts[0]]
         groups = [Group(part, DecodeCache.concat([next(caches) for _ in part])) for part in parts[1:]]

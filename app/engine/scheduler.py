@@ -26,6 +26,7 @@ import time
 
 from app.model import ModelConfig, PixelCNNModel
 
+from .admission import MIXED_PRIORITIES_HOLD_S
 from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
 from .lanes import Lane, LaneLoop
@@ -82,6 +83,11 @@ class Engine(LaneLoop):
         if step_images < 1:
             raise ValueError(f"step_images must be >= 1, got {step_images}")
         self.step_images = step_images
+        # While work of different priorities shares the engine, steps are half as big: the wait of a
+        # higher-priority arrival for the step in flight halves, for about 4% more CPU per image on a CPU
+        # (BENCHMARKS.md), paid only then. Mixing is noticed at submit and holds MIXED_PRIORITIES_HOLD_S.
+        self.mixed_step_images = max(1, step_images // 2)
+        self._mixed_until = 0.0  # time.monotonic() until which priorities count as mixed
         self.max_queue = max_queue
         # An idle lane that finds work first lets a burst finish arriving: it starts once no request has
         # come for batch_wait_s (at most 5 x batch_wait_s in all), so requests sent together start together
@@ -222,6 +228,10 @@ class Engine(LaneLoop):
             request.label_mode,
             request.known_columns,
         )
+        with self._lock:  # checked, then refused before the rest is prepared: under a flood most arrivals end here
+            if self._priorities_present() - {request.priority}:  # before its shards are cut to the step size
+                self._mixed_until = time.monotonic() + MIXED_PRIORITIES_HOLD_S
+            self._room_for(request.priority)
         forced = forced_row(canvas, request.known_rows, request.known_columns)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
@@ -235,7 +245,7 @@ class Engine(LaneLoop):
         # One shard per lane, so that an idle engine draws a big request on every core, and at most
         # step_images images each (a shard is never cut across steps); a completion with nothing to
         # generate is answered by its prefill alone.
-        steps = -(-request.n // self.step_images)
+        steps = -(-request.n // self._step_images_now())
         parts = 1 if request.known_rows >= self.config.height else min(max(len(self._lanes), steps), request.n)
         owner = TrackedRequest(request, labels, canvas, parts, deliver, self._withdraw, rows)
         bounds = [request.n * k // parts for k in range(parts + 1)]
@@ -256,12 +266,9 @@ class Engine(LaneLoop):
         with self._lock:
             if self._stopping or not self.running:
                 raise EngineStoppedError("the engine is not running")
-            displaced = None
-            if self._waiting_requests() >= self.max_queue:
-                displaced = self._displaceable(request.priority)
+            displaced = self._room_for(request.priority)
+            if displaced is not None:
                 self._counters["rejected_queue_full"] += 1
-                if displaced is None:
-                    raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
                 self._waiting = collections.deque(shard for shard in self._waiting if shard.owner is not displaced)
             self._waiting.extend(shards)
             self._stop_wavefront.value = 1  # a wavefront in flight stops after its current rows
@@ -272,6 +279,22 @@ class Engine(LaneLoop):
         for lane in self._lanes:  # the least loaded lane takes it; an idle lane is always least loaded
             lane.wake.set()
         return Stream(owner, queue)
+
+    def _priorities_present(self) -> set[int]:
+        """The priorities of the work waiting or in a lane; under the lock."""
+        in_lanes = (shard for lane in self._lanes for shard in lane.shards())
+        return {shard.owner.request.priority for shard in itertools.chain(self._waiting, in_lanes)}
+
+    def _room_for(self, priority: int) -> TrackedRequest | None:
+        """Room in the queue for a request of `priority`: None when there is some, else the waiting request
+        it would push out; QueueFullError when there is neither. Under the lock."""
+        if self._waiting_requests() < self.max_queue:
+            return None
+        displaced = self._displaceable(priority)
+        if displaced is None:
+            self._counters["rejected_queue_full"] += 1
+            raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+        return displaced
 
     def _displaceable(self, priority: int) -> TrackedRequest | None:
         """The waiting request a new one of `priority` may push out of a full queue: the latest of the

@@ -58,7 +58,8 @@ class Settings(BaseSettings):
         ge=1,
         description="the most images one decode step draws a row of; a lane's other images take turns, "
         "so a higher-priority request waits for one such step at most. Unset: 16 on a CPU (where a row "
-        "costs the same per image from 16 up), max_batch_images on a GPU",
+        "costs the same per image from 16 up), max_batch_images on a GPU. Half as many while work of "
+        "different priorities shares the engine",
     )
     request_timeout_s: float = Field(
         300.0,
