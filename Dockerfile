@@ -51,7 +51,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIXELCNN_HOST=0.0.0.0 \
     PIXELCNN_PORT=8000 \
     PIXELCNN_MODEL_STORE=/srv/model_store \
-    PIXELCNN_KERNEL_CACHE=/tmp/pixelcnn-kernels
+    PIXELCNN_KERNEL_CACHE=/tmp/pixelcnn-kernels \
+    MALLOC_ARENA_MAX=2
+
+# MALLOC_ARENA_MAX: glibc gives each new thread (the decode lanes, the worker threads that encode PNGs) an
+# arena of its own, up to 8 per core, and keeps what each has held; capped, a replica's resident memory
+# settles within minutes instead of creeping up for an hour as new threads take new arenas.
 
 # A C compiler: the sampler builds its per-pixel kernel for this CPU at first start (app/engine/c_kernel.py,
 # about a second, into PIXELCNN_KERNEL_CACHE); without one it runs the slower TorchScript decoder.

@@ -191,6 +191,7 @@ async def run_soak(
     rss_every_s: float = 5.0,
 ) -> dict:
     env = {
+        "MALLOC_ARENA_MAX": "2",  # as the image sets it (Dockerfile says why)
         "PIXELCNN_FAULT_EVERY_STEPS": str(fault_every_steps),
         "PIXELCNN_FAULT_LEAK_BYTES_PER_REQUEST": str(leak_bytes_per_request),
     }
