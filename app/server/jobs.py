@@ -72,7 +72,8 @@ class GenerationRun:
             raise api_error(error, model) from None
         loop = asyncio.get_running_loop()
         self.watcher = loop.create_task(self._cancel_on_disconnect())
-        self.timer = loop.create_task(self._cancel_at_time_limit())
+        self.timer = loop.call_later(time_limit_s, self._time_up)
+        self.time_up: asyncio.Task[None] | None = None
 
     @property
     def elapsed_s(self) -> float:
@@ -98,15 +99,21 @@ class GenerationRun:
         )
 
     async def _cancel_on_disconnect(self) -> None:
-        while (await self.request.receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await self.request.receive())["type"] != "http.disconnect":
+                pass
+        except asyncio.CancelledError:
+            # close() ended the watch. Returning, instead of ending as a cancelled task, keeps no exception:
+            # its traceback's frames would tie this run (and its request, stream and tensors) into a
+            # reference cycle that only the garbage collector frees, in full collections that paused the
+            # event loop for 50-120 ms under a flood (BENCHMARKS.md).
+            return
         await self._cancel()  # ends events() too, which then returns without a result
 
-    async def _cancel_at_time_limit(self) -> None:
-        await asyncio.sleep(self.time_limit_s)
+    def _time_up(self) -> None:
         if not self.finished:
             self.timed_out = True
-            await self._cancel()  # events() ends; result() and sse() report the time limit
+            self.time_up = asyncio.ensure_future(self._cancel())  # events() ends; result() and sse() say why
 
     def timeout_error(self) -> RequestTimedOut:
         return RequestTimedOut(
