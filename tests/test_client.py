@@ -188,15 +188,27 @@ def test_bench_json(server, capsys):
         "concurrent_speedup",
         "first_row_s",
         "stream_total_s",
+        "one_engine_s",
+        "one_over_engine",
+        "one_png_s",
+        "one_png_over_engine",
+        "concurrent_floor_s",
+        "concurrent_over_floor",
     ):
         assert isinstance(result[key], float), key
     assert result["n"] == 4 and result["concurrency"] == 3 and result["model"] == "gray" and result["repeats"] == 2
     assert len(result["concurrent_over_one_each"]) == 2
+    # The engine's share comes from the server's Server-Timing header: less than the whole request.
+    assert 0 < result["one_engine_s"] < result["one_sample_s"] and result["one_over_engine"] > 1
+    lanes = result["lanes"]
+    assert isinstance(lanes, int) and lanes >= 1
+    assert result["concurrent_floor_s"] == pytest.approx(3 * result["one_engine_s"] / lanes, rel=0.5)
 
 
 def test_bench_table_and_unreachable_server(server, capsys):
     assert bench_run(["--url", server[0], "--n", "2", "--concurrency", "2", "--repeats", "1"]) == 0
-    assert "sample / likelihood" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "sample / likelihood" in table and "HTTP / engine, PNG" in table and "all concurrent / floor" in table
     assert bench_run(["--url", "http://127.0.0.1:9", "--n", "1"]) == 1
     assert "error:" in capsys.readouterr().err
 

@@ -719,3 +719,26 @@ async def test_a_finished_request_leaves_no_reference_cycle_behind(serve, body):
             gc.garbage.clear()
             gc.enable()
     assert in_cycles == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "accept"),
+    [
+        ("/sample", {"n": 1, "seed": 3}, "application/json"),
+        ("/sample", {"n": 1, "seed": 3}, "image/png"),
+        ("/v1/images/generations", {"prompt": "", "n": 1, "seed": 3}, "application/json"),
+        ("/v2/models/gray/generate", {"n": 1, "seed": 3}, "application/json"),
+    ],
+)
+async def test_a_generation_says_how_long_the_engine_took_in_server_timing(serve, path, body, accept):
+    import re
+    import time
+
+    async with serve() as (_, client):
+        started = time.perf_counter()
+        response = await client.post(path, json=body, headers={"Accept": accept})
+        wall_ms = (time.perf_counter() - started) * 1000
+    assert response.status_code == 200, response.text
+    timing = re.fullmatch(r"engine;dur=(\d+\.\d)", response.headers["server-timing"])
+    assert timing is not None, response.headers["server-timing"]
+    assert 0 < float(timing.group(1)) <= wall_ms

@@ -8,7 +8,10 @@ Measures, against a running server (`--url`) or one started in-process on a free
       own connection, using the standard library's http.client: with httpx's AsyncClient all requests
       share one event loop in this process, and its own work (~1 ms a request) was measured adding ~20 ms
       to 16 requests and nothing to one, i.e. the benchmark measuring itself;
-  (c) time to the first streamed row vs the whole streamed request.
+  (c) time to the first streamed row vs the whole streamed request;
+  and the serving overhead: one image's wall time (JSON and PNG) over the engine's time for it, which the
+  server reports in its `Server-Timing: engine;dur=<ms>` header, and the concurrent requests' time over
+  their arithmetic floor (`concurrency` x that engine time / the decode lanes, read from /metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import re
 import statistics
 import sys
 import time
@@ -59,23 +63,42 @@ class Clients:
     def __exit__(self, *exc_info: object) -> None:
         self.pool.shutdown()
 
-    def _post(self, body: dict) -> None:
+    def _post(self, body: dict, accept: str) -> float:
+        """The engine's seconds for this request, from its Server-Timing header."""
         connection = self.connection(self.host, self.port, timeout=600)
         try:
-            connection.request("POST", self.path, body=json.dumps(body), headers=self.headers)
+            connection.request("POST", self.path, body=json.dumps(body), headers={**self.headers, "Accept": accept})
             response = connection.getresponse()
             payload = response.read()
         finally:
             connection.close()
         if response.status != 200:
             raise RuntimeError(f"POST {self.path} answered {response.status}: {payload[:300]!r}")
+        return engine_seconds(response.getheader("Server-Timing"))
 
-    async def post_all(self, bodies: list[dict]) -> float:
-        """POST every body at once; seconds until the last answer."""
+    async def post_all(self, bodies: list[dict], accept: str = "application/json") -> tuple[float, list[float]]:
+        """POST every body at once; seconds until the last answer, and the engine's seconds of each."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        await asyncio.gather(*(loop.run_in_executor(self.pool, self._post, body) for body in bodies))
-        return time.perf_counter() - started
+        engine = await asyncio.gather(*(loop.run_in_executor(self.pool, self._post, body, accept) for body in bodies))
+        return time.perf_counter() - started, list(engine)
+
+
+def engine_seconds(server_timing: str | None) -> float:
+    """`engine;dur=<ms>` (the server's Server-Timing header) -> seconds."""
+    match = re.search(r"\bengine;dur=([0-9.]+)", server_timing or "")
+    if match is None:
+        raise RuntimeError(f"the server sent no engine time (Server-Timing: {server_timing!r}); is it this version?")
+    return float(match.group(1)) / 1000
+
+
+async def decode_lanes(client: httpx.AsyncClient, model: str) -> int:
+    """The model's decode lanes, from the server's /metrics."""
+    metrics = (await client.get("/metrics")).text
+    match = re.search(rf'^pixelcnn_engine_lanes{{model="{re.escape(model)}"}} ([0-9.]+)$', metrics, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/metrics has no pixelcnn_engine_lanes for model {model!r}")
+    return int(float(match.group(1)))
 
 
 async def measure_once(
@@ -96,8 +119,9 @@ async def measure_once(
     given = {"label": labels} if labels[0] is not None else {}
     score_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **given, **extra}))
 
-    one_s = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}])
-    many_s = await clients.post_all([{"n": 1, "seed": 100 * (repeat + 1) + i, **extra} for i in range(concurrency)])
+    one_s, (one_engine_s,) = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}])
+    png_s, (png_engine_s,) = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}], "image/png")
+    many_s, _ = await clients.post_all([{"n": 1, "seed": 100 * (repeat + 1) + i, **extra} for i in range(concurrency)])
 
     started, first_row_s = time.perf_counter(), None
     async with client.stream("POST", "/sample", json={"n": 1, "seed": 3 + repeat, "stream": True, **extra}) as response:
@@ -109,6 +133,9 @@ async def measure_once(
         ("sample", sample_s),
         ("score", score_s),
         ("one", one_s),
+        ("one_engine", one_engine_s),
+        ("png", png_s),
+        ("png_engine", png_engine_s),
         ("many", many_s),
         ("first_row", first_row_s),
         ("stream", time.perf_counter() - started),
@@ -128,17 +155,25 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
             raise RuntimeError(f"the server at {url} is not ready: {ready.text}")
         await _post(client, "/sample", json={"n": 1, "seed": 0, **extra})  # warm-up
 
-        runs: dict[str, list[float]] = {key: [] for key in ("sample", "score", "one", "many", "first_row", "stream")}
+        keys = ("sample", "score", "one", "one_engine", "png", "png_engine", "many", "first_row", "stream")
+        runs: dict[str, list[float]] = {key: [] for key in keys}
         with Clients(url, headers, concurrency) as clients:
             await clients.post_all([{"n": 1, "seed": k, **extra} for k in range(concurrency)])  # warm-up
             for repeat in range(repeats):
                 sampled, given = await measure_once(client, clients, n, concurrency, repeat, extra, runs)
+        lanes = await decode_lanes(client, sampled["model"])
         marginal_s = None
         if given:
             images = [image["png"] for image in sampled["images"]]
             marginal_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **extra}))
 
     median = {key: statistics.median(values) for key, values in runs.items()}
+
+    def ratio(a: str, b: str) -> float:  # the median of the repeats' own ratios: each made side by side
+        return round(statistics.median(x / y for x, y in zip(runs[a], runs[b])), 2)
+
+    # The arithmetic floor of the concurrent requests: their images' engine time shared by the lanes.
+    floors = [concurrency * one / lanes for one in runs["one_engine"]]
     return {
         "url": url,
         "model": sampled["model"],
@@ -151,7 +186,14 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
         "likelihood_marginal_n_s": None if marginal_s is None else round(marginal_s, 4),
         "concurrency": concurrency,
         "one_sample_s": round(median["one"], 4),
+        "one_engine_s": round(median["one_engine"], 4),
+        "one_over_engine": ratio("one", "one_engine"),
+        "one_png_s": round(median["png"], 4),
+        "one_png_over_engine": ratio("png", "png_engine"),
+        "lanes": lanes,
+        "concurrent_floor_s": round(statistics.median(floors), 4),
         "concurrent_samples_s": round(median["many"], 4),
+        "concurrent_over_floor": round(statistics.median(m / f for m, f in zip(runs["many"], floors)), 2),
         "concurrent_over_one": round(statistics.median(a / b for a, b in zip(runs["many"], runs["one"])), 2),
         "concurrent_over_one_each": [round(a / b, 2) for a, b in zip(runs["many"], runs["one"])],
         "concurrent_speedup": round(concurrency * median["one"] / median["many"], 2),
@@ -170,7 +212,15 @@ def print_table(result: dict) -> None:
             "-" if result["likelihood_marginal_n_s"] is None else f"{result['likelihood_marginal_n_s']:.3f} s",
         ),
         ("POST /sample n=1", f"{result['one_sample_s']:.3f} s"),
+        ("  its engine time (Server-Timing)", f"{result['one_engine_s']:.3f} s"),
+        ("  HTTP / engine, JSON", f"{result['one_over_engine']:.2f}x"),
+        ("  HTTP / engine, PNG", f"{result['one_png_over_engine']:.2f}x"),
         (f"{result['concurrency']} concurrent /sample n=1", f"{result['concurrent_samples_s']:.3f} s"),
+        (
+            f"  floor ({result['concurrency']} x engine / {result['lanes']} lanes)",
+            f"{result['concurrent_floor_s']:.3f} s",
+        ),
+        ("  all concurrent / floor", f"{result['concurrent_over_floor']:.2f}x"),
         ("  all concurrent / one", f"{result['concurrent_over_one']:.2f}x"),
         ("    each repeat", " ".join(f"{ratio:.2f}" for ratio in result["concurrent_over_one_each"])),
         ("  speedup over sequential", f"{result['concurrent_speedup']:.1f}x"),

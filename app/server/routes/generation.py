@@ -92,9 +92,9 @@ async def respond(
         return Response(
             generation_png(result, fields.scale),
             media_type="image/png",
-            headers=generation_headers(model, result, run.seed),
+            headers={**generation_headers(model, result, run.seed), **run.server_timing()},
         )
-    return JSONResponse(run.body(result), headers={"X-Numerics": model.numerics})
+    return JSONResponse(run.body(result), headers={"X-Numerics": model.numerics, **run.server_timing()})
 
 
 def start_run(

@@ -242,7 +242,8 @@ async def generate(
 ) -> JSONResponse:
     run = await start_generation(name, request, registry, settings, metrics, stream=False)
     result = await run.result()
-    return JSONResponse(tagged(run, run.body(result)), headers={"X-Numerics": run.model.numerics})
+    headers = {"X-Numerics": run.model.numerics, **run.server_timing()}
+    return JSONResponse(tagged(run, run.body(result)), headers=headers)
 
 
 @router.post(

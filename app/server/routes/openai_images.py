@@ -251,7 +251,7 @@ async def respond(
         "data": [{"b64_json": encoded(image, fields)} for image in np.asarray(result.images)],
         **image_settings(model, fields),
     }
-    return JSONResponse(body, headers=generation_headers(model, result, run.seed))
+    return JSONResponse(body, headers={**generation_headers(model, result, run.seed), **run.server_timing()})
 
 
 def encoded(image: np.ndarray, fields: OpenAIImageFields) -> str:
