@@ -205,6 +205,15 @@ def test_bench_json(server, capsys):
     assert result["concurrent_floor_s"] == pytest.approx(3 * result["one_engine_s"] / lanes, rel=0.5)
 
 
+def test_bench_starts_its_own_server_without_a_url(server_store, capsys):
+    argv = ["--model-store", str(server_store), "--model", "gray", "--device", "cpu", "--n", "2"]
+    with torch_threads(torch.get_num_threads()):  # the app sets 1 thread process-wide: restore it after
+        assert bench_run([*argv, "--concurrency", "2", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "gray" and result["url"].startswith("http://127.0.0.1:")
+    assert 0 < result["one_engine_s"] < result["one_sample_s"]
+
+
 def test_bench_table_and_unreachable_server(server, capsys):
     assert bench_run(["--url", server[0], "--n", "2", "--concurrency", "2", "--repeats", "1"]) == 0
     table = capsys.readouterr().out

@@ -263,8 +263,8 @@ def bench(args: argparse.Namespace) -> dict:
 
     if args.url:
         return go(args.url.rstrip("/"))
-    from .app import create_app
-    from .settings import Settings
+    from app.server.app import create_app
+    from app.server.settings import Settings
 
     overrides = {"model_store": args.model_store, "model": args.model, "device": args.device}
     settings = Settings(
