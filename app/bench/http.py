@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from .servers import serve_in_thread
 
@@ -94,11 +95,12 @@ def engine_seconds(server_timing: str | None) -> float:
 
 async def decode_lanes(client: httpx.AsyncClient, model: str) -> int:
     """The model's decode lanes, from the server's /metrics."""
-    metrics = (await client.get("/metrics")).text
-    match = re.search(rf'^pixelcnn_engine_lanes{{model="{re.escape(model)}"}} ([0-9.]+)$', metrics, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/metrics has no pixelcnn_engine_lanes for model {model!r}")
-    return int(float(match.group(1)))
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        if family.name == "pixelcnn_engine_lanes":
+            for sample in family.samples:
+                if sample.labels.get("model") == model:
+                    return int(sample.value)
+    raise RuntimeError(f"/metrics has no pixelcnn_engine_lanes for model {model!r}")
 
 
 async def measure_once(
@@ -182,7 +184,7 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
         "repeats": repeats,
         "sample_n_s": round(median["sample"], 4),
         "likelihood_n_s": round(median["score"], 4),
-        "sample_over_likelihood": round(statistics.median(a / b for a, b in zip(runs["sample"], runs["score"])), 2),
+        "sample_over_likelihood": ratio("sample", "score"),
         "likelihood_marginal_n_s": None if marginal_s is None else round(marginal_s, 4),
         "concurrency": concurrency,
         "one_sample_s": round(median["one"], 4),
@@ -194,7 +196,7 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
         "concurrent_floor_s": round(statistics.median(floors), 4),
         "concurrent_samples_s": round(median["many"], 4),
         "concurrent_over_floor": round(statistics.median(m / f for m, f in zip(runs["many"], floors)), 2),
-        "concurrent_over_one": round(statistics.median(a / b for a, b in zip(runs["many"], runs["one"])), 2),
+        "concurrent_over_one": ratio("many", "one"),
         "concurrent_over_one_each": [round(a / b, 2) for a, b in zip(runs["many"], runs["one"])],
         "concurrent_speedup": round(concurrency * median["one"] / median["many"], 2),
         "first_row_s": round(median["first_row"], 4),

@@ -74,7 +74,7 @@ class GenerationRun:
         loop = asyncio.get_running_loop()
         self.watcher = loop.create_task(self._cancel_on_disconnect())
         self.timer = loop.call_later(time_limit_s, self._time_up)
-        self.time_up: asyncio.Task[None] | None = None
+        self.timeout_cancel: asyncio.Task[None] | None = None  # started by _time_up
 
     @property
     def elapsed_s(self) -> float:
@@ -114,7 +114,7 @@ class GenerationRun:
     def _time_up(self) -> None:
         if not self.finished:
             self.timed_out = True
-            self.time_up = asyncio.ensure_future(self._cancel())  # events() ends; result() and sse() say why
+            self.timeout_cancel = asyncio.ensure_future(self._cancel())  # events() ends; result() and sse() say why
 
     def server_timing(self) -> dict[str, str]:
         """The `Server-Timing` header (W3C; browsers' developer tools show it): the engine's share of the
