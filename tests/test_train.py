@@ -485,8 +485,9 @@ def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert [row["lanes"] for row in result["engine"]] == [1, 2]
     assert all(row["concurrency"] == 3 and row["one_s"] > 0 and row["concurrent_s"] > 0 for row in result["engine"])
     native = c_library._compiler() is not None
-    # Batch 1 as a 2-lane engine draws a lone request (by wavefront with the C kernel), larger ones on one lane.
-    assert [row["cached_lanes"] for row in result["sampling"]] == [2 if native else 1, 1]
+    # Batch 1 as a 2-lane engine draws a lone request: by wavefront with the C kernel where two rows fit in
+    # flight; these 6 columns hold one (rows start reach + group columns apart), so one lane, as the engine would.
+    assert [row["cached_lanes"] for row in result["sampling"]] == [1, 1]
     assert all(row["one_lane_s"] > 0 for row in result["sampling"])
     # The roofline: multiply-adds per image counted by hand from the config (gated, 1 colour, n = 24 channels,
     # 3 layers, first kernel 5, later 3, head 24), and the measured peak.
@@ -503,7 +504,7 @@ def test_bench_sampling_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
         assert row["one_lane_gflops"] > 0 and row["forward_gflops"] > 0
     if native:
         peak = result["peak"]
-        assert peak["mul_add_gflops"] > 0 and peak["fma_gflops"] > 0 and peak["vector_floats"] >= 4
+        assert peak["fma_gflops"] > 0 and peak["vector_floats"] >= 4
         for row in result["sampling"]:
             assert row["one_lane_of_fma_peak"] == round(row["one_lane_gflops"] / peak["fma_gflops"], 2) < 1
     assert run(args) == 0

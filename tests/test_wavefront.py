@@ -56,13 +56,17 @@ def one_lane(sampler: CachedSampler, n: int, seed: int, labels, known, known_row
     return torch.stack(rows), torch.stack(log_probs)
 
 
-def wavefront(sampler: CachedSampler, n, seed, labels, known, known_rows, temperature, lanes: int, group: int):
+def wavefront(
+    sampler: CachedSampler, n, seed, labels, known, known_rows, temperature, lanes: int, group: int, split=None
+):
     config = sampler.config
     canvas = prepare_canvas(config, n, known, known_rows, torch.device("cpu"))
     state = sampler.prefill(canvas, labels, known_rows)
     uniforms = uniforms_ahead(image_streams(seed, n), config.height - known_rows, config.image_channels, config.width)
     decoder = Wavefront.for_row_loop(sampler.row_loop)
     decoder.group = group
+    if split is not None:
+        decoder.split = split
     return decoder.decode(state, uniforms, torch.full((n, 1), temperature, dtype=torch.float64), lanes)
 
 
@@ -84,9 +88,14 @@ def test_wavefront_draws_the_bytes_of_one_lane(arch, channels, classes):
         labels = torch.arange(n) % classes if classes else None
         known = known_image if known_rows else None
         expected, expected_log_p = one_lane(sampler, n, seed, labels, known, known_rows, temperature)
-        for lanes, group in [(2, 1), (2, 2), (3, 1), (2, 8), (1, 2), (5, 1)]:
-            values, log_p = wavefront(sampler, n, seed, labels, known, known_rows, temperature, lanes, group)
-            case = f"n={n} seed={seed} known_rows={known_rows} lanes={lanes} group={group}"
+        # Two threads of a gated model split each row's work by role (`split` layers of the vertical stack
+        # on one thread; 0: by rows), every split the same bytes.
+        splits = range(model.config.layers + 1) if arch == "gated" else [0]
+        runs = [(2, 1, None), (2, 2, None), (3, 1, None), (2, 8, None), (1, 2, None), (5, 1, None)]
+        runs += [(2, group, split) for split in splits for group in (1, 3)]
+        for lanes, group, split in runs:
+            values, log_p = wavefront(sampler, n, seed, labels, known, known_rows, temperature, lanes, group, split)
+            case = f"n={n} seed={seed} known_rows={known_rows} lanes={lanes} group={group} split={split}"
             assert values.shape == expected.shape, case
             assert torch.equal(values, expected), f"{case}: {(values != expected).sum()} sub-pixels differ"
             assert torch.equal(log_p, expected_log_p), case
@@ -318,6 +327,7 @@ def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
 
     on, result = asyncio.run(main())
     assert f"wavefront decoding {'on' if on else 'off'}: one image in" in caplog.text
+    assert "on one thread, the rest on the other" in caplog.text or "(by rows)" in caplog.text, "the split it chose"
     assert np.array_equal(result.images, expected.images.numpy()), "the same image whatever it picked"
     assert Engine(model, lanes=2, wavefront=False).wavefront is None
 
@@ -327,3 +337,15 @@ def test_only_engines_of_several_lanes_running_the_c_kernel_have_a_wavefront():
     assert Engine(tiny_model("gated"), lanes=2).wavefront is None, "float64 runs the torch row loop"
     assert Engine(gated(1, 0), lanes=2).wavefront.useful_lanes == 2  # 14 columns, rows 4 + 4 apart
     assert Engine(gated(1, 0, arch="pixelcnn"), lanes=2).wavefront.useful_lanes == 5  # rows 2 + 1 apart
+
+
+def test_a_split_the_model_does_not_have_is_refused():
+    sampler = CachedSampler(gated(1, 0))
+    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    assert 1 <= decoder.split <= sampler.config.layers, "two threads of a gated model split by role by default"
+    state = sampler.prefill(prepare_canvas(sampler.config, 1, None, 0, torch.device("cpu")), None, 0)
+    decoder.split = sampler.config.layers + 1
+    with pytest.raises(ValueError, match=r"split must be 0 \(by rows\) to 3 \(the model's vertical layers\), not 4"):
+        decoder.decode(
+            state, uniforms_ahead(image_streams(0, 1), 2, 1, SIZE), torch.ones((1, 1), dtype=torch.float64), 2
+        )

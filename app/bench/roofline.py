@@ -5,10 +5,9 @@ Multiply-adds are counted from the matrices the paths multiply by (which the con
 sampler's per-column vertical stack and per-sub-pixel horizontal stack and head (row_kernels.c), and the
 forward pass's convolutions at every position (masked weights count: the convolution multiplies them).
 
-The peak comes from native/peak.c, built like the row kernel (-O3 -march=native): `fma_gflops` with fused
-multiply-adds (the machine's peak), `mul_add_gflops` with the multiply and the add apart, as the row
-kernel computes them (-ffp-contract=off keeps every sum's written rounding): the kernel's own ceiling,
-half the FMA peak on a CPU whose vector units do one FMA, multiply or add per cycle each.
+The peak comes from native/peak.c, built like the row kernel (-O3 -march=native): `fma_gflops`, fused
+multiply-adds on every vector unit, which is how the row kernel computes its products (row_kernels.c
+`fused`): the physical limit of both.
 """
 
 from __future__ import annotations
@@ -53,29 +52,23 @@ def _peak_library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     library = ctypes.CDLL(str(c_library.build(compiler, PEAK_SOURCE)))
-    for name in ("peak_fma", "peak_mul_add"):
-        function = getattr(library, name)
-        function.restype, function.argtypes = ctypes.c_float, [ctypes.c_int64, ctypes.c_float]
+    library.peak_fma.restype, library.peak_fma.argtypes = ctypes.c_float, [ctypes.c_int64, ctypes.c_float]
     return library
 
 
 def measured_peak(seconds: float = 0.2, repeats: int = 5) -> dict | None:
-    """This core's FP32 peak in GFLOP/s (best of `repeats` runs of about `seconds` each): with FMAs and
-    with separate multiplies and adds; None without a C compiler."""
+    """This core's FP32 peak in GFLOP/s with FMAs (best of `repeats` runs of about `seconds` each); None
+    without a C compiler."""
     library = _peak_library()
     if library is None:
         return None
     floats = library.peak_vector_floats() * library.peak_accumulators()
-    result = {"vector_floats": library.peak_vector_floats()}
-    for name in ("fma", "mul_add"):
-        function = getattr(library, f"peak_{name}")
-        iterations = 1_000_000
-        while (elapsed := _timed(function, iterations)) < seconds / 4:  # calibrate
-            iterations *= 4
-        iterations = int(iterations * seconds / elapsed)
-        best = min(_timed(function, iterations) for _ in range(repeats))
-        result[f"{name}_gflops"] = round(2 * floats * iterations / best / 1e9, 1)
-    return result
+    iterations = 1_000_000
+    while (elapsed := _timed(library.peak_fma, iterations)) < seconds / 4:  # calibrate
+        iterations *= 4
+    iterations = int(iterations * seconds / elapsed)
+    best = min(_timed(library.peak_fma, iterations) for _ in range(repeats))
+    return {"vector_floats": library.peak_vector_floats(), "fma_gflops": round(2 * floats * iterations / best / 1e9, 1)}
 
 
 def _timed(function, iterations: int) -> float:

@@ -14,7 +14,7 @@ cached_over_forward are that figure (cached_lanes says so; one_lane_s keeps the 
 
 The roofline: multiply-adds per image of the cached path and of the forward pass (from the model's
 matrices), the GFLOP/s each achieved, and this core's FP32 peak measured by a short loop built like the
-kernel (app/bench/roofline.py): with FMAs, and with separate multiplies and adds as the kernel computes.
+kernel (app/bench/roofline.py), with FMAs as the kernel computes.
 
 Then the engine without HTTP, for each number of decode lanes: one request for one image, against
 --concurrency such requests at once, and one request for --big images, which the engine splits across
@@ -76,14 +76,19 @@ def measure(
         model, batch, seed=seed, sampler=sampler, known=images[:1].cpu(), known_rows=config.height - 1
     )  # warm-up
     one_lane_s = median_time(lambda: sample_cached(model, batch, seed=seed, sampler=sampler), repeats)
-    cached_s, cached_lanes = one_lane_s, 1
-    if batch == 1 and lanes > 1 and Wavefront.for_row_loop(sampler.row_loop) is not None:
-        # As an engine of `lanes` lanes draws a lone request: by wavefront, the same bytes as one lane.
+    cached_s, cached_lanes, sharing = one_lane_s, 1, None
+    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    threads = 1 if decoder is None else min(lanes, decoder.useful_lanes)
+    if batch == 1 and threads > 1:
+        # As an engine of `lanes` lanes draws a lone request: by wavefront on as many threads as rows can be in
+        # flight, tuned as the engine tunes it at start, the same bytes as one lane.
+        assert decoder is not None
+        decoder.tune(sampler, threads)
         one = sample_cached(model, 1, seed=seed, sampler=sampler)
-        if not torch.equal(sample_wavefront(sampler, 1, seed=seed, lanes=lanes).images, one.images):
+        if not torch.equal(sample_wavefront(sampler, 1, seed=seed, lanes=threads, decoder=decoder).images, one.images):
             raise SystemExit("wavefront decoding drew other images than one lane")
-        cached_s = median_time(lambda: sample_wavefront(sampler, 1, seed=seed, lanes=lanes), repeats)
-        cached_lanes = lanes
+        cached_s = median_time(lambda: sample_wavefront(sampler, 1, seed=seed, lanes=threads, decoder=decoder), repeats)
+        cached_lanes, sharing = threads, decoder.describe(threads)
     torchscript_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=torchscript))
     eager_s = timed(lambda: sample_cached(model, batch, seed=seed, sampler=eager))
     rows = min(naive_rows, config.height)
@@ -99,6 +104,7 @@ def measure(
         "naive_rows_timed": rows,
         "cached_s": round(cached_s, 4),
         "cached_lanes": cached_lanes,
+        "cached_sharing": sharing,
         "one_lane_s": round(one_lane_s, 4),
         "native_kernel": sampler.row_loop.name == "c-kernel",
         "torchscript_s": round(torchscript_s, 4),
@@ -181,7 +187,6 @@ def run(argv: list[str] | None = None) -> int:
     if peak is not None:
         for r in results:
             r["one_lane_of_fma_peak"] = round(r["one_lane_gflops"] / peak["fma_gflops"], 2)
-            r["one_lane_of_mul_add_peak"] = round(r["one_lane_gflops"] / peak["mul_add_gflops"], 2)
             r["forward_of_fma_peak"] = round(r["forward_gflops"] / peak["fma_gflops"], 2)
     engine, big_images = [], []
     for lanes in lane_counts:
@@ -215,23 +220,23 @@ def run(argv: list[str] | None = None) -> int:
         print(f"* naive time extrapolated from {results[0]['naive_rows_timed']} timed rows to {c.height}")
     if any(r["cached_lanes"] > 1 for r in results):
         print(
-            f"batch 1 cached s: wavefront decoding on {max(lane_counts)} threads; on one: {results[0]['one_lane_s']:.3f} s"
+            f"batch 1 cached s: wavefront decoding on {results[0]['cached_lanes']} threads "
+            f"({results[0]['cached_sharing']}); on one: {results[0]['one_lane_s']:.3f} s"
         )
     print(
         f"\nroofline: multiply-adds per image, cached {results[0]['cached_macs_per_image'] / 1e6:.0f}M, forward "
         f"{results[0]['forward_macs_per_image'] / 1e6:.0f}M; "
         + (
-            f"this core's FP32 peak {peak['fma_gflops']} GFLOP/s with FMAs, {peak['mul_add_gflops']} with the "
-            "multiplies and adds apart (as the kernel computes)"
+            f"this core's FP32 peak {peak['fma_gflops']} GFLOP/s with FMAs (as the kernel computes)"
             if peak
             else "no peak measured (no C compiler or not a CPU)"
         )
     )
-    print(f"{'batch':>5} {'one lane GFLOP/s':>17} {'of mul+add peak':>16} {'of FMA peak':>12} {'forward GFLOP/s':>16}")
+    print(f"{'batch':>5} {'one lane GFLOP/s':>17} {'of FMA peak':>12} {'forward GFLOP/s':>16} {'of FMA peak':>12}")
     for r in results:
         print(
-            f"{r['batch']:>5} {r['one_lane_gflops']:>17.1f} {r.get('one_lane_of_mul_add_peak', float('nan')):>16.2f} "
-            f"{r.get('one_lane_of_fma_peak', float('nan')):>12.2f} {r['forward_gflops']:>16.1f}"
+            f"{r['batch']:>5} {r['one_lane_gflops']:>17.1f} {r.get('one_lane_of_fma_peak', float('nan')):>12.2f} "
+            f"{r['forward_gflops']:>16.1f} {r.get('forward_of_fma_peak', float('nan')):>12.2f}"
         )
     kernel = "the C row kernel" if sampler.row_loop.name == "c-kernel" else "TorchScript (the C kernel did not build)"
     print(

@@ -10,7 +10,8 @@ else ~/.cache/pixelcnn/kernels, else the temp folder), keyed by the source, the 
 loaded with ctypes, which releases the GIL during the call (the decode lanes run in parallel).
 
 Flags: -O3 -march=native (the kernel is built where it runs), -ffp-contract=off and no -ffast-math, so
-every sum runs in the written order with IEEE rounding and an image's numbers never depend on its batch,
+every sum runs in the written order with IEEE rounding (its products' running sums as explicit fused
+multiply-adds, one rounding each) and an image's numbers never depend on its batch,
 on any CPU (a BLAS library picks kernels by shape and CPU: MKL on AMD EPYC rounds a product's rows by
 the product's size, which the torch decoders cannot avoid). The vector width -march picks changes the
 speed, never a number, and exp and log are the kernel's own, not libm's (chosen per CPU): the kernel's

@@ -4,8 +4,10 @@ It is compiled once per machine with the system C compiler (`cc`, or $CC) into a
 ($PIXELCNN_KERNEL_CACHE, else ~/.cache/pixelcnn/kernels, else the temp folder), keyed by the source, the
 flags and the CPU, and loaded with ctypes, which releases the GIL during the call (the decode lanes run in
 parallel). Flags: -O3 -march=native (the kernel is built where it runs), -ffp-contract=off and no
--ffast-math, so every sum runs in the written order with IEEE rounding: the vector width changes the
-speed, never a number (NUMERICS_VERSION; README, "Reproducibility across machines"). When there is no
+-ffast-math, so every sum runs in the written order with IEEE rounding, its products' running sums as
+explicit fused multiply-adds (emulated exactly where the CPU has none, ~50x slower: logged): the vector
+width changes the speed, never a number (NUMERICS_VERSION; README, "Reproducibility across machines").
+When there is no
 compiler, the build fails or PIXELCNN_NATIVE_KERNEL=0, `load_kernel()` returns None and the engine runs
 the TorchScript decoder. The wrappers that call it live in c_kernel.py.
 """
@@ -27,8 +29,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "row_kernels.c"
 # The version of the kernel's numbers: bump it in any change to row_kernels.c that changes a number it
-# computes (and regenerate tests/golden). 1: libm's log; 2: its own log, known rows through the kernel.
-NUMERICS_VERSION = 2
+# computes (and regenerate tests/golden). 1: libm's log; 2: its own log, known rows through the kernel;
+# 3: the products' running sums as fused multiply-adds (one rounding each instead of two).
+NUMERICS_VERSION = 3
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared", "-pthread"]
 
 
@@ -172,6 +175,12 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("could not build the native row kernel (%s): sampling runs the TorchScript decoder", error)
         return None
+    if not library.kernel_hardware_fma():
+        log.warning(
+            "this CPU has no fused multiply-add instruction: the C kernel emulates it exactly (the same bytes "
+            "as everywhere) but draws ~50x slower; PIXELCNN_NATIVE_KERNEL=0 runs the TorchScript decoder "
+            "instead (faster here, its seeded bytes this machine's own)"
+        )
     pointer, pointers = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
     library.gated_decode_row.restype = ctypes.c_int
     library.gated_decode_row.argtypes = [
@@ -206,7 +215,7 @@ def _load() -> ctypes.CDLL | None:
     library.gated_wavefront.argtypes = [
         ctypes.POINTER(GatedWeights),
         ctypes.POINTER(GatedVertical),
-        *[ctypes.c_int32] * 4,
+        *[ctypes.c_int32] * 5,
         pointers,
         pointers,
         pointers,

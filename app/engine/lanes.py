@@ -28,7 +28,7 @@ from .posterior import infer_labels
 from .protocol import row_uniforms
 from .stats import TimeHistogram
 from .types import GenerationError
-from .wavefront import Wavefront, rewind, sample_wavefront, uniforms_ahead
+from .wavefront import Wavefront, rewind, uniforms_ahead
 
 log = logging.getLogger(__name__)
 
@@ -372,26 +372,24 @@ class LaneLoop(LaneDiscipline):
                 break
             self._row_drawn(lane, values[k].to(torch.uint8), log_probs[k], step_s, started_at, wavefront=True)
 
-    def _wavefront_pays(self) -> bool:
-        """Whether wavefront decoding draws one image sooner than one lane does, here and now: the best of
-        3 interleaved runs of each (a few hundredths of a second for the shipped model). Its threads need
-        free cores, which a busy machine may not have; the images are the same either way. Logged."""
+    def _tune_wavefront(self) -> bool:
+        """Whether wavefront decoding draws one image sooner than one lane does, here and now, with the
+        fastest way of sharing its work (Wavefront.tune): interleaved runs of each, a few tenths of a second
+        for the shipped model. Its threads need free cores, which a busy machine may not have; the images
+        are the same bytes either way. Logged."""
         assert self.wavefront is not None
         threads = min(len(self._lanes), self.wavefront.useful_lanes)
-        one_lane, wavefront = [], []
-        for _ in range(3):
-            started = time.perf_counter()
-            sample_cached(self.model, 1, sampler=self.sampler)
-            one_lane.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            sample_wavefront(self.sampler, 1, lanes=threads)
-            wavefront.append(time.perf_counter() - started)
-        pays = min(wavefront) < 0.9 * min(one_lane)
+        fastest, one_lane = self.wavefront.tune(
+            self.sampler, threads, baseline=lambda: sample_cached(self.model, 1, sampler=self.sampler)
+        )
+        assert one_lane is not None
+        pays = fastest < 0.9 * one_lane
         log.info(
-            "wavefront decoding %s: one image in %.1f ms on %d threads vs %.1f ms on one",
+            "wavefront decoding %s: one image in %.1f ms on %d threads (%s) vs %.1f ms on one",
             "on" if pays else "off",
-            1e3 * min(wavefront),
+            1e3 * fastest,
             threads,
-            1e3 * min(one_lane),
+            self.wavefront.describe(threads),
+            1e3 * one_lane,
         )
         return pays

@@ -110,7 +110,7 @@ class Engine(LaneLoop):
         # other lanes are idle, draws its rows on as many threads as there are lanes; any submit sets
         # _stop_wavefront, and the lane goes back to row-by-row batching after the rows in flight.
         # `wavefront`: use it where it applies (True), never (False), or where it measures faster at start (None,
-        # what the server does: _wavefront_pays).
+        # what the server does: _tune_wavefront).
         self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if lanes > 1 and wavefront is not False else None
         self._measure_wavefront = wavefront is None
         self._stop_wavefront = ctypes.c_int32(0)  # read by the C threads without the GIL
@@ -125,7 +125,7 @@ class Engine(LaneLoop):
         await asyncio.to_thread(self.sampler.capture_graphs)
         if self.wavefront is not None and self._measure_wavefront:
             self._measure_wavefront = False
-            if not await asyncio.to_thread(self._wavefront_pays):
+            if not await asyncio.to_thread(self._tune_wavefront):
                 self.wavefront = None
         self._stopping = False
         for lane in self._lanes:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from app.model.sampling import Samples
 from .c_kernel import NativeGatedDecoder, _pointers
 from .cache import DecodeCache, GatedCache, PixelCNNCache
 from .cached import CachedSampler
+from .cached_models import CachedGated, CachedPixelCNN
 from .protocol import start_sampling
 from .row_loops import CKernelRows, RowLoop
 
@@ -56,18 +58,77 @@ def masked_conv_reach(config: ModelConfig) -> int:
     return max(config.first_kernel_size, config.kernel_size) // 2
 
 
+def balanced_split(impl: CachedGated | CachedPixelCNN) -> int:
+    """Where to split a gated model's work between two threads by role: the vertical stack's first layers on
+    one, its other layers and the per-pixel loop on the other, chosen by multiply-adds per column: the most
+    layers whose products do not outweigh the other thread's, counting the per-pixel loop's twice (one
+    image's matrix-vector products stream their weights at about half the rate of the vertical stack's
+    column blocks: measured on an Intel Xeon, BENCHMARKS.md). A starting point: the engine measures its
+    neighbours at start (Wavefront.tune). 0 (by rows) for the masked-conv model."""
+    if not isinstance(impl, CachedGated):
+        return 0
+    vertical = [sum(w.numel() for w in rows) + link.numel() for rows, link in zip(impl.v_weight, impl.link_weight)]
+    decoder = impl.decoder
+    pixels = impl.config.image_channels * (
+        sum(
+            w.numel() for w in [*decoder.h_weight, *decoder.out_weight, decoder.head.hidden_w, decoder.head.logits_w[0]]
+        )
+    )
+    fits = [s for s in range(1, len(vertical) + 1) if sum(vertical[:s]) <= sum(vertical[s:]) + 2 * pixels]
+    return max(fits, default=1)
+
+
 class Wavefront:
     """The C kernel's wavefront decoding (gated_wavefront or pixelcnn_wavefront) for a CachedSampler's C
     row loop."""
 
     def __init__(self, row_loop: CKernelRows, group: int = COLUMN_GROUP) -> None:
         self.config: ModelConfig = row_loop.impl.config
+        self.impl = row_loop.impl
         self.pixels, self.vertical = row_loop.pixels, row_loop.vertical
         self.library = row_loop.pixels._library
         self.gated = isinstance(row_loop.pixels, NativeGatedDecoder)
         # Columns a row starts after the row above: the reach, and for a gated model its column groups.
         self.group = group if self.gated else 1
         self.reach = gated_reach(self.config) if self.gated else masked_conv_reach(self.config)
+        # Two threads on a gated model: layers 0 .. split - 1 of the vertical stack on one, the rest of it
+        # and the pixels on the other (0: by rows, as for more threads). The engine measures the best at start.
+        self.split = balanced_split(self.impl)
+
+    def split_candidates(self, lanes: int) -> list[int]:
+        """The splits worth measuring on `lanes` threads: by rows (0), and on two threads of a gated model
+        also the balanced split and its neighbours."""
+        if lanes != 2 or not self.gated:
+            return [self.split]
+        balanced = balanced_split(self.impl)
+        return [0, *range(max(1, balanced - 1), min(self.config.layers, balanced + 1) + 1)]
+
+    def tune(
+        self, sampler: CachedSampler, lanes: int, rounds: int = 3, baseline: Callable[[], object] | None = None
+    ) -> tuple[float, float | None]:
+        """Measure one image by each candidate split (`rounds` interleaved runs, with `baseline`'s if given)
+        and keep the fastest: it depends on the CPU's caches. Returns the best time of the kept split and of
+        the baseline. The images are the same bytes whatever is picked."""
+        times: dict[int, list[float]] = {split: [] for split in self.split_candidates(lanes)}
+        baseline_times = []
+        for _ in range(rounds):
+            if baseline is not None:
+                started = time.perf_counter()
+                baseline()
+                baseline_times.append(time.perf_counter() - started)
+            for split, split_times in times.items():
+                self.split = split
+                started = time.perf_counter()
+                sample_wavefront(sampler, 1, lanes=lanes, decoder=self)
+                split_times.append(time.perf_counter() - started)
+        self.split = min(times, key=lambda split: min(times[split]))
+        return min(times[self.split]), min(baseline_times) if baseline_times else None
+
+    def describe(self, lanes: int) -> str:
+        """How `lanes` threads share the work, for logs and benchmarks."""
+        if lanes == 2 and self.split:
+            return f"vertical stack layers 0-{self.split - 1} on one thread, the rest on the other"
+        return "by rows"
 
     @property
     def useful_lanes(self) -> int:
@@ -102,6 +163,10 @@ class Wavefront:
         )
         if not caches or not all(t.is_contiguous() and t.dtype == torch.float32 for t in caches):
             raise ValueError("wavefront decoding needs contiguous float32 caches (it writes into them in place)")
+        if self.gated and not 0 <= self.split <= self.config.layers:
+            raise ValueError(
+                f"split must be 0 (by rows) to {self.config.layers} (the model's vertical layers), not {self.split}"
+            )
         uniforms = uniforms.to(torch.float64).contiguous()
         temperature = temperature.to(torch.float64).reshape(-1).contiguous()
         values = torch.zeros((rows, batch, self.config.image_channels, self.config.width), dtype=torch.long)
@@ -121,6 +186,7 @@ class Wavefront:
                 rows,
                 lanes,
                 self.group,
+                self.split if lanes == 2 else 0,  # by role on two threads, else by rows
                 _pointers([t for layer in state.vertical for t in layer]),
                 _pointers(state.v_bias),
                 _pointers(state.h_bias),
@@ -161,13 +227,19 @@ def rewind(
 
 
 def sample_wavefront(
-    sampler: CachedSampler, n: int = 1, seed: int = 0, lanes: int = 2, temperature: float = 1.0
+    sampler: CachedSampler,
+    n: int = 1,
+    seed: int = 0,
+    lanes: int = 2,
+    temperature: float = 1.0,
+    decoder: Wavefront | None = None,
 ) -> Samples:
     """Sample n images (no known rows, labels drawn as the protocol says) by wavefront decoding on `lanes`
-    threads: the images, labels and log p of cached.sample_cached with the same sampler and seed."""
+    threads (with `decoder`'s settings, else the defaults): the images, labels and log p of
+    cached.sample_cached with the same sampler and seed."""
     config = sampler.config
     streams, labels, canvas, _ = start_sampling(config, n, None, temperature, seed, None, 0, sampler.device)
-    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    decoder = decoder or Wavefront.for_row_loop(sampler.row_loop)
     if decoder is None:
         raise ValueError(f"no wavefront decoding for the {sampler.row_loop.name} row loop")
     state = sampler.prefill(canvas, labels, 0)

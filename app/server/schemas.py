@@ -205,7 +205,7 @@ class GenerationResponse(BaseModel):
         description="which arithmetic drew the images and whether the same seed gives the same bytes on every "
         "machine: 'c-kernel/VERSION; portable' (any x86-64 CPU with that kernel version), or "
         "'ROW_LOOP/DEVICE/DTYPE; local' (this machine only); also the X-Numerics header",
-        examples=["c-kernel/2; portable"],
+        examples=["c-kernel/3; portable"],
     )
 
 

@@ -1,9 +1,9 @@
 /* The single-core FP32 peak, for the benchmark's roofline (app/bench/roofline.py): `accumulators`
  * independent running values, each updated acc = acc * m + a once per iteration, in vectors as wide as the
  * row kernel's (built with the same flags, -march=native). peak_fma lets the compiler fuse each update
- * into one FMA (the machine's peak); peak_mul_add keeps the multiply and the add apart, as the row kernel
- * does (-ffp-contract=off): its ceiling. Enough accumulators (12) to cover the latency of either on two
- * vector units. Returns a sum of the values, so that the loop is not optimised away. */
+ * into one FMA (the machine's peak, and the row kernel's: it computes its products with FMAs). Enough
+ * accumulators (12) to cover the FMA latency on two vector units. Returns a sum of the values, so that the
+ * loop is not optimised away. */
 #include <stdint.h>
 
 #if defined(__AVX512F__)
@@ -40,4 +40,3 @@ float peak_fma(int64_t iterations, float start) {
 __attribute__((optimize("fp-contract=fast"))) float peak_fma(int64_t iterations, float start) { PEAK_LOOP }
 #endif
 
-float peak_mul_add(int64_t iterations, float start) { PEAK_LOOP }

@@ -5,9 +5,9 @@
  * Built by app/engine/c_kernel.py at first use with -ffp-contract=off and without -ffast-math, so every
  * sum is computed in the written order with IEEE rounding: an image's numbers never depend on the other
  * images of the batch (batch invariance by construction; no padding is needed for it), nor on the CPU:
- * only IEEE adds, multiplies and divides, whose results the standard fixes, and exp and log written out
- * here rather than taken from libm, whose implementation may be chosen per CPU (c_kernel.NUMERICS_VERSION
- * counts the changes to these numbers).
+ * only IEEE adds, multiplies, divides and, for the products' running sums, fused multiply-adds (`fused`),
+ * whose results the standard fixes, and exp and log written out here rather than taken from libm, whose
+ * implementation may be chosen per CPU (c_library.NUMERICS_VERSION counts the changes to these numbers).
  *
  * Images are processed in blocks of up to BLOCK (see affine_block): the matrix-vector products of a
  * block's images share each weight row while it is in cache, and every image's sums still run in the
@@ -32,6 +32,11 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 #include <stdatomic.h>
 #include <stdint.h>
@@ -81,6 +86,62 @@ _Static_assert(BLOCK >= 1 && BLOCK <= 8, "affine_block dispatches on 1 .. 8 imag
 #endif
 typedef float floats __attribute__((vector_size(4 * LANES)));
 typedef float floats_u __attribute__((vector_size(4 * LANES), aligned(4), may_alias));  /* unaligned access */
+
+/* acc + x * w with one rounding (a fused multiply-add), which IEEE 754 fixes: the same bits on every CPU.
+ * Where the hardware has no FMA instruction (x86-64 before AVX2, some VMs) it is computed exactly in
+ * double: the product of two floats is exact there (48 bits of 53); their sum, rounded to odd (TwoSum
+ * gives the rounding error; an even result with an error moves one step toward it), then rounded to
+ * float, is the correctly rounded fused result (Boldo and Melquiond, "Emulation of FMA and correctly
+ * rounded sums: proved algorithms using rounding to odd", 2008). libm's fmaf would be the same bits, but
+ * a function call per product is ~30x slower. Operands are finite (weights and activations). */
+static inline float fused_by_double(float x, float w, float acc) {
+    const double p = (double)x * (double)w, c = (double)acc, s = p + c;
+    const double p_part = s - c, c_part = s - p_part;
+    const double error = (p - p_part) + (c - c_part);  /* exactly p + c - s */
+    union { double d; int64_t i; } bits = {.d = s};
+    const int64_t toward_error = (error > 0) == (s > 0) ? 1 : -1;
+    bits.i += (error != 0 && (bits.i & 1) == 0) ? toward_error : 0;
+    return (float)bits.d;
+}
+
+/* 1 where the products run on the CPU's own FMA instruction, 0 where they are emulated (c_library logs it). */
+int kernel_hardware_fma(void) {
+#if defined(__FMA__) || defined(__aarch64__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline float fused1(float x, float w, float acc) {
+#if defined(__FMA__) || defined(__aarch64__)
+    return __builtin_fmaf(x, w, acc);
+#else
+    return fused_by_double(x, w, acc);
+#endif
+}
+
+/* The same for every lane of a vector: acc + x * w. Written out, never left to the compiler's contraction
+ * (-ffp-contract=off), which may fuse one product and not the next. */
+static inline __attribute__((always_inline)) floats fused(floats acc, float x, floats w) {
+#if defined(__AVX512F__)
+    return (floats)_mm512_fmadd_ps(_mm512_set1_ps(x), (__m512)w, (__m512)acc);
+#elif defined(__AVX__) && defined(__FMA__)
+    return (floats)_mm256_fmadd_ps(_mm256_set1_ps(x), (__m256)w, (__m256)acc);
+#elif defined(__aarch64__)
+    return (floats)vfmaq_n_f32((float32x4_t)acc, (float32x4_t)w, x);
+#else  /* fused_by_double on every lane at once */
+    typedef double doubles __attribute__((vector_size(8 * LANES)));
+    typedef int64_t longs __attribute__((vector_size(8 * LANES)));
+    const doubles p = __builtin_convertvector(w, doubles) * (double)x, c = __builtin_convertvector(acc, doubles);
+    const doubles s = p + c, p_part = s - c, c_part = s - p_part;
+    const doubles error = (p - p_part) + (c - c_part);
+    const longs bits = (longs)s, toward_error = 1 + 2 * ((error > 0) ^ (s > 0)); /* comparisons: -1 or 0 */
+    const longs odd = bits + (toward_error & (error != 0) & ((bits & 1) == 0));
+    return __builtin_convertvector((doubles)odd, floats);
+#endif
+}
+
 /* Loops over a tile's constant number of images and registers, unrolled whatever the compiler's heuristics. */
 #if defined(__clang__)
 #define UNROLL _Pragma("unroll")
@@ -105,7 +166,7 @@ static inline __attribute__((always_inline)) void affine_tile(float *const *out,
         UNROLL for (int v = 0; v < vectors; v++) wk[v] = *(const floats_u *)(wk_row + LANES * v);
         UNROLL for (int b = 0; b < count; b++) {
             const float xk = x[b][k];
-            UNROLL for (int v = 0; v < vectors; v++) acc[b][v] += xk * wk[v];
+            UNROLL for (int v = 0; v < vectors; v++) acc[b][v] = fused(acc[b][v], xk, wk[v]);
         }
     }
     UNROLL for (int b = 0; b < count; b++)
@@ -137,7 +198,7 @@ static inline __attribute__((always_inline)) void affine_tiles(float *const *out
     for (int b = 0; b < count; b++) {
         for (int o = o0; o < cols; o++) {
             float sum = bias[b][o];
-            for (int k = 0; k < rows; k++) sum += x[b][k] * w[(size_t)k * cols + o];
+            for (int k = 0; k < rows; k++) sum = fused1(x[b][k], w[(size_t)k * cols + o], sum);
             out[b][o] = sum;
         }
     }
@@ -423,16 +484,21 @@ typedef struct {
 } GatedVertical;
 
 /* Columns c0 .. c1 - 1 (flat index b * W + j over the batch's images) of layer l's vertical stack:
- * inputs[0 .. kh - 1] are the layer's kept input rows (B, W, kw * in), oldest first; writes row_bias (B, W, 2n)
- * and, unless next is NULL (the last layer), the gated output into the next layer's new input row (B, W,
- * kw_next * n), unfolded: column j of the output is slot s of the next layer's column j + kw_next / 2 - s
- * (the caller zeroes `next` once before its first columns). A block of up to 8 columns shares each weight
+ * inputs[0 .. kh - 1] are the layer's kept input rows, oldest first; writes row_bias (B, W, 2n) and, unless
+ * next is NULL (the last layer), the gated output into the next layer's new input row (the caller zeroes
+ * `next` once before its first columns). The input rows are laid out
+ * - unfolded (B, W, kw * in), as GatedCache keeps them: column j holds columns j - kw/2 .. j + kw/2, so the
+ *   output of column j is slot s of the next layer's column j + kw_next / 2 - s;
+ * - or `padded` (B, W + kw - 1, in), zero-padded at both ends, where those kw columns already lie side by
+ *   side at j .. j + kw - 1: the same kw * in numbers in the same order, a fifth of the memory (the
+ *   wavefront's own rows).
+  A block of up to 8 columns shares each weight
  * row; every column's sums run in the same order whatever the block, so any split of a row into column
  * ranges (gated_begin_row: all at once; the wavefront: a few at a time) gives the same numbers.
  * scratch: BLOCK * 3n floats. */
 static void vertical_columns(const GatedVertical *v, int l, int first_matrix, int c0, int c1,
                              const float *const *inputs, const float *class_v, const float *link_bias,
-                             float *row_bias, float *next, float *scratch) {
+                             float *row_bias, float *next, int padded, float *scratch) {
     const int n = v->channels, width = v->width;
     const int kh = v->v_rows[l], kw = v->v_width[l], in = l == 0 ? v->image_channels : n;
     const int kw_next = next == NULL ? 0 : v->v_width[l + 1], pad_next = kw_next / 2;
@@ -446,7 +512,10 @@ static void vertical_columns(const GatedVertical *v, int l, int first_matrix, in
         const int count = c1 - c < BLOCK ? c1 - c : BLOCK;
         same_for_block(bias, v->v_bias[l], count);
         for (int r = 0; r < kh; r++) {
-            for (int k = 0; k < count; k++) x[k] = inputs[r] + (size_t)(c + k) * kw * in;
+            for (int k = 0; k < count; k++) {
+                const int b = (c + k) / width, j = (c + k) % width;
+                x[k] = inputs[r] + (padded ? ((size_t)b * (width + kw - 1) + j) * in : (size_t)(c + k) * kw * in);
+            }
             affine_block(pre, bias, x, v->v_weight[first_matrix + r], kw * in, 2 * n, count);
             for (int k = 0; k < count; k++) bias[k] = pre[k];  /* the running sum, in place */
         }
@@ -463,6 +532,10 @@ static void vertical_columns(const GatedVertical *v, int l, int first_matrix, in
         for (int k = 0; k < count; k++) {
             const int b = (c + k) / width, j = (c + k) % width;
             gate(gated[k], pre[k], n);
+            if (padded) {
+                memcpy(next + ((size_t)b * (width + kw_next - 1) + j + pad_next) * n, gated[k], sizeof(float) * n);
+                continue;
+            }
             for (int s = 0; s < kw_next; s++) {
                 const int to = j + pad_next - s;
                 if (to >= 0 && to < width)
@@ -495,7 +568,7 @@ int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, c
         if (!last) memset(next, 0, sizeof(float) * (size_t)columns * kw_next * n);
         link_biases(v, l, batch, class_h[l], link_bias);
         vertical_columns(v, l, first_row, 0, columns, (const float *const *)rows + first_row, class_v[l], link_bias,
-                         row_bias[l], next, scratch);
+                         row_bias[l], next, 0, scratch);
         memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
         first_row += kh;
     }
@@ -534,6 +607,7 @@ void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, fl
 /* What the threads of a wavefront share, whatever the architecture. */
 typedef struct {
     int batch, rows, lanes;
+    int by_role;     /* every lane has its own part of each row (a lane that does not start stops them all) */
     const int32_t *stop;
     _Atomic int32_t *progress; /* (rows) */
     _Atomic int32_t *sleeping; /* (rows): a thread may be asleep on progress[i] (then its writer wakes it) */
@@ -546,7 +620,11 @@ typedef struct {
     const GatedWeights *w;
     const GatedVertical *v;
     int ring, group;
-    float **slots;  /* slots[l * ring + k]: ring row k of S_l, (B, W, kw_l * in_l) */
+    int split;      /* 0: lanes by row; else two lanes by role: layers 0 .. split - 1 of the vertical stack, the rest */
+    float **slots;  /* slots[l * ring + k]: ring row k of S_l, padded (B, W + kw_l - 1, in_l) */
+    float *row_bias_ring[2][32];  /* split: row i's row biases (B, W, 2n) per layer in [i % 2] */
+    _Atomic int32_t *vertical_progress; /* split, (rows): columns of row i whose row biases are complete */
+    _Atomic int32_t *vertical_sleeping; /* split, (rows): the pixel lane may be asleep on it */
     const float *const *class_v;
     const float *const *class_h;
     const double *uniforms;    /* (rows, B, C, W) */
@@ -560,6 +638,29 @@ static float *ring_row(const GatedWavefront *f, int l, int t) {
     return f->slots[(size_t)l * f->ring + k];
 }
 
+/* Floats of one padded row of S_l. */
+static size_t ring_row_floats(const GatedWavefront *f, int l) {
+    const GatedVertical *v = f->v;
+    return (size_t)f->sync.batch * (v->width + v->v_width[l] - 1) * (l == 0 ? v->image_channels : v->channels);
+}
+
+/* A kept row as GatedCache holds it, unfolded (B, W, kw * in), to the ring's padded layout (B, W + kw - 1, in)
+ * (fold: 1) or back (fold: 0). */
+static void refold(const GatedVertical *v, int l, int batch, float *unfolded, float *padded, int fold) {
+    const int width = v->width, kw = v->v_width[l], in = l == 0 ? v->image_channels : v->channels;
+    if (fold) memset(padded, 0, sizeof(float) * (size_t)batch * (width + kw - 1) * in);
+    for (int b = 0; b < batch; b++)
+        for (int j = 0; j < width; j++)
+            for (int s = 0; s < kw; s++) {
+                float *column = unfolded + (((size_t)b * width + j) * kw + s) * in;
+                float *position = padded + ((size_t)b * (width + kw - 1) + j + s) * in;
+                if (fold)
+                    memcpy(position, column, sizeof(float) * in);
+                else
+                    memcpy(column, position, sizeof(float) * in);
+            }
+}
+
 static void lower_end(_Atomic int32_t *end, int32_t row) {
     int32_t seen = atomic_load(end);
     while (row < seen && !atomic_compare_exchange_weak(end, &seen, row)) {
@@ -569,7 +670,7 @@ static void lower_end(_Atomic int32_t *end, int32_t row) {
 /* Waiting for the row above: a short spin (it is usually a pixel step away), then sleep until its writer
  * publishes more (a futex on Linux, woken by publish; elsewhere sched_yield), so that a thread without a
  * core of its own does not take the time of the one it waits for. */
-#define SPINS 200
+#define SPINS 20000
 
 static void sleep_on(_Atomic int32_t *word, int32_t seen) {
 #if defined(__linux__)
@@ -582,33 +683,42 @@ static void sleep_on(_Atomic int32_t *word, int32_t seen) {
 #endif
 }
 
-/* Row i has drawn `pixels` pixels: tell the row below. */
-static void publish(WavefrontSync *f, int i, int pixels) {
-    atomic_store(&f->progress[i], pixels); /* sequentially consistent, like the sleeper's flag below */
+/* `word` (a row's progress) is now `value`: wake whoever sleeps on it. */
+static void publish_to(_Atomic int32_t *word, _Atomic int32_t *sleeping, int value) {
+    atomic_store(word, value); /* sequentially consistent, like the sleeper's flag below */
 #if defined(__linux__)
-    if (atomic_load(&f->sleeping[i])) syscall(SYS_futex, (int32_t *)&f->progress[i], FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+    if (atomic_load(sleeping)) syscall(SYS_futex, (int32_t *)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+#else
+    (void)sleeping;
 #endif
 }
 
-/* Wait until row i - 1 has drawn `pixels` pixels; 0 if it was abandoned (then row i is too). */
-static int wait_for_row_above(WavefrontSync *f, int i, int pixels) {
-    if (i == 0) return 1;
+/* Row i has drawn `pixels` pixels: tell the row below. */
+static void publish(WavefrontSync *f, int i, int pixels) {
+    publish_to(&f->progress[i], &f->sleeping[i], pixels);
+}
+
+/* Wait until `word`, the progress of row `watched`, reaches `value`; 0 if that row was abandoned (then the
+ * waiting row is too). */
+static int wait_until(WavefrontSync *f, _Atomic int32_t *word, _Atomic int32_t *sleeping, int value, int watched) {
     for (int spins = 0;; spins++) {
-        const int32_t seen = atomic_load_explicit(&f->progress[i - 1], memory_order_acquire);
-        if (seen >= pixels) return 1;
-        if (atomic_load(&f->end) <= i - 1) {
-            lower_end(&f->end, i);
-            return 0;
-        }
+        const int32_t seen = atomic_load_explicit(word, memory_order_acquire);
+        if (seen >= value) return 1;
+        if (atomic_load(&f->end) <= watched) return 0;
         if (spins < SPINS) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
             continue;
         }
-        atomic_store(&f->sleeping[i - 1], 1); /* before the last look: publish sees it, or we see its store */
-        if (atomic_load(&f->progress[i - 1]) == seen) sleep_on(&f->progress[i - 1], seen);
+        atomic_store(sleeping, 1); /* before the last look: publish sees it, or we see its store */
+        if (atomic_load(word) == seen) sleep_on(word, seen);
     }
+}
+
+/* Wait until row i - 1 has drawn `pixels` pixels; 0 if it was abandoned (then row i is too). */
+static int wait_for_row_above(WavefrontSync *f, int i, int pixels) {
+    return i == 0 || wait_until(f, &f->progress[i - 1], &f->sleeping[i - 1], pixels, i - 1);
 }
 
 /* Row i may start: 0 once *stop was seen (no row from here on starts) or a row above was abandoned. */
@@ -630,7 +740,7 @@ static void run_lanes(WavefrontSync *f, void *job, void *(*lane)(void *)) {
     for (int t = 1; t < f->lanes && t < 64; t++) {
         lanes[t] = (WavefrontLane){job, t};
         if (pthread_create(&threads[t], NULL, lane, &lanes[t]) != 0) {
-            lower_end(&f->end, t); /* row t is never drawn: rows before it still are */
+            lower_end(&f->end, f->by_role ? 0 : t); /* row t is never drawn: rows before it still are */
             break;
         }
         started++;
@@ -660,67 +770,144 @@ static void lane_failed(WavefrontSync *f) {
     lower_end(&f->end, 0);
 }
 
-/* One row (index i of the call) for every image. Returns 0 if it was abandoned. */
-static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, float *const *row_bias, float *link_bias,
-                         float *vertical_scratch, const GatedScratch *s, double *cdf) {
-    const GatedWeights *w = f->w;
+/* Row i's rows of the vertical streams that layers first .. last - 1 write start at zero (the unfolded
+ * rows' padding): S_(l + 1)[i], the input of the layer above. */
+static void start_vertical_row(GatedWavefront *f, int i, int first, int last) {
     const GatedVertical *v = f->v;
-    const int n = v->channels, c = v->image_channels, width = v->width, layers = v->layers, batch = f->sync.batch;
-    const int kw0 = v->v_width[0], pad0 = kw0 / 2, hw0 = w->h_width[0];
-    if (!row_may_start(&f->sync, i)) return 0;
-    /* The rows this one writes start at zero (the unfolded rows' padding). */
-    memset(ring_row(f, 0, i + 1), 0, sizeof(float) * (size_t)batch * width * kw0 * c);
-    for (int l = 1; l < layers; l++) memset(ring_row(f, l, i), 0, sizeof(float) * (size_t)batch * width * v->v_width[l] * n);
-    for (int l = 0; l < layers; l++) memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
-    int done[32] = {0}, target[32];  /* vertical columns computed, per layer (layers <= 32, checked by the caller) */
-    int first_matrix[32];
-    for (int l = 0, m = 0; l < layers; m += v->v_rows[l], l++) first_matrix[l] = m;
-    for (int j = 0; j < width; j++) {
-        if (done[layers - 1] <= j) {
-            /* The next `group` columns of the last layer, and what each layer below must have for them. */
-            target[layers - 1] = j + f->group < width ? j + f->group : width;
-            for (int l = layers - 2; l >= 0; l--) {
-                const int reach = target[l + 1] + v->v_width[l + 1] / 2;
-                target[l] = reach < width ? reach : width;
-                if (target[l] < done[l]) target[l] = done[l];
-            }
-            const int needed = target[0] + pad0 < width ? target[0] + pad0 : width;
-            if (!wait_for_row_above(&f->sync, i, needed)) return 0;
-            for (int l = 0; l < layers; l++) {
-                if (target[l] <= done[l]) continue;
-                const int kh = v->v_rows[l];
-                const float *inputs[32];
-                for (int r = 0; r < kh; r++) inputs[r] = ring_row(f, l, i - kh + 1 + r);
-                link_biases(v, l, batch, f->class_h[l], link_bias);
-                float *next = l + 1 < layers ? ring_row(f, l + 1, i) : NULL;
-                for (int b = 0; b < batch; b++)
-                    vertical_columns(v, l, first_matrix[l], b * width + done[l], b * width + target[l], inputs,
-                                     f->class_v[l], link_bias, row_bias[l], next, vertical_scratch);
-                done[l] = target[l];
-            }
-        }
-        float *drawn_row = ring_row(f, 0, i + 1);
-        for (int first = 0; first < batch; first += BLOCK) {
-            const int count = batch - first < BLOCK ? batch - first : BLOCK;
-            for (int colour = 0; colour < c; colour++) {
-                step_block(w, first, count, j, colour, h_buffers, (const float *const *)row_bias, s);
-                for (int b = first; b < first + count; b++) {
-                    const size_t at = (((size_t)i * batch + b) * c + colour) * width + j;
-                    const int value = draw_into(s->logits[b - first], f->uniforms[at], f->temperature[b], -1,
-                                                f->values + at, f->log_prob + (size_t)i * batch + b, cdf);
-                    const float scaled = (float)value / 127.5f - 1.0f;
-                    h_buffers[0][((size_t)b * (width + hw0 - 1) + j + hw0 - 1) * c + colour] = scaled;
-                    /* pixel j of this row is slot s of the next row's unfolded column j + pad0 - s */
-                    for (int slot = 0; slot < kw0; slot++) {
-                        const int to = j + pad0 - slot;
-                        if (to >= 0 && to < width) drawn_row[(((size_t)b * width + to) * kw0 + slot) * c + colour] = scaled;
-                    }
-                }
-            }
-        }
-        publish(&f->sync, i, j + 1);
+    for (int l = first; l < last && l + 1 < v->layers; l++)
+        memset(ring_row(f, l + 1, i), 0, sizeof(float) * ring_row_floats(f, l + 1));
+}
+
+/* Row i's pixels start at zero: the row below's first vertical input (S_0[i + 1]) and the horizontal buffers. */
+static void start_pixel_row(GatedWavefront *f, int i, float *const *h_buffers) {
+    const GatedVertical *v = f->v;
+    const int batch = f->sync.batch;
+    memset(ring_row(f, 0, i + 1), 0, sizeof(float) * ring_row_floats(f, 0));
+    for (int l = 0; l < v->layers; l++) memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
+}
+
+/* Row i's vertical stack of layers first .. last - 1 up to column `upto` of layer last - 1, and the columns
+ * each layer below needs for it; done[l]: layer l's columns computed so far (from 0 at the row's start).
+ * Waits for what those columns read: the pixels of the row above (first == 0), else layer first - 1's
+ * columns of this row, computed by the pipeline's vertical lane; 0 if that row was abandoned. */
+static int vertical_upto(GatedWavefront *f, int i, int first, int last, int upto, int *done, float *const *row_bias,
+                         float *link_bias, float *scratch) {
+    const GatedVertical *v = f->v;
+    const int width = v->width, batch = f->sync.batch;
+    int target[32];
+    target[last - 1] = upto;
+    for (int l = last - 2; l >= first; l--) {
+        const int reach = target[l + 1] + v->v_width[l + 1] / 2;
+        target[l] = reach < width ? reach : width;
+        if (target[l] < done[l]) target[l] = done[l];
+    }
+    const int needed = target[first] + v->v_width[first] / 2 < width ? target[first] + v->v_width[first] / 2 : width;
+    if (first == 0 ? !wait_for_row_above(&f->sync, i, needed)
+                   : !wait_until(&f->sync, &f->vertical_progress[i], &f->vertical_sleeping[i], needed, i))
+        return 0;
+    int first_matrix = 0;
+    for (int l = 0; l < first; l++) first_matrix += v->v_rows[l];
+    for (int l = first; l < last; first_matrix += v->v_rows[l], l++) {
+        if (target[l] <= done[l]) continue;
+        const int kh = v->v_rows[l];
+        const float *inputs[32];
+        for (int r = 0; r < kh; r++) inputs[r] = ring_row(f, l, i - kh + 1 + r);
+        link_biases(v, l, batch, f->class_h[l], link_bias);
+        float *next = l + 1 < v->layers ? ring_row(f, l + 1, i) : NULL;
+        for (int b = 0; b < batch; b++)
+            vertical_columns(v, l, first_matrix, b * width + done[l], b * width + target[l], inputs, f->class_v[l],
+                             link_bias, row_bias[l], next, 1, scratch);
+        done[l] = target[l];
     }
     return 1;
+}
+
+/* Pixel j of row i of every image, by the one-lane code, written into the horizontal buffers and into the
+ * row below's first vertical input; then the row below may read it. */
+static void pixel_column(GatedWavefront *f, int i, int j, float *const *h_buffers, const float *const *row_bias,
+                         const GatedScratch *s, double *cdf) {
+    const GatedWeights *w = f->w;
+    const int c = w->image_channels, width = w->width, batch = f->sync.batch;
+    const int kw0 = f->v->v_width[0], pad0 = kw0 / 2, hw0 = w->h_width[0];
+    float *drawn_row = ring_row(f, 0, i + 1); /* padded (B, W + kw0 - 1, C) */
+    for (int first = 0; first < batch; first += BLOCK) {
+        const int count = batch - first < BLOCK ? batch - first : BLOCK;
+        for (int colour = 0; colour < c; colour++) {
+            step_block(w, first, count, j, colour, h_buffers, row_bias, s);
+            for (int b = first; b < first + count; b++) {
+                const size_t at = (((size_t)i * batch + b) * c + colour) * width + j;
+                const int value = draw_into(s->logits[b - first], f->uniforms[at], f->temperature[b], -1,
+                                            f->values + at, f->log_prob + (size_t)i * batch + b, cdf);
+                const float scaled = (float)value / 127.5f - 1.0f;
+                h_buffers[0][((size_t)b * (width + hw0 - 1) + j + hw0 - 1) * c + colour] = scaled;
+                drawn_row[((size_t)b * (width + kw0 - 1) + j + pad0) * c + colour] = scaled;
+            }
+        }
+    }
+    publish(&f->sync, i, j + 1);
+}
+
+/* One row (index i of the call) for every image, its vertical stack a group of columns ahead of its
+ * pixels. Returns 0 if it was abandoned. */
+static int wavefront_row(GatedWavefront *f, int i, float *const *h_buffers, float *const *row_bias, float *link_bias,
+                         float *vertical_scratch, const GatedScratch *s, double *cdf) {
+    const int width = f->v->width, layers = f->v->layers;
+    if (!row_may_start(&f->sync, i)) return 0;
+    start_vertical_row(f, i, 0, layers);
+    start_pixel_row(f, i, h_buffers);
+    int done[32] = {0};  /* vertical columns computed, per layer (layers <= 32, checked by the caller) */
+    for (int j = 0; j < width; j++) {
+        const int upto = j + f->group < width ? j + f->group : width;
+        if (done[layers - 1] <= j && !vertical_upto(f, i, 0, layers, upto, done, row_bias, link_bias, vertical_scratch))
+            return 0;
+        pixel_column(f, i, j, h_buffers, (const float *const *)row_bias, s, cdf);
+    }
+    return 1;
+}
+
+/* The pipeline's two lanes (`split` > 0: two threads by role instead of by row). The vertical lane computes
+ * the first `split` layers of every row's vertical stack, group by group, and publishes how many columns
+ * of its top layer are done; the pixel lane computes the other layers' vertical stack as those columns
+ * come, then draws the pixels. The split balances the two lanes' work and keeps each lane's weights in
+ * its own core's cache, where one lane would stream all of them (~2.5 MB for the shipped model) per row.
+ * The vertical lane is at most one row ahead (its row waits for the pixels above), so a ring of two rows
+ * of row biases suffices. */
+static void vertical_lane_rows(GatedWavefront *f, float *link_bias, float *vertical_scratch) {
+    const int width = f->v->width, top = f->split - 1;
+    for (int i = 0; i < f->sync.rows; i++) {
+        if (!row_may_start(&f->sync, i)) return;
+        start_vertical_row(f, i, 0, f->split);
+        int done[32] = {0};
+        while (done[top] < width) {
+            const int upto = done[top] + f->group < width ? done[top] + f->group : width;
+            if (!vertical_upto(f, i, 0, f->split, upto, done, f->row_bias_ring[i % 2], link_bias, vertical_scratch))
+                return;
+            publish_to(&f->vertical_progress[i], &f->vertical_sleeping[i], done[top]);
+        }
+    }
+}
+
+static void pixel_lane_rows(GatedWavefront *f, float *const *h_buffers, float *link_bias, float *vertical_scratch,
+                            const GatedScratch *s, double *cdf) {
+    const int width = f->v->width, layers = f->v->layers;
+    for (int i = 0; i < f->sync.rows; i++) {
+        if (!row_may_start(&f->sync, i)) return;
+        start_vertical_row(f, i, f->split, layers);
+        start_pixel_row(f, i, h_buffers);
+        float *const *row_bias = f->row_bias_ring[i % 2];
+        int done[32] = {0};
+        for (int j = 0; j < width; j++) {
+            const int upto = j + f->group < width ? j + f->group : width;
+            if (f->split < layers) {
+                if (done[layers - 1] <= j &&
+                    !vertical_upto(f, i, f->split, layers, upto, done, row_bias, link_bias, vertical_scratch))
+                    return;
+            } else if (!wait_until(&f->sync, &f->vertical_progress[i], &f->vertical_sleeping[i], j + 1, i)) {
+                return;
+            }
+            pixel_column(f, i, j, h_buffers, (const float *const *)row_bias, s, cdf);
+        }
+    }
 }
 
 static void *gated_wavefront_lane(void *argument) {
@@ -756,8 +943,13 @@ static void *gated_wavefront_lane(void *argument) {
         row_bias[l] = next + (size_t)batch * v->h_size[l];
         next = row_bias[l] + (size_t)batch * width * 2 * n;
     }
-    for (int i = lane->lane; i < f->sync.rows; i += f->sync.lanes)
-        if (!wavefront_row(f, i, h_buffers, row_bias, link_bias, vertical_scratch, &s, cdf)) break;
+    if (f->split && lane->lane == 1)
+        vertical_lane_rows(f, link_bias, vertical_scratch);
+    else if (f->split)
+        pixel_lane_rows(f, h_buffers, link_bias, vertical_scratch, &s, cdf);
+    else
+        for (int i = lane->lane; i < f->sync.rows; i += f->sync.lanes)
+            if (!wavefront_row(f, i, h_buffers, row_bias, link_bias, vertical_scratch, &s, cdf)) break;
     free(scratch);
     free(cdf);
     return NULL;
@@ -771,52 +963,68 @@ static void *gated_wavefront_lane(void *argument) {
  * stop: polled at each row's start; once nonzero no further row starts. Returns the rows completed (each
  * row's values, log p and uniforms at its index), or -1 when memory ran out. */
 int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch, int32_t rows, int32_t lanes,
-                    int32_t group, float *const *kept, const float *const *class_v,
+                    int32_t group, int32_t split, float *const *kept, const float *const *class_v,
                     const float *const *class_h, const double *uniforms, const double *temperature, int64_t *values,
                     double *log_prob, const int32_t *stop) {
     const int layers = v->layers, n = v->channels, width = v->width;
-    if (layers > 32 || lanes < 1 || lanes > 64 || group < 1) return -1;
+    if (layers > 32 || lanes < 1 || lanes > 64 || group < 1 || split < 0 || split > layers || (split && lanes != 2))
+        return -1;
     int kh_max = 0;
     for (int l = 0; l < layers; l++) kh_max = v->v_rows[l] > kh_max ? v->v_rows[l] : kh_max;
-    GatedWavefront f = {.w = w, .v = v, .ring = kh_max + lanes + 1, .group = group, .class_v = class_v,
+    GatedWavefront f = {.w = w, .v = v, .ring = kh_max + lanes + 1, .group = group, .split = split, .class_v = class_v,
                         .class_h = class_h, .uniforms = uniforms, .temperature = temperature, .values = values,
                         .log_prob = log_prob};
     size_t floats = 0;
     for (int l = 0; l < layers; l++)
-        floats += (size_t)f.ring * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
+        floats += (size_t)f.ring * batch * (width + v->v_width[l] - 1) * (l == 0 ? v->image_channels : n);
+    const size_t row_bias_floats = (size_t)batch * width * 2 * n;
+    if (split) floats += 2 * (size_t)layers * row_bias_floats;
     float *ring = malloc(sizeof(float) * floats);
     float **slots = malloc(sizeof(float *) * (size_t)layers * f.ring);
-    if (!init_sync(&f.sync, batch, rows, lanes, stop) || ring == NULL || slots == NULL) {
+    _Atomic int32_t *vertical = split ? malloc(sizeof(_Atomic int32_t) * 2 * (rows > 0 ? rows : 1)) : NULL;
+    if (!init_sync(&f.sync, batch, rows, lanes, stop) || ring == NULL || slots == NULL || (split && vertical == NULL)) {
         free(ring);
         free(slots);
+        free(vertical);
         free((void *)f.sync.progress);
         return -1;
+    }
+    f.sync.by_role = split;
+    if (split) {
+        f.vertical_progress = vertical;
+        f.vertical_sleeping = vertical + (rows > 0 ? rows : 1);
+        for (int i = 0; i < rows; i++) {
+            atomic_init(&f.vertical_progress[i], 0);
+            atomic_init(&f.vertical_sleeping[i], 0);
+        }
+        float *bias = ring + floats - 2 * (size_t)layers * row_bias_floats;
+        for (int k = 0; k < 2; k++)
+            for (int l = 0; l < layers; l++, bias += row_bias_floats) f.row_bias_ring[k][l] = bias;
     }
     f.slots = slots;
     float *at = ring;
     for (int l = 0; l < layers; l++) {
-        const size_t size = (size_t)batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
-        for (int k = 0; k < f.ring; k++, at += size) slots[(size_t)l * f.ring + k] = at;
+        for (int k = 0; k < f.ring; k++, at += ring_row_floats(&f, l)) slots[(size_t)l * f.ring + k] = at;
     }
     /* The kept rows into the ring: S_0[-kh_0 + 1 .. 0], S_l[-kh_l + 1 .. -1]. */
     int index = 0;
     for (int l = 0; l < layers; l++) {
-        const size_t size = sizeof(float) * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
         const int kept_rows = l == 0 ? v->v_rows[0] : v->v_rows[l] - 1, newest = l == 0 ? 0 : -1;
-        for (int r = 0; r < kept_rows; r++) memcpy(ring_row(&f, l, newest - kept_rows + 1 + r), kept[index++], size);
+        for (int r = 0; r < kept_rows; r++) refold(v, l, batch, kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), 1);
     }
     run_lanes(&f.sync, &f, gated_wavefront_lane);
     const int end = atomic_load(&f.sync.end), failed = atomic_load(&f.sync.failed);
     if (!failed) { /* the kept rows for row `end` */
         index = 0;
         for (int l = 0; l < layers; l++) {
-            const size_t size = sizeof(float) * batch * width * v->v_width[l] * (l == 0 ? v->image_channels : n);
             const int kept_rows = l == 0 ? v->v_rows[0] : v->v_rows[l] - 1, newest = l == 0 ? end : end - 1;
-            for (int r = 0; r < kept_rows; r++) memcpy(kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), size);
+            for (int r = 0; r < kept_rows; r++)
+                refold(v, l, batch, kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), 0);
         }
     }
     free(ring);
     free(slots);
+    free(vertical);
     free((void *)f.sync.progress);
     return failed ? -1 : end;
 }
