@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import subprocess
 import threading
@@ -108,6 +109,17 @@ TINY_MODEL_ARGS = [
     "--device",
     "cpu",
 ]
+
+
+def torch_layout(sampler, state):
+    """A copy of `state` whose kept vertical rows are unfolded as the torch row loop holds them (the C row
+    loop keeps them zero-padded: c_kernel.NativeGatedVertical), for comparing the two loops' caches."""
+    if getattr(sampler.row_loop, "vertical", None) is None:
+        return state
+    widths = sampler.impl.v_width
+    return dataclasses.replace(
+        state, vertical=[[sampler.impl.unfold_row(row, kw) for row in rows] for rows, kw in zip(state.vertical, widths)]
+    )
 
 
 @contextmanager

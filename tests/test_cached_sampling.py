@@ -59,14 +59,14 @@ def test_every_step_logits_equal_the_full_forward_in_float32(arch, channels, cla
         full = model(images, result.labels)  # (B, 256, C, H, W)
         state = sampler.prefill(images, result.labels, 2)
         for i in range(2, 7):
-            sampler.impl.begin_row(state)
+            sampler.row_loop.begin_row(state)  # the kernel's vertical stack where it runs, on its own caches
             for j in range(7):
                 for c in range(channels):
                     got = sampler.step(state, j, c)
                     torch.testing.assert_close(got, full[:, :, c, i, j], rtol=0, atol=1e-4, msg=f"pixel {i},{j},{c}")
                     sampler.write(state, j, c, images[:, c, i, j])
                     steps += 1
-            sampler.impl.end_row(state, images[:, :, i])
+            sampler.row_loop.end_row(state, images[:, :, i])
     assert steps == 5 * 7 * channels
 
 

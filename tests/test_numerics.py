@@ -17,7 +17,7 @@ import torch
 from app.engine import CachedSampler
 from app.engine.c_library import NUMERICS_VERSION, load_kernel
 from app.engine.protocol import image_streams, row_uniforms
-from tests.helpers import sse_events, tiny_model, torch_threads
+from tests.helpers import sse_events, tiny_model, torch_layout, torch_threads
 
 needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="no C compiler: the kernel does not build here")
 PORTABLE = f"c-kernel/{NUMERICS_VERSION}; portable"
@@ -85,7 +85,7 @@ def test_kernel_prefill_is_the_torch_prefill_up_to_rounding_and_batch_invariant(
         together = kernel.prefill(canvas, labels, 6)
         alone = [kernel.prefill(canvas[i : i + 1], None if labels is None else labels[i : i + 1], 6) for i in range(3)]
         torch_state = reference.prefill(canvas, labels, 6)
-    for ours, theirs in zip(persistent(together), persistent(torch_state)):
+    for ours, theirs in zip(persistent(torch_layout(kernel, together)), persistent(torch_state)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         assert ours.shape == theirs.shape
     for i, single in enumerate(alone):

@@ -70,7 +70,8 @@ def scratch() -> Any:
 @dataclass
 class GatedCache(DecodeCache):
     # Per layer, the kept rows of its vertical input, oldest first, each unfolded: (B, W, kw * in) holds,
-    # for column j, the kw columns j - kw//2 .. j + kw//2 of that row (zero-padded), channels innermost.
+    # for column j, the kw columns j - kw//2 .. j + kw//2 of that row (zero-padded), channels innermost;
+    # on the C row loop zero-padded instead, (B, W + kw - 1, in) (c_kernel.NativeGatedVertical).
     vertical: list[list[torch.Tensor]]
     v_bias: list[torch.Tensor]  # per layer (B, 2n): class bias of the vertical pre-activation, gate-scaled
     h_bias: list[torch.Tensor]  # per layer (B, 2n): class bias of the horizontal pre-activation, gate-scaled

@@ -155,6 +155,8 @@ class CKernelRows(RowLoop):
         convolutions, whose rounding depends on the CPU: the caches hold the numbers decoding would leave,
         the same bits on every machine and for any batch, so the whole batch is prefilled at once."""
         state = self.impl.prefill(canvas, labels, 0)  # zeros and class biases: exact
+        if self.vertical is not None:
+            self.vertical.adopt(state)
         b, c, _, w = canvas.shape
         uniforms = torch.zeros((b, c, w), dtype=torch.float64)  # ignored: every sub-pixel is forced
         temperature = torch.ones((b, 1), dtype=torch.float64)

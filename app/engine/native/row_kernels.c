@@ -462,10 +462,10 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
 
 /* The gated model's vertical stack for the row about to be drawn (CachedGated.begin_row, the readable
  * torch reference), and the push of a drawn row into the first layer's kept rows (CachedGated.end_row).
- * Layouts (float32, row-major, batch first), as in GatedCache:
- *   rows        per layer l, its kh_l kept input rows, oldest first, each (B, W, kw_l * in_l) unfolded:
- *               column j holds the channels of columns j - kw_l/2 .. j + kw_l/2 (zero-padded). For l > 0
- *               the last of them is this row's output of layer l - 1, which this function writes.
+ * Layouts (float32, row-major, batch first), as in GatedCache on the C row loop:
+ *   rows        per layer l, its kh_l kept input rows, oldest first, each (B, W + kw_l - 1, in_l), zero-padded
+ *               by kw_l / 2 columns at both ends. For l > 0 the last of them is this row's output of layer
+ *               l - 1, which this function writes.
  *   v_weight    per layer, kh_l matrices (kw_l * in_l, 2n), one per kernel row, tanh half scaled by -2
  *   v_bias[l], link_bias[l] (2n); link_weight[l] (2n, 2n); class_v[l], class_h[l] (B, 2n)
  *   row_bias[l] (B, W, 2n) out: link_bias + class_h + v_pre @ link_weight, where
@@ -484,21 +484,17 @@ typedef struct {
 } GatedVertical;
 
 /* Columns c0 .. c1 - 1 (flat index b * W + j over the batch's images) of layer l's vertical stack:
- * inputs[0 .. kh - 1] are the layer's kept input rows, oldest first; writes row_bias (B, W, 2n) and, unless
- * next is NULL (the last layer), the gated output into the next layer's new input row (the caller zeroes
- * `next` once before its first columns). The input rows are laid out
- * - unfolded (B, W, kw * in), as GatedCache keeps them: column j holds columns j - kw/2 .. j + kw/2, so the
- *   output of column j is slot s of the next layer's column j + kw_next / 2 - s;
- * - or `padded` (B, W + kw - 1, in), zero-padded at both ends, where those kw columns already lie side by
- *   side at j .. j + kw - 1: the same kw * in numbers in the same order, a fifth of the memory (the
- *   wavefront's own rows).
-  A block of up to 8 columns shares each weight
+ * inputs[0 .. kh - 1] are the layer's kept input rows (B, W + kw - 1, in), zero-padded at both ends, oldest
+ * first: column j reads the kw * in numbers at j .. j + kw - 1 (columns j - kw/2 .. j + kw/2), side by side
+ * (what CachedGated.unfold_row spreads out for the torch reference). Writes row_bias (B, W, 2n) and, unless
+ * next is NULL (the last layer), the gated output of column j at position j + kw_next / 2 of the next
+ * layer's new input row (the caller zeroes `next` once before its first columns, for its padding). A block of up to 8 columns shares each weight
  * row; every column's sums run in the same order whatever the block, so any split of a row into column
  * ranges (gated_begin_row: all at once; the wavefront: a few at a time) gives the same numbers.
  * scratch: BLOCK * 3n floats. */
 static void vertical_columns(const GatedVertical *v, int l, int first_matrix, int c0, int c1,
                              const float *const *inputs, const float *class_v, const float *link_bias,
-                             float *row_bias, float *next, int padded, float *scratch) {
+                             float *row_bias, float *next, float *scratch) {
     const int n = v->channels, width = v->width;
     const int kh = v->v_rows[l], kw = v->v_width[l], in = l == 0 ? v->image_channels : n;
     const int kw_next = next == NULL ? 0 : v->v_width[l + 1], pad_next = kw_next / 2;
@@ -514,7 +510,7 @@ static void vertical_columns(const GatedVertical *v, int l, int first_matrix, in
         for (int r = 0; r < kh; r++) {
             for (int k = 0; k < count; k++) {
                 const int b = (c + k) / width, j = (c + k) % width;
-                x[k] = inputs[r] + (padded ? ((size_t)b * (width + kw - 1) + j) * in : (size_t)(c + k) * kw * in);
+                x[k] = inputs[r] + ((size_t)b * (width + kw - 1) + j) * in;
             }
             affine_block(pre, bias, x, v->v_weight[first_matrix + r], kw * in, 2 * n, count);
             for (int k = 0; k < count; k++) bias[k] = pre[k];  /* the running sum, in place */
@@ -532,15 +528,7 @@ static void vertical_columns(const GatedVertical *v, int l, int first_matrix, in
         for (int k = 0; k < count; k++) {
             const int b = (c + k) / width, j = (c + k) % width;
             gate(gated[k], pre[k], n);
-            if (padded) {
-                memcpy(next + ((size_t)b * (width + kw_next - 1) + j + pad_next) * n, gated[k], sizeof(float) * n);
-                continue;
-            }
-            for (int s = 0; s < kw_next; s++) {
-                const int to = j + pad_next - s;
-                if (to >= 0 && to < width)
-                    memcpy(next + ((size_t)b * width + to) * kw_next * n + (size_t)s * n, gated[k], sizeof(float) * n);
-            }
+            memcpy(next + ((size_t)b * (width + kw_next - 1) + j + pad_next) * n, gated[k], sizeof(float) * n);
         }
     }
 }
@@ -565,10 +553,10 @@ int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, c
         const int kw_next = last ? 0 : v->v_width[l + 1];
         /* the next layer's new input row: its last kept row */
         float *next = last ? NULL : rows[first_row + kh + v->v_rows[l + 1] - 1];
-        if (!last) memset(next, 0, sizeof(float) * (size_t)columns * kw_next * n);
+        if (!last) memset(next, 0, sizeof(float) * (size_t)batch * (width + kw_next - 1) * n);
         link_biases(v, l, batch, class_h[l], link_bias);
         vertical_columns(v, l, first_row, 0, columns, (const float *const *)rows + first_row, class_v[l], link_bias,
-                         row_bias[l], next, 0, scratch);
+                         row_bias[l], next, scratch);
         memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
         first_row += kh;
     }
@@ -576,18 +564,15 @@ int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, c
     return 0;
 }
 
-/* The drawn row (B, C, W) int64, scaled like scale_pixels, unfolded like rows[0] into out (B, W, kw_0 C). */
+/* The drawn row (B, C, W) int64, scaled like scale_pixels, zero-padded like rows[0] into out (B, W + kw_0 - 1, C). */
 void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, float *out) {
     const int c = v->image_channels, width = v->width, kw = v->v_width[0], pad = kw / 2;
+    memset(out, 0, sizeof(float) * (size_t)batch * (width + kw - 1) * c);
     for (int b = 0; b < batch; b++)
         for (int j = 0; j < width; j++)
-            for (int s = 0; s < kw; s++)
-                for (int colour = 0; colour < c; colour++) {
-                    const int from = j - pad + s;
-                    out[(((size_t)b * width + j) * kw + s) * c + colour] =
-                        from >= 0 && from < width ? (float)row[((size_t)b * c + colour) * width + from] / 127.5f - 1.0f
-                                                  : 0.0f;
-                }
+            for (int colour = 0; colour < c; colour++)
+                out[((size_t)b * (width + kw - 1) + j + pad) * c + colour] =
+                    (float)row[((size_t)b * c + colour) * width + j] / 127.5f - 1.0f;
 }
 
 /* ---- Wavefront decoding: the rows of the same images decoded by several threads at once ----------------
@@ -598,7 +583,7 @@ void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, fl
  * (step_block, draw) and its vertical stack (vertical_columns, a few columns at a time as the row above
  * fills in), so every number, and so every drawn value, is the one-lane one.
  *
- * Shared state: per layer l the stream S_l of vertical input rows (S_0[t]: image row t - 1 unfolded;
+ * Shared state: per layer l the stream S_l of vertical input rows (S_0[t]: image row t - 1 scaled;
  * S_l[t], l > 0: layer l - 1's gated output at row t), kept in a ring of `ring` rows; row r reads
  * S_l[r - kh_l + 1 .. r] and writes S_0[r + 1] (its pixels, as they are drawn) and S_l[r], l > 0. At most
  * `lanes` consecutive rows are in flight, so a ring of max(kh) + lanes rows is never overwritten while read.
@@ -642,23 +627,6 @@ static float *ring_row(const GatedWavefront *f, int l, int t) {
 static size_t ring_row_floats(const GatedWavefront *f, int l) {
     const GatedVertical *v = f->v;
     return (size_t)f->sync.batch * (v->width + v->v_width[l] - 1) * (l == 0 ? v->image_channels : v->channels);
-}
-
-/* A kept row as GatedCache holds it, unfolded (B, W, kw * in), to the ring's padded layout (B, W + kw - 1, in)
- * (fold: 1) or back (fold: 0). */
-static void refold(const GatedVertical *v, int l, int batch, float *unfolded, float *padded, int fold) {
-    const int width = v->width, kw = v->v_width[l], in = l == 0 ? v->image_channels : v->channels;
-    if (fold) memset(padded, 0, sizeof(float) * (size_t)batch * (width + kw - 1) * in);
-    for (int b = 0; b < batch; b++)
-        for (int j = 0; j < width; j++)
-            for (int s = 0; s < kw; s++) {
-                float *column = unfolded + (((size_t)b * width + j) * kw + s) * in;
-                float *position = padded + ((size_t)b * (width + kw - 1) + j + s) * in;
-                if (fold)
-                    memcpy(position, column, sizeof(float) * in);
-                else
-                    memcpy(column, position, sizeof(float) * in);
-            }
 }
 
 static void lower_end(_Atomic int32_t *end, int32_t row) {
@@ -770,8 +738,8 @@ static void lane_failed(WavefrontSync *f) {
     lower_end(&f->end, 0);
 }
 
-/* Row i's rows of the vertical streams that layers first .. last - 1 write start at zero (the unfolded
- * rows' padding): S_(l + 1)[i], the input of the layer above. */
+/* Row i's rows of the vertical streams that layers first .. last - 1 write start at zero (the rows'
+ * padding): S_(l + 1)[i], the input of the layer above. */
 static void start_vertical_row(GatedWavefront *f, int i, int first, int last) {
     const GatedVertical *v = f->v;
     for (int l = first; l < last && l + 1 < v->layers; l++)
@@ -816,7 +784,7 @@ static int vertical_upto(GatedWavefront *f, int i, int first, int last, int upto
         float *next = l + 1 < v->layers ? ring_row(f, l + 1, i) : NULL;
         for (int b = 0; b < batch; b++)
             vertical_columns(v, l, first_matrix, b * width + done[l], b * width + target[l], inputs, f->class_v[l],
-                             link_bias, row_bias[l], next, 1, scratch);
+                             link_bias, row_bias[l], next, scratch);
         done[l] = target[l];
     }
     return 1;
@@ -1010,7 +978,8 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
     int index = 0;
     for (int l = 0; l < layers; l++) {
         const int kept_rows = l == 0 ? v->v_rows[0] : v->v_rows[l] - 1, newest = l == 0 ? 0 : -1;
-        for (int r = 0; r < kept_rows; r++) refold(v, l, batch, kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), 1);
+        for (int r = 0; r < kept_rows; r++)
+            memcpy(ring_row(&f, l, newest - kept_rows + 1 + r), kept[index++], sizeof(float) * ring_row_floats(&f, l));
     }
     run_lanes(&f.sync, &f, gated_wavefront_lane);
     const int end = atomic_load(&f.sync.end), failed = atomic_load(&f.sync.failed);
@@ -1019,7 +988,7 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
         for (int l = 0; l < layers; l++) {
             const int kept_rows = l == 0 ? v->v_rows[0] : v->v_rows[l] - 1, newest = l == 0 ? end : end - 1;
             for (int r = 0; r < kept_rows; r++)
-                refold(v, l, batch, kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), 0);
+                memcpy(kept[index++], ring_row(&f, l, newest - kept_rows + 1 + r), sizeof(float) * ring_row_floats(&f, l));
         }
     }
     free(ring);
