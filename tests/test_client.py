@@ -202,7 +202,9 @@ def test_bench_json(server, capsys):
     assert 0 < result["one_engine_s"] < result["one_sample_s"] and result["one_over_engine"] > 1
     lanes = result["lanes"]
     assert isinstance(lanes, int) and lanes >= 1
-    assert result["concurrent_floor_s"] == pytest.approx(3 * result["one_engine_s"] / lanes, rel=0.5)
+    threads = result["one_engine_threads"]
+    assert isinstance(threads, int) and 1 <= threads <= lanes, "the threads that drew the lone image"
+    assert result["concurrent_floor_s"] == pytest.approx(3 * result["one_engine_s"] * threads / lanes, rel=0.5)
 
 
 def test_bench_starts_its_own_server_without_a_url(server_store, capsys):

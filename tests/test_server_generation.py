@@ -739,6 +739,6 @@ async def test_a_generation_says_how_long_the_engine_took_in_server_timing(serve
         response = await client.post(path, json=body, headers={"Accept": accept})
         wall_ms = (time.perf_counter() - started) * 1000
     assert response.status_code == 200, response.text
-    timing = re.fullmatch(r"engine;dur=(\d+\.\d)", response.headers["server-timing"])
+    timing = re.fullmatch(r'engine;dur=(\d+\.\d);desc="(1 thread|\d+ threads)"', response.headers["server-timing"])
     assert timing is not None, response.headers["server-timing"]
     assert 0 < float(timing.group(1)) <= wall_ms

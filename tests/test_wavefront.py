@@ -206,8 +206,10 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
     assert np.array_equal(alone.images, expected[0].images.numpy())
     assert np.array_equal(alone.log_prob, expected[0].log_prob.numpy())
     assert after_alone.rows_wavefront == SIZE, "a lone request on an idle engine is drawn by wavefront"
+    assert alone.decode_threads == 2, "and says so (Server-Timing passes it on)"
     for seed, result in enumerate(crowd):
         assert np.array_equal(result.images, expected[seed].images.numpy()), f"seed {seed}"
+    assert {result.decode_threads for result in crowd} == {1}, "batched: one thread each"
     # Six requests at once on two lanes: batched (no lane draws by wavefront while others wait).
     assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
 

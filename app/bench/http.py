@@ -10,8 +10,9 @@ Measures, against a running server (`--url`) or one started in-process on a free
       to 16 requests and nothing to one, i.e. the benchmark measuring itself;
   (c) time to the first streamed row vs the whole streamed request;
   and the serving overhead: one image's wall time (JSON and PNG) over the engine's time for it, which the
-  server reports in its `Server-Timing: engine;dur=<ms>` header, and the concurrent requests' time over
-  their arithmetic floor (`concurrency` x that engine time / the decode lanes, read from /metrics).
+  server reports in its `Server-Timing: engine;dur=<ms>;desc="<k> threads"` header, and the concurrent
+  requests' time over their arithmetic floor (`concurrency` x that engine time x the threads that drew it,
+  / the decode lanes read from /metrics: a lone image is drawn on every idle lane's core by wavefront).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class Clients:
     def __exit__(self, *exc_info: object) -> None:
         self.pool.shutdown()
 
-    def _post(self, body: dict, accept: str) -> float:
-        """The engine's seconds for this request, from its Server-Timing header."""
+    def _post(self, body: dict, accept: str) -> tuple[float, int]:
+        """The engine's seconds for this request and the threads that drew it, from its Server-Timing header."""
         connection = self.connection(self.host, self.port, timeout=600)
         try:
             connection.request("POST", self.path, body=json.dumps(body), headers={**self.headers, "Accept": accept})
@@ -75,22 +76,25 @@ class Clients:
             connection.close()
         if response.status != 200:
             raise RuntimeError(f"POST {self.path} answered {response.status}: {payload[:300]!r}")
-        return engine_seconds(response.getheader("Server-Timing"))
+        return engine_timing(response.getheader("Server-Timing"))
 
-    async def post_all(self, bodies: list[dict], accept: str = "application/json") -> tuple[float, list[float]]:
-        """POST every body at once; seconds until the last answer, and the engine's seconds of each."""
+    async def post_all(
+        self, bodies: list[dict], accept: str = "application/json"
+    ) -> tuple[float, list[tuple[float, int]]]:
+        """POST every body at once; seconds until the last answer, and the engine's timing of each."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         engine = await asyncio.gather(*(loop.run_in_executor(self.pool, self._post, body, accept) for body in bodies))
         return time.perf_counter() - started, list(engine)
 
 
-def engine_seconds(server_timing: str | None) -> float:
-    """`engine;dur=<ms>` (the server's Server-Timing header) -> seconds."""
-    match = re.search(r"\bengine;dur=([0-9.]+)", server_timing or "")
+def engine_timing(server_timing: str | None) -> tuple[float, int]:
+    """`engine;dur=<ms>;desc="<k> threads"` (the server's Server-Timing header) -> seconds, threads (1 when
+    the description is missing)."""
+    match = re.search(r'\bengine;dur=([0-9.]+)(?:;desc="(\d+) threads?")?', server_timing or "")
     if match is None:
         raise RuntimeError(f"the server sent no engine time (Server-Timing: {server_timing!r}); is it this version?")
-    return float(match.group(1)) / 1000
+    return float(match.group(1)) / 1000, int(match.group(2) or 1)
 
 
 async def decode_lanes(client: httpx.AsyncClient, model: str) -> int:
@@ -121,8 +125,8 @@ async def measure_once(
     given = {"label": labels} if labels[0] is not None else {}
     score_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **given, **extra}))
 
-    one_s, (one_engine_s,) = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}])
-    png_s, (png_engine_s,) = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}], "image/png")
+    one_s, [(one_engine_s, one_threads)] = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}])
+    png_s, [(png_engine_s, _)] = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}], "image/png")
     many_s, _ = await clients.post_all([{"n": 1, "seed": 100 * (repeat + 1) + i, **extra} for i in range(concurrency)])
 
     started, first_row_s = time.perf_counter(), None
@@ -136,6 +140,7 @@ async def measure_once(
         ("score", score_s),
         ("one", one_s),
         ("one_engine", one_engine_s),
+        ("one_threads", one_threads),
         ("png", png_s),
         ("png_engine", png_engine_s),
         ("many", many_s),
@@ -157,7 +162,18 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
             raise RuntimeError(f"the server at {url} is not ready: {ready.text}")
         await _post(client, "/sample", json={"n": 1, "seed": 0, **extra})  # warm-up
 
-        keys = ("sample", "score", "one", "one_engine", "png", "png_engine", "many", "first_row", "stream")
+        keys = (
+            "sample",
+            "score",
+            "one",
+            "one_engine",
+            "one_threads",
+            "png",
+            "png_engine",
+            "many",
+            "first_row",
+            "stream",
+        )
         runs: dict[str, list[float]] = {key: [] for key in keys}
         with Clients(url, headers, concurrency) as clients:
             await clients.post_all([{"n": 1, "seed": k, **extra} for k in range(concurrency)])  # warm-up
@@ -174,8 +190,9 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
     def ratio(a: str, b: str) -> float:  # the median of the repeats' own ratios: each made side by side
         return round(statistics.median(x / y for x, y in zip(runs[a], runs[b])), 2)
 
-    # The arithmetic floor of the concurrent requests: their images' engine time shared by the lanes.
-    floors = [concurrency * one / lanes for one in runs["one_engine"]]
+    # The arithmetic floor of the concurrent requests: their images' engine time (on as many cores as drew
+    # one alone: a lone request draws on every idle lane) shared by the lanes.
+    floors = [concurrency * one * threads / lanes for one, threads in zip(runs["one_engine"], runs["one_threads"])]
     return {
         "url": url,
         "model": sampled["model"],
@@ -189,6 +206,7 @@ async def measure(url: str, model: str | None, n: int, concurrency: int, api_key
         "concurrency": concurrency,
         "one_sample_s": round(median["one"], 4),
         "one_engine_s": round(median["one_engine"], 4),
+        "one_engine_threads": int(median["one_threads"]),
         "one_over_engine": ratio("one", "one_engine"),
         "one_png_s": round(median["png"], 4),
         "one_png_over_engine": ratio("png", "png_engine"),
@@ -219,7 +237,8 @@ def print_table(result: dict) -> None:
         ("  HTTP / engine, PNG", f"{result['one_png_over_engine']:.2f}x"),
         (f"{result['concurrency']} concurrent /sample n=1", f"{result['concurrent_samples_s']:.3f} s"),
         (
-            f"  floor ({result['concurrency']} x engine / {result['lanes']} lanes)",
+            f"  floor ({result['concurrency']} x engine x {result['one_engine_threads']} threads / "
+            f"{result['lanes']} lanes)",
             f"{result['concurrent_floor_s']:.3f} s",
         ),
         ("  all concurrent / floor", f"{result['concurrent_over_floor']:.2f}x"),

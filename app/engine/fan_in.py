@@ -39,6 +39,7 @@ class TrackedRequest:
         self.images = canvas.to(torch.uint8).cpu()  # (n, C, H, W): the known rows, then each row as it is final
         self.log_prob = torch.zeros(request.n, dtype=torch.float64)
         self.class_log_probs: torch.Tensor | None = None  # (n, K) when the labels are drawn from the posterior
+        self.decode_threads = 1  # the most threads that drew its rows at once (a wavefront's: lanes.py)
         # log p(kept | y) of each distinct kept part (posterior.py), scored once for all of its shards: the
         # first shard to need it scores it, holding scoring_lock, and the others (in any lane) reuse it.
         self.kept_scores: dict[bytes, torch.Tensor] = {}
@@ -108,7 +109,9 @@ class TrackedRequest:
             self.closed = True
         labels = None if self.labels is None else self.labels.cpu().numpy()
         class_log_probs = None if self.class_log_probs is None else self.class_log_probs.numpy()
-        self.deliver(SampleResult(self.images.numpy(), labels, self.log_prob.numpy(), class_log_probs))
+        self.deliver(
+            SampleResult(self.images.numpy(), labels, self.log_prob.numpy(), class_log_probs, self.decode_threads)
+        )
 
     def fail(self, error: BaseException) -> None:
         """End the request with `error`, unless it already ended; its other shards leave at their next row."""

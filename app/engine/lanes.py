@@ -353,6 +353,7 @@ class LaneLoop(LaneDiscipline):
         handed on as a decode step's would be."""
         shard = lane.active[0]
         assert self.wavefront is not None and lane.state is not None  # see _wavefront_lanes
+        shard.owner.decode_threads = max(shard.owner.decode_threads, threads)
         c, w = self.config.image_channels, self.config.width
         saved = [stream.bit_generator.state for stream in shard.streams]
         uniforms = uniforms_ahead(shard.streams, self.config.height - shard.row, c, w)

@@ -43,6 +43,8 @@ class SampleResult:
     log_prob: npt.NDArray[np.float64]  # (n,): log p of the generated sub-pixels at temperature 1, nats
     # (n, K): log p(y | kept pixels) when the labels were drawn from it (a completion without labels)
     class_log_probs: npt.NDArray[np.float64] | None = None
+    # The most threads that drew its rows at once: 1 (a lane), or a wavefront's (a lone request on idle lanes)
+    decode_threads: int = 1
 
 
 @dataclass

@@ -67,6 +67,7 @@ class GenerationRun:
         self.timed_out = False
         self.time_limit_s = time_limit_s
         self.engine_s: float | None = None  # from submitting to the engine's result
+        self.decode_threads = 1  # the result's SampleResult.decode_threads
         try:
             self.stream = model.engine.submit(engine_request, rows=stream_rows)
         except (QueueFullError, EngineStoppedError, ValueError) as error:
@@ -118,8 +119,12 @@ class GenerationRun:
 
     def server_timing(self) -> dict[str, str]:
         """The `Server-Timing` header (W3C; browsers' developer tools show it): the engine's share of the
-        request, so a client can tell the server's time from the network's and its own."""
-        return {} if self.engine_s is None else {"Server-Timing": f"engine;dur={self.engine_s * 1000:.1f}"}
+        request, so a client can tell the server's time from the network's and its own, and how many threads
+        drew it (a lone request draws on every idle lane's core: its time is not one core's)."""
+        if self.engine_s is None:
+            return {}
+        threads = f'"{self.decode_threads} thread{"s" if self.decode_threads > 1 else ""}"'
+        return {"Server-Timing": f"engine;dur={self.engine_s * 1000:.1f};desc={threads}"}
 
     def timeout_error(self) -> RequestTimedOut:
         return RequestTimedOut(
@@ -139,7 +144,7 @@ class GenerationRun:
             async for event in self.stream:
                 if isinstance(event, SampleResult):
                     self.finished = True
-                    self.engine_s = self.elapsed_s
+                    self.engine_s, self.decode_threads = self.elapsed_s, event.decode_threads
                     if not self.stream_rows:  # no row events came: account for the rows now
                         self._observe_first_row()
                         generated_rows = self.model.config.height - self.engine_request.known_rows
