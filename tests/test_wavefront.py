@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import dataclasses
 import logging
+import os
 import time
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from app.engine import CachedSampler, Engine, GenerationRequest, c_library, sample_cached
 from app.engine.protocol import image_streams, prepare_canvas, row_uniforms
-from app.engine.wavefront import Wavefront, gated_reach, masked_conv_reach, uniforms_ahead
+from app.engine.wavefront import Wavefront, gated_reach, masked_conv_reach, sample_wavefront, uniforms_ahead
 from app.model import build
 from tests.helpers import tiny_model
 
@@ -351,3 +352,16 @@ def test_a_split_the_model_does_not_have_is_refused():
         decoder.decode(
             state, uniforms_ahead(image_streams(0, 1), 2, 1, SIZE), torch.ones((1, 1), dtype=torch.float64), 2
         )
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_the_calling_thread_gets_its_cpus_back_after_a_wavefront():
+    """The wavefront pins its threads to a CPU each while it runs (when there are enough CPUs); the calling
+    thread, a decode lane, must be free to run anywhere again afterwards."""
+    model = gated(1, 0)
+    sampler = CachedSampler(model)
+    before = os.sched_getaffinity(0)
+    for lanes in (2, 3):
+        images = sample_wavefront(sampler, 1, seed=1, lanes=lanes).images
+        assert os.sched_getaffinity(0) == before, f"lanes={lanes}"
+        assert torch.equal(images, sample_cached(model, 1, seed=1, sampler=sampler).images)
