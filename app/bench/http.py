@@ -65,23 +65,28 @@ class Clients:
     def __exit__(self, *exc_info: object) -> None:
         self.pool.shutdown()
 
-    def _post(self, body: dict, accept: str) -> tuple[float, int]:
-        """The engine's seconds for this request and the threads that drew it, from its Server-Timing header."""
+    def _post(self, body: dict, accept: str) -> tuple[float, float, int]:
+        """This request's seconds as its client saw them (from sending it to the last byte of the answer, on a
+        connection opened beforehand), and the engine's seconds and the threads that drew it, from its
+        Server-Timing header."""
         connection = self.connection(self.host, self.port, timeout=600)
+        connection.connect()
+        started = time.perf_counter()
         try:
             connection.request("POST", self.path, body=json.dumps(body), headers={**self.headers, "Accept": accept})
             response = connection.getresponse()
             payload = response.read()
+            elapsed = time.perf_counter() - started
         finally:
             connection.close()
         if response.status != 200:
             raise RuntimeError(f"POST {self.path} answered {response.status}: {payload[:300]!r}")
-        return engine_timing(response.getheader("Server-Timing"))
+        return elapsed, *engine_timing(response.getheader("Server-Timing"))
 
     async def post_all(
         self, bodies: list[dict], accept: str = "application/json"
-    ) -> tuple[float, list[tuple[float, int]]]:
-        """POST every body at once; seconds until the last answer, and the engine's timing of each."""
+    ) -> tuple[float, list[tuple[float, float, int]]]:
+        """POST every body at once; seconds until the last answer, and each one's timing (`_post`)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         engine = await asyncio.gather(*(loop.run_in_executor(self.pool, self._post, body, accept) for body in bodies))
@@ -125,8 +130,9 @@ async def measure_once(
     given = {"label": labels} if labels[0] is not None else {}
     score_s, _ = await _timed(_post(client, "/likelihood", json={"images": images, **given, **extra}))
 
-    one_s, [(one_engine_s, one_threads)] = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}])
-    png_s, [(png_engine_s, _)] = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}], "image/png")
+    # One request's own time, measured in the thread that sends it (not the harness's hand-off to it).
+    _, [(one_s, one_engine_s, one_threads)] = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}])
+    _, [(png_s, png_engine_s, _)] = await clients.post_all([{"n": 1, "seed": 2 + repeat, **extra}], "image/png")
     many_s, _ = await clients.post_all([{"n": 1, "seed": 100 * (repeat + 1) + i, **extra} for i in range(concurrency)])
 
     started, first_row_s = time.perf_counter(), None
