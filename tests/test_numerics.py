@@ -5,16 +5,19 @@ do not depend on the vector width, on which oneDNN, MKL, ATen or libm code the C
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from app.engine import CachedSampler
+from app.engine import CachedSampler, c_library
 from app.engine.c_library import NUMERICS_VERSION, load_kernel
 from app.engine.protocol import image_streams, row_uniforms
 from tests.helpers import sse_events, tiny_model, torch_layout, torch_threads
@@ -188,3 +191,51 @@ async def test_the_torch_fallback_says_its_bytes_are_this_machines_only(serve, m
         answer = await client.post("/sample", json={"seed": 3})
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-numerics"] == answer.json()["numerics"] == "torchscript/cpu/float32; local"
+
+
+def correctly_rounded(exact: Fraction) -> np.float32:
+    """The float32 nearest to an exact rational (ties to even): what IEEE 754's fused multiply-add returns."""
+    near = np.float32(float(exact))  # within one float32 step of it (rounded twice)
+    candidates = [near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf))]
+    return min(candidates, key=lambda v: (abs(Fraction(float(v)) - exact), int(np.array(v).view(np.uint32)) & 1))
+
+
+# acc + x * w where rounding the exact result to double first, then to float, gives the wrong float: the
+# product's tail lies below double precision, just under (first) or over (second) a float half-way point.
+DOUBLE_ROUNDING_TRAPS = [
+    (2.0**-12 * (1 + 2.0**-20), 2.0**-12 * (1 - 2.0**-20), 1 + 2.0**-23),
+    (2.0**-12 * (1 - 2895 * 2.0**-23), 2.0**-12 * (1 + 2896 * 2.0**-23), 1.0),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("march", ["native", "x86-64"])
+def test_the_kernels_fused_multiply_adds_round_once(march, tmp_path, monkeypatch):
+    """The kernel's products join their sums with one rounding, as IEEE 754's FMA: on the CPU's own FMA
+    instruction (native here) and in the exact emulation of a CPU without one (built for plain x86-64),
+    in vectors and one by one; checked against exact rational arithmetic, on random values and on
+    values where rounding twice (to double, then to float) would be wrong."""
+    if march == "x86-64" and os.uname().machine != "x86_64":
+        pytest.skip("x86-64 code paths")
+    monkeypatch.setenv("PIXELCNN_KERNEL_MARCH", march)
+    monkeypatch.setenv("PIXELCNN_KERNEL_CACHE", str(tmp_path))
+    library = ctypes.CDLL(str(c_library.build(c_library._compiler())))
+    if march == "x86-64":
+        assert library.kernel_hardware_fma() == 0, "plain x86-64 has no FMA instruction: the emulation runs"
+    floats = ctypes.POINTER(ctypes.c_float)
+    library.kernel_fused.argtypes = [ctypes.c_float, floats, floats, floats, floats]
+    generator = np.random.default_rng(0)
+    cases = [tuple(np.float32(v) for v in trap) for trap in DOUBLE_ROUNDING_TRAPS]
+    cases += [tuple(np.float32(v) for v in generator.standard_normal(3) * [1, 1, 4]) for _ in range(500)]
+    for x, w, acc in cases:
+        exact = Fraction(float(x)) * Fraction(float(w)) + Fraction(float(acc))
+        expected = correctly_rounded(exact)
+        ws, accs = np.full(16, w, dtype=np.float32), np.full(16, acc, dtype=np.float32)
+        vector, scalar = np.zeros(16, dtype=np.float32), np.zeros(16, dtype=np.float32)
+        lanes = library.kernel_fused(ctypes.c_float(x), *(a.ctypes.data_as(floats) for a in (ws, accs, vector, scalar)))
+        assert lanes in (4, 8, 16)
+        assert (vector[:lanes] == expected).all() and (scalar[:lanes] == expected).all(), (x, w, acc)
+    for x, w, acc in cases[:2]:  # the traps are traps: rounding twice gets them wrong
+        assert np.float32(float(x) * float(w) + float(acc)) != correctly_rounded(
+            Fraction(float(x)) * Fraction(float(w)) + Fraction(float(acc))
+        )

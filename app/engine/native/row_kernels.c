@@ -142,6 +142,19 @@ static inline __attribute__((always_inline)) floats fused(floats acc, float x, f
 #endif
 }
 
+/* The kernel's fused multiply-adds as it computes them, for tests/test_numerics.py (which checks them against
+ * exact results where rounding twice would differ): out[l] = acc[l] + x * w[l] for one vector's lanes
+ * (`fused`), and the same lane by lane (`fused1`). Returns the lanes of a vector. */
+int kernel_fused(float x, const float *w, const float *acc, float *vector_out, float *scalar_out) {
+    floats wv, av;
+    memcpy(&wv, w, sizeof wv);
+    memcpy(&av, acc, sizeof av);
+    const floats out = fused(av, x, wv);
+    memcpy(vector_out, &out, sizeof out);
+    for (int l = 0; l < LANES; l++) scalar_out[l] = fused1(x, w[l], acc[l]);
+    return LANES;
+}
+
 /* Loops over a tile's constant number of images and registers, unrolled whatever the compiler's heuristics. */
 #if defined(__clang__)
 #define UNROLL _Pragma("unroll")
