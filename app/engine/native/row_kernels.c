@@ -601,7 +601,10 @@ void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, fl
  * S_l[r - kh_l + 1 .. r] and writes S_0[r + 1] (its pixels, as they are drawn) and S_l[r], l > 0. At most
  * `lanes` consecutive rows are in flight, so a ring of max(kh) + lanes rows is never overwritten while read.
  * progress[i]: pixels of row i drawn (release/acquire). `end`: rows < end are complete; a thread that sees
- * *stop at a row's start, or finds the row above abandoned, lowers it to its own row and leaves. */
+ * *stop at a row's start, or finds the row above abandoned, lowers it to its own row and leaves.
+ *
+ * On two threads a gated model's rows are split by role instead (`split`, see vertical_lane_rows): the
+ * same functions on the same rows, in another thread, so again the one-lane numbers. */
 /* What the threads of a wavefront share, whatever the architecture. */
 typedef struct {
     int batch, rows, lanes;
