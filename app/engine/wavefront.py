@@ -104,7 +104,7 @@ class Wavefront:
         return [0, *range(max(1, balanced - 1), min(self.config.layers, balanced + 1) + 1)]
 
     def tune(
-        self, sampler: CachedSampler, lanes: int, rounds: int = 3, baseline: Callable[[], object] | None = None
+        self, sampler: CachedSampler, lanes: int, rounds: int = 5, baseline: Callable[[], object] | None = None
     ) -> tuple[float, float | None]:
         """Measure one image by each candidate split (`rounds` interleaved runs, with `baseline`'s if given)
         and keep the fastest: it depends on the CPU's caches. Returns the best time of the kept split and of
