@@ -651,9 +651,12 @@ static void lower_end(_Atomic int32_t *end, int32_t row) {
     }
 }
 
-/* Waiting for the row above: a short spin (it is usually a pixel step away), then sleep until its writer
- * publishes more (a futex on Linux, woken by publish; elsewhere sched_yield), so that a thread without a
- * core of its own does not take the time of the one it waits for. */
+/* Waiting for the row above (or the other lane): a spin, then sleep until its writer publishes more (a futex
+ * on Linux, woken by publish; elsewhere sched_yield), so that a thread without a core of its own does not
+ * take the time of the one it waits for. The spin is long (20000 pauses, ~0.7 ms on the Intel Xeon of
+ * BENCHMARKS.md) because each thread has a core of its own while it runs (run_lanes pins them) and the
+ * other lane is usually microseconds away: one image of the shipped model in 7.4 ms in the engine against
+ * 7.9 ms with 2000 pauses and 8.2 ms with 200, whose futex wake-ups cost more than the spin. */
 #define SPINS 20000
 
 static void sleep_on(_Atomic int32_t *word, int32_t seen) {
@@ -770,17 +773,22 @@ static void run_lanes(WavefrontSync *f, void *job, void *(*lane)(void *)) {
 #endif
 }
 
+/* A progress word per row, then a sleeping flag per row, all 0 (free() the first); NULL without memory. */
+static _Atomic int32_t *progress_words(int rows) {
+    const int count = rows > 0 ? rows : 1;
+    _Atomic int32_t *words = malloc(sizeof(_Atomic int32_t) * 2 * count);
+    if (words != NULL)
+        for (int i = 0; i < 2 * count; i++) atomic_init(&words[i], 0);
+    return words;
+}
+
 static int init_sync(WavefrontSync *f, int batch, int rows, int lanes, const int32_t *stop) {
     *f = (WavefrontSync){.batch = batch, .rows = rows, .lanes = lanes, .stop = stop};
     atomic_init(&f->end, rows);
     atomic_init(&f->failed, 0);
-    f->progress = malloc(sizeof(_Atomic int32_t) * 2 * (rows > 0 ? rows : 1));
+    f->progress = progress_words(rows);
     if (f->progress == NULL) return 0;
     f->sleeping = f->progress + (rows > 0 ? rows : 1);
-    for (int i = 0; i < rows; i++) {
-        atomic_init(&f->progress[i], 0);
-        atomic_init(&f->sleeping[i], 0);
-    }
     return 1;
 }
 
@@ -1001,7 +1009,7 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
     if (split) floats += 2 * (size_t)layers * row_bias_floats;
     float *ring = malloc(sizeof(float) * floats);
     float **slots = malloc(sizeof(float *) * (size_t)layers * f.ring);
-    _Atomic int32_t *vertical = split ? malloc(sizeof(_Atomic int32_t) * 2 * (rows > 0 ? rows : 1)) : NULL;
+    _Atomic int32_t *vertical = split ? progress_words(rows) : NULL;
     if (!init_sync(&f.sync, batch, rows, lanes, stop) || ring == NULL || slots == NULL || (split && vertical == NULL)) {
         free(ring);
         free(slots);
@@ -1013,10 +1021,6 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
     if (split) {
         f.vertical_progress = vertical;
         f.vertical_sleeping = vertical + (rows > 0 ? rows : 1);
-        for (int i = 0; i < rows; i++) {
-            atomic_init(&f.vertical_progress[i], 0);
-            atomic_init(&f.vertical_sleeping[i], 0);
-        }
         float *bias = ring + floats - 2 * (size_t)layers * row_bias_floats;
         for (int k = 0; k < 2; k++)
             for (int l = 0; l < layers; l++, bias += row_bias_floats) f.row_bias_ring[k][l] = bias;
