@@ -188,8 +188,10 @@ static inline __attribute__((always_inline)) void affine_tile(float *const *out,
 
 /* All columns for `count` images: tiles of `vectors` registers, then one narrower tile for what is left
  * of the LANES-float slices, then the last cols % LANES columns one by one (the same sums).
- * Wider tiles for fewer images keep count * vectors (independent running sums) near 12..16 (half that
- * with 16 vector registers), enough to hide the adds' latency without running out of registers. */
+ * Wider tiles for fewer images keep count * vectors (independent running sums) at 12..24 (half that
+ * with 16 vector registers), enough to hide the adds' latency without running out of registers: 8 images
+ * x 3 vectors (24 sums, 3 weight loads and 8 broadcasts per 24 products) was ~3% faster at batch 16 and 64
+ * than 8 x 2 on an Intel Xeon (BENCHMARKS.md). */
 static inline __attribute__((always_inline)) void affine_tiles(float *const *out, const float *const *bias,
                                                                const float *const *x, const float *restrict w,
                                                                int rows, int cols, const int count,
@@ -229,10 +231,10 @@ static void affine_block(float *const *out, const float *const *bias, const floa
         case 2: affine_tiles(out, bias, x, w, rows, cols, 2, 6 / NARROW); break;
         case 3: affine_tiles(out, bias, x, w, rows, cols, 3, 4 / NARROW); break;
         case 4: affine_tiles(out, bias, x, w, rows, cols, 4, 4 / NARROW); break;
-        case 5: affine_tiles(out, bias, x, w, rows, cols, 5, 2 / NARROW); break;
-        case 6: affine_tiles(out, bias, x, w, rows, cols, 6, 2 / NARROW); break;
-        case 7: affine_tiles(out, bias, x, w, rows, cols, 7, 2 / NARROW); break;
-        default: affine_tiles(out, bias, x, w, rows, cols, 8, 2 / NARROW); break;
+        case 5: affine_tiles(out, bias, x, w, rows, cols, 5, 3 / NARROW); break;
+        case 6: affine_tiles(out, bias, x, w, rows, cols, 6, 3 / NARROW); break;
+        case 7: affine_tiles(out, bias, x, w, rows, cols, 7, 3 / NARROW); break;
+        default: affine_tiles(out, bias, x, w, rows, cols, 8, 3 / NARROW); break;
     }
 }
 
@@ -325,43 +327,76 @@ static inline double maximum(const double *restrict values) {
     return best;
 }
 
-/* The protocol's draw (app/engine/protocol.py): the first level whose cumulative softmax(logits / T)
- * exceeds u times the total; returns it and log softmax(logits) at it (T = 1). */
-static int draw(const float *restrict logits, double u, double temperature, double *restrict log_prob,
-                double *restrict cdf) {
-    double wide[LEVELS], scaled[LEVELS];
-    for (int v = 0; v < LEVELS; v++) wide[v] = logits[v];
-    for (int v = 0; v < LEVELS; v++) scaled[v] = wide[v] / temperature;
-    const double scaled_max = maximum(scaled), max = maximum(wide);
-    for (int v = 0; v < LEVELS; v++) cdf[v] = exp_nonpositive(scaled[v] - scaled_max);
-    for (int v = 1; v < LEVELS; v++) cdf[v] += cdf[v - 1];
-    const double target = u * cdf[LEVELS - 1];
-    int value = 0;
-    while (value < LEVELS - 1 && !(cdf[value] > target)) value++;
-    double total = 0.0;
-    if (temperature == 1.0) {
-        total = cdf[LEVELS - 1];  /* the same sum: softmax(logits / 1) */
-    } else {
-        for (int v = 0; v < LEVELS; v++) scaled[v] = exp_nonpositive(wide[v] - max);
-        for (int v = 0; v < LEVELS; v++) total += scaled[v];
+/* The draws of one sub-pixel of a block's images: what the caller fills in, and where the results go. */
+typedef struct {
+    double u[BLOCK], temperature[BLOCK];
+    int64_t forced[BLOCK];     /* >= 0: a kept sub-pixel (protocol step 3), written, not drawn or counted */
+    int64_t *value[BLOCK];     /* out: the value */
+    double *log_prob[BLOCK];   /* out: += log softmax(logits) at the drawn value (T = 1) */
+} BlockDraws;
+
+/* Doubles of draw_block's scratch. */
+#define DRAW_SCRATCH (LEVELS * BLOCK)
+
+/* The protocol's draw (app/engine/protocol.py) for each image b < count of a block: the first level whose
+ * cumulative softmax(logits[b] / T) exceeds u times the total, and log softmax(logits[b]) at it. Each
+ * image's running sum of its 256 terms is one chain of dependent adds; the block's chains run side by side
+ * (cdf holds level v of image b at v * BLOCK + b, so one vector add advances every image by a level), each
+ * in level order, so every image's numbers are the ones it would get alone. */
+static void draw_block(float *const *logits, int count, const BlockDraws *d, double *restrict cdf) {
+    double max[BLOCK];
+    for (int b = 0; b < BLOCK; b++) {
+        if (b >= count || d->forced[b] >= 0) {  /* a lane with nothing to draw sums zeros */
+            for (int v = 0; v < LEVELS; v++) cdf[v * BLOCK + b] = 0.0;
+            continue;
+        }
+        double wide[LEVELS], scaled[LEVELS];
+        for (int v = 0; v < LEVELS; v++) wide[v] = logits[b][v];
+        max[b] = maximum(wide);
+        const double temperature = d->temperature[b];
+        double scaled_max = max[b];
+        if (temperature == 1.0) {  /* x / 1 is x: the division would change nothing */
+            for (int v = 0; v < LEVELS; v++) scaled[v] = wide[v];
+        } else {
+            for (int v = 0; v < LEVELS; v++) scaled[v] = wide[v] / temperature;
+            scaled_max = maximum(scaled);
+        }
+        for (int v = 0; v < LEVELS; v++) cdf[v * BLOCK + b] = exp_nonpositive(scaled[v] - scaled_max);
     }
-    *log_prob = (wide[value] - max) - log_positive(total);
-    return value;
+    for (int v = 1; v < LEVELS; v++)
+        for (int b = 0; b < BLOCK; b++) cdf[v * BLOCK + b] += cdf[(v - 1) * BLOCK + b];
+    for (int b = 0; b < count; b++) {
+        if (d->forced[b] >= 0) {
+            *d->value[b] = d->forced[b];
+            continue;
+        }
+        const double last = cdf[(LEVELS - 1) * BLOCK + b], target = d->u[b] * last;
+        int value = 0;
+        while (value < LEVELS - 1 && !(cdf[value * BLOCK + b] > target)) value++;
+        double total = 0.0;
+        if (d->temperature[b] == 1.0) {
+            total = last;  /* the same sum: softmax(logits / 1) */
+        } else {
+            double terms[LEVELS];
+            for (int v = 0; v < LEVELS; v++) terms[v] = exp_nonpositive((double)logits[b][v] - max[b]);
+            for (int v = 0; v < LEVELS; v++) total += terms[v];
+        }
+        *d->value[b] = value;
+        *d->log_prob[b] += ((double)logits[b][value] - max[b]) - log_positive(total);
+    }
 }
 
-/* Draw sub-pixel `at` of the row: its value into *value, its log p added to *log_prob; returns the value.
- * A kept sub-pixel (forced >= 0) is not drawn: its value is written and nothing is added. */
-static int draw_into(const float *logits, double u, double temperature, int64_t forced, int64_t *value,
-                     double *log_prob, double *cdf) {
-    if (forced >= 0) {
-        *value = forced;
-        return (int)forced;
+/* The draws of a block's images b < count at one sub-pixel: image b's at index at + b * stride of uniforms,
+ * forced (NULL: none kept) and values, its temperature and log p at temperature[b] and log_prob[b]. */
+static void block_draws(BlockDraws *d, int count, const double *uniforms, const int64_t *forced, int64_t *values,
+                        size_t at, size_t stride, const double *temperature, double *log_prob) {
+    for (int b = 0; b < count; b++, at += stride) {
+        d->u[b] = uniforms[at];
+        d->temperature[b] = temperature[b];
+        d->forced[b] = forced ? forced[at] : -1;
+        d->value[b] = values + at;
+        d->log_prob[b] = log_prob + b;
     }
-    double lp;
-    const int drawn = draw(logits, u, temperature, &lp, cdf);
-    *value = drawn;
-    *log_prob += lp;
-    return drawn;
 }
 
 /* The gate on a pre-activation (2n) whose tanh half a comes scaled by -2 (see row_decoders.scaled_gate):
@@ -437,7 +472,7 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
     const int n = w->channels, c = w->image_channels, width = w->width;
     const size_t per_image = (size_t)(6 * n + w->head + LEVELS);
     float *scratch = malloc(sizeof(float) * per_image * BLOCK);
-    double *cdf = malloc(sizeof(double) * LEVELS);
+    double *cdf = malloc(sizeof(double) * DRAW_SCRATCH);
     if (scratch == NULL || cdf == NULL) {
         free(scratch);
         free(cdf);
@@ -458,13 +493,13 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
         for (int j = 0; j < width; j++) {
             for (int colour = 0; colour < c; colour++) {
                 step_block(w, first, count, j, colour, h_buffers, row_bias, &s);
-                for (int b = first; b < first + count; b++) {
-                    const size_t at = ((size_t)b * c + colour) * width + j;
-                    const int value = draw_into(s.logits[b - first], uniforms[at], temperature[b],
-                                                forced ? forced[at] : -1, row + at, log_prob + b, cdf);
-                    /* the first layer's input, scaled like scale_pixels */
-                    h_buffers[0][((size_t)b * (width + kw0 - 1) + j + kw0 - 1) * c + colour] = (float)value / 127.5f - 1.0f;
-                }
+                BlockDraws d;
+                block_draws(&d, count, uniforms, forced, row, ((size_t)first * c + colour) * width + j,
+                            (size_t)c * width, temperature + first, log_prob + first);
+                draw_block(s.logits, count, &d, cdf);
+                for (int b = first; b < first + count; b++) /* the first layer's input, scaled like scale_pixels */
+                    h_buffers[0][((size_t)b * (width + kw0 - 1) + j + kw0 - 1) * c + colour] =
+                        (float)*d.value[b - first] / 127.5f - 1.0f;
             }
         }
     }
@@ -862,11 +897,12 @@ static void pixel_column(GatedWavefront *f, int i, int j, float *const *h_buffer
         const int count = batch - first < BLOCK ? batch - first : BLOCK;
         for (int colour = 0; colour < c; colour++) {
             step_block(w, first, count, j, colour, h_buffers, row_bias, s);
+            BlockDraws d;
+            block_draws(&d, count, f->uniforms, NULL, f->values, (((size_t)i * batch + first) * c + colour) * width + j,
+                        (size_t)c * width, f->temperature + first, f->log_prob + (size_t)i * batch + first);
+            draw_block(s->logits, count, &d, cdf);
             for (int b = first; b < first + count; b++) {
-                const size_t at = (((size_t)i * batch + b) * c + colour) * width + j;
-                const int value = draw_into(s->logits[b - first], f->uniforms[at], f->temperature[b], -1,
-                                            f->values + at, f->log_prob + (size_t)i * batch + b, cdf);
-                const float scaled = (float)value / 127.5f - 1.0f;
+                const float scaled = (float)*d.value[b - first] / 127.5f - 1.0f;
                 h_buffers[0][((size_t)b * (width + hw0 - 1) + j + hw0 - 1) * c + colour] = scaled;
                 drawn_row[((size_t)b * (width + kw0 - 1) + j + pad0) * c + colour] = scaled;
             }
@@ -947,7 +983,7 @@ static void *gated_wavefront_lane(void *argument) {
     size_t floats = per_image * BLOCK + (size_t)BLOCK * 3 * n + (size_t)batch * 2 * n;
     for (int l = 0; l < layers; l++) floats += (size_t)batch * (v->h_size[l] + width * 2 * n);
     float *scratch = malloc(sizeof(float) * floats);
-    double *cdf = malloc(sizeof(double) * LEVELS);
+    double *cdf = malloc(sizeof(double) * DRAW_SCRATCH);
     float *h_buffers[32], *row_bias[32];
     if (scratch == NULL || cdf == NULL) {
         lane_failed(&f->sync);
@@ -1181,7 +1217,7 @@ int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, 
     const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
     if (w->blocks > MAX_BLOCKS) return 1;
     float *scratch = malloc(sizeof(float) * pixelcnn_scratch(w, NULL, NULL));
-    double *cdf = malloc(sizeof(double) * LEVELS);
+    double *cdf = malloc(sizeof(double) * DRAW_SCRATCH);
     if (scratch == NULL || cdf == NULL) {
         free(scratch);
         free(cdf);
@@ -1205,13 +1241,13 @@ int pixelcnn_decode_row(const PixelCNNWeights *w, int32_t batch, float *inputs, 
         for (int j = 0; j < width; j++) {
             for (int colour = 0; colour < c; colour++) {
                 pixelcnn_step(w, count, j, colour, image_inputs, bias, window, &s);
-                for (int b = 0; b < count; b++) {
-                    const size_t at = ((size_t)(first + b) * c + colour) * width + j;
-                    const int value = draw_into(s.logits[b], uniforms[at], temperature[first + b],
-                                                forced ? forced[at] : -1, row + at, log_prob + first + b, cdf);
+                BlockDraws d;
+                block_draws(&d, count, uniforms, forced, row, ((size_t)first * c + colour) * width + j,
+                            (size_t)c * width, temperature + first, log_prob + first);
+                draw_block(s.logits, count, &d, cdf);
+                for (int b = 0; b < count; b++)
                     image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
-                        (float)value / 127.5f - 1.0f;
-                }
+                        (float)*d.value[b] / 127.5f - 1.0f;
             }
         }
     }
@@ -1247,7 +1283,7 @@ static void *pixelcnn_wavefront_lane(void *argument) {
     const int n = w->channels, half_n = n / 2, c = w->image_channels, width = w->width, in_half = w->in_half;
     const int batch = f->sync.batch;
     float *scratch = malloc(sizeof(float) * pixelcnn_scratch(w, NULL, NULL));
-    double *cdf = malloc(sizeof(double) * LEVELS);
+    double *cdf = malloc(sizeof(double) * DRAW_SCRATCH);
     if (scratch == NULL || cdf == NULL) {
         lane_failed(&f->sync);
         free(scratch);
@@ -1281,13 +1317,14 @@ static void *pixelcnn_wavefront_lane(void *argument) {
                 }
                 for (int colour = 0; colour < c; colour++) {
                     pixelcnn_step(w, count, j, colour, image_inputs, bias, window, &s);
-                    for (int b = 0; b < count; b++) {
-                        const size_t at = (((size_t)i * batch + first + b) * c + colour) * width + j;
-                        const int value = draw_into(s.logits[b], f->uniforms[at], f->temperature[first + b], -1,
-                                                    f->values + at, f->log_prob + (size_t)i * batch + first + b, cdf);
+                    BlockDraws d;
+                    block_draws(&d, count, f->uniforms, NULL, f->values,
+                                (((size_t)i * batch + first) * c + colour) * width + j, (size_t)c * width,
+                                f->temperature + first, f->log_prob + (size_t)i * batch + first);
+                    draw_block(s.logits, count, &d, cdf);
+                    for (int b = 0; b < count; b++)
                         image_inputs[b][((size_t)in_half * (width + 2 * in_half) + j + in_half) * c + colour] =
-                            (float)value / 127.5f - 1.0f;
-                    }
+                            (float)*d.value[b] / 127.5f - 1.0f;
                 }
             }
             publish(&f->sync, i, j + 1);
