@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import CachedSampler, Engine, GenerationRequest, c_library, sample_cached
+from app.engine import CachedSampler, Engine, GenerationRequest, c_library, iter_sample, sample_cached
 from app.engine.protocol import image_streams, prepare_canvas, row_uniforms
 from app.engine.wavefront import Wavefront, gated_reach, masked_conv_reach, sample_wavefront, uniforms_ahead
 from app.model import build
@@ -215,6 +215,35 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
     assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
 
 
+def test_an_engine_of_one_lane_draws_a_lone_request_in_one_call_and_batches_under_load():
+    """Its rows in one call of the kernel on the lane's own thread: the bytes of row-by-row decoding."""
+    model = gated(1, 4)
+    row_by_row = {
+        seed: [event for event in iter_sample(model, 1, seed=seed, labels=torch.tensor([2]))][-1] for seed in range(4)
+    }
+
+    async def main():
+        engine = Engine(model, lanes=1)
+        await engine.start()
+        try:
+            alone = await engine.generate(GenerationRequest(seed=0, labels=[2]))
+            after_alone = engine.stats()
+            crowd = await asyncio.gather(*(engine.generate(GenerationRequest(seed=s, labels=[2])) for s in range(4)))
+            return alone, after_alone, crowd, engine.stats()
+        finally:
+            await engine.stop()
+
+    alone, after_alone, crowd, stats = asyncio.run(main())
+    assert after_alone.rows_wavefront == SIZE, "a lone request is drawn in one call"
+    assert alone.decode_threads == 1
+    assert np.array_equal(alone.images, row_by_row[0].images.numpy())
+    assert np.array_equal(alone.log_prob, row_by_row[0].log_prob.numpy())
+    for seed, result in enumerate(crowd):
+        assert np.array_equal(result.images, row_by_row[seed].images.numpy()), f"seed {seed}"
+        assert np.array_equal(result.log_prob, row_by_row[seed].log_prob.numpy()), f"seed {seed}"
+    assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
+
+
 def test_a_completion_that_keeps_part_of_a_row_draws_that_row_row_by_row_then_by_wavefront():
     model = gated(1, 4)
     known = torch.randint(0, 256, (1, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(8))
@@ -335,8 +364,9 @@ def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
     assert Engine(model, lanes=2, wavefront=False).wavefront is None
 
 
-def test_only_engines_of_several_lanes_running_the_c_kernel_have_a_wavefront():
-    assert Engine(gated(1, 0), lanes=1).wavefront is None
+def test_engines_running_the_c_kernel_have_a_wavefront_of_up_to_as_many_threads_as_lanes():
+    assert Engine(gated(1, 0), lanes=1).wavefront is not None, "one lane: a lone request's rows in one call"
+    assert Engine(gated(1, 0), lanes=1, wavefront=False).wavefront is None
     assert Engine(tiny_model("gated"), lanes=2).wavefront is None, "float64 runs the torch row loop"
     assert Engine(gated(1, 0), lanes=2).wavefront.useful_lanes == 2  # 14 columns, rows 4 + 4 apart
     assert Engine(gated(1, 0, arch="pixelcnn"), lanes=2).wavefront.useful_lanes == 5  # rows 2 + 1 apart

@@ -26,6 +26,7 @@ from .cached_models import CachedGated, CachedPixelCNN
 from .posterior import infer_labels
 from .protocol import forced_row, row_uniforms, start_sampling
 from .row_loops import Target, choose_row_loop, exact_execution, script
+from .wavefront import Wavefront, uniforms_ahead
 
 
 class CachedSampler:
@@ -142,9 +143,14 @@ def iter_sample(
     sampler: CachedSampler | None = None,
     label_mode: str = "posterior",
     known_columns: int = 0,
+    rows_in_one_call: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor] | Samples]:
     """Yield (row index, uint8 row (n, C, W)) as each row is final, then the Samples. Kept pixels:
     rows < known_rows of `known`, and the first `known_columns` pixels of row known_rows.
+
+    `rows_in_one_call`: where the row loop is the C kernel, draw the rows (after a first one with kept
+    pixels) in one call of it, on this thread (Wavefront.decode), instead of one call per row: the same
+    numbers without a trip through Python per row, the rows all yielded at the end.
 
     Same protocol (and so the same images) as app.model.sample_naive."""
     config = model.config
@@ -158,9 +164,18 @@ def iter_sample(
     state = sampler.prefill(canvas, labels, known_rows)
     temperatures = torch.full((n, 1), float(temperature), dtype=torch.float64)
     log_prob = torch.zeros(n, dtype=torch.float64, device=sampler.device)
+    in_one_call = Wavefront.for_row_loop(sampler.row_loop) if rows_in_one_call else None
     for i in range(known_rows, config.height):
-        uniforms = row_uniforms(streams, config.image_channels, config.width)
         forced = forced_row(canvas, i, known_columns) if i == known_rows else None
+        if in_one_call is not None and forced is None:
+            uniforms = uniforms_ahead(streams, config.height - i, config.image_channels, config.width)
+            rows, row_log_probs = in_one_call.decode(state, uniforms, temperatures, lanes=1)
+            for k, (row, lp) in enumerate(zip(rows, row_log_probs)):  # row by row, as the one-row sums run
+                canvas[:, :, i + k] = row
+                log_prob += lp
+                yield i + k, row.to(torch.uint8).cpu()
+            break
+        uniforms = row_uniforms(streams, config.image_channels, config.width)
         row, lp = sampler.decode_row(state, uniforms, temperatures, forced)
         canvas[:, :, i] = row
         log_prob += lp
@@ -169,7 +184,8 @@ def iter_sample(
 
 
 def sample_cached(model: PixelCNNModel, n: int = 1, **kwargs: Any) -> Samples:
-    """Cached sampling to completion; keyword arguments as iter_sample."""
-    *_, result = iter_sample(model, n, **kwargs)
+    """Cached sampling to completion; keyword arguments as iter_sample, whose rows_in_one_call it sets (no
+    row is wanted before the end)."""
+    *_, result = iter_sample(model, n, rows_in_one_call=True, **kwargs)
     assert isinstance(result, Samples)  # iter_sample ends with it
     return result

@@ -81,6 +81,7 @@ class LaneLoop(LaneDiscipline):
     _row_time: TimeHistogram
     _stop_wavefront: ctypes.c_int32
     _wavefront_threads: int
+    _wavefront_most_threads: int
 
     def _run(self, lane: Lane) -> None:
         while not self._stopping:
@@ -95,7 +96,7 @@ class LaneLoop(LaneDiscipline):
                     lane.wake.wait(timeout=0.5)
                     continue
                 wavefront_lanes = self._wavefront_lanes(lane)
-                if wavefront_lanes > 1:
+                if wavefront_lanes:
                     self._decode_wavefront(lane, wavefront_lanes)
                 else:
                     self._decode_one_row(lane)
@@ -323,11 +324,11 @@ class LaneLoop(LaneDiscipline):
             owner.finish()
 
     def _wavefront_lanes(self, lane: Lane) -> int:
-        """Threads for wavefront decoding of this lane's batch; 1 (row by row) unless its batch is one
+        """Threads for wavefront decoding of this lane's batch; 0 (row by row) unless its batch is one
         request (its images share the row index) that does not stream, nothing waits and every other lane
-        is idle: the idle lanes' cores then draw its rows too. Throughput first: any waiting request means
-        batching. A streamed request decodes row by row: a wavefront hands its rows on when it returns,
-        which would delay the first row."""
+        is idle: the idle lanes' cores then draw its rows too (on an engine of one lane: its rows in one call,
+        on its own thread). Throughput first: any waiting request means batching. A streamed request decodes
+        row by row: a wavefront hands its rows on when it returns, which would delay the first row."""
         shard = lane.active[0] if len(lane.active) == 1 else None
         # A completion's first row with kept pixels (forced) decodes row by row: the wavefront draws every pixel.
         # A request with a deadline decodes row by row (each step checks it), as under fault injection.
@@ -339,13 +340,13 @@ class LaneLoop(LaneDiscipline):
             or shard.owner.request.deadline is not None
             or self.fault_every_steps
         ):
-            return 1
+            return 0
         with self._lock:  # a cancel sets the stop flag under the lock, after marking its request gone
             busy = any(o.load for o in self._lanes if o is not lane)
             if shard.owner.gone or lane.groups or self._waiting or busy:
-                return 1
+                return 0
             self._stop_wavefront.value = 0
-            self._wavefront_threads = min(len(self._lanes), self.wavefront.useful_lanes)
+            self._wavefront_threads = self._wavefront_most_threads
             return self._wavefront_threads
 
     def _decode_wavefront(self, lane: Lane, threads: int) -> None:
@@ -379,14 +380,14 @@ class LaneLoop(LaneDiscipline):
         for the shipped model. Its threads need free cores, which a busy machine may not have; the images
         are the same bytes either way. Logged."""
         assert self.wavefront is not None
-        threads = min(len(self._lanes), self.wavefront.useful_lanes)
+        threads = self._wavefront_most_threads
         fastest, one_lane = self.wavefront.tune(
             self.sampler, threads, baseline=lambda: sample_cached(self.model, 1, sampler=self.sampler)
         )
         assert one_lane is not None
         pays = fastest < 0.9 * one_lane
         log.info(
-            "wavefront decoding %s: one image in %.1f ms on %d threads (%s) vs %.1f ms on one",
+            "wavefront decoding %s: one image in %.1f ms on %d threads (%s) vs %.1f ms on one (its rows in one call)",
             "on" if pays else "off",
             1e3 * fastest,
             threads,

@@ -107,12 +107,14 @@ class Engine(LaneLoop):
         self.fault_every_steps = fault_every_steps
         self._steps = itertools.count(1)
         # Wavefront decoding (wavefront.py): a lane whose batch is one request, while nothing waits and the
-        # other lanes are idle, draws its rows on as many threads as there are lanes; any submit sets
-        # _stop_wavefront, and the lane goes back to row-by-row batching after the rows in flight.
-        # `wavefront`: use it where it applies (True), never (False), or where it measures faster at start (None,
-        # what the server does: _tune_wavefront).
-        self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if lanes > 1 and wavefront is not False else None
-        self._measure_wavefront = wavefront is None
+        # other lanes are idle, draws its rows in one call of the C kernel, on as many threads as there are
+        # lanes (one, on an engine of one lane); any submit sets _stop_wavefront, and the lane goes back to
+        # row-by-row batching after the rows in flight. `wavefront`: use it where it applies (True), never
+        # (False: row by row), or on several threads only where that measures faster at start (None, what the
+        # server does: _tune_wavefront).
+        self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if wavefront is not False else None
+        self._wavefront_most_threads = 1 if self.wavefront is None else min(lanes, self.wavefront.useful_lanes)
+        self._measure_wavefront = wavefront is None and self._wavefront_most_threads > 1
         self._stop_wavefront = ctypes.c_int32(0)  # read by the C threads without the GIL
         self._wavefront_threads = 0  # of the wavefront in flight; under the lock
 
@@ -123,10 +125,10 @@ class Engine(LaneLoop):
         if self.running:
             return
         await asyncio.to_thread(self.sampler.capture_graphs)
-        if self.wavefront is not None and self._measure_wavefront:
+        if self._measure_wavefront:
             self._measure_wavefront = False
             if not await asyncio.to_thread(self._tune_wavefront):
-                self.wavefront = None
+                self._wavefront_most_threads = 1  # its rows still in one call, on the lane's own thread
         self._stopping = False
         for lane in self._lanes:
             lane.thread = threading.Thread(

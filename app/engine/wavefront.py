@@ -19,7 +19,7 @@ import ctypes
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,10 +29,12 @@ from app.model.sampling import Samples
 
 from .c_kernel import NativeGatedDecoder, _pointers
 from .cache import DecodeCache, GatedCache, PixelCNNCache
-from .cached import CachedSampler
 from .cached_models import CachedGated, CachedPixelCNN
 from .protocol import start_sampling
 from .row_loops import CKernelRows, RowLoop
+
+if TYPE_CHECKING:  # cached.py draws its rows through this module's decode
+    from .cached import CachedSampler
 
 # Vertical columns computed together (a block shares each weight read; the row below then starts that many
 # columns later). For the shipped model on an Intel Xeon, one image on one thread costs 40.5 / 25.4 / 20.5 /
@@ -148,7 +150,8 @@ class Wavefront:
         lanes: int,
         stop: ctypes.c_int32 | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw the next rows of every image of `state` (all at the same row) on `lanes` threads.
+        """Draw the next rows of every image of `state` (all at the same row) on `lanes` threads; on one, in
+        one call of the kernel rather than one per row (no per-row trip through Python).
 
         uniforms float64 (R, B, C, W): row k's uniforms; temperature (B, 1). Returns values int64 (R', B, C, W)
         and each row's log p (R', B) float64 for the R' <= R rows drawn (fewer once `stop` is set); `state`
@@ -185,7 +188,7 @@ class Wavefront:
                 batch,
                 rows,
                 lanes,
-                self.group,
+                self.group if lanes > 1 else self.config.width,  # one thread: each vertical layer's row at once
                 self.split if lanes == 2 else 0,  # by role on two threads, else by rows
                 _pointers([t for layer in state.vertical for t in layer]),
                 _pointers(state.v_bias),
