@@ -340,14 +340,15 @@ typedef struct {
 
 /* The protocol's draw (app/engine/protocol.py) for each image b < count of a block: the first level whose
  * cumulative softmax(logits[b] / T) exceeds u times the total, and log softmax(logits[b]) at it. Each
- * image's running sum of its 256 terms is one chain of dependent adds; the block's chains run side by side
- * (cdf holds level v of image b at v * BLOCK + b, so one vector add advances every image by a level), each
- * in level order, so every image's numbers are the ones it would get alone. */
-static void draw_block(float *const *logits, int count, const BlockDraws *d, double *restrict cdf) {
+ * image's running sum of its 256 terms is one chain of dependent adds; a block's chains run side by side
+ * (cdf holds level v of image b at v * lanes + b, so one vector add advances every image by a level), each
+ * in level order, so every image's numbers are the ones it would get alone. lanes: BLOCK, or 1 for one image. */
+static inline __attribute__((always_inline)) void draw_lanes(float *const *logits, int count, const BlockDraws *d,
+                                                             double *restrict cdf, const int lanes) {
     double max[BLOCK];
-    for (int b = 0; b < BLOCK; b++) {
+    for (int b = 0; b < lanes; b++) {
         if (b >= count || d->forced[b] >= 0) {  /* a lane with nothing to draw sums zeros */
-            for (int v = 0; v < LEVELS; v++) cdf[v * BLOCK + b] = 0.0;
+            for (int v = 0; v < LEVELS; v++) cdf[v * lanes + b] = 0.0;
             continue;
         }
         double wide[LEVELS], scaled[LEVELS];
@@ -361,18 +362,18 @@ static void draw_block(float *const *logits, int count, const BlockDraws *d, dou
             for (int v = 0; v < LEVELS; v++) scaled[v] = wide[v] / temperature;
             scaled_max = maximum(scaled);
         }
-        for (int v = 0; v < LEVELS; v++) cdf[v * BLOCK + b] = exp_nonpositive(scaled[v] - scaled_max);
+        for (int v = 0; v < LEVELS; v++) cdf[v * lanes + b] = exp_nonpositive(scaled[v] - scaled_max);
     }
     for (int v = 1; v < LEVELS; v++)
-        for (int b = 0; b < BLOCK; b++) cdf[v * BLOCK + b] += cdf[(v - 1) * BLOCK + b];
+        for (int b = 0; b < lanes; b++) cdf[v * lanes + b] += cdf[(v - 1) * lanes + b];
     for (int b = 0; b < count; b++) {
         if (d->forced[b] >= 0) {
             *d->value[b] = d->forced[b];
             continue;
         }
-        const double last = cdf[(LEVELS - 1) * BLOCK + b], target = d->u[b] * last;
+        const double last = cdf[(LEVELS - 1) * lanes + b], target = d->u[b] * last;
         int value = 0;
-        while (value < LEVELS - 1 && !(cdf[value * BLOCK + b] > target)) value++;
+        while (value < LEVELS - 1 && !(cdf[value * lanes + b] > target)) value++;
         double total = 0.0;
         if (d->temperature[b] == 1.0) {
             total = last;  /* the same sum: softmax(logits / 1) */
@@ -384,6 +385,13 @@ static void draw_block(float *const *logits, int count, const BlockDraws *d, dou
         *d->value[b] = value;
         *d->log_prob[b] += ((double)logits[b][value] - max[b]) - log_positive(total);
     }
+}
+
+static void draw_block(float *const *logits, int count, const BlockDraws *d, double *restrict cdf) {
+    if (count == 1)
+        draw_lanes(logits, 1, d, cdf, 1);  /* one image: its levels side by side, no idle lanes to fill */
+    else
+        draw_lanes(logits, count, d, cdf, BLOCK);
 }
 
 /* The draws of a block's images b < count at one sub-pixel: image b's at index at + b * stride of uniforms,
