@@ -165,7 +165,13 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     parser.add_argument("--naive-rows", type=int, default=2, help="rows of naive sampling to time (then extrapolated)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: what each decode lane runs on, and the single-thread forward pass "
+        "the ratios compare with)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--lanes", default="1,2", help="comma-separated decode lane counts for the engine part")
     parser.add_argument("--concurrency", type=int, default=16, help="simultaneous n=1 requests in the engine part")
@@ -173,8 +179,9 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the engine part (medians are shown)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     model = load(args.model_dir, pick_device(args.device))
     sampler, eager = CachedSampler(model), CachedSampler(model, compiled=False)
     torchscript = CachedSampler(model, native=False)  # what runs without the C kernel

@@ -176,7 +176,7 @@ class NativeGatedVertical(NativeDecoder):
     """CachedGated's per-row work in C: `begin_row` (the vertical stack) and `end_row` (the push of the
     drawn row), called like CachedGated's methods, reading and writing the GatedCache's tensors. The kept
     vertical rows are held zero-padded, (B, W + kw - 1, in), not unfolded as the torch methods hold them
-    (CachedGated.unfold_row turns one into the other): a fifth of the memory traffic (`adopt`).
+    (CachedGated.unfold_row turns one into the other): a fifth of the memory traffic (`empty_cache`).
 
     The torch methods stay the readable reference (float64, CUDA, no compiler, native=False). The C sums
     run in their written order (bias, then each kept row's product, then the class bias; the link's
@@ -189,8 +189,10 @@ class NativeGatedVertical(NativeDecoder):
         config = impl.config
         self.layers, self.n, self.width = len(impl.v_weight), impl.n, config.width
         self.channels = config.image_channels
+        self.impl = impl
         self.v_width = list(impl.v_width)
         self.v_rows = [len(w) for w in impl.v_weight]
+        self.kept_rows = [impl.kept_rows(index) for index in range(self.layers)]
         # Floats per image of each layer's h_buffers (W + kw - 1, in), which begin_row zeroes.
         h_size = [(self.width + kw - 1) * (self.channels if i == 0 else self.n) for i, kw in enumerate(impl.h_width)]
         self._weights = GatedVertical(
@@ -213,13 +215,13 @@ class NativeGatedVertical(NativeDecoder):
             raise ValueError("the native vertical stack needs contiguous float32 caches")
         return tensors
 
-    def adopt(self, state: DecodeCache) -> None:
-        """Turn the torch prefill's caches with no known rows (all kept rows zero) into this layout."""
-        s = cast(GatedCache, state)
-        s.vertical = [
-            [torch.zeros((s.batch, self.width + kw - 1, self.channels if index == 0 else self.n)) for _ in rows]
-            for index, (rows, kw) in enumerate(zip(s.vertical, self.v_width))
+    def empty_cache(self, labels: torch.Tensor | None, batch: int) -> GatedCache:
+        """CachedGated.empty_cache in this layout: every kept vertical row zero (no row known yet)."""
+        vertical = [
+            [torch.zeros((batch, self.width + kw - 1, self.channels if index == 0 else self.n)) for _ in range(rows)]
+            for index, (rows, kw) in enumerate(zip(self.kept_rows, self.v_width))
         ]
+        return self.impl.empty_cache(labels, batch, torch.device("cpu"), torch.float32, vertical)
 
     def begin_row(self, state: DecodeCache) -> None:
         """CachedGated.begin_row: row_bias, the new kept rows of layers 1.., h_buffers zeroed."""

@@ -170,10 +170,10 @@ def iter_sample(
         if in_one_call is not None and forced is None:
             uniforms = uniforms_ahead(streams, config.height - i, config.image_channels, config.width)
             rows, row_log_probs = in_one_call.decode(state, uniforms, temperatures, lanes=1)
-            for k, (row, lp) in enumerate(zip(rows, row_log_probs)):  # row by row, as the one-row sums run
-                canvas[:, :, i + k] = row
+            canvas[:, :, i:] = rows.permute(1, 2, 0, 3)  # (R, n, C, W) -> (n, C, R, W)
+            for lp in row_log_probs:  # row by row, as the one-row sums run
                 log_prob += lp
-                yield i + k, row.to(torch.uint8).cpu()
+            yield from enumerate(rows.to(torch.uint8), start=i)
             break
         uniforms = row_uniforms(streams, config.image_channels, config.width)
         row, lp = sampler.decode_row(state, uniforms, temperatures, forced)

@@ -108,37 +108,56 @@ class CachedGated:
             return zero, zero
         return layer.class_bias(labels).chunk(2, dim=1)
 
+    def kept_rows(self, index: int) -> int:
+        """Input rows layer `index`'s vertical stack keeps: layer 0 reads rows < i, later ones row i too."""
+        rows = self.layers[index].vertical.kernel_size[0]
+        return rows if index == 0 else rows - 1
+
     def prefill(self, canvas: torch.Tensor, labels: torch.Tensor | None, known_rows: int) -> DecodeCache:
         """Caches for decoding row `known_rows` onwards: one batched pass of the vertical stack over the
         known rows (which never sees a later row), keeping the last rows of every layer's input."""
-        b, c, _, w = canvas.shape
+        b, _, _, w = canvas.shape
         dtype = self.link_weight[0].dtype
         v = scale_pixels(canvas[:, :, :known_rows], dtype)  # (B, C, r, W)
-        vertical_queues, v_bias, h_bias = [], [], []
+        vertical_queues: list[list[torch.Tensor]] = []
         for index, layer in enumerate(self.layers):
-            kernel = layer.vertical.kernel_size
-            keep = kernel[0] if index == 0 else kernel[0] - 1  # layer 0 reads rows < i; later ones row i too
+            keep, kernel = self.kept_rows(index), layer.vertical.kernel_size
             pad = kernel[1] // 2
             queue = F.pad(v, (pad, pad, max(0, keep - known_rows), 0))[:, :, -keep:] if keep else v[:, :, :0]
             queue = queue if keep else F.pad(queue, (pad, pad))
             queue = queue.permute(0, 2, 3, 1)  # channels-last: (B, rows, W + 2 pad, in)
             vertical_queues.append([self.unfold_row(queue[:, k], kernel[1]) for k in range(keep)])
-            vb, hb = self.class_biases(labels, b, layer)
-            v_bias.append(vb * self.pre_scale)
-            h_bias.append(hb * self.pre_scale)
             if known_rows:
-                v = gate(layer.vertical(F.pad(v, layer.vertical_padding)) + vb[:, :, None, None])
+                class_bias, _ = self.class_biases(labels, b, layer)
+                v = gate(layer.vertical(F.pad(v, layer.vertical_padding)) + class_bias[:, :, None, None])
             else:
                 v = v.new_zeros(b, self.n, 0, w)
-        h_buffers = [
-            canvas.new_zeros(b, w + kw - 1, c if i == 0 else self.n, dtype=dtype) for i, kw in enumerate(self.h_width)
-        ]
+        return self.empty_cache(labels, b, canvas.device, dtype, vertical_queues)
+
+    def empty_cache(
+        self,
+        labels: torch.Tensor | None,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        vertical: list[list[torch.Tensor]],
+    ) -> GatedCache:
+        """The caches with the kept vertical rows given (`vertical`, in the caller's layout): each image's
+        class biases, and zero horizontal buffers (no pixel of the next row drawn yet)."""
+        biases = [self.class_biases(labels, batch, layer) for layer in self.layers]
         return GatedCache(
-            labels=labels if labels is not None else canvas.new_zeros(b),
-            vertical=vertical_queues,
-            v_bias=v_bias,
-            h_bias=h_bias,
-            h_buffers=h_buffers,
+            labels=labels if labels is not None else torch.zeros(batch, dtype=torch.long, device=device),
+            vertical=vertical,
+            v_bias=[vb * self.pre_scale for vb, _ in biases],
+            h_bias=[hb * self.pre_scale for _, hb in biases],
+            h_buffers=[
+                torch.zeros(
+                    (batch, self.config.width + kw - 1, self.config.image_channels if i == 0 else self.n),
+                    dtype=dtype,
+                    device=device,
+                )
+                for i, kw in enumerate(self.h_width)
+            ],
             row_bias=[None] * len(self.layers),
         )
 

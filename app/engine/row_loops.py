@@ -154,10 +154,10 @@ class CKernelRows(RowLoop):
         vertical stack; the masked-conv one: every sub-pixel, forced to its known value), not through torch's
         convolutions, whose rounding depends on the CPU: the caches hold the numbers decoding would leave,
         the same bits on every machine and for any batch, so the whole batch is prefilled at once."""
-        state = self.impl.prefill(canvas, labels, 0)  # zeros and class biases: exact
-        if self.vertical is not None:
-            self.vertical.adopt(state)
-        b, c, _, w = canvas.shape
+        # No row known yet: zeros and class biases, exact (the gated model's kept rows in the kernel's layout).
+        b = canvas.shape[0]
+        state = self.impl.prefill(canvas, labels, 0) if self.vertical is None else self.vertical.empty_cache(labels, b)
+        c, w = canvas.shape[1], canvas.shape[3]
         uniforms = torch.zeros((b, c, w), dtype=torch.float64)  # ignored: every sub-pixel is forced
         temperature = torch.ones((b, 1), dtype=torch.float64)
         for i in range(known_rows):
