@@ -45,6 +45,16 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
+def panels(matrix: torch.Tensor, width: int) -> torch.Tensor:
+    """A (rows, cols) matrix as the kernel's products read it (row_kernels.c, affine_block): `width` columns
+    at a time, each panel's rows one after another, the last panel zero-padded: (ceil(cols / width), rows,
+    width)."""
+    rows, cols = matrix.shape
+    padded = torch.zeros((rows, -(-cols // width) * width), dtype=torch.float32)
+    padded[:, :cols] = matrix.detach()
+    return padded.reshape(rows, -1, width).permute(1, 0, 2).contiguous()
+
+
 class NativeDecoder:
     """Calls a C row loop with the weights of a row decoder; called like the decoder's `forward`.
 
@@ -65,6 +75,14 @@ class NativeDecoder:
         dense = _dense(tensor)
         self._keep.append(dense)
         return dense.data_ptr()
+
+    def _matrices(self, matrices: list[torch.Tensor]) -> ctypes.Array:
+        """The matrices of the kernel's products, in its panels."""
+        width = self._library.kernel_panel_width()
+        return self._tensors([panels(m, width) for m in matrices])
+
+    def _matrix(self, matrix: torch.Tensor) -> int:
+        return self._tensor(panels(matrix, self._library.kernel_panel_width()))
 
     def _ints(self, values: list[int]) -> ctypes.Array:
         array = (ctypes.c_int32 * len(values))(*values)
@@ -120,12 +138,12 @@ class NativeGatedDecoder(NativeDecoder):
             head.hidden_w.shape[1],
             self._ints(decoder.h_width),
             self._ints([w.shape[0] // kw for w, kw in zip(decoder.h_weight, decoder.h_width)]),
-            self._tensors(decoder.h_weight),
-            self._tensors(decoder.out_weight),
+            self._matrices(decoder.h_weight),
+            self._matrices(decoder.out_weight),
             self._tensors(decoder.out_bias),
-            self._tensor(head.hidden_w),
+            self._matrix(head.hidden_w),
             self._tensor(head.hidden_b),
-            self._tensors(head.logits_w),
+            self._matrices(head.logits_w),
             self._tensors(head.logits_b),
         )
 
@@ -153,16 +171,16 @@ class NativePixelCNNDecoder(NativeDecoder):
             head.hidden_w.shape[1],
             decoder.in_half,
             self._ints(decoder.k_half),
-            self._tensor(decoder.in_weight),
-            self._tensors(decoder.conv_weight),
+            self._matrix(decoder.in_weight),
+            self._matrices(decoder.conv_weight),
             self._tensors(decoder.conv_bias),
-            self._tensors(decoder.reduce_weight),
+            self._matrices(decoder.reduce_weight),
             self._tensors(decoder.reduce_bias),
-            self._tensors(decoder.expand_weight),
+            self._matrices(decoder.expand_weight),
             self._tensors(decoder.expand_bias),
-            self._tensor(head.hidden_w),
+            self._matrix(head.hidden_w),
             self._tensor(head.hidden_b),
-            self._tensors(head.logits_w),
+            self._matrices(head.logits_w),
             self._tensors(head.logits_b),
         )
 
@@ -203,9 +221,9 @@ class NativeGatedVertical(NativeDecoder):
             self._ints(self.v_rows),
             self._ints(self.v_width),
             self._ints(h_size),
-            self._tensors([w for layer in impl.v_weight for w in layer]),
+            self._matrices([w for layer in impl.v_weight for w in layer]),
             self._tensors(impl.v_bias),
-            self._tensors(impl.link_weight),
+            self._matrices(impl.link_weight),
             self._tensors(impl.link_bias),
         )
 

@@ -178,6 +178,7 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("could not build the native row kernel (%s): sampling runs the TorchScript decoder", error)
         return None
+    library.kernel_panel_width.restype = ctypes.c_int
     if not library.kernel_hardware_fma():
         log.warning(
             "this CPU has no fused multiply-add instruction: the C kernel emulates it exactly (the same bytes "

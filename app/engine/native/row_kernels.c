@@ -13,7 +13,8 @@
  * block's images share each weight row while it is in cache, and every image's sums still run in the
  * same order with the same operations, so its numbers are the same in any block and any batch.
  *
- * Layouts (float32, row-major, batch first), as in row_decoders.GatedRowDecoder:
+ * Layouts (float32, row-major, batch first; the matrices below in panels: affine_block), as in
+ * row_decoders.GatedRowDecoder:
  *   h_buffers[l]  (B, W + kw_l - 1, in_l)  the current row's inputs of layer l, zero-padded on the left
  *   row_bias[l]   (B, W, 2n)               all the vertical stack adds to each column's pre-activation
  *   h_weight[l]   (kw_l * in_l, 2n)        horizontal kernel, its tanh half scaled by -2
@@ -104,6 +105,9 @@ static inline float fused_by_double(float x, float w, float acc) {
     return (float)bits.d;
 }
 
+/* The floats per panel row of every matrix of the products (affine_block): c_kernel.panels lays them out. */
+int kernel_panel_width(void) { return LANES; }
+
 /* 1 where the products run on the CPU's own FMA instruction, 0 where they are emulated (c_library logs it). */
 int kernel_hardware_fma(void) {
 #if defined(__FMA__) || defined(__aarch64__)
@@ -164,7 +168,7 @@ int kernel_fused(float x, const float *w, const float *acc, float *vector_out, f
 
 /* A tile of 4 or more images asks for the weight row PREFETCH_ROWS ahead of the one it multiplies: the
  * weights (0.5 MB per sub-pixel step, 1.9 MB for a row's vertical stack) come from L2 or L3, and the hardware
- * prefetchers do not see a tile's slice of each row as one stream. On an Intel Xeon, batch 64 took 6% less
+ * prefetchers do not keep up with a tile's streams. On an Intel Xeon, batch 64 took 6% less
  * time and batch 16 4% (4, 8 and 12 rows alike; BENCHMARKS.md); one image's matrix-vector products gained
  * nothing. A prefetch never faults, so it may look past the matrix's end. */
 #define PREFETCH_ROWS 8
@@ -181,11 +185,11 @@ static inline __attribute__((always_inline)) void affine_tile(float *const *out,
     floats acc[BLOCK][8], wk[8];  /* vectors <= 8; fully unrolled below, so all of it lives in registers */
     UNROLL for (int b = 0; b < count; b++)
         UNROLL for (int v = 0; v < vectors; v++) acc[b][v] = *(const floats_u *)(bias[b] + o0 + LANES * v);
+    const float *restrict panel = w + (size_t)(o0 / LANES) * rows * LANES; /* vector v: panel + v * rows * LANES */
     for (int k = 0; k < rows; k++) {
-        const float *restrict wk_row = w + (size_t)k * cols + o0;
-        UNROLL for (int v = 0; v < vectors; v++) wk[v] = *(const floats_u *)(wk_row + LANES * v);
+        UNROLL for (int v = 0; v < vectors; v++) wk[v] = *(const floats_u *)(panel + ((size_t)v * rows + k) * LANES);
         if (count >= 4)  /* see PREFETCH_ROWS */
-            UNROLL for (int v = 0; v < vectors; v++) __builtin_prefetch(wk_row + PREFETCH_ROWS * cols + LANES * v, 0, 3);
+            UNROLL for (int v = 0; v < vectors; v++) __builtin_prefetch(panel + ((size_t)v * rows + k + PREFETCH_ROWS) * LANES, 0, 3);
         UNROLL for (int b = 0; b < count; b++) {
             const float xk = x[b][k];
             UNROLL for (int v = 0; v < vectors; v++) acc[b][v] = fused(acc[b][v], xk, wk[v]);
@@ -195,8 +199,20 @@ static inline __attribute__((always_inline)) void affine_tile(float *const *out,
         UNROLL for (int v = 0; v < vectors; v++) *(floats_u *)(out[b] + o0 + LANES * v) = acc[b][v];
 }
 
+/* The last `left` (< LANES) columns, o0 .. o0 + left - 1, of the same sums: the zero-padded last panel, one
+ * vector per image, its first `left` lanes kept. */
+static void affine_partial(float *const *out, const float *const *bias, const float *const *x,
+                           const float *restrict panel, int rows, int o0, int left, int count) {
+    for (int b = 0; b < count; b++) {
+        floats acc = {0};
+        memcpy(&acc, bias[b] + o0, sizeof(float) * (size_t)left);
+        for (int k = 0; k < rows; k++) acc = fused(acc, x[b][k], *(const floats_u *)(panel + (size_t)k * LANES));
+        memcpy(out[b] + o0, &acc, sizeof(float) * (size_t)left);
+    }
+}
+
 /* All columns for `count` images: tiles of `vectors` registers, then one narrower tile for what is left
- * of the LANES-float slices, then the last cols % LANES columns one by one (the same sums).
+ * of the whole panels, then the last cols % LANES columns (affine_partial).
  * Wider tiles for fewer images keep count * vectors (independent running sums) at 12..24 (half that
  * with 16 vector registers), enough to hide the adds' latency without running out of registers: 8 images
  * x 3 vectors (24 sums, 3 weight loads and 8 broadcasts per 24 products) was ~3% faster at batch 16 and 64
@@ -219,20 +235,17 @@ static inline __attribute__((always_inline)) void affine_tiles(float *const *out
         default: break;
     }
     o0 += (cols - o0) / LANES * LANES;
-    for (int b = 0; b < count; b++) {
-        for (int o = o0; o < cols; o++) {
-            float sum = bias[b][o];
-            for (int k = 0; k < rows; k++) sum = fused1(x[b][k], w[(size_t)k * cols + o], sum);
-            out[b][o] = sum;
-        }
-    }
+    if (o0 < cols) affine_partial(out, bias, x, w + (size_t)(o0 / LANES) * rows * LANES, rows, o0, cols - o0, count);
 }
 
 /* out[b] (cols) = bias[b] + x[b] (rows) @ w (rows, cols), summed over rows in order, for the `count`
  * (1 .. BLOCK) images b of a block: out[b][o] = bias[b][o], then + x[b][k] * w[k][o] for k = 0, 1, ...,
- * one rounded multiply and one rounded add each. Every image gets exactly that sum, however many images
- * share the block, so its numbers do not depend on its batch. Why blocks: the weights are read once
- * per block instead of once per image, and the running sums stay in registers. */
+ * one fused multiply-add each. Every image gets exactly that sum, however many images share the block,
+ * so its numbers do not depend on its batch. Why blocks: the weights are read once per block instead of
+ * once per image, and the running sums stay in registers.
+ * w is in panels (c_kernel.panels): LANES columns at a time, each panel's rows one after another,
+ * w[p][k][l] = matrix[k][p * LANES + l], the last panel zero-padded, so that a tile reads each of its
+ * panels front to back instead of a slice of every row (one image: 5% faster on an Intel Xeon). */
 static void affine_block(float *const *out, const float *const *bias, const float *const *x,
                          const float *restrict w, int rows, int cols, int count) {
     switch (count) {
