@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 
 import anyio
@@ -354,9 +355,11 @@ def tall_store(tmp_path_factory):
     return root
 
 
-def spying_engine_factory(model, settings):
+def spying_engine_factory(model, settings, wavefront=True):
     """The real engine, recording which requests the server cancelled."""
-    engine = Engine(model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue)
+    engine = Engine(
+        model, max_batch_images=settings.max_batch_images, max_queue=settings.max_queue, wavefront=wavefront
+    )
     engine.cancelled = []
     submit = engine.submit
 
@@ -471,7 +474,10 @@ async def test_non_streamed_disconnect_cancels_the_engine_request(serve, tall_st
 
 
 async def test_non_streamed_disconnect_mid_generation_stops_at_the_next_row(serve, tall_store):
-    async with serve(engine_factory=spying_engine_factory, model_store=tall_store, model="tall") as (app, client):
+    # Row by row, so that the rows drawn show it is mid-image: a lone request's rows drawn in one call are handed
+    # on together (test_wavefront checks that a cancel stops such a call at its next row).
+    row_by_row = functools.partial(spying_engine_factory, wavefront=False)
+    async with serve(engine_factory=row_by_row, model_store=tall_store, model="tall") as (app, client):
         engine = app.state.registry.models["tall"].engine
         chunks = await call_then_disconnect(
             app,

@@ -313,16 +313,17 @@ def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_on
     assert stats.rows_wavefront < 24
 
 
-def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row():
+@pytest.mark.parametrize("lanes", [1, 2])  # one lane: its rows in one call on the lane's own thread
+def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row(lanes):
     tall = tiny_model("gated", size=24, layers=4, seed=4, hidden_channels=96, dtype=torch.float32)
 
     async def main():
-        engine = Engine(tall, lanes=2)
+        engine = Engine(tall, lanes=lanes)
         await engine.start()
         try:
             stream = engine.submit(GenerationRequest(seed=1), rows=False)
             deadline = asyncio.get_running_loop().time() + 10
-            while engine.stats().wavefront_threads != 2:  # its wavefront is under way
+            while engine.stats().wavefront_threads != lanes:  # its wavefront is under way
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.001)
             await stream.cancel()
