@@ -354,7 +354,7 @@ def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
         with caplog.at_level(logging.INFO, logger="app.engine.lanes"):
             await engine.start()
         try:
-            return engine.wavefront is not None, await engine.generate(GenerationRequest(seed=3))
+            return engine.lone_request_threads == 2, await engine.generate(GenerationRequest(seed=3))
         finally:
             await engine.stop()
 
@@ -362,7 +362,30 @@ def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
     assert f"wavefront decoding {'on' if on else 'off'}: one image in" in caplog.text
     assert "on one thread, the rest on the other" in caplog.text or "(by rows)" in caplog.text, "the split it chose"
     assert np.array_equal(result.images, expected.images.numpy()), "the same image whatever it picked"
-    assert Engine(model, lanes=2, wavefront=False).wavefront is None
+    assert Engine(model, lanes=2, wavefront=False).lone_request_threads == 0
+    assert Engine(model, lanes=2).lone_request_threads == 2, "wavefront=True: no measurement"
+    assert Engine(model, lanes=1).lone_request_threads == 1, "one lane: nothing to measure"
+
+
+def test_where_the_wavefront_measures_slower_a_lone_request_is_still_drawn_in_one_call(monkeypatch, caplog):
+    model = gated(1, 0)
+    expected = sample_cached(model, 1, seed=2)
+    monkeypatch.setattr(Wavefront, "tune", lambda self, sampler, lanes, rounds=5, baseline=None: (1.0, 0.5))
+
+    async def main():
+        engine = Engine(model, lanes=2, wavefront=None)
+        with caplog.at_level(logging.INFO, logger="app.engine.lanes"):
+            await engine.start()
+        try:
+            return engine.lone_request_threads, await engine.generate(GenerationRequest(seed=2)), engine.stats()
+        finally:
+            await engine.stop()
+
+    threads, result, stats = asyncio.run(main())
+    assert "wavefront decoding off" in caplog.text
+    assert threads == 1 and result.decode_threads == 1
+    assert stats.rows_wavefront == SIZE, "its rows in one call on its lane's thread"
+    assert np.array_equal(result.images, expected.images.numpy())
 
 
 def test_engines_running_the_c_kernel_have_a_wavefront_of_up_to_as_many_threads_as_lanes():

@@ -162,6 +162,11 @@ class Engine(LaneLoop):
         return self.sampler.numerics
 
     @property
+    def lone_request_threads(self) -> int:
+        """Threads that draw a lone request on an idle engine: more than one by wavefront (0: row by row)."""
+        return 0 if self.wavefront is None else self._wavefront_most_threads
+
+    @property
     def running(self) -> bool:
         return any(lane.thread is not None and lane.thread.is_alive() for lane in self._lanes)
 
