@@ -210,9 +210,10 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
     assert alone.decode_threads == 2, "and says so (Server-Timing passes it on)"
     for seed, result in enumerate(crowd):
         assert np.array_equal(result.images, expected[seed].images.numpy()), f"seed {seed}"
-    assert {result.decode_threads for result in crowd} == {1}, "batched: one thread each"
-    # Six requests at once on two lanes: batched (no lane draws by wavefront while others wait).
+    # Six requests at once on two lanes: batched (no lane draws by wavefront while others wait; a request left
+    # alone at the end, with the other lane idle, may finish on both cores, and says so in decode_threads).
     assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
+    assert 1 in {result.decode_threads for result in crowd}
 
 
 def test_an_engine_of_one_lane_draws_a_lone_request_in_one_call_and_batches_under_load():
@@ -309,8 +310,9 @@ def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_on
     assert np.array_equal(first.images, first_alone.images.numpy())
     assert np.array_equal(first.log_prob, first_alone.log_prob.numpy())
     assert np.array_equal(pair.images, pair_alone.images.numpy())
-    # It had started (wavefront_threads was 2), and stopped when the pair arrived (maybe before its first row).
-    assert stats.rows_wavefront < 24
+    # It had started (wavefront_threads was 2), and stopped when the pair arrived (maybe before its first row);
+    # the pair's shard alone on the other lane may have been drawn in one call there (24 rows).
+    assert stats.rows_wavefront < 2 * 24
 
 
 @pytest.mark.parametrize("lanes", [1, 2])  # one lane: its rows in one call on the lane's own thread
@@ -365,6 +367,32 @@ def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
     assert Engine(model, lanes=2, wavefront=False).lone_request_threads == 0
     assert Engine(model, lanes=2).lone_request_threads == 2, "wavefront=True: no measurement"
     assert Engine(model, lanes=1).lone_request_threads == 1, "one lane: nothing to measure"
+
+
+def test_a_lone_request_beside_a_busy_lane_is_drawn_in_one_call_on_its_own_lane():
+    tall = tiny_model("gated", size=24, layers=4, seed=4, hidden_channels=192, dtype=torch.float32)
+    expected = sample_cached(tall, 1, seed=7)
+
+    async def main():
+        engine = Engine(tall, lanes=2)
+        await engine.start()
+        try:
+            streamed = engine.submit(GenerationRequest(n=1, seed=3), rows=True)  # row by row on one lane
+            rows = streamed.__aiter__()
+            await rows.__anext__()  # its first row is out: that lane is busy
+            lone = await engine.generate(GenerationRequest(seed=7))
+            after_lone = engine.stats()
+            async for _ in rows:
+                pass
+            return lone, after_lone
+        finally:
+            await engine.stop()
+
+    lone, stats = asyncio.run(main())
+    assert lone.decode_threads == 1, "the other lane is busy: one thread"
+    assert stats.rows_wavefront == 24, "its rows in one call"
+    assert np.array_equal(lone.images, expected.images.numpy())
+    assert np.array_equal(lone.log_prob, expected.log_prob.numpy())
 
 
 def test_where_the_wavefront_measures_slower_a_lone_request_is_still_drawn_in_one_call(monkeypatch, caplog):

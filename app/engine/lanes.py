@@ -47,6 +47,10 @@ class Lane:
         # exactly where it was. Changed by this lane's thread under the engine's lock, read by other lanes.
         self.groups: list[Group] = []
         self.images = 0  # images in `active`; changed under the engine's lock, read by other lanes
+        # Its wavefront (LaneLoop._decode_wavefront): the threads drawing it now (under the engine's lock), and
+        # the flag a submit or cancel sets to stop it after the rows in flight (read by the C threads).
+        self.wavefront_threads = 0
+        self.stop_wavefront = ctypes.c_int32(0)
         # Decode statistics, changed under the engine's lock: named counts, and decode steps per batch size.
         self.counters: collections.Counter[str] = collections.Counter()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
@@ -79,8 +83,6 @@ class LaneLoop(LaneDiscipline):
     _batch_sizes: collections.deque[int]
     _queue_wait: TimeHistogram
     _row_time: TimeHistogram
-    _stop_wavefront: ctypes.c_int32
-    _wavefront_threads: int
     _wavefront_most_threads: int
 
     def _run(self, lane: Lane) -> None:
@@ -325,10 +327,11 @@ class LaneLoop(LaneDiscipline):
 
     def _wavefront_lanes(self, lane: Lane) -> int:
         """Threads for wavefront decoding of this lane's batch; 0 (row by row) unless its batch is one
-        request (its images share the row index) that does not stream, nothing waits and every other lane
-        is idle: the idle lanes' cores then draw its rows too (on an engine of one lane: its rows in one call,
-        on its own thread). Throughput first: any waiting request means batching. A streamed request decodes
-        row by row: a wavefront hands its rows on when it returns, which would delay the first row."""
+        request (its images share the row index) that does not stream and nothing waits. If every other lane
+        is idle, their cores draw its rows too; else its rows are drawn in one call on this lane's thread
+        (no trip through Python per row). Throughput first: any waiting request means batching. A streamed
+        request decodes row by row: a wavefront hands its rows on when it returns, which would delay the
+        first row."""
         shard = lane.active[0] if len(lane.active) == 1 else None
         # A completion's first row with kept pixels (forced) decodes row by row: the wavefront draws every pixel.
         # A request with a deadline decodes row by row (each step checks it), as under fault injection.
@@ -342,12 +345,12 @@ class LaneLoop(LaneDiscipline):
         ):
             return 0
         with self._lock:  # a cancel sets the stop flag under the lock, after marking its request gone
-            busy = any(o.load for o in self._lanes if o is not lane)
-            if shard.owner.gone or lane.groups or self._waiting or busy:
+            if shard.owner.gone or lane.groups or self._waiting:
                 return 0
-            self._stop_wavefront.value = 0
-            self._wavefront_threads = self._wavefront_most_threads
-            return self._wavefront_threads
+            busy = any(o.load for o in self._lanes if o is not lane)
+            lane.stop_wavefront.value = 0
+            lane.wavefront_threads = 1 if busy else self._wavefront_most_threads
+            return lane.wavefront_threads
 
     def _decode_wavefront(self, lane: Lane, threads: int) -> None:
         """The lane's remaining rows by wavefront decoding, until a submit stops it; each row is then
@@ -361,10 +364,10 @@ class LaneLoop(LaneDiscipline):
         temperatures = torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
         started, started_at = time.perf_counter(), time.monotonic()
         try:
-            values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, self._stop_wavefront)
+            values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, lane.stop_wavefront)
         finally:
             with self._lock:
-                self._wavefront_threads = 0
+                lane.wavefront_threads = 0
         drawn = values.shape[0]
         if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
             rewind(shard.streams, saved, drawn, c, w)

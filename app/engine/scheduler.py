@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import itertools
 import threading
 import time
@@ -106,17 +105,15 @@ class Engine(LaneLoop):
         # Soak and tests only: every Nth decode step fails, as a real fault would (0: never).
         self.fault_every_steps = fault_every_steps
         self._steps = itertools.count(1)
-        # Wavefront decoding (wavefront.py): a lane whose batch is one request, while nothing waits and the
-        # other lanes are idle, draws its rows in one call of the C kernel, on as many threads as there are
-        # lanes (one, on an engine of one lane); any submit sets _stop_wavefront, and the lane goes back to
-        # row-by-row batching after the rows in flight. `wavefront`: use it where it applies (True), never
-        # (False: row by row), or on several threads only where that measures faster at start (None, what the
-        # server does: _tune_wavefront).
+        # Wavefront decoding (wavefront.py): a lane whose batch is one request, while nothing waits, draws its
+        # rows in one call of the C kernel, on as many threads as there are lanes if the others are idle, else
+        # on its own; any submit sets the lanes' stop flags, and the lane goes back to row-by-row batching
+        # after the rows in flight (LaneLoop._wavefront_lanes). `wavefront`: use it where it applies (True),
+        # never (False: row by row), or on several threads only where that measures faster at start (None,
+        # what the server does: _tune_wavefront).
         self.wavefront = Wavefront.for_row_loop(self.sampler.row_loop) if wavefront is not False else None
         self._wavefront_most_threads = 1 if self.wavefront is None else min(lanes, self.wavefront.useful_lanes)
         self._measure_wavefront = wavefront is None and self._wavefront_most_threads > 1
-        self._stop_wavefront = ctypes.c_int32(0)  # read by the C threads without the GIL
-        self._wavefront_threads = 0  # of the wavefront in flight; under the lock
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -198,7 +195,7 @@ class Engine(LaneLoop):
             queue_wait_seconds=queue_wait,
             row_decode_seconds=row_time,
             rows_decoded_per_lane=rows_per_lane,
-            wavefront_threads=self._wavefront_threads,
+            wavefront_threads=sum(lane.wavefront_threads for lane in self._lanes),
             requests_submitted=counters["requests_submitted"],
             requests_completed=counters["requests_completed"],
             requests_cancelled=counters["requests_cancelled"],
@@ -278,7 +275,8 @@ class Engine(LaneLoop):
                 self._counters["rejected_queue_full"] += 1
                 self._waiting = collections.deque(shard for shard in self._waiting if shard.owner is not displaced)
             self._waiting.extend(shards)
-            self._stop_wavefront.value = 1  # a wavefront in flight stops after its current rows
+            for lane in self._lanes:  # a wavefront in flight stops after its current rows, to batch
+                lane.stop_wavefront.value = 1
             self._counters["requests_submitted"] += 1
             self._last_submit = time.perf_counter()
         if displaced is not None:
@@ -321,7 +319,8 @@ class Engine(LaneLoop):
 
     def _withdraw(self, owner: TrackedRequest) -> None:
         with self._lock:
-            self._stop_wavefront.value = 1  # a cancelled request's rows would go nowhere
+            for lane in self._lanes:  # a cancelled request's rows would go nowhere (others resume at once)
+                lane.stop_wavefront.value = 1
             left = [shard for shard in self._waiting if shard.owner is not owner]
             if len(left) != len(self._waiting):
                 self._waiting = collections.deque(left)
