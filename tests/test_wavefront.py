@@ -188,12 +188,15 @@ def test_the_masked_conv_reach_covers_what_the_model_reads_of_the_row_above():
             assert torch.equal(logits_after(column), base), (first_kernel, kernel, layers, column)
 
 
-def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_the_engine_draws_a_lone_request_in_one_call_and_batches_under_load(lanes):
+    """A lone request on an idle engine: its rows in one call of the kernel, on every lane's core (by
+    wavefront) or on the one lane's; a crowd: batched. Every image the bytes of row-by-row decoding."""
     model = gated(1, 4)
-    expected = {seed: sample_cached(model, 1, seed=seed, labels=torch.tensor([1])) for seed in range(6)}
+    row_by_row = {seed: list(iter_sample(model, 1, seed=seed, labels=torch.tensor([1])))[-1] for seed in range(6)}
 
     async def main():
-        engine = Engine(model, lanes=2)
+        engine = Engine(model, lanes=lanes)
         await engine.start()
         try:
             alone = await engine.generate(GenerationRequest(seed=0, labels=[1]))
@@ -204,45 +207,16 @@ def test_the_engine_draws_a_lone_request_by_wavefront_and_batches_under_load():
             await engine.stop()
 
     alone, after_alone, crowd, stats = asyncio.run(main())
-    assert np.array_equal(alone.images, expected[0].images.numpy())
-    assert np.array_equal(alone.log_prob, expected[0].log_prob.numpy())
-    assert after_alone.rows_wavefront == SIZE, "a lone request on an idle engine is drawn by wavefront"
-    assert alone.decode_threads == 2, "and says so (Server-Timing passes it on)"
-    for seed, result in enumerate(crowd):
-        assert np.array_equal(result.images, expected[seed].images.numpy()), f"seed {seed}"
-    # Six requests at once on two lanes: batched (no lane draws by wavefront while others wait; a request left
-    # alone at the end, with the other lane idle, may finish on both cores, and says so in decode_threads).
-    assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
-    assert 1 in {result.decode_threads for result in crowd}
-
-
-def test_an_engine_of_one_lane_draws_a_lone_request_in_one_call_and_batches_under_load():
-    """Its rows in one call of the kernel on the lane's own thread: the bytes of row-by-row decoding."""
-    model = gated(1, 4)
-    row_by_row = {
-        seed: [event for event in iter_sample(model, 1, seed=seed, labels=torch.tensor([2]))][-1] for seed in range(4)
-    }
-
-    async def main():
-        engine = Engine(model, lanes=1)
-        await engine.start()
-        try:
-            alone = await engine.generate(GenerationRequest(seed=0, labels=[2]))
-            after_alone = engine.stats()
-            crowd = await asyncio.gather(*(engine.generate(GenerationRequest(seed=s, labels=[2])) for s in range(4)))
-            return alone, after_alone, crowd, engine.stats()
-        finally:
-            await engine.stop()
-
-    alone, after_alone, crowd, stats = asyncio.run(main())
-    assert after_alone.rows_wavefront == SIZE, "a lone request is drawn in one call"
-    assert alone.decode_threads == 1
-    assert np.array_equal(alone.images, row_by_row[0].images.numpy())
-    assert np.array_equal(alone.log_prob, row_by_row[0].log_prob.numpy())
-    for seed, result in enumerate(crowd):
+    assert after_alone.rows_wavefront == SIZE, "a lone request on an idle engine is drawn in one call"
+    assert alone.decode_threads == lanes, "on every lane's core, and says so (Server-Timing passes it on)"
+    for seed, result in enumerate([alone, *crowd[1:]]):
         assert np.array_equal(result.images, row_by_row[seed].images.numpy()), f"seed {seed}"
         assert np.array_equal(result.log_prob, row_by_row[seed].log_prob.numpy()), f"seed {seed}"
+    assert np.array_equal(crowd[0].images, alone.images), "the same seed, the same bytes"
+    # Six requests at once: batched (no lane draws in one call while others wait; a request left alone at the
+    # end, with the other lane idle, may finish on both cores, and says so in decode_threads).
     assert max(stats.batch_sizes_seen) >= 2, stats.batch_sizes_seen
+    assert 1 in {result.decode_threads for result in crowd}
 
 
 def test_a_completion_that_keeps_part_of_a_row_draws_that_row_row_by_row_then_by_wavefront():
