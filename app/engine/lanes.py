@@ -280,11 +280,10 @@ class LaneLoop(LaneDiscipline):
         log_prob: torch.Tensor,
         step_s: float,
         started_at: float,
-        wavefront: bool = False,
     ) -> None:
         """Hand a drawn row (uint8 (B, C, W), log p (B,)) of every image of the lane to its request, and
         let finished or cancelled shards leave the lane."""
-        counts = collections.Counter(rows_decoded=1, rows_wavefront=int(wavefront))
+        counts = collections.Counter(rows_decoded=1)
         counts["rows_past_deadline"] += sum(shard.n for shard in lane.active if expired(shard, started_at))
 
         keep: list[int] = []
@@ -363,19 +362,22 @@ class LaneLoop(LaneDiscipline):
         uniforms = uniforms_ahead(shard.streams, self.config.height - shard.row, c, w)
         temperatures = torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
         started, started_at = time.perf_counter(), time.monotonic()
+        drawn = 0
         try:
             values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, lane.stop_wavefront)
+            drawn = values.shape[0]
         finally:
             with self._lock:
                 lane.wavefront_threads = 0
-        drawn = values.shape[0]
+                lane.counters["rows_wavefront"] += drawn  # a cancelled request's too: what the call cost
+                lane.counters["wavefront_stopped"] += drawn < uniforms.shape[0]
         if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
             rewind(shard.streams, saved, drawn, c, w)
         step_s = (time.perf_counter() - started) / max(drawn, 1)
         for k in range(drawn):
             if not lane.active:  # the request was cancelled: its later rows go nowhere
                 break
-            self._row_drawn(lane, values[k].to(torch.uint8), log_probs[k], step_s, started_at, wavefront=True)
+            self._row_drawn(lane, values[k].to(torch.uint8), log_probs[k], step_s, started_at)
 
     def _tune_wavefront(self) -> bool:
         """Whether wavefront decoding draws one image sooner than one lane does, here and now, with the

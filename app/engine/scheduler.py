@@ -201,6 +201,7 @@ class Engine(LaneLoop):
             requests_cancelled=counters["requests_cancelled"],
             rows_decoded=counters["rows_decoded"],
             rows_wavefront=counters["rows_wavefront"],
+            wavefront_stopped=counters["wavefront_stopped"],
             rejected_queue_full=counters["rejected_queue_full"] + self.scorer.rejected,
             decode_errors=counters["decode_errors"],
             prefill_errors=counters["prefill_errors"],

@@ -111,7 +111,8 @@ class EngineStats:
     requests_completed: int = _counter()
     requests_cancelled: int = _counter()
     rows_decoded: int = _counter()
-    rows_wavefront: int = _counter()  # of rows_decoded, those drawn by wavefront decoding
+    rows_wavefront: int = _counter()  # rows drawn in one call (wavefront decoding), a cancelled request's included
+    wavefront_stopped: int = _counter()  # such calls a submit or a cancel stopped before the image's last row
     rejected_queue_full: int = _counter()
     decode_errors: int = _counter()
     prefill_errors: int = _counter()
