@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from app.bench.load import SCENARIOS, run_load
+from app.bench.load import SCENARIOS, run_load, scrape
 from app.bench.servers import serve_in_thread
 from app.server import Settings, create_app
 from tests.helpers import torch_threads
@@ -47,3 +47,18 @@ def test_a_short_soak_with_injected_faults_and_hostile_clients_loses_nothing(ser
     assert any(key.startswith("deadline") for key in outcomes), outcomes
     assert stats.decode_errors > 0 and stats.rows_past_deadline == 0
     assert stats.active_images == 0 and stats.queue_size == 0 and stats.likelihood_in_flight == 0
+
+
+def test_the_report_reads_the_gauges_of_every_model_and_the_rss_from_metrics():
+    text = """# HELP pixelcnn_queue_size requests waiting
+# TYPE pixelcnn_queue_size gauge
+pixelcnn_queue_size{model="a"} 2.0
+pixelcnn_queue_size{model="b } c"} 3.0
+# HELP pixelcnn_requests_total requests
+# TYPE pixelcnn_requests_total counter
+pixelcnn_requests_total{route="/sample"} 7.0
+# HELP process_resident_memory_bytes resident memory
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 1.5e+08
+"""
+    assert scrape(text) == {"pixelcnn_queue_size": 5.0, "process_resident_memory_bytes": 1.5e8}

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import httpx
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 SCENARIOS = {  # name: weight
     "sample_stream": 30,
@@ -57,10 +58,10 @@ GAUGES = ("pixelcnn_queue_size", "pixelcnn_active_images", "pixelcnn_engine_acti
 def scrape(text: str) -> dict[str, float]:
     """The few /metrics values the report needs: RSS, and the sums over models of the gauges."""
     values: dict[str, float] = defaultdict(float)
-    for line in text.splitlines():
-        match = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if match and (match[1] in GAUGES or match[1] == "process_resident_memory_bytes"):
-            values[match[1]] += float(match[2])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in GAUGES or sample.name == "process_resident_memory_bytes":
+                values[sample.name] += sample.value
     return dict(values)
 
 
