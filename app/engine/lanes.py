@@ -362,15 +362,15 @@ class LaneLoop(LaneDiscipline):
         uniforms = uniforms_ahead(shard.streams, self.config.height - shard.row, c, w)
         temperatures = torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
         started, started_at = time.perf_counter(), time.monotonic()
-        drawn = 0
         try:
             values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, lane.stop_wavefront)
-            drawn = values.shape[0]
         finally:
             with self._lock:
                 lane.wavefront_threads = 0
-                lane.counters["rows_wavefront"] += drawn  # a cancelled request's too: what the call cost
-                lane.counters["wavefront_stopped"] += drawn < uniforms.shape[0]
+        drawn = values.shape[0]
+        with self._lock:
+            lane.counters["rows_wavefront"] += drawn  # a cancelled request's too: what the call cost
+            lane.counters["wavefront_stopped"] += drawn < uniforms.shape[0]
         if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
             rewind(shard.streams, saved, drawn, c, w)
         step_s = (time.perf_counter() - started) / max(drawn, 1)
