@@ -88,23 +88,6 @@ _Static_assert(BLOCK >= 1 && BLOCK <= 8, "affine_block dispatches on 1 .. 8 imag
 typedef float floats __attribute__((vector_size(4 * LANES)));
 typedef float floats_u __attribute__((vector_size(4 * LANES), aligned(4), may_alias));  /* unaligned access */
 
-/* acc + x * w with one rounding (a fused multiply-add), which IEEE 754 fixes: the same bits on every CPU.
- * Where the hardware has no FMA instruction (x86-64 before AVX2, some VMs) it is computed exactly in
- * double: the product of two floats is exact there (48 bits of 53); their sum, rounded to odd (TwoSum
- * gives the rounding error; an even result with an error moves one step toward it), then rounded to
- * float, is the correctly rounded fused result (Boldo and Melquiond, "Emulation of FMA and correctly
- * rounded sums: proved algorithms using rounding to odd", 2008). libm's fmaf would be the same bits, but
- * a function call per product is ~30x slower. Operands are finite (weights and activations). */
-static inline float fused_by_double(float x, float w, float acc) {
-    const double p = (double)x * (double)w, c = (double)acc, s = p + c;
-    const double p_part = s - c, c_part = s - p_part;
-    const double error = (p - p_part) + (c - c_part);  /* exactly p + c - s */
-    union { double d; int64_t i; } bits = {.d = s};
-    const int64_t toward_error = (error > 0) == (s > 0) ? 1 : -1;
-    bits.i += (error != 0 && (bits.i & 1) == 0) ? toward_error : 0;
-    return (float)bits.d;
-}
-
 /* The floats per panel row of every matrix of the products (affine_block): c_kernel.panels lays them out. */
 int kernel_panel_width(void) { return LANES; }
 
@@ -117,16 +100,15 @@ int kernel_hardware_fma(void) {
 #endif
 }
 
-static inline float fused1(float x, float w, float acc) {
-#if defined(__FMA__) || defined(__aarch64__)
-    return __builtin_fmaf(x, w, acc);
-#else
-    return fused_by_double(x, w, acc);
-#endif
-}
-
-/* The same for every lane of a vector: acc + x * w. Written out, never left to the compiler's contraction
- * (-ffp-contract=off), which may fuse one product and not the next. */
+/* acc + x * w on every lane of a vector, with one rounding (a fused multiply-add), which IEEE 754 fixes: the
+ * same bits on every CPU. Written out, never left to the compiler's contraction (-ffp-contract=off), which
+ * may fuse one product and not the next. Where the hardware has no FMA instruction (x86-64 before AVX2,
+ * some VMs) it is computed exactly in double: the product of two floats is exact there (48 bits of 53);
+ * their sum, rounded to odd (TwoSum gives the rounding error; an even result with an error moves one step
+ * toward it), then rounded to float, is the correctly rounded fused result (Boldo and Melquiond, "Emulation
+ * of FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008). libm's fmaf would be
+ * the same bits, but a function call per product is ~30x slower. Operands are finite (weights and
+ * activations). */
 static inline __attribute__((always_inline)) floats fused(floats acc, float x, floats w) {
 #if defined(__AVX512F__)
     return (floats)_mm512_fmadd_ps(_mm512_set1_ps(x), (__m512)w, (__m512)acc);
@@ -134,7 +116,7 @@ static inline __attribute__((always_inline)) floats fused(floats acc, float x, f
     return (floats)_mm256_fmadd_ps(_mm256_set1_ps(x), (__m256)w, (__m256)acc);
 #elif defined(__aarch64__)
     return (floats)vfmaq_n_f32((float32x4_t)acc, (float32x4_t)w, x);
-#else  /* fused_by_double on every lane at once */
+#else  /* the emulation in double, every lane at once */
     typedef double doubles __attribute__((vector_size(8 * LANES)));
     typedef int64_t longs __attribute__((vector_size(8 * LANES)));
     const doubles p = __builtin_convertvector(w, doubles) * (double)x, c = __builtin_convertvector(acc, doubles);
@@ -148,14 +130,13 @@ static inline __attribute__((always_inline)) floats fused(floats acc, float x, f
 
 /* The kernel's fused multiply-adds as it computes them, for tests/test_numerics.py (which checks them against
  * exact results where rounding twice would differ): out[l] = acc[l] + x * w[l] for one vector's lanes
- * (`fused`), and the same lane by lane (`fused1`). Returns the lanes of a vector. */
-int kernel_fused(float x, const float *w, const float *acc, float *vector_out, float *scalar_out) {
+ * (`fused`). Returns the lanes of a vector. */
+int kernel_fused(float x, const float *w, const float *acc, float *out) {
     floats wv, av;
     memcpy(&wv, w, sizeof wv);
     memcpy(&av, acc, sizeof av);
-    const floats out = fused(av, x, wv);
-    memcpy(vector_out, &out, sizeof out);
-    for (int l = 0; l < LANES; l++) scalar_out[l] = fused1(x, w[l], acc[l]);
+    const floats sums = fused(av, x, wv);
+    memcpy(out, &sums, sizeof sums);
     return LANES;
 }
 
@@ -180,7 +161,7 @@ int kernel_fused(float x, const float *w, const float *acc, float *vector_out, f
  * in order: the same multiplies and adds in the same order whatever count (and vectors) is. */
 static inline __attribute__((always_inline)) void affine_tile(float *const *out, const float *const *bias,
                                                               const float *const *x, const float *restrict w,
-                                                              int rows, int cols, int o0, const int count,
+                                                              int rows, int o0, const int count,
                                                               const int vectors) {
     floats acc[BLOCK][8], wk[8];  /* vectors <= 8; fully unrolled below, so all of it lives in registers */
     UNROLL for (int b = 0; b < count; b++)
@@ -223,15 +204,15 @@ static inline __attribute__((always_inline)) void affine_tiles(float *const *out
                                                                const int vectors) {
     int o0 = 0;
     for (; o0 + LANES * vectors <= cols; o0 += LANES * vectors)
-        affine_tile(out, bias, x, w, rows, cols, o0, count, vectors);
+        affine_tile(out, bias, x, w, rows, o0, count, vectors);
     switch ((cols - o0) / LANES) {  /* 0 .. vectors - 1 slices left */
-        case 1: affine_tile(out, bias, x, w, rows, cols, o0, count, 1); break;
-        case 2: affine_tile(out, bias, x, w, rows, cols, o0, count, 2); break;
-        case 3: affine_tile(out, bias, x, w, rows, cols, o0, count, 3); break;
-        case 4: affine_tile(out, bias, x, w, rows, cols, o0, count, 4); break;
-        case 5: affine_tile(out, bias, x, w, rows, cols, o0, count, 5); break;
-        case 6: affine_tile(out, bias, x, w, rows, cols, o0, count, 6); break;
-        case 7: affine_tile(out, bias, x, w, rows, cols, o0, count, 7); break;
+        case 1: affine_tile(out, bias, x, w, rows, o0, count, 1); break;
+        case 2: affine_tile(out, bias, x, w, rows, o0, count, 2); break;
+        case 3: affine_tile(out, bias, x, w, rows, o0, count, 3); break;
+        case 4: affine_tile(out, bias, x, w, rows, o0, count, 4); break;
+        case 5: affine_tile(out, bias, x, w, rows, o0, count, 5); break;
+        case 6: affine_tile(out, bias, x, w, rows, o0, count, 6); break;
+        case 7: affine_tile(out, bias, x, w, rows, o0, count, 7); break;
         default: break;
     }
     o0 += (cols - o0) / LANES * LANES;
@@ -838,12 +819,14 @@ static void run_lanes(WavefrontSync *f, void *job, void *(*lane)(void *)) {
 #endif
 }
 
-/* A progress word per row, then a sleeping flag per row, all 0 (free() the first); NULL without memory. */
-static _Atomic int32_t *progress_words(int rows) {
+/* A progress word per row (returned: free() it) and a sleeping flag per row (*sleeping, in the same block),
+ * all 0; NULL without memory. */
+static _Atomic int32_t *progress_words(int rows, _Atomic int32_t **sleeping) {
     const int count = rows > 0 ? rows : 1;
     _Atomic int32_t *words = malloc(sizeof(_Atomic int32_t) * 2 * count);
-    if (words != NULL)
-        for (int i = 0; i < 2 * count; i++) atomic_init(&words[i], 0);
+    if (words == NULL) return NULL;
+    for (int i = 0; i < 2 * count; i++) atomic_init(&words[i], 0);
+    *sleeping = words + count;
     return words;
 }
 
@@ -851,10 +834,8 @@ static int init_sync(WavefrontSync *f, int batch, int rows, int lanes, const int
     *f = (WavefrontSync){.batch = batch, .rows = rows, .lanes = lanes, .stop = stop};
     atomic_init(&f->end, rows);
     atomic_init(&f->failed, 0);
-    f->progress = progress_words(rows);
-    if (f->progress == NULL) return 0;
-    f->sleeping = f->progress + (rows > 0 ? rows : 1);
-    return 1;
+    f->progress = progress_words(rows, &f->sleeping);
+    return f->progress != NULL;
 }
 
 /* A lane that cannot get its memory: nothing is reported, the call fails. */
@@ -1075,7 +1056,7 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
     if (split) floats += 2 * (size_t)layers * row_bias_floats;
     float *ring = malloc(sizeof(float) * floats);
     float **slots = malloc(sizeof(float *) * (size_t)layers * f.ring);
-    _Atomic int32_t *vertical = split ? progress_words(rows) : NULL;
+    _Atomic int32_t *vertical = split ? progress_words(rows, &f.vertical_sleeping) : NULL;
     if (!init_sync(&f.sync, batch, rows, lanes, stop) || ring == NULL || slots == NULL || (split && vertical == NULL)) {
         free(ring);
         free(slots);
@@ -1086,7 +1067,6 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
     f.sync.by_role = split;
     if (split) {
         f.vertical_progress = vertical;
-        f.vertical_sleeping = vertical + (rows > 0 ? rows : 1);
         float *bias = ring + floats - 2 * (size_t)layers * row_bias_floats;
         for (int k = 0; k < 2; k++)
             for (int l = 0; l < layers; l++, bias += row_bias_floats) f.row_bias_ring[k][l] = bias;
