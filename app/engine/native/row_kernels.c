@@ -542,16 +542,18 @@ typedef struct {
     const float *const *link_bias;
 } GatedVertical;
 
-/* Columns c0 .. c1 - 1 (flat index b * W + j over the batch's images) of layer l's vertical stack:
+/* Columns j0 .. j1 - 1 of every image b < batch of layer l's vertical stack:
  * inputs[0 .. kh - 1] are the layer's kept input rows (B, W + kw - 1, in), zero-padded at both ends, oldest
  * first: column j reads the kw * in numbers at j .. j + kw - 1 (columns j - kw/2 .. j + kw/2), side by side
  * (what CachedGated.unfold_row spreads out for the torch reference). Writes row_bias (B, W, 2n) and, unless
  * next is NULL (the last layer), the gated output of column j at position j + kw_next / 2 of the next
  * layer's new input row (the caller zeroes `next` once before its first columns, for its padding). A block of up to 8 columns shares each weight
- * row; every column's sums run in the same order whatever the block, so any split of a row into column
- * ranges (gated_begin_row: all at once; the wavefront: a few at a time) gives the same numbers.
+ * row, taken in turn from the images' ranges (image 0's, then image 1's, ...), so that a block is full
+ * whatever the range's width; every column's sums run in the same order whatever the block, so any split
+ * of a row into column ranges (gated_begin_row: all at once; the wavefront: a few at a time) gives the
+ * same numbers.
  * scratch: BLOCK * 3n floats. */
-static void vertical_columns(const GatedVertical *v, int l, int first_matrix, int c0, int c1,
+static void vertical_columns(const GatedVertical *v, int l, int first_matrix, int batch, int j0, int j1,
                              const float *const *inputs, const float *class_v, const float *link_bias,
                              float *row_bias, float *next, float *scratch) {
     const int n = v->channels, width = v->width;
@@ -563,31 +565,34 @@ static void vertical_columns(const GatedVertical *v, int l, int first_matrix, in
         pre[k] = scratch + (size_t)k * 3 * n;
         gated[k] = pre[k] + 2 * n;
     }
-    for (int c = c0; c < c1; c += BLOCK) {
-        const int count = c1 - c < BLOCK ? c1 - c : BLOCK;
+    const int span = j1 - j0, columns = batch * span;
+    for (int c = 0; c < columns; c += BLOCK) {
+        const int count = columns - c < BLOCK ? columns - c : BLOCK;
+        int image[BLOCK], column[BLOCK];
+        for (int k = 0; k < count; k++) {
+            image[k] = (c + k) / span;
+            column[k] = j0 + (c + k) % span;
+        }
         same_for_block(bias, v->v_bias[l], count);
         for (int r = 0; r < kh; r++) {
-            for (int k = 0; k < count; k++) {
-                const int b = (c + k) / width, j = (c + k) % width;
-                x[k] = inputs[r] + ((size_t)b * (width + kw - 1) + j) * in;
-            }
+            for (int k = 0; k < count; k++)
+                x[k] = inputs[r] + ((size_t)image[k] * (width + kw - 1) + column[k]) * in;
             affine_block(pre, bias, x, v->v_weight[first_matrix + r], kw * in, 2 * n, count);
             for (int k = 0; k < count; k++) bias[k] = pre[k];  /* the running sum, in place */
         }
         for (int k = 0; k < count; k++) {
-            const int b = (c + k) / width;
-            const float *cv = class_v + (size_t)b * 2 * n;
+            const float *cv = class_v + (size_t)image[k] * 2 * n;
             for (int o = 0; o < 2 * n; o++) pre[k][o] += cv[o];
             x[k] = pre[k];
-            bias[k] = link_bias + (size_t)b * 2 * n;
-            out[k] = row_bias + (size_t)(c + k) * 2 * n;
+            bias[k] = link_bias + (size_t)image[k] * 2 * n;
+            out[k] = row_bias + ((size_t)image[k] * width + column[k]) * 2 * n;
         }
         affine_block(out, bias, x, v->link_weight[l], 2 * n, 2 * n, count);
         if (next == NULL) continue;
         for (int k = 0; k < count; k++) {
-            const int b = (c + k) / width, j = (c + k) % width;
             gate(gated[k], pre[k], n);
-            memcpy(next + ((size_t)b * (width + kw_next - 1) + j + pad_next) * n, gated[k], sizeof(float) * n);
+            memcpy(next + ((size_t)image[k] * (width + kw_next - 1) + column[k] + pad_next) * n, gated[k],
+                   sizeof(float) * n);
         }
     }
 }
@@ -601,7 +606,7 @@ static void link_biases(const GatedVertical *v, int l, int batch, const float *c
 
 int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, const float *const *class_v,
                     const float *const *class_h, float *const *row_bias, float *const *h_buffers) {
-    const int n = v->channels, width = v->width, columns = batch * width;
+    const int n = v->channels, width = v->width;
     float *scratch = malloc(sizeof(float) * ((size_t)BLOCK * 3 * n + (size_t)batch * 2 * n));
     if (scratch == NULL) return 1;
     float *link_bias = scratch + (size_t)BLOCK * 3 * n;  /* (B, 2n): link_bias + class_h per image */
@@ -614,8 +619,8 @@ int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, c
         float *next = last ? NULL : rows[first_row + kh + v->v_rows[l + 1] - 1];
         if (!last) memset(next, 0, sizeof(float) * (size_t)batch * (width + kw_next - 1) * n);
         link_biases(v, l, batch, class_h[l], link_bias);
-        vertical_columns(v, l, first_row, 0, columns, (const float *const *)rows + first_row, class_v[l], link_bias,
-                         row_bias[l], next, scratch);
+        vertical_columns(v, l, first_row, batch, 0, width, (const float *const *)rows + first_row, class_v[l],
+                         link_bias, row_bias[l], next, scratch);
         memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
         first_row += kh;
     }
@@ -888,9 +893,8 @@ static int vertical_upto(GatedWavefront *f, int i, int first, int last, int upto
         for (int r = 0; r < kh; r++) inputs[r] = ring_row(f, l, i - kh + 1 + r);
         link_biases(v, l, batch, f->class_h[l], link_bias);
         float *next = l + 1 < v->layers ? ring_row(f, l + 1, i) : NULL;
-        for (int b = 0; b < batch; b++)
-            vertical_columns(v, l, first_matrix, b * width + done[l], b * width + target[l], inputs, f->class_v[l],
-                             link_bias, row_bias[l], next, scratch);
+        vertical_columns(v, l, first_matrix, batch, done[l], target[l], inputs, f->class_v[l], link_bias,
+                         row_bias[l], next, scratch);
         done[l] = target[l];
     }
     return 1;
