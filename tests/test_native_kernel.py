@@ -126,7 +126,7 @@ def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
     for i in range(4, 7):  # a few rows, so that rows the kernel wrote are read again
         reference, fast = copy.deepcopy(torch_layout(sampler, state)), copy.deepcopy(state)
         for t in fast.h_buffers:
-            t.fill_(1.0)  # the kernel zeroes them
+            t.fill_(float("nan"))  # left from the row before: the kernel zeroes what a row reads unwritten
         sampler.impl.begin_row(reference)
         sampler.row_loop.vertical.begin_row(fast)
         for layer in range(len(model.layers)):
@@ -134,7 +134,19 @@ def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
             assert len(fast.vertical[layer]) == len(reference.vertical[layer])
             for a, b in zip(torch_layout(sampler, fast).vertical[layer], reference.vertical[layer]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-            assert not fast.h_buffers[layer].any()
+        # Layer 0 reads the current pixel's place before it is drawn: all zero. A later layer writes its
+        # column j + kw - 1 before reading it: only its left padding must be zero.
+        assert not fast.h_buffers[0].any()
+        for layer, (kernel, buffer) in enumerate(zip(sampler.impl.decoder.h_width, fast.h_buffers)):
+            assert layer == 0 or not buffer[:, : kernel - 1].any()
+        # What is not zeroed is never read before written: the row drawn is the one from all-zero buffers.
+        zeroed = copy.deepcopy(fast)
+        for t in zeroed.h_buffers:
+            t.zero_()
+        uniforms, temperature = torch.rand((batch, c, w), dtype=torch.float64), torch.ones(batch, dtype=torch.float64)
+        drawn, log_p = sampler.row_loop.draw_row(fast, uniforms, temperature)
+        expected, expected_log_p = sampler.row_loop.draw_row(zeroed, uniforms, temperature)
+        assert torch.equal(drawn, expected) and torch.equal(log_p, expected_log_p)
         row = canvas[:, :, i]
         sampler.impl.end_row(reference, row)
         sampler.row_loop.vertical.end_row(fast, row)

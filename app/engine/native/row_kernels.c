@@ -349,24 +349,24 @@ typedef struct {
 static inline __attribute__((always_inline)) void draw_lanes(float *const *logits, int count, const BlockDraws *d,
                                                              double *restrict cdf, const int lanes) {
     double max[BLOCK];
-    for (int b = 0; b < lanes; b++) {
-        if (b >= count || d->forced[b] >= 0) {  /* a lane with nothing to draw sums zeros */
+    for (int b = 0; b < lanes; b++) {  /* cdf = each term's exponent first */
+        if (b >= count || d->forced[b] >= 0) {  /* a lane with nothing to draw: its sums are never read */
             for (int v = 0; v < LEVELS; v++) cdf[v * lanes + b] = 0.0;
             continue;
         }
-        double wide[LEVELS], scaled[LEVELS];
+        double wide[LEVELS];
         for (int v = 0; v < LEVELS; v++) wide[v] = logits[b][v];
         max[b] = maximum(wide);
         const double temperature = d->temperature[b];
-        double scaled_max = max[b];
         if (temperature == 1.0) {  /* x / 1 is x: the division would change nothing */
-            for (int v = 0; v < LEVELS; v++) scaled[v] = wide[v];
+            for (int v = 0; v < LEVELS; v++) cdf[v * lanes + b] = wide[v] - max[b];
         } else {
-            for (int v = 0; v < LEVELS; v++) scaled[v] = wide[v] / temperature;
-            scaled_max = maximum(scaled);
+            for (int v = 0; v < LEVELS; v++) wide[v] = wide[v] / temperature;
+            const double scaled_max = maximum(wide);
+            for (int v = 0; v < LEVELS; v++) cdf[v * lanes + b] = wide[v] - scaled_max;
         }
-        for (int v = 0; v < LEVELS; v++) cdf[v * lanes + b] = exp_nonpositive(scaled[v] - scaled_max);
     }
+    for (int i = 0; i < LEVELS * lanes; i++) cdf[i] = exp_nonpositive(cdf[i]);  /* every lane's at once */
     for (int v = 1; v < LEVELS; v++)
         for (int b = 0; b < lanes; b++) cdf[v * lanes + b] += cdf[(v - 1) * lanes + b];
     for (int b = 0; b < count; b++) {
@@ -375,8 +375,14 @@ static inline __attribute__((always_inline)) void draw_lanes(float *const *logit
             continue;
         }
         const double last = cdf[(LEVELS - 1) * lanes + b], target = d->u[b] * last;
-        int value = 0;
-        while (value < LEVELS - 1 && !(cdf[value * lanes + b] > target)) value++;
+        int value = 0, above = LEVELS - 1;  /* the first level whose sum exceeds target (sums never decrease) */
+        while (value < above) {
+            const int middle = (value + above) / 2;
+            if (cdf[middle * lanes + b] > target)
+                above = middle;
+            else
+                value = middle + 1;
+        }
         double total = 0.0;
         if (d->temperature[b] == 1.0) {
             total = last;  /* the same sum: softmax(logits / 1) */
@@ -422,6 +428,21 @@ static inline void gate(float *restrict gated, float *restrict pre, int n) {
 typedef struct {
     float *pre[BLOCK], *gated[BLOCK], *out[BLOCK], *skips[BLOCK], *hidden[BLOCK], *logits[BLOCK];
 } GatedScratch;
+
+/* Scratch floats for a block of images; lays them out into s when `scratch` is given. */
+static size_t gated_scratch(const GatedWeights *w, float *scratch, GatedScratch *s) {
+    const int n = w->channels;
+    const size_t per_image = (size_t)(6 * n + w->head + LEVELS);
+    for (int b = 0; scratch != NULL && b < BLOCK; b++) {
+        s->pre[b] = scratch + b * per_image;
+        s->gated[b] = s->pre[b] + 2 * n;
+        s->out[b] = s->gated[b] + n;
+        s->skips[b] = s->out[b] + 2 * n;
+        s->hidden[b] = s->skips[b] + n;
+        s->logits[b] = s->hidden[b] + w->head;
+    }
+    return per_image * BLOCK;
+}
 
 /* Logits (256 each, into s->logits) of sub-pixel (j, colour) of images first .. first + count - 1;
  * writes each later layer's input at column j. The products run for the whole block (affine_block),
@@ -480,9 +501,8 @@ static void step_block(const GatedWeights *w, int first, int count, int j, int c
 int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffers, const float *const *row_bias,
                      const double *uniforms, const double *temperature, int64_t *row, double *log_prob,
                      const int64_t *forced) {
-    const int n = w->channels, c = w->image_channels, width = w->width;
-    const size_t per_image = (size_t)(6 * n + w->head + LEVELS);
-    float *scratch = malloc(sizeof(float) * per_image * BLOCK);
+    const int c = w->image_channels, width = w->width;
+    float *scratch = malloc(sizeof(float) * gated_scratch(w, NULL, NULL));
     double *cdf = malloc(sizeof(double) * DRAW_SCRATCH);
     if (scratch == NULL || cdf == NULL) {
         free(scratch);
@@ -490,14 +510,7 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
         return 1;
     }
     GatedScratch s;
-    for (int b = 0; b < BLOCK; b++) {
-        s.pre[b] = scratch + b * per_image;
-        s.gated[b] = s.pre[b] + 2 * n;
-        s.out[b] = s.gated[b] + n;
-        s.skips[b] = s.out[b] + 2 * n;
-        s.hidden[b] = s.skips[b] + n;
-        s.logits[b] = s.hidden[b] + w->head;
-    }
+    gated_scratch(w, scratch, &s);
     const int kw0 = w->h_width[0];
     for (int first = 0; first < batch; first += BLOCK) {
         const int count = batch - first < BLOCK ? batch - first : BLOCK;
@@ -535,7 +548,7 @@ typedef struct {
     int32_t layers, channels, image_channels, width;
     const int32_t *v_rows;   /* kh_l */
     const int32_t *v_width;  /* kw_l */
-    const int32_t *h_size;   /* floats per image of h_buffers[l], zeroed here */
+    const int32_t *h_size;   /* floats per image of h_buffers[l] (zero_horizontal_inputs) */
     const float *const *v_weight;  /* all layers' kernel-row matrices, layer after layer */
     const float *const *v_bias;
     const float *const *link_weight;
@@ -604,6 +617,30 @@ static void link_biases(const GatedVertical *v, int l, int batch, const float *c
         for (int o = 0; o < 2 * n; o++) out[(size_t)b * 2 * n + o] = v->link_bias[l][o] + class_h[(size_t)b * 2 * n + o];
 }
 
+/* Zero the padding of every image's padded vertical input row (B, W + kw - 1, channels): columns before
+ * kw / 2 and from kw / 2 + W on. Its other columns are written before they are read (vertical_columns,
+ * or the drawn pixels), so zeroing all of it each row (~2.4 MB per row at batch 64) is not needed. */
+static void zero_padding(float *row, int batch, int width, int kw, int channels) {
+    const int pad = kw / 2;
+    for (int b = 0; b < batch; b++) {
+        float *image = row + (size_t)b * (width + kw - 1) * channels;
+        memset(image, 0, sizeof(float) * (size_t)pad * channels);
+        memset(image + (size_t)(pad + width) * channels, 0, sizeof(float) * (size_t)(kw - 1 - pad) * channels);
+    }
+}
+
+/* The horizontal inputs at a row's start: zero what the row reads before writing it. Layer 0 reads the
+ * current pixel's position (its colours not yet drawn, whose weights are masked) before the draw writes
+ * it: all of it. Every later layer's step at column j writes position j + kw - 1 before reading it
+ * (step_block), so only its left padding, kw - 1 columns, is read unwritten. */
+static void zero_horizontal_inputs(const GatedVertical *v, int batch, float *const *h_buffers) {
+    memset(h_buffers[0], 0, sizeof(float) * (size_t)batch * v->h_size[0]);
+    for (int l = 1; l < v->layers; l++) {
+        const int padding = v->h_size[l] - v->width * v->channels;
+        for (int b = 0; b < batch; b++) memset(h_buffers[l] + (size_t)b * v->h_size[l], 0, sizeof(float) * padding);
+    }
+}
+
 int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, const float *const *class_v,
                     const float *const *class_h, float *const *row_bias, float *const *h_buffers) {
     const int n = v->channels, width = v->width;
@@ -617,13 +654,13 @@ int gated_begin_row(const GatedVertical *v, int32_t batch, float *const *rows, c
         const int kw_next = last ? 0 : v->v_width[l + 1];
         /* the next layer's new input row: its last kept row */
         float *next = last ? NULL : rows[first_row + kh + v->v_rows[l + 1] - 1];
-        if (!last) memset(next, 0, sizeof(float) * (size_t)batch * (width + kw_next - 1) * n);
+        if (!last) zero_padding(next, batch, width, kw_next, n);
         link_biases(v, l, batch, class_h[l], link_bias);
         vertical_columns(v, l, first_row, batch, 0, width, (const float *const *)rows + first_row, class_v[l],
                          link_bias, row_bias[l], next, scratch);
-        memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
         first_row += kh;
     }
+    zero_horizontal_inputs(v, batch, h_buffers);
     free(scratch);
     return 0;
 }
@@ -849,20 +886,21 @@ static void lane_failed(WavefrontSync *f) {
     lower_end(&f->end, 0);
 }
 
-/* Row i's rows of the vertical streams that layers first .. last - 1 write start at zero (the rows'
- * padding): S_(l + 1)[i], the input of the layer above. */
+/* Row i's rows of the vertical streams that layers first .. last - 1 write get their zero padding:
+ * S_(l + 1)[i], the input of the layer above. */
 static void start_vertical_row(GatedWavefront *f, int i, int first, int last) {
     const GatedVertical *v = f->v;
     for (int l = first; l < last && l + 1 < v->layers; l++)
-        memset(ring_row(f, l + 1, i), 0, sizeof(float) * ring_row_floats(f, l + 1));
+        zero_padding(ring_row(f, l + 1, i), f->sync.batch, v->width, v->v_width[l + 1], v->channels);
 }
 
-/* Row i's pixels start at zero: the row below's first vertical input (S_0[i + 1]) and the horizontal buffers. */
+/* Before row i's pixels: the zero padding of the row below's first vertical input (S_0[i + 1]), and the
+ * horizontal buffers' zeros. */
 static void start_pixel_row(GatedWavefront *f, int i, float *const *h_buffers) {
     const GatedVertical *v = f->v;
     const int batch = f->sync.batch;
-    memset(ring_row(f, 0, i + 1), 0, sizeof(float) * ring_row_floats(f, 0));
-    for (int l = 0; l < v->layers; l++) memset(h_buffers[l], 0, sizeof(float) * (size_t)batch * v->h_size[l]);
+    zero_padding(ring_row(f, 0, i + 1), batch, v->width, v->v_width[0], v->image_channels);
+    zero_horizontal_inputs(v, batch, h_buffers);
 }
 
 /* Row i's vertical stack of layers first .. last - 1 up to column `upto` of layer last - 1, and the columns
@@ -994,8 +1032,8 @@ static void *gated_wavefront_lane(void *argument) {
     GatedWavefront *f = lane->job;
     const GatedVertical *v = f->v;
     const int n = v->channels, width = v->width, batch = f->sync.batch, layers = v->layers;
-    const size_t per_image = (size_t)(6 * n + f->w->head + LEVELS);
-    size_t floats = per_image * BLOCK + (size_t)BLOCK * 3 * n + (size_t)batch * 2 * n;
+    const size_t block_floats = gated_scratch(f->w, NULL, NULL);
+    size_t floats = block_floats + (size_t)BLOCK * 3 * n + (size_t)batch * 2 * n;
     for (int l = 0; l < layers; l++) floats += (size_t)batch * (v->h_size[l] + width * 2 * n);
     float *scratch = malloc(sizeof(float) * floats);
     double *cdf = malloc(sizeof(double) * DRAW_SCRATCH);
@@ -1007,15 +1045,8 @@ static void *gated_wavefront_lane(void *argument) {
         return NULL;
     }
     GatedScratch s;
-    for (int b = 0; b < BLOCK; b++) {
-        s.pre[b] = scratch + b * per_image;
-        s.gated[b] = s.pre[b] + 2 * n;
-        s.out[b] = s.gated[b] + n;
-        s.skips[b] = s.out[b] + 2 * n;
-        s.hidden[b] = s.skips[b] + n;
-        s.logits[b] = s.hidden[b] + f->w->head;
-    }
-    float *vertical_scratch = scratch + per_image * BLOCK, *link_bias = vertical_scratch + (size_t)BLOCK * 3 * n;
+    gated_scratch(f->w, scratch, &s);
+    float *vertical_scratch = scratch + block_floats, *link_bias = vertical_scratch + (size_t)BLOCK * 3 * n;
     float *next = link_bias + (size_t)batch * 2 * n;
     for (int l = 0; l < layers; l++) {
         h_buffers[l] = next;
