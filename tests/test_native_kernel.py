@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from functools import partial
 
 import pytest
 import torch
 
-from app.engine import CachedSampler, c_library, sample_cached
+from app.engine import CachedSampler, c_kernel, c_library, sample_cached
 from tests.helpers import tiny_model, torch_layout
 
 needs_compiler = pytest.mark.skipif(c_library._compiler() is None, reason="no C compiler on this machine")
@@ -98,6 +99,11 @@ def test_a_level_of_probability_zero_is_never_drawn(arch, compiled):
     assert torch.isfinite(log_prob).all()
 
 
+def nan_filled(empty, *args, **kwargs):
+    """torch.empty, filled with NaN (a fresh allocation may well hold zeros, hiding a value never written)."""
+    return empty(*args, **kwargs).fill_(float("nan"))
+
+
 def _vertical_shapes():
     """The shipped model's vertical shapes (hidden 48, kernel rows 3 x 5, first layer 7 wide) on a
     smaller image, and a conditional RGB model (hidden a multiple of 6)."""
@@ -110,7 +116,7 @@ def _vertical_shapes():
 @needs_compiler
 @pytest.mark.parametrize("shape", _vertical_shapes(), ids=["shipped-like", "rgb-conditional"])
 @pytest.mark.parametrize("batch", [1, 5, 11])
-def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
+def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch, monkeypatch):
     """The C begin_row / end_row compute what the torch reference does, up to float32 rounding (their sums
     run in another order than MKL's), on caches with known rows and random labels."""
     import copy
@@ -128,7 +134,9 @@ def test_native_vertical_stack_matches_the_torch_begin_row(shape, batch):
         for t in fast.h_buffers:
             t.fill_(float("nan"))  # left from the row before: the kernel zeroes what a row reads unwritten
         sampler.impl.begin_row(reference)
-        sampler.row_loop.vertical.begin_row(fast)
+        with monkeypatch.context() as patched:  # what begin_row allocates starts as NaN: it must write all of it
+            patched.setattr(c_kernel.torch, "empty", partial(nan_filled, torch.empty))
+            sampler.row_loop.vertical.begin_row(fast)
         for layer in range(len(model.layers)):
             torch.testing.assert_close(fast.row_bias[layer], reference.row_bias[layer], rtol=1e-5, atol=1e-5)
             assert len(fast.vertical[layer]) == len(reference.vertical[layer])
