@@ -104,7 +104,7 @@ async def test_a_passed_deadline_is_a_504_timeout_and_stops_the_work(serve):
         error = late.json()["error"]
         assert error["type"] == "timeout" and "X-Request-Timeout" in error["message"]
         passes = engine.stats().likelihood_passes
-        assert passes < 6
+        assert passes <= 3 * engine.scorer.threads < 16  # those begun in 0.12 s, side by side: not all of them
         await asyncio.sleep(0.3)
         assert engine.stats().likelihood_passes == passes
         generated = await client.post("/sample", json={"n": 4}, headers={"x-request-timeout": "0.0001"})

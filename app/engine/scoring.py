@@ -1,30 +1,40 @@
-"""Likelihood scoring: teacher-forced forward passes in a worker thread, bounded in flight.
+"""Likelihood scoring: teacher-forced forward passes on worker threads, bounded in flight.
 
 Kept apart from the batching scheduler: scoring needs no caches and no decode steps, only the model and a
 limit on how many requests may hold their images and activations at once. A request is scored in passes
-of at most SCORE_CHUNK_IMAGES images (one per class for a marginal likelihood): a caller that goes away
-(its task cancelled) frees its slot at once, and its thread stops at the next pass.
+of at most SCORE_CHUNK_IMAGES images (one per class for a marginal likelihood), which run side by side on
+the scorer's threads (one per decode lane: every core on a CPU), each pass on torch's own threads as
+before. A caller that goes away (its task cancelled) frees its slot at once, and no pass of it starts after.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TypeVar
 
-import numpy as np
 import torch
 
 from app.model import ModelConfig, PixelCNNModel
 from app.model.likelihood import marginal_nll_nats, nll_per_subpixel
 
 from .protocol import ImagesIn, LabelsIn, check_labels
-from .types import DeadlineExceededError, LikelihoodResult, QueueFullError, ScoringError
+from .types import DeadlineExceededError, EngineStoppedError, LikelihoodResult, QueueFullError, ScoringError
 
 
 class ScoringCancelled(Exception):
     """Raised in the scoring thread between passes once its caller has gone."""
+
+
+class _PassSkipped(Exception):
+    """A pass not started because another pass of its request failed first."""
+
+
+T = TypeVar("T")
 
 
 SCORE_CHUNK_IMAGES = 16  # images per forward pass: small enough that a cancelled request stops soon
@@ -42,11 +52,14 @@ class Scorer:
     """Teacher-forced NLL of uploaded images. At most `max_in_flight` requests run at once: each holds its
     images and a forward pass's activations, so past that QueueFullError asks the caller to retry."""
 
-    def __init__(self, model: PixelCNNModel, max_in_flight: int) -> None:
+    def __init__(self, model: PixelCNNModel, max_in_flight: int, threads: int = 1) -> None:
         self.model = model
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
         self.max_in_flight = max_in_flight
+        self.threads = threads  # passes run side by side (shared by all requests: at most this many at once)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # started at the first such pass
+        self._closed = threading.Event()  # set by close(): that pool's passes not started are skipped
         self.in_flight = 0  # under the lock
         self.rejected = 0
         self.failed = 0
@@ -94,57 +107,114 @@ class Scorer:
             if gone is not None and gone.is_set():
                 raise ScoringCancelled
             if deadline is not None and time.monotonic() >= deadline:
-                with self._lock:
-                    self.expired += 1
                 raise DeadlineExceededError("the request's deadline passed before it was scored; its work was stopped")
             with self._lock:
                 self.passes += 1
 
         try:
-            chunks = [
-                self._forward(
-                    images[i : i + SCORE_CHUNK_IMAGES],
-                    None if labels is None else labels[i : i + SCORE_CHUNK_IMAGES],
-                    before_pass,
-                )
-                for i in range(0, images.shape[0], SCORE_CHUNK_IMAGES)
-            ]
-        except (ScoringCancelled, DeadlineExceededError):
+            return self._score(images.to(self.device, torch.long), labels, before_pass)
+        except (ScoringCancelled, EngineStoppedError):
+            raise
+        except DeadlineExceededError:
+            with self._lock:
+                self.expired += 1  # once, whichever of its passes found the deadline passed
             raise
         except Exception as error:
             with self._lock:
                 self.failed += 1
             raise ScoringError(f"the likelihood pass failed ({type(error).__name__}: {error})") from error
 
-        return LikelihoodResult(
-            np.concatenate([chunk.nll_nats for chunk in chunks]),
-            np.concatenate([chunk.per_pixel for chunk in chunks]),
-            None if chunks[0].labels is None else np.concatenate([chunk.labels for chunk in chunks]),
-            None if chunks[0].class_log_probs is None else np.concatenate([chunk.class_log_probs for chunk in chunks]),
-        )
-
     @torch.no_grad()
-    def _forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None, before_pass: Callable[[], None]
-    ) -> LikelihoodResult:
+    def _score(self, x: torch.Tensor, labels: torch.Tensor | None, before_pass: Callable[[], None]) -> LikelihoodResult:
         """A class-conditional model without labels gives the exact marginal -log sum_y p(y) p(x|y)
-        (uniform p(y)) and per-pixel values for the most likely class."""
-        x = images.to(self.device, torch.long)
+        (uniform p(y)), its class probabilities, and per-pixel values for the most likely class."""
+        chunks = [slice(i, i + SCORE_CHUNK_IMAGES) for i in range(0, x.shape[0], SCORE_CHUNK_IMAGES)]
         class_log_probs = nll = None
         if self.config.conditional and labels is None:
-            marginal, per_class = marginal_nll_nats(self.model, x, before_pass)
+            k = self.config.num_classes
+            passes = [partial(self._class_nll, x[chunk], y, before_pass) for chunk in chunks for y in range(k)]
+            per_class_passes = self._run_side_by_side(passes)  # chunk by chunk, class by class
+            per_class = torch.cat(
+                [torch.stack(per_class_passes[c * k : (c + 1) * k], dim=1) for c in range(len(chunks))]
+            )
             # Bayes with a uniform prior: p(y|x) is the softmax over classes of log p(x|y).
-            class_log_probs = torch.log_softmax(-per_class.double(), dim=1).cpu()
+            class_log_probs = torch.log_softmax(-per_class.double(), dim=1).cpu().numpy()
             labels = per_class.argmin(dim=1)
-            nll = marginal.double().cpu()
-        labels_dev = None if labels is None else labels.to(self.device)
-        before_pass()
-        per_pixel = nll_per_subpixel(self.model(x, labels_dev), x)
+            nll = marginal_nll_nats(per_class).double().cpu()
+        given = None if labels is None else labels.to(self.device)
+        per_pixel = torch.cat(
+            self._run_side_by_side(
+                [
+                    partial(self._forward, x[chunk], None if given is None else given[chunk], before_pass)
+                    for chunk in chunks
+                ]
+            )
+        )
         if nll is None:
             nll = per_pixel.flatten(1).sum(1).double().cpu()
         return LikelihoodResult(
             nll.numpy(),
             per_pixel.cpu().numpy(),
             None if labels is None else labels.cpu().numpy(),
-            None if class_log_probs is None else class_log_probs.numpy(),
+            class_log_probs,
         )
+
+    def _class_nll(self, x: torch.Tensor, label: int, before_pass: Callable[[], None]) -> torch.Tensor:
+        """-log p(x | label) of each image, (B,)."""
+        labels = torch.full((x.shape[0],), label, dtype=torch.long, device=x.device)
+        return self._forward(x, labels, before_pass).flatten(1).sum(1)
+
+    def _forward(self, x: torch.Tensor, labels: torch.Tensor | None, before_pass: Callable[[], None]) -> torch.Tensor:
+        """One teacher-forced pass: the NLL of every sub-pixel, (B, C, H, W)."""
+        before_pass()
+        with torch.no_grad():  # on this thread: a pass may run on one of the scorer's own
+            return nll_per_subpixel(self.model(x, labels), x)
+
+    def _run_side_by_side(self, passes: Sequence[Callable[[], T]]) -> list[T]:
+        """Each pass's result, in order: run on the scorer's threads, or here when it has one. The first
+        failure stops the passes not yet started and is raised once the running ones are done; close()
+        stops them too (EngineStoppedError)."""
+        if self.threads == 1 or len(passes) == 1:
+            return [run() for run in passes]
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="likelihood")
+                self._closed = threading.Event()
+            pool, closed = self._pool, self._closed
+        failed = threading.Event()
+
+        def guarded(run: Callable[[], T]) -> T:
+            if failed.is_set() or closed.is_set():
+                raise _PassSkipped
+            try:
+                return run()
+            except BaseException:
+                failed.set()
+                raise
+
+        futures = []
+        try:
+            for run in passes:
+                futures.append(pool.submit(guarded, run))
+        except RuntimeError:  # the pool was shut down (close()) while they were handed over
+            closed.set()
+        # Every future ends: a pass not started when close() came is skipped by the threads, which finish
+        # their queue after a shutdown (futures cancelled by one would never wake this wait).
+        concurrent.futures.wait(futures)
+        errors = [future.exception() for future in futures]
+        for error in errors:
+            if error is not None and not isinstance(error, _PassSkipped):
+                raise error
+        if closed.is_set() and (len(futures) < len(passes) or errors.count(None) < len(errors)):
+            raise EngineStoppedError("the server is shutting down")
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        """Stop the scorer's threads once they finish the pass under way; the passes of a request not yet
+        started are skipped and the request gets EngineStoppedError (the next side-by-side pass starts new
+        threads)."""
+        with self._lock:
+            pool, closed, self._pool = self._pool, self._closed, None
+        if pool is not None:
+            closed.set()
+            pool.shutdown(wait=False)

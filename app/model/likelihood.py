@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +29,7 @@ def bits_per_dim(nats: float, dims: int) -> float:
     return nats / (dims * math.log(2)) if dims else 0.0
 
 
-def marginal_nll_nats(
-    model: nn.Module, x: torch.Tensor, before_pass: Callable[[], None] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a class-conditional model: -log sum_y p(y) p(x|y) with a uniform prior p(y), and the NLL of
-    each class. Returns (nll (B,), per-class nll (B, K)). `before_pass` runs before each class's forward
-    pass (a server's scorer raises there to stop work whose client has gone)."""
-    k = model.config.num_classes
-
-    def class_nll(y: int) -> torch.Tensor:
-        if before_pass is not None:
-            before_pass()
-        return nll_nats(model, x, torch.full((x.shape[0],), y, dtype=torch.long, device=x.device))
-
-    per_class = torch.stack([class_nll(y) for y in range(k)], dim=1)
-    return -(torch.logsumexp(-per_class, dim=1) - math.log(k)), per_class
+def marginal_nll_nats(per_class: torch.Tensor) -> torch.Tensor:
+    """For a class-conditional model, the NLL of each class (B, K) (one teacher-forced pass per class) ->
+    -log sum_y p(y) p(x|y) with a uniform prior p(y), (B,)."""
+    return -(torch.logsumexp(-per_class, dim=1) - math.log(per_class.shape[1]))

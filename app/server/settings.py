@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     threads: int = Field(
         1,
         ge=1,
-        description="torch CPU threads per decode lane (and for /likelihood). Default 1: a decode "
+        description="torch CPU threads per decode lane (and per /likelihood pass; a request's passes run "
+        "side by side, one per lane). Default 1: a decode "
         "step is a few small matrix products per pixel, and OpenMP threads competing with the event loop "
         "for the cores made 16 concurrent /sample requests 2x slower on 2 cores (measured); cores are "
         "better used by more lanes. Raise it for large /likelihood batches on many-core CPUs",
