@@ -280,6 +280,7 @@ def run_complete(args: argparse.Namespace) -> int:
 BENCH_VERBS = {
     "model": ("app.bench.model", "forward and training images/s of model sizes"),
     "sampling": ("app.bench.sampling", "naive vs cached sampling vs one forward pass; engine concurrency by lanes"),
+    "kernel": ("app.bench.kernel", "the C row kernel vs another version of its source, side by side: time, bytes"),
     "http": ("app.bench.http", "a server: /sample vs /likelihood, concurrent requests, time to the first row"),
     "agreement": ("app.bench.agreement", "cached vs naive images in the served dtype"),
     "quality": ("app.bench.quality", "samples judged by an independent classifier"),

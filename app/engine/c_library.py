@@ -174,17 +174,32 @@ def _load() -> ctypes.CDLL | None:
         log.warning("no C compiler found (cc, gcc, clang): sampling runs the slower TorchScript decoder")
         return None
     try:
-        library = ctypes.CDLL(str(build(compiler)))
+        library = _entry_points(ctypes.CDLL(str(build(compiler))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("could not build the native row kernel (%s): sampling runs the TorchScript decoder", error)
         return None
-    library.kernel_panel_width.restype = ctypes.c_int
     if not library.kernel_hardware_fma():
         log.warning(
             "this CPU has no fused multiply-add instruction: the C kernel emulates it exactly (the same bytes "
             "as everywhere) but draws ~50x slower; PIXELCNN_NATIVE_KERNEL=0 runs the TorchScript decoder "
             "instead (faster here, its seeded bytes this machine's own)"
         )
+    return library
+
+
+def load_kernel_source(source_file: Path) -> ctypes.CDLL:
+    """Another version of the kernel's source, built and set up like the served one, for comparing the two
+    side by side (`pixelcnn bench kernel`). RuntimeError without a compiler or when the build fails;
+    AttributeError when the source lacks one of this version's entry points."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc, clang)")
+    return _entry_points(ctypes.CDLL(str(build(compiler, source_file))))
+
+
+def _entry_points(library: ctypes.CDLL) -> ctypes.CDLL:
+    """The kernel's functions' argument and result types, set on the loaded library."""
+    library.kernel_panel_width.restype = ctypes.c_int
     pointer, pointers = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
     library.gated_decode_row.restype = ctypes.c_int
     library.gated_decode_row.argtypes = [
