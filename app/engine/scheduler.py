@@ -93,9 +93,7 @@ class Engine(LaneLoop):
         # instead of trickling in one row apart. A lone request pays batch_wait_s once.
         self.batch_wait_s = batch_wait_s
         self._last_submit = 0.0  # perf_counter() of the latest submit
-        self.scorer = Scorer(
-            self.model, max_in_flight=max_queue, threads=lanes
-        )  # a request's passes on every lane's core
+        self.scorer = Scorer(self.model, max_in_flight=max_queue, threads=lanes)  # a request's passes side by side
         self._waiting: collections.deque[Shard] = collections.deque()
         self._lock = threading.Lock()
         self._lanes = [Lane(index) for index in range(lanes)]

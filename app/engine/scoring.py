@@ -31,7 +31,7 @@ class ScoringCancelled(Exception):
 
 
 class _PassSkipped(Exception):
-    """A pass not started because another pass of its request failed first."""
+    """A pass not started: another pass of its request failed first, or the scorer was closed."""
 
 
 T = TypeVar("T")
