@@ -39,6 +39,7 @@ def test_the_same_source_gives_the_same_bytes(model_dir, tmp_path, capsys):
     for r in report["results"]:
         assert r["same_bytes"] and r["rounds"] == 2
         assert min(r["this_s"], r["other_s"], r["this_gflops"], r["other_gflops"], r["this_over_other"]) > 0
+        assert r["this_of_fma_peak"] == pytest.approx(r["this_gflops"] / report["peak"]["fma_gflops"], abs=1e-3)
 
 
 def test_a_kernel_that_changes_a_number_is_caught(model_dir, tmp_path, capsys):

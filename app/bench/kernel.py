@@ -5,8 +5,9 @@ A machine shared with other tenants drifts by 10% from one minute to the next (B
 most kernel changes are worth, so two benchmark runs one after the other cannot tell such a change from
 the drift. Here both kernels are loaded in one process, and every round samples each batch once with each,
 alternating which goes first, on one torch thread (one lane's cached sampling, as `bench sampling` times
-it). Reported per batch: each side's median seconds and GFLOP/s, the median of the rounds' own ratios
-(this source's time over the other's), and whether every round gave the same images and log p, bytes for
+it). Reported per batch: each side's median seconds and GFLOP/s (this side's also as a fraction of the
+core's FMA peak, roofline.py), the median of the rounds' own ratios (this source's time over the other's),
+and whether every round gave the same images and log p, bytes for
 bytes: a change to the kernel must keep them (README, "Reproducibility across machines"), or bump
 c_library.NUMERICS_VERSION. Exits with 1 when they differ.
 
@@ -31,7 +32,7 @@ from app.engine import CachedSampler, c_library, sample_cached
 from app.engine.row_loops import CKernelRows
 from app.model import load
 
-from .roofline import cached_macs, gflops
+from .roofline import cached_macs, gflops, measured_peak
 
 KERNEL_PATH = "app/engine/native/row_kernels.c"  # in the repository
 
@@ -115,18 +116,25 @@ def run(argv: list[str] | None = None) -> int:
     other = CachedSampler(model)
     other.row_loop = CKernelRows(other.impl, library, other.device)
     results = [compare(model, [this, other], int(b), args.rounds) for b in args.batches.split(",")]
+    peak = measured_peak()  # this core's FP32 FMA peak (roofline.py), measured right after
+    for r in results:
+        r["this_of_fma_peak"] = round(r["this_gflops"] / peak["fma_gflops"], 3) if peak else None
     same_bytes = all(r["same_bytes"] for r in results)
     if args.json:
-        print(json.dumps({"against": args.against, "results": results}))
+        print(json.dumps({"against": args.against, "peak": peak, "results": results}))
         return 0 if same_bytes else 1
     print(f"{args.model_dir}: this kernel ({c_library.SOURCE}) vs {args.against}, {args.rounds} rounds, 1 thread")
     print(
-        f"{'batch':>5} {'this s':>8} {'other s':>8} {'this/other':>11} {'this GFLOP/s':>13} {'other':>7} {'same bytes':>11}"
+        f"{'batch':>5} {'this s':>8} {'other s':>8} {'this/other':>11} {'this GFLOP/s':>13} {'other':>7} "
+        f"{'this of FMA peak':>17} {'same bytes':>11}"
     )
     for r in results:
+        of_peak = "" if r["this_of_fma_peak"] is None else f"{r['this_of_fma_peak']:.2f}"
         print(
             f"{r['batch']:>5} {r['this_s']:>8.4f} {r['other_s']:>8.4f} {r['this_over_other']:>11.3f} "
-            f"{r['this_gflops']:>13.1f} {r['other_gflops']:>7.1f} {'yes' if r['same_bytes'] else 'NO':>11}"
+            f"{r['this_gflops']:>13.1f} {r['other_gflops']:>7.1f} {of_peak:>17} {'yes' if r['same_bytes'] else 'NO':>11}"
         )
+    if peak:
+        print(f"this core's FMA peak, measured after: {peak['fma_gflops']} GFLOP/s")
     print("this/other: the median of the rounds' own ratios (each round ran both, alternating which went first)")
     return 0 if same_bytes else 1
