@@ -211,7 +211,7 @@ class NativeGatedVertical(NativeDecoder):
         self.v_width = list(impl.v_width)
         self.v_rows = [len(w) for w in impl.v_weight]
         self.kept_rows = [impl.kept_rows(index) for index in range(self.layers)]
-        # Floats per image of each layer's h_buffers (W + kw - 1, in), which begin_row zeroes.
+        # Floats per image of each layer's h_buffers (W + kw - 1, in), whose unwritten part begin_row zeroes.
         h_size = [(self.width + kw - 1) * (self.channels if i == 0 else self.n) for i, kw in enumerate(impl.h_width)]
         self._weights = GatedVertical(
             self.layers,
@@ -242,7 +242,8 @@ class NativeGatedVertical(NativeDecoder):
         return self.impl.empty_cache(labels, batch, torch.device("cpu"), torch.float32, vertical)
 
     def begin_row(self, state: DecodeCache) -> None:
-        """CachedGated.begin_row: row_bias, the new kept rows of layers 1.., h_buffers zeroed."""
+        """CachedGated.begin_row: row_bias, the new kept rows of layers 1.., and zero in h_buffers where the row
+        reads before it writes (row_kernels.c, zero_horizontal_inputs; the rest is left as it was)."""
         s = cast(GatedCache, state)
         b, w, n = s.batch, self.width, self.n
         rows = []

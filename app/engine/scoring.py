@@ -205,7 +205,7 @@ class Scorer:
         for error in errors:
             if error is not None and not isinstance(error, _PassSkipped):
                 raise error
-        if closed.is_set() and (len(futures) < len(passes) or errors.count(None) < len(errors)):
+        if len(futures) < len(passes) or any(error is not None for error in errors):  # skipped: close() came
             raise EngineStoppedError("the server is shutting down")
         return [future.result() for future in futures]
 

@@ -560,8 +560,8 @@ typedef struct {
  * first: column j reads the kw * in numbers at j .. j + kw - 1 (columns j - kw/2 .. j + kw/2), side by side
  * (what CachedGated.unfold_row spreads out for the torch reference). Writes row_bias (B, W, 2n) and, unless
  * next is NULL (the last layer), the gated output of column j at position j + kw_next / 2 of the next
- * layer's new input row (the caller zeroes `next` once before its first columns, for its padding). A block of up to 8 columns shares each weight
- * row, taken in turn from the images' ranges (image 0's, then image 1's, ...), so that a block is full
+ * layer's new input row (the caller zeroes its padding, zero_padding, before its first columns). A block of
+ * up to 8 columns shares each weight row, taken in turn from the images' ranges (image 0's, then image 1's, ...), so that a block is full
  * whatever the range's width; every column's sums run in the same order whatever the block, so any split
  * of a row into column ranges (gated_begin_row: all at once; the wavefront: a few at a time) gives the
  * same numbers.
