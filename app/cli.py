@@ -290,6 +290,7 @@ BENCH_VERBS = {
     "golden": ("app.bench.golden", "seeded outputs of a real server vs tests/golden (--write regenerates them)"),
     "hostile": ("app.bench.hostile", "/health latency while clients send huge headers or slow-loris heads"),
     "priority": ("app.bench.priority", "high-priority latency while low-priority requests arrive at 2x capacity"),
+    "beside": ("app.bench.beside", "single-image /sample latency beside a long /likelihood, by scoring priority"),
 }
 CARD = ("app.tools.card", "draw a model card's pictures: samples per class, completions, training curve")
 

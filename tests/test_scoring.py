@@ -1,9 +1,11 @@
 """The scorer runs a request's forward passes side by side on its threads (one per decode lane: every core
-on a CPU), with the same numbers as one after another, and stops the passes not started once one fails,
-its caller leaves, its deadline passes or the engine stops."""
+on a CPU), with the same numbers as one after another, below the decode lanes' CPU priority, and stops the
+passes not started once one fails, its caller leaves, its deadline passes or the engine stops."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -125,3 +127,51 @@ def test_closing_the_scorer_ends_a_request_whose_passes_wait(model):
     thread.join(5)
     assert not thread.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], EngineStoppedError), outcome
+
+
+class RecordsPriority(nn.Module):
+    """The model, recording the CPU priority (nice value) of each thread a forward pass runs on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.config = model, model.config
+        self.nice: dict[int, int] = {}
+
+    def forward(self, *args, **kwargs):
+        thread = threading.get_native_id()
+        self.nice[thread] = os.getpriority(os.PRIO_PROCESS, thread)
+        return self.inner(*args, **kwargs)
+
+
+def own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize(("threads", "labelled"), [(2, False), (1, True)])
+def test_passes_run_below_the_callers_cpu_priority(model, threads, labelled):
+    """Every pass (side by side, or the single pass of a labelled request) runs on a scorer thread `nice`
+    steps below the caller's priority; the caller's own priority (a decode lane's) does not change."""
+    caller = own_nice()
+    scorer = Scorer(model, max_in_flight=1, threads=threads, nice=3)
+    scorer.model = RecordsPriority(model)
+    try:
+        scorer.score_sync(images(4), [0] * 4 if labelled else None)
+    finally:
+        scorer.close()
+    assert scorer.model.nice and set(scorer.model.nice.values()) == {min(19, caller + 3)}
+    assert threading.get_native_id() not in scorer.model.nice and own_nice() == caller
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_nice_zero_keeps_the_priority_and_a_negative_one_is_refused(model):
+    caller = own_nice()
+    scorer = Scorer(model, max_in_flight=1, threads=2, nice=0)
+    scorer.model = RecordsPriority(model)
+    try:
+        scorer.score_sync(images(4))
+    finally:
+        scorer.close()
+    assert set(scorer.model.nice.values()) == {caller}
+    with pytest.raises(ValueError, match="nice must be >= 0"):
+        Scorer(model, max_in_flight=1, nice=-1)

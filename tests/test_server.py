@@ -353,6 +353,22 @@ def test_settings_reject_bad_values():
         Settings(max_batch_images=0)
 
 
+def test_scoring_nice_reaches_the_engines_scorer(monkeypatch, tmp_path):
+    import torch
+
+    from app.engine.scoring import SCORING_NICE
+    from app.server.registry import default_engine_factory
+    from tests.helpers import tiny_model
+
+    model = tiny_model("gated", num_classes=2, dtype=torch.float32)
+    assert Settings(_env_file=None).scoring_nice == SCORING_NICE  # the server's default is the engine's
+    monkeypatch.setenv("PIXELCNN_SCORING_NICE", "4")
+    assert default_engine_factory(model, Settings(_env_file=None)).scorer.nice == 4
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="scoring_nice"):
+            Settings(_env_file=None, scoring_nice=bad)
+
+
 def test_lanes_default_to_one_on_a_gpu_and_one_per_threads_cores_on_a_cpu(monkeypatch):
     import app.server.settings as settings_module
 

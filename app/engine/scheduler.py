@@ -30,7 +30,7 @@ from .cached import CachedSampler
 from .fan_in import Delivery, Shard, TrackedRequest
 from .lanes import Lane, LaneLoop
 from .protocol import ImagesIn, LabelsIn, forced_row, start_sampling
-from .scoring import Scorer
+from .scoring import SCORING_NICE, Scorer
 from .stats import TimeHistogram
 from .stream import Stream, StreamItem
 from .types import (
@@ -63,6 +63,7 @@ class Engine(LaneLoop):
         batch_wait_s: float = 0.002,
         fault_every_steps: int = 0,
         wavefront: bool | None = True,
+        scoring_nice: int = SCORING_NICE,
     ) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
@@ -93,7 +94,8 @@ class Engine(LaneLoop):
         # instead of trickling in one row apart. A lone request pays batch_wait_s once.
         self.batch_wait_s = batch_wait_s
         self._last_submit = 0.0  # perf_counter() of the latest submit
-        self.scorer = Scorer(self.model, max_in_flight=max_queue, threads=lanes)  # a request's passes side by side
+        # A request's passes side by side, below the lanes' CPU priority (scoring.lower_thread_priority).
+        self.scorer = Scorer(self.model, max_in_flight=max_queue, threads=lanes, nice=scoring_nice)
         self._waiting: collections.deque[Shard] = collections.deque()
         self._lock = threading.Lock()
         self._lanes = [Lane(index) for index in range(lanes)]

@@ -5,12 +5,19 @@ limit on how many requests may hold their images and activations at once. A requ
 of at most SCORE_CHUNK_IMAGES images (one per class for a marginal likelihood), which run side by side on
 the scorer's threads (one per decode lane: every core on a CPU), each pass on torch's own threads as
 before. A caller that goes away (its task cancelled) frees its slot at once, and no pass of it starts after.
+
+The scorer's threads run at a lower CPU priority than the decode lanes (`nice`, Linux): a pass takes a
+core the lanes leave idle, and a decode lane that wants one gets it first, so a /sample beside a long
+/likelihood is not slowed to half speed, while /likelihood alone still uses every core (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +45,26 @@ T = TypeVar("T")
 
 
 SCORE_CHUNK_IMAGES = 16  # images per forward pass: small enough that a cancelled request stops soon
+# How many nice steps below the decode lanes the scorer's threads run (PIXELCNN_SCORING_NICE). At 10 a
+# lane's thread gets ~9 in 10 of a contested core (Linux's CFS weights) and waits less to get it.
+SCORING_NICE = 10
+
+logger = logging.getLogger(__name__)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Make this thread's CPU priority `nice` steps lower (Linux keeps a nice value per thread; raising it
+    needs no privilege). Elsewhere, or if the system refuses, the thread keeps its priority (logged)."""
+    if nice <= 0:
+        return
+    if sys.platform != "linux":
+        logger.info("scoring threads keep their CPU priority: per-thread nice values are Linux-only")
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+    except OSError as error:
+        logger.warning("scoring threads keep their CPU priority: setpriority failed (%s)", error)
 
 
 def scoring_passes(config: ModelConfig, images: int, labelled: bool) -> int:
@@ -52,12 +79,15 @@ class Scorer:
     """Teacher-forced NLL of uploaded images. At most `max_in_flight` requests run at once: each holds its
     images and a forward pass's activations, so past that QueueFullError asks the caller to retry."""
 
-    def __init__(self, model: PixelCNNModel, max_in_flight: int, threads: int = 1) -> None:
+    def __init__(self, model: PixelCNNModel, max_in_flight: int, threads: int = 1, nice: int = SCORING_NICE) -> None:
+        if nice < 0:
+            raise ValueError(f"nice must be >= 0 (a priority below the decode lanes'), got {nice}")
         self.model = model
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
         self.max_in_flight = max_in_flight
         self.threads = threads  # passes run side by side (shared by all requests: at most this many at once)
+        self.nice = nice  # the threads' priority below the decode lanes' (lower_thread_priority)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # started at the first such pass
         self._closed = threading.Event()  # set by close(): that pool's passes not started are skipped
         self.in_flight = 0  # under the lock
@@ -171,14 +201,17 @@ class Scorer:
             return nll_per_subpixel(self.model(x, labels), x)
 
     def _run_side_by_side(self, passes: Sequence[Callable[[], T]]) -> list[T]:
-        """Each pass's result, in order: run on the scorer's threads, or here when it has one. The first
-        failure stops the passes not yet started and is raised once the running ones are done; close()
-        stops them too (EngineStoppedError)."""
-        if self.threads == 1 or len(passes) == 1:
-            return [run() for run in passes]
+        """Each pass's result, in order, run on the scorer's threads (at their lower priority, even for one
+        pass). The first failure stops the passes not yet started and is raised once the running ones are
+        done; close() stops them too (EngineStoppedError)."""
         with self._lock:
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="likelihood")
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.threads,
+                    thread_name_prefix="likelihood",
+                    initializer=lower_thread_priority,
+                    initargs=(self.nice,),
+                )
                 self._closed = threading.Event()
             pool, closed = self._pool, self._closed
         failed = threading.Event()

@@ -48,6 +48,7 @@ def default_engine_factory(model: PixelCNNModel, settings: Settings) -> Engine:
         batch_wait_s=settings.batch_wait_ms / 1000,
         fault_every_steps=settings.fault_every_steps,
         wavefront=None,  # measured at start: one image by wavefront only where that is faster here
+        scoring_nice=settings.scoring_nice,
     )
 
 

@@ -44,6 +44,15 @@ class Settings(BaseSettings):
         "for the cores made 16 concurrent /sample requests 2x slower on 2 cores (measured); cores are "
         "better used by more lanes. Raise it for large /likelihood batches on many-core CPUs",
     )
+    scoring_nice: int = Field(
+        10,  # app.engine.scoring.SCORING_NICE (not imported: settings load without torch)
+        ge=0,
+        le=19,
+        description="how many nice steps below the decode lanes the /likelihood passes run (Linux, per "
+        "thread): a decode lane that wants a core gets it first, so /sample beside a long /likelihood keeps "
+        "most of its speed (measured 20 -> 14.5 ms per image on 2 cores), while /likelihood alone still uses "
+        "every core. 0: the same priority",
+    )
     lanes: int | None = Field(
         None,
         ge=1,
