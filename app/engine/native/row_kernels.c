@@ -498,10 +498,37 @@ static void step_block(const GatedWeights *w, int first, int count, int j, int c
     affine_block(s->logits, bias, x, w->logits_w[colour], w->head, LEVELS, count);
 }
 
+/* Where the draws of one row go: for sub-pixel (colour, j) of image b, index (b * C + colour) * W + j of
+ * uniforms, forced (NULL: none kept) and values; temperature[b] and log_prob[b] (+=). */
+typedef struct {
+    const double *uniforms, *temperature;
+    const int64_t *forced;
+    int64_t *values;
+    double *log_prob;
+} RowDraws;
+
+/* Sub-pixel (j, colour) of images first .. first + count - 1: its logits (step_block) and draws, and each
+ * drawn value, scaled like scale_pixels, written into the first layer's input and, unless `below` is NULL,
+ * into the row below's first vertical input (padded (B, W + kw_below - 1, C), at column j + kw_below / 2). */
+static void draw_sub_pixel(const GatedWeights *w, int first, int count, int j, int colour, float *const *h_buffers,
+                           const float *const *row_bias, const GatedScratch *s, double *cdf, const RowDraws *r,
+                           float *below, int kw_below) {
+    const int c = w->image_channels, width = w->width, kw0 = w->h_width[0];
+    step_block(w, first, count, j, colour, h_buffers, row_bias, s);
+    BlockDraws d;
+    block_draws(&d, count, r->uniforms, r->forced, r->values, ((size_t)first * c + colour) * width + j,
+                (size_t)c * width, r->temperature + first, r->log_prob + first);
+    draw_block(s->logits, count, &d, cdf);
+    for (int b = first; b < first + count; b++) {
+        const float scaled = (float)*d.value[b - first] / 127.5f - 1.0f;
+        h_buffers[0][((size_t)b * (width + kw0 - 1) + j + kw0 - 1) * c + colour] = scaled;
+        if (below != NULL) below[((size_t)b * (width + kw_below - 1) + j + kw_below / 2) * c + colour] = scaled;
+    }
+}
+
 int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffers, const float *const *row_bias,
                      const double *uniforms, const double *temperature, int64_t *row, double *log_prob,
                      const int64_t *forced) {
-    const int c = w->image_channels, width = w->width;
     float *scratch = malloc(sizeof(float) * gated_scratch(w, NULL, NULL));
     double *cdf = malloc(sizeof(double) * DRAW_SCRATCH);
     if (scratch == NULL || cdf == NULL) {
@@ -511,21 +538,12 @@ int gated_decode_row(const GatedWeights *w, int32_t batch, float *const *h_buffe
     }
     GatedScratch s;
     gated_scratch(w, scratch, &s);
-    const int kw0 = w->h_width[0];
+    const RowDraws draws = {uniforms, temperature, forced, row, log_prob};
     for (int first = 0; first < batch; first += BLOCK) {
         const int count = batch - first < BLOCK ? batch - first : BLOCK;
-        for (int j = 0; j < width; j++) {
-            for (int colour = 0; colour < c; colour++) {
-                step_block(w, first, count, j, colour, h_buffers, row_bias, &s);
-                BlockDraws d;
-                block_draws(&d, count, uniforms, forced, row, ((size_t)first * c + colour) * width + j,
-                            (size_t)c * width, temperature + first, log_prob + first);
-                draw_block(s.logits, count, &d, cdf);
-                for (int b = first; b < first + count; b++) /* the first layer's input, scaled like scale_pixels */
-                    h_buffers[0][((size_t)b * (width + kw0 - 1) + j + kw0 - 1) * c + colour] =
-                        (float)*d.value[b - first] / 127.5f - 1.0f;
-            }
-        }
+        for (int j = 0; j < w->width; j++)
+            for (int colour = 0; colour < w->image_channels; colour++)
+                draw_sub_pixel(w, first, count, j, colour, h_buffers, row_bias, &s, cdf, &draws, NULL, 0);
     }
     free(scratch);
     free(cdf);
@@ -943,23 +961,16 @@ static int vertical_upto(GatedWavefront *f, int i, int first, int last, int upto
 static void pixel_column(GatedWavefront *f, int i, int j, float *const *h_buffers, const float *const *row_bias,
                          const GatedScratch *s, double *cdf) {
     const GatedWeights *w = f->w;
-    const int c = w->image_channels, width = w->width, batch = f->sync.batch;
-    const int kw0 = f->v->v_width[0], pad0 = kw0 / 2, hw0 = w->h_width[0];
+    const int batch = f->sync.batch;
+    const size_t row_values = (size_t)i * batch * w->image_channels * w->width;
+    const RowDraws draws = {f->uniforms + row_values, f->temperature, NULL, f->values + row_values,
+                            f->log_prob + (size_t)i * batch};
     float *drawn_row = ring_row(f, 0, i + 1); /* padded (B, W + kw0 - 1, C) */
     for (int first = 0; first < batch; first += BLOCK) {
         const int count = batch - first < BLOCK ? batch - first : BLOCK;
-        for (int colour = 0; colour < c; colour++) {
-            step_block(w, first, count, j, colour, h_buffers, row_bias, s);
-            BlockDraws d;
-            block_draws(&d, count, f->uniforms, NULL, f->values, (((size_t)i * batch + first) * c + colour) * width + j,
-                        (size_t)c * width, f->temperature + first, f->log_prob + (size_t)i * batch + first);
-            draw_block(s->logits, count, &d, cdf);
-            for (int b = first; b < first + count; b++) {
-                const float scaled = (float)*d.value[b - first] / 127.5f - 1.0f;
-                h_buffers[0][((size_t)b * (width + hw0 - 1) + j + hw0 - 1) * c + colour] = scaled;
-                drawn_row[((size_t)b * (width + kw0 - 1) + j + pad0) * c + colour] = scaled;
-            }
-        }
+        for (int colour = 0; colour < w->image_channels; colour++)
+            draw_sub_pixel(w, first, count, j, colour, h_buffers, row_bias, s, cdf, &draws, drawn_row,
+                           f->v->v_width[0]);
     }
     publish(&f->sync, i, j + 1);
 }
