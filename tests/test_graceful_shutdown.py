@@ -29,23 +29,28 @@ def slow_store(tmp_path_factory) -> Path:
 
 
 class OpenStream(threading.Thread):
-    """A streamed /sample read in the background: its event names, and the last event's data."""
+    """A streamed /sample read in the background: its event names, the last event's data, and whether the
+    connection was cut before the stream's end (`cut`)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url, self.events, self.first_row = url, [], threading.Event()
+        self.cut = False
 
     def run(self) -> None:
         body = {"n": 1, "seed": 1, "stream": True}
-        with httpx.stream("POST", f"{self.url}/sample", json=body, timeout=120) as response:
-            name = None
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    self.events.append((name, json.loads(line[6:])))
-                    if name == "row":
-                        self.first_row.set()
+        try:
+            with httpx.stream("POST", f"{self.url}/sample", json=body, timeout=120) as response:
+                name = None
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: "):
+                        self.events.append((name, json.loads(line[6:])))
+                        if name == "row":
+                            self.first_row.set()
+        except httpx.TransportError:
+            self.cut = True
 
 
 @pytest.mark.parametrize("timeout_s, ending", [(60.0, "done"), (0.5, "error")])
@@ -160,3 +165,6 @@ def test_a_second_signal_stops_at_once(slow_store, second):
         if process.poll() is None:
             process.kill()
     assert took < 3, f"stopping took {took:.1f} s:\n{process.log_path.read_text()[-3000:]}"
+    stream.join(10)
+    assert not stream.is_alive() and "done" not in [name for name, _ in stream.events]  # stopped, not finished
+    assert stream.cut or stream.events[-1][0] == "error", stream.events[-1:]
