@@ -175,3 +175,25 @@ def test_nice_zero_keeps_the_priority_and_a_negative_one_is_refused(model):
     assert set(scorer.model.nice.values()) == {caller}
     with pytest.raises(ValueError, match="nice must be >= 0"):
         Scorer(model, max_in_flight=1, nice=-1)
+
+
+def test_a_refused_priority_change_is_logged_and_scoring_goes_on(model, monkeypatch, caplog):
+    """Where the system refuses setpriority (a seccomp profile, say) the passes still run, at the caller's
+    priority, and the log says why."""
+    alone = Scorer(model, max_in_flight=1, threads=1, nice=0)
+
+    def refuse(*args):
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    monkeypatch.setattr(sys, "platform", "linux")
+    scorer = Scorer(model, max_in_flight=1, threads=2, nice=5)
+    try:
+        with caplog.at_level("WARNING", logger="app.engine.scoring"):
+            result = scorer.score_sync(images(4))
+        expected = alone.score_sync(images(4))
+    finally:
+        scorer.close()
+        alone.close()
+    assert np.array_equal(result.nll_nats, expected.nll_nats)
+    assert "scoring threads keep their CPU priority: setpriority failed (operation not permitted)" in caplog.text
