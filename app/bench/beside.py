@@ -31,24 +31,23 @@ from app.server.settings import usable_cpus
 ALONE_SAMPLES = 10
 
 
-async def samples_until(engine: Engine, done: asyncio.Future | None, count: int, seed: int) -> list[float]:
-    """Seconds of single-image samples one after another: `count` of them, or until `done` is."""
-    seconds: list[float] = []
-    while (done is None and len(seconds) < count) or (done is not None and not done.done()):
-        started = time.perf_counter()
-        await engine.generate(GenerationRequest(n=1, seed=seed + len(seconds)))
-        seconds.append(time.perf_counter() - started)
-    return seconds
+async def one_sample(engine: Engine, seed: int) -> float:
+    """Seconds of one single-image sample."""
+    started = time.perf_counter()
+    await engine.generate(GenerationRequest(n=1, seed=seed))
+    return time.perf_counter() - started
 
 
 async def measure_once(model, nice: int, images: torch.Tensor, lanes: int) -> dict:
     engine = Engine(model, lanes=lanes, wavefront=None, scoring_nice=nice)
     await engine.start()
     try:
-        alone = await samples_until(engine, None, ALONE_SAMPLES, seed=0)
+        alone = [await one_sample(engine, seed) for seed in range(ALONE_SAMPLES)]
         started = time.perf_counter()
         scoring = asyncio.ensure_future(engine.likelihood(images))
-        beside = await samples_until(engine, scoring, 0, seed=1000)
+        beside: list[float] = []
+        while not scoring.done():  # one after another, at least one
+            beside.append(await one_sample(engine, 1000 + len(beside)))
         await scoring
         scoring_beside_s = time.perf_counter() - started
         started = time.perf_counter()

@@ -579,10 +579,10 @@ typedef struct {
  * (what CachedGated.unfold_row spreads out for the torch reference). Writes row_bias (B, W, 2n) and, unless
  * next is NULL (the last layer), the gated output of column j at position j + kw_next / 2 of the next
  * layer's new input row (the caller zeroes its padding, zero_padding, before its first columns). A block of
- * up to 8 columns shares each weight row, taken in turn from the images' ranges (image 0's, then image 1's, ...), so that a block is full
- * whatever the range's width; every column's sums run in the same order whatever the block, so any split
- * of a row into column ranges (gated_begin_row: all at once; the wavefront: a few at a time) gives the
- * same numbers.
+ * up to 8 columns shares each weight row, taken in turn from the images' ranges (image 0's, then image 1's,
+ * ...), so that a block is full whatever the range's width; every column's sums run in the same order
+ * whatever the block, so any split of a row into column ranges (gated_begin_row: all at once; the
+ * wavefront: a few at a time) gives the same numbers.
  * scratch: BLOCK * 3n floats. */
 static void vertical_columns(const GatedVertical *v, int l, int first_matrix, int batch, int j0, int j1,
                              const float *const *inputs, const float *class_v, const float *link_bias,
