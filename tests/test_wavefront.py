@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from app.engine import CachedSampler, Engine, GenerationRequest, c_library, iter_sample, sample_cached
+from app.engine import wavefront as wavefront_module
 from app.engine.protocol import image_streams, prepare_canvas, row_uniforms
+from app.engine.types import GenerationError
 from app.engine.wavefront import Wavefront, gated_reach, masked_conv_reach, sample_wavefront, uniforms_ahead
 from app.model import build
 from tests.helpers import tiny_model
@@ -275,7 +277,6 @@ def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_on
             while engine.stats().wavefront_threads != 2:  # its wavefront is under way
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.001)
-            # Streamed: decoded row by row wherever it lands, so rows_wavefront counts only the first's rows.
             pair = [event async for event in engine.submit(GenerationRequest(n=2, seed=2), rows=True)][-1]
             return await first.result(), pair, engine.stats()
         finally:
@@ -291,8 +292,9 @@ def test_a_request_arriving_stops_the_wavefront_and_every_image_stays_that_of_on
 
 
 @pytest.mark.parametrize("lanes", [1, 2])  # one lane: its rows in one call on the lane's own thread
-def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row(lanes):
+def test_a_cancelled_request_stops_its_wavefront_and_a_streamed_one_is_drawn_by_wavefront(lanes):
     tall = tiny_model("gated", size=24, layers=4, seed=4, hidden_channels=96, dtype=torch.float32)
+    alone = sample_cached(tall, 1, seed=2)
 
     async def main():
         engine = Engine(tall, lanes=lanes)
@@ -318,8 +320,100 @@ def test_a_cancelled_request_stops_its_wavefront_and_streams_decode_row_by_row(l
     assert cancelled.wavefront_threads == 0
     assert cancelled.rows_wavefront < 24, "a cancel stops the wavefront at its next row"
     assert cancelled.wavefront_stopped == 1
-    assert len(streamed) == 24 + 1, "a row event per row, then the result"
-    assert after.rows_wavefront == cancelled.rows_wavefront, "a streamed request is decoded row by row"
+    *rows, result = streamed
+    assert [event.row for event in rows] == list(range(24)), "a row event per row, in order, then the result"
+    assert after.rows_wavefront == cancelled.rows_wavefront + 24, "a lone streamed request is drawn by wavefront"
+    assert after.rows_decoded == cancelled.rows_decoded + 24 and after.wavefront_stopped == 1
+    assert result.decode_threads == lanes
+    assert np.array_equal(result.images, alone.images.numpy()) and np.array_equal(result.log_prob, alone.log_prob)
+    for event in rows:
+        assert np.array_equal(event.pixels, alone.images.numpy()[:, :, event.row]), f"row {event.row}"
+
+
+def decode_rows(sampler: CachedSampler, n, seed, labels, lanes: int, stop=None, after_first=None):
+    """Wavefront.decode_rows of a sample of n images; `after_first()` runs once the first row is taken."""
+    config = sampler.config
+    state = sampler.prefill(prepare_canvas(config, n, None, 0, torch.device("cpu")), labels, 0)
+    uniforms = uniforms_ahead(image_streams(seed, n), config.height, config.image_channels, config.width)
+    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    rows = []
+    for values, log_p in decoder.decode_rows(state, uniforms, torch.ones((n, 1), dtype=torch.float64), lanes, stop):
+        rows.append((values.clone(), log_p.clone()))
+        if len(rows) == 1 and after_first is not None:
+            after_first()
+    return state, rows
+
+
+@pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
+@pytest.mark.parametrize("channels,classes", [(1, 0), (3, 4)])
+def test_rows_handed_on_as_drawn_are_complete_and_those_of_one_lane(arch, channels, classes):
+    """decode_rows hands each row on as soon as every thread is past it: each row, when taken, already has
+    the values and log p of one lane's row (a row counted complete too soon would show zeros or a
+    missing last colour), in order, every row once."""
+    model = gated(channels, classes, seed=3, arch=arch)
+    sampler = CachedSampler(model)
+    labels = torch.arange(2) % classes if classes else None
+    expected, expected_log_p = one_lane(sampler, 2, 6, labels, None, 0, 1.0)
+    for lanes in (1, 2, 3):
+        _, rows = decode_rows(sampler, 2, 6, labels, lanes)
+        assert len(rows) == SIZE, f"lanes={lanes}"
+        for k, (values, log_p) in enumerate(rows):
+            assert torch.equal(values, expected[k]), f"lanes={lanes} row {k}"
+            assert torch.equal(log_p, expected_log_p[k]), f"lanes={lanes} row {k}"
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_rows_handed_on_as_drawn_come_while_the_call_runs(lanes):
+    """The first row is handed on while the later ones are still being drawn: stopped then (what a
+    submit does), the call draws only the rows in flight, and the caches it leaves decode on row by row
+    to one lane's image. (Eight images of 40 rows take ~0.1 s or more: the call cannot be over before the
+    first row is taken.)"""
+    tall = tiny_model("gated", size=40, layers=4, seed=4, hidden_channels=96, dtype=torch.float32)
+    sampler = CachedSampler(tall)
+    expected, _ = one_lane(sampler, 8, 3, None, None, 0, 1.0)
+    stop = ctypes.c_int32(0)
+
+    def set_stop() -> None:
+        stop.value = 1
+
+    started = time.perf_counter()
+    state, rows = decode_rows(sampler, 8, 3, None, lanes, stop, after_first=set_stop)
+    assert 1 <= len(rows) <= lanes + 1 < 40, f"{len(rows)} rows in {time.perf_counter() - started:.3f} s"
+    assert torch.equal(torch.stack([values for values, _ in rows]), expected[: len(rows)])
+    streams = image_streams(3, 8)
+    uniforms_ahead(streams, len(rows), 1, 40)  # past the rows drawn
+    ones = torch.ones((8, 1), dtype=torch.float64)
+    rest = [sampler.decode_row(state, row_uniforms(streams, 1, 40), ones)[0] for _ in range(40 - len(rows))]
+    assert torch.equal(torch.stack(rest), expected[len(rows) :])
+
+
+def test_a_failed_call_ends_the_rows_handed_on_with_its_error(monkeypatch):
+    """The kernel's call runs on a thread of its own: its failure reaches the caller (never a wait for rows
+    that will not come), and in the engine fails that request with a clear error, not the lane."""
+    model = gated(1, 0)
+    sampler = CachedSampler(model)
+
+    def out_of_memory(self, rows_done=None):
+        raise MemoryError("wavefront decoding could not allocate its buffers")
+
+    monkeypatch.setattr(wavefront_module._KernelCall, "run", out_of_memory)
+    with pytest.raises(MemoryError, match="could not allocate"):
+        decode_rows(sampler, 1, 0, None, 2)
+
+    async def main():
+        engine = Engine(model, lanes=2)
+        await engine.start()
+        try:
+            with pytest.raises(GenerationError, match=r"generation failed \(MemoryError: wavefront decoding could"):
+                async for _ in engine.submit(GenerationRequest(seed=1), rows=True):
+                    pass
+            monkeypatch.undo()
+            return await asyncio.wait_for(engine.generate(GenerationRequest(seed=1)), 10)
+        finally:
+            await engine.stop()
+
+    after = asyncio.run(main())
+    assert np.array_equal(after.images, sample_cached(model, 1, seed=1).images.numpy()), "the lane serves on"
 
 
 def test_the_engine_can_measure_at_start_whether_the_wavefront_pays(caplog):
@@ -353,7 +447,8 @@ def test_a_lone_request_beside_a_busy_lane_is_drawn_in_one_call_on_its_own_lane(
         engine = Engine(tall, lanes=2)
         await engine.start()
         try:
-            streamed = engine.submit(GenerationRequest(n=1, seed=3), rows=True)  # row by row on one lane
+            # Row by row on one lane (a deadline is checked at each row; far enough never to pass).
+            streamed = engine.submit(GenerationRequest(n=1, seed=3, deadline=time.monotonic() + 600), rows=True)
             rows = streamed.__aiter__()
             await rows.__anext__()  # its first row is out: that lane is busy
             lone = await engine.generate(GenerationRequest(seed=7))

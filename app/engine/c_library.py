@@ -238,7 +238,7 @@ def _entry_points(library: ctypes.CDLL) -> ctypes.CDLL:
         pointers,
         pointers,
         pointers,
-        *[pointer] * 5,
+        *[pointer] * 6,
     ]
     library.pixelcnn_wavefront.restype = ctypes.c_int
     library.pixelcnn_wavefront.argtypes = [
@@ -247,6 +247,10 @@ def _entry_points(library: ctypes.CDLL) -> ctypes.CDLL:
         pointer,
         pointer,
         pointers,
-        *[pointer] * 5,
+        *[pointer] * 6,
     ]
+    library.wavefront_rows_wait.restype = ctypes.c_int32
+    library.wavefront_rows_wait.argtypes = [pointer, ctypes.c_int32, ctypes.c_int32]
+    library.wavefront_rows_publish.restype = None
+    library.wavefront_rows_publish.argtypes = [pointer, ctypes.c_int32]
     return library

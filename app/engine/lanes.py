@@ -326,18 +326,16 @@ class LaneLoop(LaneDiscipline):
 
     def _wavefront_lanes(self, lane: Lane) -> int:
         """Threads for wavefront decoding of this lane's batch; 0 (row by row) unless its batch is one
-        request (its images share the row index) that does not stream and nothing waits. If every other lane
-        is idle, their cores draw its rows too; else its rows are drawn in one call on this lane's thread
-        (no trip through Python per row). Throughput first: any waiting request means batching. A streamed
-        request decodes row by row: a wavefront hands its rows on when it returns, which would delay the
-        first row."""
+        request (its images share the row index) and nothing waits. If every other lane is idle, their
+        cores draw its rows too; else its rows are drawn in one call on this lane's thread (no trip through
+        Python per row). Throughput first: any waiting request means batching. A streamed request's rows
+        are handed on as each is complete (Wavefront.decode_rows)."""
         shard = lane.active[0] if len(lane.active) == 1 else None
         # A completion's first row with kept pixels (forced) decodes row by row: the wavefront draws every pixel.
         # A request with a deadline decodes row by row (each step checks it), as under fault injection.
         if (
             self.wavefront is None
             or shard is None
-            or shard.owner.wants_rows
             or shard.forced is not None
             or shard.owner.request.deadline is not None
             or self.fault_every_steps
@@ -352,8 +350,9 @@ class LaneLoop(LaneDiscipline):
             return lane.wavefront_threads
 
     def _decode_wavefront(self, lane: Lane, threads: int) -> None:
-        """The lane's remaining rows by wavefront decoding, until a submit stops it; each row is then
-        handed on as a decode step's would be."""
+        """The lane's remaining rows by wavefront decoding, until a submit stops it; each row is handed on
+        as a decode step's would be: a streamed request's as soon as it is complete, the others' (which
+        wait for the result) when the call returns, sparing the kernel's threads a wake-up per row."""
         shard = lane.active[0]
         assert self.wavefront is not None and lane.state is not None  # see _wavefront_lanes
         shard.owner.decode_threads = max(shard.owner.decode_threads, threads)
@@ -362,22 +361,35 @@ class LaneLoop(LaneDiscipline):
         uniforms = uniforms_ahead(shard.streams, self.config.height - shard.row, c, w)
         temperatures = torch.full((shard.n, 1), float(shard.owner.request.temperature), dtype=torch.float64)
         started, started_at = time.perf_counter(), time.monotonic()
+        drawn = 0
+
+        def hand_on(values: torch.Tensor, log_prob: torch.Tensor, step_s: float) -> None:
+            nonlocal drawn
+            drawn += 1
+            with self._lock:  # before the row is handed on: its request may end with it
+                lane.counters["rows_wavefront"] += 1  # a cancelled request's too: what the call cost
+            if lane.active:  # else the request was cancelled: its later rows go nowhere
+                self._row_drawn(lane, values.to(torch.uint8), log_prob, step_s, started_at)
+
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # drawn, to hand on once the call has returned
         try:
-            values, log_probs = self.wavefront.decode(lane.state, uniforms, temperatures, threads, lane.stop_wavefront)
+            if shard.owner.wants_rows:  # each row's time: the mean over the rows complete so far
+                for row in self.wavefront.decode_rows(lane.state, uniforms, temperatures, threads, lane.stop_wavefront):
+                    hand_on(*row, (time.perf_counter() - started) / (drawn + 1))
+            else:
+                rows = list(
+                    zip(*self.wavefront.decode(lane.state, uniforms, temperatures, threads, lane.stop_wavefront))
+                )
         finally:
             with self._lock:
                 lane.wavefront_threads = 0
-        drawn = values.shape[0]
-        with self._lock:
-            lane.counters["rows_wavefront"] += drawn  # a cancelled request's too: what the call cost
-            lane.counters["wavefront_stopped"] += drawn < uniforms.shape[0]
+        call_s = time.perf_counter() - started
+        for row in rows:
+            hand_on(*row, call_s / len(rows))
         if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
+            with self._lock:
+                lane.counters["wavefront_stopped"] += 1
             rewind(shard.streams, saved, drawn, c, w)
-        step_s = (time.perf_counter() - started) / max(drawn, 1)
-        for k in range(drawn):
-            if not lane.active:  # the request was cancelled: its later rows go nowhere
-                break
-            self._row_drawn(lane, values[k].to(torch.uint8), log_probs[k], step_s, started_at)
 
     def _tune_wavefront(self) -> bool:
         """Whether wavefront decoding draws one image sooner than one lane does, here and now, with the

@@ -10,15 +10,17 @@ pixelcnn_wavefront), so the images are the same bytes as on one lane (tests/test
 
 The engine uses it for a lane whose batch is one request while nothing waits and the other lanes are idle
 (scheduler.Engine._wavefront_lanes); a request arriving meanwhile sets `stop`, the threads finish the rows
-they are on, and the lanes go back to batching (throughput first under load).
+they are on, and the lanes go back to batching (throughput first under load). A streamed request takes its
+rows as each is complete (Wavefront.decode_rows), while the later ones are drawn.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -156,7 +158,59 @@ class Wavefront:
         uniforms float64 (R, B, C, W): row k's uniforms; temperature (B, 1). Returns values int64 (R', B, C, W)
         and each row's log p (R', B) float64 for the R' <= R rows drawn (fewer once `stop` is set); `state`
         moves on to row R'. The values are those of R' calls of CachedSampler.decode_row."""
-        rows, batch = uniforms.shape[0], uniforms.shape[1]
+        call = self._prepare(state, uniforms, temperature, lanes, stop)
+        drawn = call.run()
+        return call.values[:drawn], call.log_prob[:drawn]
+
+    def decode_rows(
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        lanes: int,
+        stop: ctypes.c_int32 | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """decode's rows as each is complete, while the later ones are drawn: (values (B, C, W) int64,
+        log p (B,) float64) of row 0, 1, ... (a streamed request's rows reach its client as they come, not
+        when the last is drawn). The kernel runs on a thread of its own (its `lanes` threads), this one
+        sleeps until a row is complete. Take every row: `stop` ends the call sooner; `state` has moved on
+        past the rows taken once the iteration ends."""
+        call = self._prepare(state, uniforms, temperature, lanes, stop)
+        rows_done = ctypes.c_int32(0)
+        outcome: list[int | Exception] = []
+
+        def run() -> None:
+            try:
+                outcome.append(call.run(rows_done))
+            except Exception as error:  # raised below, in the caller's thread
+                outcome.append(error)
+            finally:  # whatever happened: the waiting loop below ends
+                self.library.wavefront_rows_publish(ctypes.addressof(rows_done), rows_done.value | _CALL_ENDED)
+
+        thread = threading.Thread(target=run, name="pixelcnn-wavefront", daemon=True)
+        thread.start()
+        taken, seen = 0, 0
+        try:
+            while not seen & _CALL_ENDED:
+                seen = self.library.wavefront_rows_wait(ctypes.addressof(rows_done), seen, _WAIT_US)
+                for k in range(taken, seen & ~_CALL_ENDED):
+                    yield call.values[k], call.log_prob[k]
+                taken = max(taken, seen & ~_CALL_ENDED)
+        finally:
+            thread.join()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        if taken != outcome[0]:  # every row the call drew was counted complete before it returned
+            raise RuntimeError(f"wavefront decoding drew {outcome[0]} rows but reported {taken} complete")
+
+    def _prepare(
+        self,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        lanes: int,
+        stop: ctypes.c_int32 | None,
+    ) -> _KernelCall:
         caches = (
             [t for layer in state.vertical for t in layer] + state.v_bias + state.h_bias
             if isinstance(state, GatedCache)
@@ -170,47 +224,82 @@ class Wavefront:
             raise ValueError(
                 f"split must be 0 (by rows) to {self.config.layers} (the model's vertical layers), not {self.split}"
             )
-        uniforms = uniforms.to(torch.float64).contiguous()
-        temperature = temperature.to(torch.float64).reshape(-1).contiguous()
-        values = torch.zeros((rows, batch, self.config.image_channels, self.config.width), dtype=torch.long)
-        log_prob = torch.zeros((rows, batch), dtype=torch.float64)
+        if not isinstance(state, GatedCache | PixelCNNCache) or (
+            isinstance(state, GatedCache) and self.vertical is None
+        ):
+            raise TypeError(f"no wavefront decoding of a {type(state).__name__} with this kernel")
+        return _KernelCall(self, state, uniforms, temperature, lanes, stop)
+
+
+# The bit a decode_rows call's thread sets in its rows count once the kernel has returned.
+_CALL_ENDED = 1 << 30
+# How long decode_rows sleeps at most before looking at the count again (each complete row wakes it).
+_WAIT_US = 50_000
+
+
+class _KernelCall:
+    """One call of gated_wavefront or pixelcnn_wavefront, its arguments checked (Wavefront._prepare) and its
+    outputs allocated: values int64 (R, B, C, W), log p (R, B)."""
+
+    def __init__(
+        self,
+        wavefront: Wavefront,
+        state: DecodeCache,
+        uniforms: torch.Tensor,
+        temperature: torch.Tensor,
+        lanes: int,
+        stop: ctypes.c_int32 | None,
+    ) -> None:
+        rows, batch = uniforms.shape[0], uniforms.shape[1]
+        config = wavefront.config
+        self.wavefront, self.state, self.lanes, self.stop = wavefront, state, lanes, stop
+        self.rows, self.batch = rows, batch
+        self.uniforms = uniforms.to(torch.float64).contiguous()
+        self.temperature = temperature.to(torch.float64).reshape(-1).contiguous()
+        self.values = torch.zeros((rows, batch, config.image_channels, config.width), dtype=torch.long)
+        self.log_prob = torch.zeros((rows, batch), dtype=torch.float64)
+
+    def run(self, rows_done: ctypes.c_int32 | None = None) -> int:
+        """The kernel's call; the rows drawn. `rows_done` (if given) rises as rows complete."""
+        w, state = self.wavefront, self.state
         outputs = (
-            uniforms.data_ptr(),
-            temperature.data_ptr(),
-            values.data_ptr(),
-            log_prob.data_ptr(),
-            None if stop is None else ctypes.addressof(stop),
+            self.uniforms.data_ptr(),
+            self.temperature.data_ptr(),
+            self.values.data_ptr(),
+            self.log_prob.data_ptr(),
+            None if self.stop is None else ctypes.addressof(self.stop),
+            None if rows_done is None else ctypes.addressof(rows_done),
         )
-        if isinstance(state, GatedCache) and self.vertical is not None:
-            drawn = self.library.gated_wavefront(
-                ctypes.byref(self.pixels._weights),
-                ctypes.byref(self.vertical._weights),
-                batch,
-                rows,
-                lanes,
-                self.group if lanes > 1 else self.config.width,  # one thread: each vertical layer's row at once
-                self.split if lanes == 2 else 0,  # by role on two threads, else by rows
+        if isinstance(state, GatedCache):
+            assert w.vertical is not None  # Wavefront._prepare
+            drawn = w.library.gated_wavefront(
+                ctypes.byref(w.pixels._weights),
+                ctypes.byref(w.vertical._weights),
+                self.batch,
+                self.rows,
+                self.lanes,
+                w.group if self.lanes > 1 else w.config.width,  # one thread: each vertical layer's row at once
+                w.split if self.lanes == 2 else 0,  # by role on two threads, else by rows
                 _pointers([t for layer in state.vertical for t in layer]),
                 _pointers(state.v_bias),
                 _pointers(state.h_bias),
                 *outputs,
             )
-        elif isinstance(state, PixelCNNCache):
-            drawn = self.library.pixelcnn_wavefront(
-                ctypes.byref(self.pixels._weights),
-                batch,
-                rows,
-                lanes,
+        else:
+            assert isinstance(state, PixelCNNCache)  # Wavefront._prepare
+            drawn = w.library.pixelcnn_wavefront(
+                ctypes.byref(w.pixels._weights),
+                self.batch,
+                self.rows,
+                self.lanes,
                 state.inputs.data_ptr(),
                 state.input_bias.data_ptr(),
                 _pointers(state.conv_inputs),
                 *outputs,
             )
-        else:
-            raise TypeError(f"no wavefront decoding of a {type(state).__name__} with this kernel")
         if drawn < 0:
             raise MemoryError("wavefront decoding could not allocate its buffers")
-        return values[:drawn], log_prob[:drawn]
+        return drawn
 
 
 def uniforms_ahead(streams: list[np.random.Generator], rows: int, channels: int, width: int) -> torch.Tensor:

@@ -708,14 +708,18 @@ void gated_end_row(const GatedVertical *v, int32_t batch, const int64_t *row, fl
  * `lanes` consecutive rows are in flight, so a ring of max(kh) + lanes rows is never overwritten while read.
  * progress[i]: pixels of row i drawn (release/acquire). `end`: rows < end are complete; a thread that sees
  * *stop at a row's start, or finds the row above abandoned, lowers it to its own row and leaves.
+ * rows_done (the caller's, optional): how many rows from the first are complete, values and log p, raised as
+ * each row's last pixel is drawn, so that the caller can hand them on while the rest are drawn
+ * (wavefront_rows_wait). Row i + 1's last pixel waits for row i's, so a complete row has complete rows above.
  *
  * On two threads a gated model's rows are split by role instead (`split`, see vertical_lane_rows): the
  * same functions on the same rows, in another thread, so again the one-lane numbers. */
 /* What the threads of a wavefront share, whatever the architecture. */
 typedef struct {
-    int batch, rows, lanes;
+    int batch, rows, lanes, width;
     int by_role;     /* every lane has its own part of each row (a lane that does not start stops them all) */
     const int32_t *stop;
+    int32_t *rows_done; /* NULL, or the caller's count of complete rows */
     _Atomic int32_t *progress; /* (rows) */
     _Atomic int32_t *sleeping; /* (rows): a thread may be asleep on progress[i] (then its writer wakes it) */
     _Atomic int32_t end;
@@ -786,9 +790,46 @@ static void publish_to(_Atomic int32_t *word, _Atomic int32_t *sleeping, int val
 #endif
 }
 
-/* Row i has drawn `pixels` pixels: tell the row below. */
+static void wake_all(int32_t *word) {
+#if defined(__linux__)
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+/* Row i has drawn `pixels` pixels: tell the row below, and the caller once the row is complete. Rows can
+ * complete out of order by a few instructions (each lane publishes its own), so the count only rises. */
 static void publish(WavefrontSync *f, int i, int pixels) {
     publish_to(&f->progress[i], &f->sleeping[i], pixels);
+    if (pixels == f->width && f->rows_done != NULL) {
+        _Atomic int32_t *done = (_Atomic int32_t *)f->rows_done;
+        int32_t seen = atomic_load(done);
+        while (seen < i + 1 && !atomic_compare_exchange_weak(done, &seen, i + 1)) {
+        }
+        wake_all(f->rows_done);
+    }
+}
+
+/* For the caller of a wavefront, on a thread of its own: `*word` (a rows_done) once it differs from `seen`,
+ * or after timeout_us microseconds whatever it is. Sleeps in the kernel (a futex), woken by each change. */
+int32_t wavefront_rows_wait(int32_t *word, int32_t seen, int32_t timeout_us) {
+    _Atomic int32_t *value = (_Atomic int32_t *)word;
+    if (atomic_load(value) != seen) return atomic_load(value);
+#if defined(__linux__)
+    const struct timespec timeout = {timeout_us / 1000000, (long)(timeout_us % 1000000) * 1000};
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, &timeout, NULL, 0);
+#else
+    const struct timespec pause = {0, 100000}; /* no futex: look again every 0.1 ms */
+    nanosleep(&pause, NULL);
+#endif
+    return atomic_load(value);
+}
+
+/* Set `*word` (a rows_done) and wake whoever waits on it (wavefront_rows_wait): the caller marks the end. */
+void wavefront_rows_publish(int32_t *word, int32_t value) {
+    atomic_store((_Atomic int32_t *)word, value);
+    wake_all(word);
 }
 
 /* Wait until `word`, the progress of row `watched`, reaches `value`; 0 if that row was abandoned (then the
@@ -890,8 +931,10 @@ static _Atomic int32_t *progress_words(int rows, _Atomic int32_t **sleeping) {
     return words;
 }
 
-static int init_sync(WavefrontSync *f, int batch, int rows, int lanes, const int32_t *stop) {
-    *f = (WavefrontSync){.batch = batch, .rows = rows, .lanes = lanes, .stop = stop};
+static int init_sync(WavefrontSync *f, int batch, int rows, int lanes, int width, const int32_t *stop,
+                     int32_t *rows_done) {
+    *f = (WavefrontSync){
+        .batch = batch, .rows = rows, .lanes = lanes, .width = width, .stop = stop, .rows_done = rows_done};
     atomic_init(&f->end, rows);
     atomic_init(&f->failed, 0);
     f->progress = progress_words(rows, &f->sleeping);
@@ -1081,12 +1124,13 @@ static void *gated_wavefront_lane(void *argument) {
  * (layer 0: kh_0 image rows, layer l > 0: kh_l - 1 rows, oldest first), replaced on return by those for the
  * first row not drawn. group: vertical columns computed together (more share each weight read, and the
  * row below starts that much later); each layer's columns wait for the columns of the row above they read.
- * stop: polled at each row's start; once nonzero no further row starts. Returns the rows completed (each
- * row's values, log p and uniforms at its index), or -1 when memory ran out. */
+ * stop: polled at each row's start; once nonzero no further row starts. rows_done: NULL, or raised to
+ * k as soon as rows 0 .. k - 1 are complete (WavefrontSync). Returns the rows completed (each row's values,
+ * log p and uniforms at its index), or -1 when memory ran out. */
 int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch, int32_t rows, int32_t lanes,
                     int32_t group, int32_t split, float *const *kept, const float *const *class_v,
                     const float *const *class_h, const double *uniforms, const double *temperature, int64_t *values,
-                    double *log_prob, const int32_t *stop) {
+                    double *log_prob, const int32_t *stop, int32_t *rows_done) {
     const int layers = v->layers, n = v->channels, width = v->width;
     if (layers > 32 || lanes < 1 || lanes > 64 || group < 1 || split < 0 || split > layers || (split && lanes != 2))
         return -1;
@@ -1103,7 +1147,8 @@ int gated_wavefront(const GatedWeights *w, const GatedVertical *v, int32_t batch
     float *ring = malloc(sizeof(float) * floats);
     float **slots = malloc(sizeof(float *) * (size_t)layers * f.ring);
     _Atomic int32_t *vertical = split ? progress_words(rows, &f.vertical_sleeping) : NULL;
-    if (!init_sync(&f.sync, batch, rows, lanes, stop) || ring == NULL || slots == NULL || (split && vertical == NULL)) {
+    if (!init_sync(&f.sync, batch, rows, lanes, width, stop, rows_done) || ring == NULL || slots == NULL ||
+        (split && vertical == NULL)) {
         free(ring);
         free(slots);
         free(vertical);
@@ -1414,13 +1459,14 @@ static void window_rows(const PixelCNNWavefront *f, float *tall, float *cache, i
  * row not drawn. Arguments and return value otherwise as gated_wavefront's. */
 int pixelcnn_wavefront(const PixelCNNWeights *w, int32_t batch, int32_t rows, int32_t lanes, float *inputs,
                        const float *input_bias, float *const *windows, const double *uniforms,
-                       const double *temperature, int64_t *values, double *log_prob, const int32_t *stop) {
+                       const double *temperature, int64_t *values, double *log_prob, const int32_t *stop,
+                       int32_t *rows_done) {
     const int half_n = w->channels / 2, c = w->image_channels;
     if (w->blocks > MAX_BLOCKS || lanes < 1 || lanes > 64) return -1;
     PixelCNNWavefront f = {.w = w, .reach = w->in_half, .input_bias = input_bias, .uniforms = uniforms,
                            .temperature = temperature, .values = values, .log_prob = log_prob};
     for (int k = 0; k < w->blocks; k++) f.reach = w->half[k] > f.reach ? w->half[k] : f.reach;
-    int ok = init_sync(&f.sync, batch, rows, lanes, stop);
+    int ok = init_sync(&f.sync, batch, rows, lanes, w->width, stop, rows_done);
     f.inputs = ok ? calloc(batch * tall_image(&f, w->in_half, c), sizeof(float)) : NULL;
     ok = ok && f.inputs != NULL;
     for (int k = 0; k < w->blocks; k++) {
