@@ -235,7 +235,7 @@ def generate_remotely(args: argparse.Namespace, route: str) -> int:
     """--url: the same request through a running server (route "sample" or "complete")."""
     from app.client import PixelCNNClient
 
-    label = int(args.label) if args.label is not None and args.label.isdigit() else args.label
+    label = int(args.label) if args.label is not None and args.label.isascii() and args.label.isdigit() else args.label
     common = dict(n=args.n, label=label, temperature=args.temperature, seed=args.seed, model=args.model)
     with PixelCNNClient(args.url) as client:
         if route == "sample":

@@ -62,6 +62,28 @@ def save_grid(images, path: Path | str, columns: int | None = None, scale: int =
     to_pil(enlarge(grid(images, columns), scale)).save(path)
 
 
+# The formats an upload may be in: the common raster formats, which PIL decodes itself. Not every format
+# PIL can open: EPS would have Ghostscript run a client's PostScript, and most others are not pictures.
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+UPLOAD_FORMAT_NAMES = "PNG, JPEG, BMP, WebP, GIF or TIFF"
+
+
+def open_upload(data: bytes, height: int, width: int, expected: str) -> Image.Image:
+    """Image file bytes -> a decoded PIL image of exactly width x height, else ImageDecodeError saying why
+    and `expected` (what would do). The size is checked from the file's header, before a pixel is decoded:
+    a small file can declare a huge image (a few hundred KB of PNG inflate to gigabytes)."""
+    try:
+        picture = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+        if picture.size == (width, height):
+            picture.load()
+    except Exception as error:  # PIL raises many types for bad bytes
+        reason = "unknown or damaged image format" if "cannot identify" in str(error) else str(error)
+        raise ImageDecodeError(f"could not read the image ({reason}); expected {expected}") from None
+    if picture.size != (width, height):
+        raise ImageDecodeError(f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}")
+    return picture
+
+
 def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndarray:
     """Image file bytes -> uint8 (C, H, W) for a model with `channels` colours of size height x width.
 
@@ -71,14 +93,7 @@ def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndar
     L/palette by repetition and drops alpha. The size must match exactly: nothing is resized, because a
     silently rescaled image gives a meaningless likelihood.
     """
-    try:
-        picture = Image.open(io.BytesIO(data))
-        picture.load()
-    except Exception as error:  # PIL raises many types for bad bytes
-        reason = "unknown or damaged image format" if "cannot identify" in str(error) else str(error)
-        raise ImageDecodeError(f"could not read the image ({reason}); expected a PNG, JPEG, BMP or WebP file") from None
-    if picture.size != (width, height):
-        raise ImageDecodeError(f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}")
+    picture = open_upload(data, height, width, f"a {UPLOAD_FORMAT_NAMES} file")
     try:
         if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(picture, dtype=np.int64)
@@ -112,16 +127,11 @@ def encode_image(image, fmt: str, quality: int | None = None) -> bytes:
 
 
 def decode_alpha(data: bytes, height: int, width: int) -> np.ndarray | None:
-    """The alpha channel of an image file, uint8 (H, W), or None if it has none (palette transparency
-    counts as alpha). ImageDecodeError for unreadable files or the wrong size, as decode_image."""
-    try:
-        picture = Image.open(io.BytesIO(data))
-        picture.load()
-    except Exception as error:  # PIL raises many types for bad bytes
-        raise ImageDecodeError(f"could not read the image ({error}); expected a PNG or WebP file with alpha") from None
-    if picture.size != (width, height):
-        raise ImageDecodeError(f"image is {picture.width}x{picture.height} (WxH), the model expects {width}x{height}")
-    if picture.mode == "P" and "transparency" in picture.info:
+    """The alpha channel of an image file, uint8 (H, W), or None if it has none (a transparent colour, as
+    palette, grayscale and RGB PNGs can declare, counts as alpha). ImageDecodeError for unreadable files
+    or the wrong size, as decode_image."""
+    picture = open_upload(data, height, width, "a PNG or WebP file with alpha")
+    if "transparency" in picture.info and picture.mode in ("P", "L", "RGB", "I", "I;16"):
         picture = picture.convert("RGBA")
     if picture.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
         return None

@@ -109,3 +109,108 @@ async def test_404_names_the_method_used(serve):
         assert get.json()["error"]["message"] == "no route GET /nope; see /docs for the API"
         body = get.text.replace("no route GET", "no route HEAD").replace(get.headers["x-request-id"], "x" * 32)
         assert head.headers["content-length"] == str(len(body.encode()) - 32 + len(head.headers["x-request-id"]))
+
+
+def error_message(response) -> str:
+    """The message of an error in any front end's format (native and OpenAI: an object; V2: a string)."""
+    error = response.json()["error"]
+    return error if isinstance(error, str) else error["message"]
+
+
+JSON_ROUTES = ["/sample", "/complete", "/likelihood", "/v1/images/generations", "/v2/models/gray/generate"]
+
+
+@pytest.mark.parametrize("path", [*JSON_ROUTES, "/v2/models/gray/infer"])
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (DEEP, "is JSON nested too deeply; expected a flat object"),
+        (b'{"n": ' + b"9" * 5000 + b"}", "has a number of more than 4300 digits"),
+        (b'{"label": "\xff"}', "is not UTF-8 text, as JSON must be"),
+        (b'{"n": 1,}', "is not valid JSON (Expecting property name enclosed in double quotes at character 8)"),
+    ],
+)
+async def test_json_that_cannot_be_read_gets_one_reason_on_every_route(serve, path, body, reason):
+    """Not FastAPI's "There was an error parsing the body" on some routes, a 500 on others: the reason."""
+    async with serve() as (_, client):
+        response = await client.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert reason in error_message(response), response.text
+        assert 'reason="internal"' not in (await client.get("/metrics")).text
+
+
+@pytest.mark.parametrize(
+    "length,message",
+    [
+        ("\u00b2", "must be a byte count, got '\u00b2'"),  # a digit to str.isdigit, not to int()
+        ("1" * 4301, "must be a byte count, got '1111"),
+        ("0", "is 0: it must count the JSON header's bytes, at least 1"),
+        ("999", "is 999, but the body has"),
+    ],
+)
+async def test_the_v2_header_length_is_a_plain_byte_count(serve, length, message):
+    async with serve() as (_, client):
+        response = await client.post(
+            "/v2/models/gray/infer",
+            content=b'{"inputs": []}',
+            headers={"content-type": "application/json", "inference-header-content-length": length.encode("latin-1")},
+        )
+        assert response.status_code == 400, response.text
+        assert message in error_message(response)
+
+
+@pytest.mark.parametrize("path", [*JSON_ROUTES, "/v2/models/gray/infer", "/v1/images/edits"])
+async def test_a_compressed_body_is_refused_on_every_route(serve, path):
+    async with serve() as (_, client):
+        response = await client.post(
+            path, content=b'{"n": 1}', headers={"content-type": "application/json", "content-encoding": "gzip"}
+        )
+        assert response.status_code == 415, response.text
+        assert "Content-Encoding 'gzip' is not supported: send the body uncompressed" in error_message(response)
+        identity = {"content-type": "application/json", "content-encoding": "identity"}
+        plain = await client.post("/sample", content=b'{"n": 1}', headers=identity)
+        assert plain.status_code == 200, plain.text
+
+
+@pytest.mark.parametrize("path", ["/complete", "/likelihood", "/v1/images/edits"])
+async def test_an_upload_cut_short_is_named_as_such(serve, path):
+    """The parser keeps the parts before a cut and drops the rest: without the check, a cut image is
+    "no image given"."""
+    whole = (
+        b'--abc\r\nContent-Disposition: form-data; name="image"; filename="top.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n\x89PNG\r\n\x1a\n-- the rest never came"
+    )
+    async with serve() as (_, client):
+        headers = {"content-type": "multipart/form-data; boundary=abc"}
+        response = await client.post(path, content=whole, headers=headers)
+        assert response.status_code == 400, response.text
+        assert "the multipart body ends before its closing boundary b'--abc--'" in error_message(response)
+        nothing = await client.post(path, content=b"--abc--\r\n", headers=headers)
+        assert nothing.status_code == 400 and "no image given" in error_message(nothing), nothing.text
+        mangled = await client.post(path, content=b"junk --abc-- junk", headers={"content-type": "multipart/form-data"})
+        assert mangled.status_code == 400, mangled.text
+        assert "send it as curl does: -F name=value -F image=@picture.png" in error_message(mangled)
+
+
+@pytest.mark.parametrize("label", ["\u00b2", "\u0667", "\u2460"])  # superscript 2, Arabic-Indic 7, circled 1
+async def test_a_label_is_an_ascii_index_or_a_name(serve, label):
+    """int() reads these as digits (or fails with Python's words); a label is 0..9 or a class name."""
+    async with serve(model="cond") as (_, client):
+        response = await client.post("/sample", json={"label": label})
+        assert response.status_code == 400, response.text
+        assert f"unknown label {label!r}: expected a class index 0..2 or a class name" in error_message(response)
+        prompt = await client.post("/v1/images/generations", json={"prompt": label})
+        assert prompt.status_code == 400 and "expected a class index 0..2" in error_message(prompt), prompt.text
+
+
+async def test_errors_do_not_echo_a_clients_megabytes(serve):
+    async with serve(model="cond") as (_, client):
+        fields = await client.post("/sample", json={f"field{i}": 1 for i in range(20_000)})
+        assert fields.status_code == 400
+        message = error_message(fields)
+        assert len(message) < 300 and message.endswith("; and 19995 more"), message[:400]
+        assert message.startswith("field0: unknown field; field1: unknown field;")
+        for body in ({"model": "m" * 100_000}, {"label": "l" * 100_000}):
+            response = await client.post("/sample", json=body)
+            assert response.status_code in (400, 404) and len(error_message(response)) < 400, response.text[:400]
+            assert "..." in error_message(response)

@@ -70,13 +70,14 @@ class ModelConfig:
             for index, name in enumerate(self.class_names):
                 if name.casefold() == wanted:
                     return index
-            if wanted.isdigit():
+            if wanted.isascii() and wanted.isdigit():
                 value = int(wanted)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.num_classes:
             return value
         names = ", ".join(repr(self.class_name(i)) for i in range(self.num_classes))
+        given = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."  # not a client's megabytes
         raise ValueError(
-            f"unknown label {value!r}: expected a class index 0..{self.num_classes - 1} "
+            f"unknown label {given}: expected a class index 0..{self.num_classes - 1} "
             f"or a class name (case-insensitive): {names}"
         )
 

@@ -11,6 +11,8 @@ errors, into responses and count them in the failures metric. Under the protocol
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -192,6 +194,37 @@ def not_json_message(content_type: str) -> str:
     )
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """repr(value) for a message, cut to `limit` characters: an error never echoes a client's megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+# Validation errors listed in one message at most; the rest are counted (a body of 100,000 unknown fields gets
+# a short answer, not one longer than itself).
+LISTED_ERRORS = 5
+
+
+def json_error(error: BaseException, what: str = "the request body") -> InvalidRequest:
+    """Why `what` could not be read as JSON, from json.loads's exception, the same words on every route."""
+    if isinstance(error, RecursionError):
+        return InvalidRequest(f"{what} is JSON nested too deeply; expected a flat object")
+    if isinstance(error, UnicodeDecodeError):
+        return InvalidRequest(f"{what} is not UTF-8 text, as JSON must be (and it must not be compressed)")
+    if isinstance(error, json.JSONDecodeError):
+        return InvalidRequest(f"{what} is not valid JSON ({error.msg} at character {error.pos})")
+    # Valid JSON Python will not convert: an integer longer than its limit on digits.
+    return InvalidRequest(f"{what} has a number of more than {sys.get_int_max_str_digits()} digits")
+
+
+def loads(data: bytes | str, what: str = "the request body") -> Any:
+    """json.loads, its failures InvalidRequest (json_error)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise json_error(error, what) from None
+
+
 def from_validation_errors(errors: list[dict[str, Any]], content_type: str | None = None) -> InvalidRequest:
     """Pydantic's error list -> one readable message naming the field(s) and what was expected.
     `content_type`: the request's media type ("" without the header; None: a body already read as JSON),
@@ -199,10 +232,14 @@ def from_validation_errors(errors: list[dict[str, Any]], content_type: str | Non
     parts, first_field = [], None
     for error in errors:
         loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "form")]
-        field = ".".join(loc) or None
+        field = ".".join(loc)[:60] or None
         message = error.get("msg", "invalid value")
-        if error.get("type") == "json_invalid":
-            message, field = "the request body is not valid JSON", None  # loc is a character position
+        if error.get("type") == "json_invalid":  # loc is a character position
+            reason = error.get("ctx", {}).get("error")
+            position = error.get("loc", ())[-1]
+            message, field = "the request body is not valid JSON", None
+            if reason and isinstance(position, int):
+                message += f" ({reason} at character {position})"
         elif error.get("type") in ("model_type", "model_attributes_type", "dict_type") and not field:
             json_sent = content_type is None or content_type == "application/json" or content_type.endswith("+json")
             message = "the request body must be a JSON object" if json_sent else not_json_message(content_type or "")
@@ -214,6 +251,8 @@ def from_validation_errors(errors: list[dict[str, Any]], content_type: str | Non
             message = "a JSON request body is required"
         first_field = first_field or field
         parts.append(f"{field}: {message}" if field else message)
+    if len(parts) > LISTED_ERRORS:
+        parts[LISTED_ERRORS:] = [f"and {len(parts) - LISTED_ERRORS} more"]
     return InvalidRequest("; ".join(parts) or "invalid request", field=first_field)
 
 
@@ -267,6 +306,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400 and isinstance(error.__cause__, ValueError | RecursionError):
+            # FastAPI's "There was an error parsing the body" for a JSON body it could not decode.
+            return await api_error(request, json_error(error.__cause__))
         type_ = _HTTP_TYPES.get(error.status_code, "http_error")
         message = str(error.detail)
         if error.status_code == 404:

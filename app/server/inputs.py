@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import email.message
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine import GenerationRequest
 from app.engine.scoring import SCORE_CHUNK_IMAGES, scoring_passes
 from app.imaging import ImageDecodeError, decode_image
 
-from .errors import InvalidRequest, UnsupportedMediaType, from_pydantic, not_json_message
+from .errors import InvalidRequest, UnsupportedMediaType, from_pydantic, loads, not_json_message
 from .registry import ServedModel
 from .schemas import GenerationFields
 from .settings import Settings
@@ -33,6 +36,31 @@ IMAGE_KEYS = ("image", "images")
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+@asynccontextmanager
+async def form_parts(request: Request, max_files: int, max_part_size: int) -> AsyncIterator[FormData]:
+    """The request's form (its upload files closed at the end), or InvalidRequest saying what was wrong
+    with it and how to send one. A multipart body that ends before its closing boundary (an upload cut
+    short) is refused: the parser would quietly keep only the parts before the cut."""
+    if media_type(request) == "multipart/form-data":
+        boundary = email.message.Message()
+        boundary["content-type"] = request.headers["content-type"]
+        closing = f"--{boundary.get_param('boundary') or ''}--".encode()
+        if len(closing) > 4 and closing not in await request.body():
+            raise InvalidRequest(
+                f"the multipart body ends before its closing boundary {closing!r}: was the upload cut short?"
+            )
+    try:
+        form = await request.form(max_files=max_files, max_part_size=max_part_size)
+    except StarletteHTTPException as error:  # the form parser's own complaints
+        raise InvalidRequest(
+            f"the form could not be read ({error.detail}); send it as curl does: -F name=value -F image=@picture.png"
+        ) from None
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 async def read_upload(request: Request, settings: Settings, fields_model: type[Fields]) -> tuple[Fields, list[bytes]]:
@@ -52,12 +80,7 @@ async def read_upload(request: Request, settings: Settings, fields_model: type[F
 
 
 async def _read_json(request: Request, fields_model: type[Fields]) -> tuple[Fields, list[bytes]]:
-    try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError:
-        raise InvalidRequest("the request body is not valid JSON") from None
-    except RecursionError:
-        raise InvalidRequest("the request body is JSON nested too deeply; expected a flat object") from None
+    body = loads(await request.body() or b"null")
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object with base64 images, or a multipart form with image files")
     encoded: list[tuple[str, Any]] = []
@@ -75,7 +98,7 @@ async def _read_form(request: Request, settings: Settings, fields_model: type[Fi
     images: list[bytes] = []
     fields: dict[str, Any] = {}
     limits = {"max_files": settings.max_images_per_request, "max_part_size": settings.max_upload_bytes}
-    async with request.form(**limits) as form:  # closes the spooled upload files
+    async with form_parts(request, **limits) as form:
         for key, value in form.multi_items():
             if key in IMAGE_KEYS:
                 if not isinstance(value, UploadFile):

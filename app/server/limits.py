@@ -1,15 +1,16 @@
-"""Request body size limit (413), enforced before any route parses a byte.
+"""Request body checks before any route parses a byte: its size (413) and its coding (415).
 
 A declared Content-Length over the limit is refused at once; a chunked body is counted while it is read
 and refused as soon as it passes the limit, so a client cannot make the server buffer more than
-`max_upload_bytes`. The accepted body is replayed to the app unchanged.
+`max_upload_bytes`. The accepted body is replayed to the app unchanged. A compressed body
+(Content-Encoding other than identity) is refused on every route alike: no route inflates one.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, error_response
+from .errors import PayloadTooLarge, UnsupportedMediaType, error_response
 from .metrics import ServerMetrics
 
 
@@ -30,7 +31,17 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", ())).get(b"content-length")
+        headers = dict(scope.get("headers", ()))
+        coding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if coding not in (b"", b"identity"):
+            if self.metrics is not None:
+                self.metrics.failures.labels(reason=UnsupportedMediaType.type).inc()
+            refused = UnsupportedMediaType(
+                f"Content-Encoding {coding.decode('latin-1')[:40]!r} is not supported: send the body uncompressed"
+            )
+            await error_response(refused, scope["path"])(scope, receive, send)
+            return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(self._too_large(), scope["path"])(scope, receive, send)
             return

@@ -23,7 +23,7 @@ import anyio
 from app.model import ModelConfig, PixelCNNModel, pick_device
 from app.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
-from .errors import NotFound, NotReady
+from .errors import NotFound, NotReady, shown
 from .model_store import missing_store_hint
 from .settings import DEFAULT_MODEL, Settings
 
@@ -130,7 +130,9 @@ class ModelRegistry:
 
     def unknown_model(self, name: str) -> NotFound:
         """The 404 for a model name that is not loaded, naming those that are."""
-        return NotFound(f"unknown model {name!r}; available models: {', '.join(sorted(self.models))}", field="model")
+        return NotFound(
+            f"unknown model {shown(name)}; available models: {', '.join(sorted(self.models))}", field="model"
+        )
 
     async def start(self) -> None:
         for model in list(self.models.values()):

@@ -150,7 +150,7 @@ class CompleteFields(GenerationFields):
 class CompleteRequest(CompleteFields):
     """JSON form of POST /complete; the multipart form has the same fields and an `image` file."""
 
-    image: str = Field(description="base64 image file (PNG, JPEG, BMP, WebP), optionally a data: URL")
+    image: str = Field(description="base64 image file (PNG, JPEG, BMP, WebP, GIF, TIFF), optionally a data: URL")
 
 
 class LikelihoodFields(PngScale):

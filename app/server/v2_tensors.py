@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, loads
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES: dict[str, np.dtype] = {
@@ -64,13 +64,10 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     InvalidRequest naming what is wrong: bad JSON, a datatype or shape that does not fit its data, binary
     data shorter or longer than the header says."""
     json_length = len(body) if header_length is None else parse_length(header_length, len(body))
-    try:
-        header = json.loads(body[:json_length])
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest(
-            "the inference request header is not valid JSON"
-            + ("" if header_length is None else f" (its first {json_length} bytes, per {HEADER_LENGTH})")
-        ) from None
+    header = loads(
+        body[:json_length],
+        "the inference request header" + ("" if header_length is None else f" (its first {json_length} bytes)"),
+    )
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise InvalidRequest('expected a JSON object with a non-empty "inputs" list of tensors')
     binary = memoryview(body)[json_length:]
@@ -100,10 +97,13 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def parse_length(value: str, body_length: int) -> int:
-    if not value.strip().isdigit():
-        raise InvalidRequest(f"{HEADER_LENGTH} must be a byte count, got {value!r}")
-    length = int(value)
-    if not 0 < length <= body_length:
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+        raise InvalidRequest(f"{HEADER_LENGTH} must be a byte count, got {value[:40]!r}")
+    length = int(digits)
+    if length == 0:
+        raise InvalidRequest(f"{HEADER_LENGTH} is 0: it must count the JSON header's bytes, at least 1")
+    if length > body_length:
         raise InvalidRequest(
             f"{HEADER_LENGTH} is {length}, but the body has {body_length} bytes: the JSON header cannot be "
             "longer than the body (a truncated request?)"

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from app.engine import SampleResult
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
-from ..errors import InvalidRequest, NotFound, inference_v2_error_body
+from ..errors import InvalidRequest, NotFound, inference_v2_error_body, loads
 from ..inputs import check_scoring_cost, generation_request, validate
 from ..jobs import GenerationRun, score, stream_error_body
 from ..metrics import ServerMetrics
@@ -156,10 +156,6 @@ async def infer(
     version: str | None = None,
 ) -> Response:
     model = served(registry, name, version)
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise InvalidRequest(
-            f"Content-Encoding {request.headers['content-encoding']!r} is not supported: send it uncompressed"
-        )
     parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
     images, labels = scoring_inputs(model, parsed, settings)
     wanted = requested_outputs(model, parsed)
@@ -263,10 +259,7 @@ async def generate_stream(
 async def start_generation(
     name: str, request: Request, registry: ModelRegistry, settings: Settings, metrics: ServerMetrics, stream: bool
 ) -> GenerationRun:
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError:
-        raise InvalidRequest("the request body is not valid JSON") from None
+    body = loads(await request.body() or b"{}")
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object with /sample's fields (n, label, temperature, seed)")
     if "model" in body or "stream" in body:

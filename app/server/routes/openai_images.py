@@ -28,7 +28,7 @@ from app.imaging import ImageDecodeError, decode_alpha, encode_image
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from ..errors import HttpError, InvalidRequest, UnsupportedMediaType, openai_error_body
-from ..inputs import class_index, decode_images, generation_request, media_type, validate
+from ..inputs import class_index, decode_images, form_parts, generation_request, media_type, validate
 from ..jobs import GenerationRun, stream_error_body
 from ..metrics import ServerMetrics
 from ..openai_schemas import (
@@ -176,7 +176,7 @@ async def read_edit_form(request: Request, settings: Settings) -> tuple[OpenAIIm
         )
     files: dict[str, list[bytes]] = {"image": [], "mask": []}
     fields: dict[str, str] = {}
-    async with request.form(max_files=len(EDIT_FILES), max_part_size=settings.max_upload_bytes) as form:
+    async with form_parts(request, max_files=len(EDIT_FILES), max_part_size=settings.max_upload_bytes) as form:
         for key, value in form.multi_items():
             if key in EDIT_FILES:
                 if not isinstance(value, UploadFile):
