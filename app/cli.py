@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -137,6 +138,11 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--url", help="use a running server (pixelcnn serve) instead of loading the model here")
     p.add_argument(
+        "--api-key",
+        default=os.environ.get("PIXELCNN_API_KEY") or None,
+        help="with --url: the server's API key, sent as a bearer token (default: $PIXELCNN_API_KEY)",
+    )
+    p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): cuda if available"
     )
     p.add_argument("--out", type=Path, required=True, help="PNG to write: the image itself, or a grid when n > 1")
@@ -237,7 +243,7 @@ def generate_remotely(args: argparse.Namespace, route: str) -> int:
 
     label = int(args.label) if args.label is not None and args.label.isascii() and args.label.isdigit() else args.label
     common = dict(n=args.n, label=label, temperature=args.temperature, seed=args.seed, model=args.model)
-    with PixelCNNClient(args.url) as client:
+    with PixelCNNClient(args.url, api_key=args.api_key) as client:
         if route == "sample":
             result = client.sample(**common)
         else:

@@ -47,6 +47,13 @@ async def observed_statuses(serve, tmp_path) -> dict[tuple[str, str], set[int]]:
                 record("post", path, await client.post(path, files=IMAGE, data={"model": "nope"}))
             record("post", path, await client.post(path, json=big))  # 413
             record("post", path, await client.post(path, content=b"x", headers={"content-type": "text/plain"}))
+            gzip = {"content-type": "application/json", "content-encoding": "gzip"}
+            record("post", path, await client.post(path, content=b"x", headers=gzip))  # 415
+            late = {"x-request-timeout": "0.000000001"}  # the deadline has passed when the work would start
+            if path == "/sample":
+                record("post", path, await client.post(path, json={"n": 1}, headers=late))  # 504
+            else:
+                record("post", path, await client.post(path, files=IMAGE, headers=late))
         engine = app.state.registry.models["gray"].engine
         engine.sampler.prefill = failing_once(engine.sampler.prefill, error=RuntimeError("planted"))
         record("post", "/sample", await client.post("/sample", json={"seed": 1}))  # 500

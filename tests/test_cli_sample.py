@@ -119,6 +119,18 @@ def test_sample_and_complete_through_a_server(server_store, tmp_path):
         assert main(["complete", "--url", url, "cond", str(single), "--rows", "3", "--out", str(done)]) == 0
 
 
+def test_through_a_server_that_wants_a_key(server_store, tmp_path, capsys, monkeypatch):
+    """--api-key (or $PIXELCNN_API_KEY, as the server's own setting is named) is sent as the bearer token."""
+    app = create_app(Settings(model_store=server_store, model="cond", device="cpu", threads=1, api_key="s3cret"))
+    out = str(tmp_path / "keyed.png")
+    with torch_threads(torch.get_num_threads()), serve_in_thread(app) as url:
+        assert main(["sample", "--url", url, "--seed", "1", "--out", out]) == 2
+        assert "401 unauthorized: missing API key" in capsys.readouterr().err
+        assert main(["sample", "--url", url, "--seed", "1", "--api-key", "s3cret", "--out", out]) == 0
+        monkeypatch.setenv("PIXELCNN_API_KEY", "s3cret")
+        assert main(["sample", "--url", url, "--seed", "1", "--out", out]) == 0
+
+
 def test_unreachable_server_is_one_line(tmp_path, capsys):
     assert main(["sample", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err

@@ -19,12 +19,14 @@ from tests.helpers import start_server, tiny_model
 
 pytestmark = pytest.mark.slow
 
+SIZE = 160  # the slow model's height and width: one image takes seconds even by wavefront on two cores
+
 
 @pytest.fixture(scope="module")
 def slow_store(tmp_path_factory) -> Path:
-    """One model whose images take seconds to draw (96x96), so streams are open when the signal comes."""
+    """One model whose images take seconds to draw (SIZE x SIZE), so streams are open when the signal comes."""
     store = tmp_path_factory.mktemp("store")
-    save(tiny_model("gated", 1, size=96, layers=4, seed=8, hidden_channels=192).float(), store / "slow")
+    save(tiny_model("gated", 1, size=SIZE, layers=4, seed=8, hidden_channels=192).float(), store / "slow")
     return store
 
 
@@ -74,9 +76,9 @@ def test_sigterm_drains_then_exits_zero(slow_store, timeout_s, ending):
         assert not stream.is_alive()
         name, data = stream.events[-1]
         assert name == ending, stream.events[-1]
-        assert rows_at_signal < 96 - 5  # the image was far from finished when the signal came
+        assert rows_at_signal < SIZE - 5  # the image was far from finished when the signal came
         if ending == "done":
-            assert len(stream.events) == 96 + 1  # every row, then the result
+            assert len(stream.events) == SIZE + 1  # every row, then the result
         if ending == "error":
             assert data["error"]["type"] == "not_ready" and "shutting down" in data["error"]["message"]
         assert process.wait(60) == 0

@@ -50,6 +50,16 @@ async def test_head_answers_like_get_without_a_body(serve, path):
         assert (await client.head("/sample")).status_code == 405
 
 
+async def test_head_is_counted_under_the_route_it_reached(serve):
+    async with serve() as (_, client):
+        for path in ("/models", "/models/gray", "/v2", "/static/demo.js"):
+            assert (await client.head(path)).status_code == 200, path
+        metrics = (await client.get("/metrics")).text
+        for route in ("/models", "/models/{name}", "/v2", "/static"):
+            assert f'method="HEAD",route="{route}",status="200"' in metrics, route
+        assert 'method="HEAD",route="unmatched"' not in metrics
+
+
 async def test_metric_labels_stay_bounded(serve):
     async with serve() as (_, client):
         for method in ("FOO", "BAR", "X" * 40, "PROPFIND"):
@@ -214,3 +224,17 @@ async def test_errors_do_not_echo_a_clients_megabytes(serve):
             response = await client.post("/sample", json=body)
             assert response.status_code in (400, 404) and len(error_message(response)) < 400, response.text[:400]
             assert "..." in error_message(response)
+
+
+async def test_v2_generate_takes_the_version_and_names_an_unknown_model_first(serve):
+    """Triton's generate extension has [/versions/{v}] as infer has; a wrong model is a 404 whatever the body."""
+    async with serve() as (_, client):
+        plain = await client.post("/v2/models/gray/generate", json={"seed": 3})
+        versioned = await client.post("/v2/models/gray/versions/1/generate", json={"seed": 3})
+        assert plain.status_code == versioned.status_code == 200, versioned.text
+        assert plain.json()["images"] == versioned.json()["images"]
+        stream = await client.post("/v2/models/gray/versions/1/generate_stream", json={"seed": 3})
+        assert stream.status_code == 200 and stream.text.count("data: ") == 8 + 1, stream.text[:200]
+        for path in ("/v2/models/nope/generate", "/v2/models/gray/versions/2/generate_stream"):
+            response = await client.post(path, json={"n": 0})
+            assert response.status_code == 404, response.text

@@ -35,8 +35,8 @@ DESCRIPTION = """Sample, complete and score images with PixelCNN models.
 Errors on the native routes have the form `{"error": {"type", "message", "field"?}}`: 400 invalid_request (any bad
 input), 401 unauthorized, 404 not_found, 408 request_timeout (a head or body sent too slowly),
 413 payload_too_large, 415 unsupported_media_type, 429 too_many_requests (a tenant's cap),
-431 headers_too_large, 503 overloaded (with Retry-After), not_ready or timeout (X-Request-Timeout or the
-server's limit passed). Optional headers: X-Priority (0-2 or low/normal/high), X-Request-Timeout
+431 headers_too_large, 503 overloaded (with Retry-After) or not_ready, 504 timeout (X-Request-Timeout or
+the server's limit passed; the request's work is stopped). Optional headers: X-Priority (0-2 or low/normal/high), X-Request-Timeout
 (seconds). The protocol front ends answer in their protocols' formats:
 the OpenAI Images API under /v1 (`{"error": {"message", "type", "param", "code"}}`), the Open Inference
 Protocol V2 under /v2 (`{"error": "..."}`).

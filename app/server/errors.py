@@ -2,11 +2,12 @@
 
 Status codes: 400 invalid_request (any bad input, including FastAPI's validation errors, so clients need
 one rule), 401 unauthorized, 404 not_found, 405 method_not_allowed, 413 payload_too_large,
-415 unsupported_media_type, 503 overloaded (with Retry-After), not_ready or timeout (past PIXELCNN_REQUEST_TIMEOUT_S), 500 engine_error (a prefill,
-decode step or likelihood pass failed, e.g. out of memory; the message says which) or internal (a bug,
-never bad input). Routes raise ApiError subclasses; the handlers below turn them, and the framework's own
-errors, into responses and count them in the failures metric. Under the protocol front ends' paths (/v1,
-/v2) the same errors are written in those protocols' formats (PROTOCOL_ERROR_FORMATS).
+415 unsupported_media_type, 503 overloaded (with Retry-After) or not_ready, 504 timeout (X-Request-Timeout
+or PIXELCNN_REQUEST_TIMEOUT_S passed), 500 engine_error (a prefill, decode step or likelihood pass failed,
+e.g. out of memory; the message says which) or internal (a bug, never bad input). Routes raise ApiError
+subclasses; the handlers below turn them, and the framework's own errors, into responses and count them in
+the failures metric. Under the protocol front ends' paths (/v1, /v2) the same errors are written in those
+protocols' formats (PROTOCOL_ERROR_FORMATS).
 """
 
 from __future__ import annotations

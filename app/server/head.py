@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CLIENT_METHOD = "pixelcnn.client_method"  # the scope key keeping the method the client sent
+ROUTING_KEYS = ("route", "endpoint", "root_path")  # what the router writes into the scope it is given
 
 
 def client_method(request: Request) -> str:
@@ -38,4 +39,10 @@ class HeadAsGetMiddleware:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET", CLIENT_METHOD: "HEAD"}, receive, headers_only)
+        as_get = {**scope, "method": "GET", CLIENT_METHOD: "HEAD"}
+        try:
+            await self.app(as_get, receive, headers_only)
+        finally:  # the route found, for the metrics and the access log outside (metrics.route_label)
+            for key in ROUTING_KEYS:
+                if key in as_get:
+                    scope[key] = as_get[key]

@@ -259,13 +259,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "unauthorized: missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "not_found: unknown model"},
     413: {"model": ErrorResponse, "description": "payload_too_large: body over max_upload_bytes"},
+    415: {"model": ErrorResponse, "description": "unsupported_media_type: a compressed body (Content-Encoding)"},
     500: {"model": ErrorResponse, "description": "engine_error: the model failed on this request"},
-    503: {
+    503: {"model": ErrorResponse, "description": "overloaded: queue full (Retry-After), or not_ready"},
+    504: {
         "model": ErrorResponse,
-        "description": "overloaded: queue full (Retry-After), not_ready, or timeout (past request_timeout_s)",
+        "description": "timeout: X-Request-Timeout or the server's limit (request_timeout_s) passed; its work stopped",
     },
 }
 # /complete and /likelihood take multipart or JSON; anything else is refused.
 UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    415: {"model": ErrorResponse, "description": "unsupported_media_type: neither multipart/form-data nor JSON"}
+    415: {
+        "model": ErrorResponse,
+        "description": "unsupported_media_type: neither multipart/form-data nor JSON, or a compressed body",
+    }
 }

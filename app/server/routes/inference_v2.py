@@ -4,7 +4,7 @@
     GET  /v2/models/{m}[/versions/1][/ready]              a model's tensors, and whether it serves
     POST /v2/models/{m}[/versions/1]/infer                scoring: IMAGE [, LABEL] -> LOG_PROB, BITS_PER_DIM,
                                                           PER_PIXEL_NLL (the engine's likelihood, as /likelihood)
-    POST /v2/models/{m}/generate, /generate_stream        Triton's generate extension: /sample's fields
+    POST /v2/models/{m}[/versions/1]/generate[_stream]    Triton's generate extension: /sample's fields
 
 Tensors travel as JSON or with the binary tensor data extension (v2_tensors.py). Errors on /v2 are V2's
 `{"error": "..."}` (errors.PROTOCOL_ERROR_FORMATS). Every model has one version, "1".
@@ -233,10 +233,16 @@ def requested_outputs(model: ServedModel, parsed: InferRequest) -> list[tuple[st
 @router.post(
     "/models/{name}/generate", summary="sample images (generate extension): /sample's fields", dependencies=AUTH
 )
+@router.post("/models/{name}/versions/{version}/generate", summary="sample images", dependencies=AUTH)
 async def generate(
-    name: str, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
+    name: str,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    version: str | None = None,
 ) -> JSONResponse:
-    run = await start_generation(name, request, registry, settings, metrics, stream=False)
+    run = await start_generation(served(registry, name, version), request, settings, metrics, stream=False)
     result = await run.result()
     headers = {"X-Numerics": run.model.numerics, **run.server_timing()}
     return JSONResponse(tagged(run, run.body(result)), headers=headers)
@@ -248,24 +254,35 @@ async def generate(
     responses={200: {"content": {"text/event-stream": {}}}},
     dependencies=AUTH,
 )
+@router.post(
+    "/models/{name}/versions/{version}/generate_stream",
+    summary="sample images, streamed",
+    responses={200: {"content": {"text/event-stream": {}}}},
+    dependencies=AUTH,
+)
 async def generate_stream(
-    name: str, request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep
+    name: str,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    version: str | None = None,
 ) -> Response:
-    run = await start_generation(name, request, registry, settings, metrics, stream=True)
+    run = await start_generation(served(registry, name, version), request, settings, metrics, stream=True)
     headers = {**SSE_HEADERS, "X-Model": run.model.name, "X-Seed": str(run.seed), "X-Numerics": run.model.numerics}
     return RunStreamingResponse(run, generate_events(run), media_type="text/event-stream", headers=headers)
 
 
 async def start_generation(
-    name: str, request: Request, registry: ModelRegistry, settings: Settings, metrics: ServerMetrics, stream: bool
+    model: ServedModel, request: Request, settings: Settings, metrics: ServerMetrics, stream: bool
 ) -> GenerationRun:
+    """A generate request's run: the model is known (a 404 comes before anything about the body)."""
     body = loads(await request.body() or b"{}")
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object with /sample's fields (n, label, temperature, seed)")
     if "model" in body or "stream" in body:
         raise InvalidRequest("the model is in the path and streaming is /generate_stream: drop model and stream")
     fields = validate(SampleRequest, body)
-    model = registry.get(name)
     return start_run(model, generation_request(model, fields, settings), False, request, metrics, settings, stream)
 
 
