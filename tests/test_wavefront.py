@@ -20,7 +20,7 @@ import torch
 from app.engine import CachedSampler, Engine, GenerationRequest, c_library, iter_sample, sample_cached
 from app.engine import wavefront as wavefront_module
 from app.engine.protocol import image_streams, prepare_canvas, row_uniforms
-from app.engine.types import GenerationError
+from app.engine.types import EngineStoppedError, GenerationError
 from app.engine.wavefront import Wavefront, gated_reach, masked_conv_reach, sample_wavefront, uniforms_ahead
 from app.model import build
 from tests.helpers import tiny_model
@@ -328,6 +328,30 @@ def test_a_cancelled_request_stops_its_wavefront_and_a_streamed_one_is_drawn_by_
     assert np.array_equal(result.images, alone.images.numpy()) and np.array_equal(result.log_prob, alone.log_prob)
     for event in rows:
         assert np.array_equal(event.pixels, alone.images.numpy()[:, :, event.row]), f"row {event.row}"
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_stopping_the_engine_stops_a_wavefront_in_flight(rows):
+    """A shutdown does not wait for a lone image's remaining rows (a big image's take longer than the drain):
+    the wavefront stops after its rows in flight and the request ends with EngineStoppedError."""
+    tall = tiny_model("gated", size=48, layers=4, seed=4, hidden_channels=192, dtype=torch.float32)
+
+    async def main():
+        engine = Engine(tall, lanes=2)
+        await engine.start()
+        stream = engine.submit(GenerationRequest(seed=1), rows=rows)
+        deadline = asyncio.get_running_loop().time() + 10
+        while engine.stats().wavefront_threads != 2:  # its wavefront is under way
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        await engine.stop()
+        with pytest.raises(EngineStoppedError, match="the server is shutting down"):
+            async for _ in stream:
+                pass
+        return engine.stats()
+
+    stats = asyncio.run(main())
+    assert stats.rows_wavefront < 48 - 4 and stats.wavefront_stopped == 1, stats
 
 
 def decode_rows(sampler: CachedSampler, n, seed, labels, lanes: int, stop=None, after_first=None):

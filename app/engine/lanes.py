@@ -342,7 +342,7 @@ class LaneLoop(LaneDiscipline):
         ):
             return 0
         with self._lock:  # a cancel sets the stop flag under the lock, after marking its request gone
-            if shard.owner.gone or lane.groups or self._waiting:
+            if shard.owner.gone or lane.groups or self._waiting or self._stopping:
                 return 0
             busy = any(o.load for o in self._lanes if o is not lane)
             lane.stop_wavefront.value = 0

@@ -142,6 +142,7 @@ class Engine(LaneLoop):
             return
         with self._lock:
             self._stopping = True
+            self._stop_wavefronts()  # an image's remaining rows would outlast the shutdown's drain
         for lane in self._lanes:
             lane.wake.set()
         for thread in threads:
@@ -279,8 +280,7 @@ class Engine(LaneLoop):
                 self._counters["rejected_queue_full"] += 1
                 self._waiting = collections.deque(shard for shard in self._waiting if shard.owner is not displaced)
             self._waiting.extend(shards)
-            for lane in self._lanes:  # a wavefront in flight stops after its current rows, to batch
-                lane.stop_wavefront.value = 1
+            self._stop_wavefronts()  # to batch the new request with the running one
             self._counters["requests_submitted"] += 1
             self._last_submit = time.perf_counter()
         if displaced is not None:
@@ -317,14 +317,19 @@ class Engine(LaneLoop):
     async def generate(self, request: GenerationRequest) -> SampleResult:
         return await self.submit(request, rows=False).result()
 
+    def _stop_wavefronts(self) -> None:
+        """Every lane's wavefront in flight stops after the rows it is drawing (a lane starting one clears its
+        flag under the lock first, LaneLoop._wavefront_lanes). Under the lock."""
+        for lane in self._lanes:
+            lane.stop_wavefront.value = 1
+
     def _waiting_requests(self) -> int:
         """Requests with a shard in the queue; under the lock."""
         return len({id(shard.owner) for shard in self._waiting})
 
     def _withdraw(self, owner: TrackedRequest) -> None:
         with self._lock:
-            for lane in self._lanes:  # a cancelled request's rows would go nowhere (others resume at once)
-                lane.stop_wavefront.value = 1
+            self._stop_wavefronts()  # a cancelled request's rows would go nowhere (others resume at once)
             left = [shard for shard in self._waiting if shard.owner is not owner]
             if len(left) != len(self._waiting):
                 self._waiting = collections.deque(left)
