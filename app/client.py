@@ -38,6 +38,12 @@ class PixelCNNError(Exception):
         self.retry_after = retry_after
 
 
+# How long the client keeps an idle connection for the next request: under the server's own idle limit
+# (PIXELCNN_KEEP_ALIVE_TIMEOUT_S, 5 s), or a request sent as the server closes the connection is lost
+# ("server disconnected without sending a response"; httpx's default is those same 5 s).
+KEEPALIVE_S = 2.0
+
+
 class PixelCNNClient:
     def __init__(
         self,
@@ -50,7 +56,8 @@ class PixelCNNClient:
         timeout are then the given client's."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if http_client is None:
-            self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+            limits = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+            self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
             self._owned = True
         else:
             self._http, self._owned = http_client, False

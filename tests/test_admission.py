@@ -127,6 +127,41 @@ def test_a_running_request_stops_at_its_deadline_and_the_others_finish():
     assert stats.active_images == 0
 
 
+@pytest.mark.parametrize("cancel_first", [True, False])
+def test_a_request_cancelled_and_late_is_counted_once(cancel_first):
+    """A caller that gives up at its own timeout, equal to X-Request-Timeout: its request ends cancelled or
+    expired, whichever the engine saw first, never both (completed + cancelled + expired = submitted). Its
+    second image waits its turn in a lane group (step_images=1) while a slowed step runs."""
+    model = tiny_model("gated", 1, size=6, seed=46).float()
+
+    async def scenario():
+        async with running(model, lanes=1, batch_wait_s=0, step_images=1) as engine:
+            decode_row = engine.sampler.decode_row
+
+            def slow_decode_row(*args, **kwargs):
+                time.sleep(0.1)
+                return decode_row(*args, **kwargs)
+
+            engine.sampler.decode_row = slow_decode_row
+            stream = engine.submit(GenerationRequest(n=2, seed=1, deadline=time.monotonic() + 0.05))
+            if cancel_first:  # inside the first step: the deadline has passed, the engine has not looked yet
+                await asyncio.sleep(0.08)
+                await stream.cancel()
+            else:  # the engine ends it at its next step, then the caller, not having read that yet, cancels
+                while not engine.stats().requests_expired:
+                    await asyncio.sleep(0.01)
+                await stream.cancel()
+            deadline = time.monotonic() + 10
+            while engine.stats().active_images and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the lane's next steps, where a second count would come
+            return engine.stats()
+
+    stats = run(scenario())
+    assert stats.requests_submitted == 1 and stats.requests_completed == 0
+    assert (stats.requests_cancelled, stats.requests_expired) == ((1, 0) if cancel_first else (0, 1)), stats
+
+
 def test_likelihood_past_its_deadline_runs_no_pass():
     model = tiny_model("gated", 1, size=6, num_classes=3, seed=45)
     images = torch.randint(0, 256, (4, 1, 6, 6), dtype=torch.uint8)

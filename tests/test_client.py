@@ -248,3 +248,13 @@ def test_closing_a_stream_cancels_the_engine_request_over_real_http(tmp_path):
             assert time.monotonic() < deadline, engine.stats()
             time.sleep(0.01)
         assert not engine.stats().requests_completed
+
+
+def test_the_client_lets_idle_connections_go_before_the_server_does():
+    """A request sent on a connection the server is closing for idleness gets no answer at all: the client
+    keeps idle connections for less than the server's default idle limit (httpx's own default equals it)."""
+    from app.client import KEEPALIVE_S
+
+    assert KEEPALIVE_S < Settings().keep_alive_timeout_s
+    with PixelCNNClient("http://127.0.0.1:9") as remote:
+        assert remote._http._transport._pool._keepalive_expiry == KEEPALIVE_S

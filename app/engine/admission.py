@@ -121,8 +121,9 @@ class LaneDiscipline:
 
     def _expire(self, owner: TrackedRequest, counts: collections.Counter) -> bool:
         """Note that a request's deadline passed; True the first time (the caller then fails it, outside
-        the lock). Under the lock."""
-        if owner.expired or owner.closed:
+        the lock). Not for one its caller cancelled first (counted as cancelled: every request ends counted
+        once). Under the lock."""
+        if owner.expired or owner.closed or owner.cancelled:
             return False
         owner.expired = True
         counts["requests_expired"] += 1
