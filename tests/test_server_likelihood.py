@@ -43,6 +43,16 @@ async def test_likelihood_json_equals_nll_nats(serve, models):
         assert "class_probabilities" not in result and "per_pixel_nll" not in result
 
 
+async def test_base64_wrapped_in_lines_is_taken(serve):
+    """What `base64 picture.png` and base64.encodebytes give: lines of 76 characters."""
+    x = random_images(1)
+    async with serve() as (_, client):
+        one_line = await client.post("/likelihood", json={"image": b64png(x[0])})
+        wrapped = await client.post("/likelihood", json={"image": base64.encodebytes(png_bytes(x[0])).decode()})
+        assert wrapped.status_code == 200, wrapped.text
+        assert wrapped.json()["results"] == one_line.json()["results"]
+
+
 async def test_likelihood_multipart_repeated_images_keep_order(serve):
     x = random_images(3, seed=1)
     async with serve() as (_, client):

@@ -132,8 +132,8 @@ def decode_base64(value: Any, field: str) -> bytes:
         raise InvalidRequest(f"{field} must be a base64 string", field=field)
     if value.startswith("data:") and "," in value:  # data:image/png;base64,....
         value = value.split(",", 1)[1]
-    try:
-        return base64.b64decode(value.strip(), validate=True)
+    try:  # line breaks allowed: `base64` and base64.encodebytes wrap their output at 76 characters
+        return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         message = f"{field} is not valid base64 (expected a base64-encoded image file)"
         raise InvalidRequest(message, field=field) from None
