@@ -333,9 +333,12 @@ class LaneLoop(LaneDiscipline):
         shard = lane.active[0] if len(lane.active) == 1 else None
         # A completion's first row with kept pixels (forced) decodes row by row: the wavefront draws every pixel.
         # A request with a deadline decodes row by row (each step checks it), as under fault injection.
+        # A streamed request's first row too: it reaches the event loop while a core is free, where a
+        # wavefront's threads would hold every core and its hand-off wait for one (~2.5 ms, measured).
         if (
             self.wavefront is None
             or shard is None
+            or (shard.owner.wants_rows and shard.owner.first_row_at is None)
             or shard.forced is not None
             or shard.owner.request.deadline is not None
             or self.fault_every_steps
