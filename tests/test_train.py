@@ -24,7 +24,8 @@ from app.bench.servers import free_port
 from app.cli import main
 from app.data import load_dataset
 from app.evaluate import evaluate
-from app.model import ModelConfig, load, save
+from app.imaging import grid
+from app.model import ModelConfig, load, sample_naive, save
 from app.train import TrainOptions, train
 from tests.helpers import TINY_MODEL_ARGS, tiny_model, torch_threads, write_tiny_npz
 
@@ -139,7 +140,7 @@ def test_train_cli_conditional(tmp_path: Path, arch: str) -> None:
             "--arch",
             arch,
             "--conditional",
-            *TINY_MODEL_ARGS,
+            *[arg for arg in TINY_MODEL_ARGS if arg != "--no-samples"],
             "--checkpoint-dir",
             str(tmp_path / "ck"),
             "--out",
@@ -149,6 +150,9 @@ def test_train_cli_conditional(tmp_path: Path, arch: str) -> None:
     assert code == 0
     config = check_trained(out, str(data), conditional=True)
     assert config.arch == arch
+    # samples.png: one image per class with the run's seed (0), the reference sampler's images.
+    expected = sample_naive(load(out), 3, torch.arange(3), seed=0)
+    assert np.array_equal(np.array(Image.open(out / "samples.png")), grid(expected.images, columns=3)[0])
     assert config.num_classes == 3
     assert config.class_names == ["checker", "columns", "rows"]
     # The label is used: the same image gets different likelihoods under different classes.
