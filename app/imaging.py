@@ -6,6 +6,7 @@ Plain numpy: torch tensors (on the CPU) are accepted wherever an array is, and n
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,9 @@ def open_upload(data: bytes, height: int, width: int, expected: str) -> Image.Im
     and `expected` (what would do). The size is checked from the file's header, before a pixel is decoded:
     a small file can declare a huge image (a few hundred KB of PNG inflate to gigabytes)."""
     try:
-        picture = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+        with warnings.catch_warnings():  # PIL's warning of a huge declared size: refused just below anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            picture = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
         if picture.size == (width, height):
             picture.load()
     except Exception as error:  # PIL raises many types for bad bytes
