@@ -214,8 +214,9 @@ def json_error(error: BaseException, what: str = "the request body") -> InvalidR
         return InvalidRequest(f"{what} is not UTF-8 text, as JSON must be (and it must not be compressed)")
     if isinstance(error, json.JSONDecodeError):
         return InvalidRequest(f"{what} is not valid JSON ({error.msg} at character {error.pos})")
-    # Valid JSON Python will not convert: an integer longer than its limit on digits.
-    return InvalidRequest(f"{what} has a number of more than {sys.get_int_max_str_digits()} digits")
+    if "integer string conversion" in str(error):  # valid JSON Python will not convert: a very long integer
+        return InvalidRequest(f"{what} has a number of more than {sys.get_int_max_str_digits()} digits")
+    return InvalidRequest(f"{what} could not be read ({error})")
 
 
 def loads(data: bytes | str, what: str = "the request body") -> Any:
