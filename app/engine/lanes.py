@@ -387,11 +387,12 @@ class LaneLoop(LaneDiscipline):
             with self._lock:
                 lane.wavefront_threads = 0
         call_s = time.perf_counter() - started
+        if drawn + len(rows) < uniforms.shape[0]:  # counted before the rows go on (a request may end with them)
+            with self._lock:
+                lane.counters["wavefront_stopped"] += 1
         for row in rows:
             hand_on(*row, call_s / len(rows))
         if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
-            with self._lock:
-                lane.counters["wavefront_stopped"] += 1
             rewind(shard.streams, saved, drawn, c, w)
 
     def _tune_wavefront(self) -> bool:
