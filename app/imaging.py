@@ -134,7 +134,10 @@ def decode_alpha(data: bytes, height: int, width: int) -> np.ndarray | None:
     palette, grayscale and RGB PNGs can declare, counts as alpha). ImageDecodeError for unreadable files
     or the wrong size, as decode_image."""
     picture = open_upload(data, height, width, "a PNG or WebP file with alpha")
-    if "transparency" in picture.info and picture.mode in ("P", "L", "RGB", "I", "I;16"):
+    transparent = picture.info.get("transparency")
+    if transparent is not None and picture.mode in ("1", "I", "I;16"):  # PIL's convert drops it for these
+        return np.where(np.asarray(picture, dtype=np.int64) == transparent, 0, 255).astype(np.uint8)
+    if transparent is not None and picture.mode in ("P", "L", "RGB"):
         picture = picture.convert("RGBA")
     if picture.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
         return None

@@ -4,7 +4,9 @@ methods, and the metrics labels they must not multiply."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from app.imaging import png_bytes
 from tests.helpers import without_request_id
 
 pytestmark = pytest.mark.anyio
@@ -238,3 +240,40 @@ async def test_v2_generate_takes_the_version_and_names_an_unknown_model_first(se
         for path in ("/v2/models/nope/generate", "/v2/models/gray/versions/2/generate_stream"):
             response = await client.post(path, json={"n": 0})
             assert response.status_code == 404, response.text
+
+
+@pytest.mark.parametrize(
+    "parameters,boundary",
+    [
+        ("boundary=abc; x*; x*1", b"abc"),  # RFC 2231 pieces the stdlib's email parser trips on
+        ("boundary=abc; boundary=xyz", b"xyz"),  # the form parser takes the last: the check must too
+        ('boundary="a b:c=d"', b"a b:c=d"),
+        ("BOUNDARY=xyz; charset=utf-8", b"xyz"),
+    ],
+)
+async def test_the_closing_boundary_is_looked_for_as_the_form_parser_reads_it(serve, parameters, boundary):
+    part = b'Content-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    image = png_bytes(torch.zeros(1, 8, 8, dtype=torch.uint8))
+    body = b"--" + boundary + b"\r\n" + part + image + b"\r\n--" + boundary + b"--\r\n"
+    async with serve() as (_, client):
+        response = await client.post(
+            "/likelihood", content=body, headers={"content-type": f"multipart/form-data; {parameters}"}
+        )
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("coding", ["identity, identity", " Identity ", ""])
+async def test_identity_in_any_spelling_is_no_coding(serve, coding):
+    async with serve() as (_, client):
+        response = await client.post(
+            "/sample", content=b'{"n": 1}', headers={"content-type": "application/json", "content-encoding": coding}
+        )
+        assert response.status_code == 200, response.text
+        listed = {"content-type": "application/json", "content-encoding": "identity, gzip"}
+        assert (await client.post("/sample", content=b'{"n": 1}', headers=listed)).status_code == 415
+
+
+async def test_a_v2_version_is_not_echoed_whole(serve):
+    async with serve() as (_, client):
+        response = await client.post("/v2/models/gray/versions/" + "v" * 20_000 + "/generate", json={})
+        assert response.status_code == 404 and len(error_message(response)) < 200, len(response.text)

@@ -158,6 +158,8 @@ def test_a_transparent_colour_is_alpha_and_a_bad_mask_says_why():
     for picture, transparent in (
         (Image.fromarray(values, mode="L"), 0),
         (Image.fromarray(np.stack([values] * 3, -1), mode="RGB"), (0, 0, 0)),
+        (Image.fromarray(values.astype(np.uint16) * 300), 0),  # 16-bit grayscale: PIL's convert drops tRNS
+        (Image.fromarray(values, mode="L").convert("1"), 0),  # 1-bit
     ):
         alpha = decode_alpha(encoded(picture, "PNG", transparency=transparent), 28, 28)
         assert alpha is not None, picture.mode

@@ -355,6 +355,50 @@ def test_stopping_the_engine_stops_a_wavefront_in_flight(rows):
     assert stats.rows_wavefront < 48 - 4 and stats.wavefront_stopped == 1, stats
 
 
+def test_a_streamed_request_ends_after_the_engine_has_counted_it():
+    """Whoever sees a streamed request end (its result, or its cancel taking effect) sees the wavefront's
+    bookkeeping final: its threads back to 0, every row it drew counted."""
+    model = gated(1, 0)
+
+    async def main():
+        engine = Engine(model, lanes=2)
+        await engine.start()
+        seen = []
+        try:
+            for seed in range(10):
+                before = engine.stats().rows_wavefront
+                events = [event async for event in engine.submit(GenerationRequest(seed=seed), rows=True)]
+                stats = engine.stats()
+                seen.append((len(events), stats.wavefront_threads, stats.rows_wavefront - before))
+        finally:
+            await engine.stop()
+        return seen
+
+    assert asyncio.run(main()) == [(SIZE + 1, 0, SIZE - 1)] * 10  # the first row row by row, the rest by wavefront
+
+
+def test_closing_the_rows_early_stops_the_call():
+    """A consumer that stops taking rows (an error while handing one on) does not wait for the whole image."""
+    tall = tiny_model("gated", size=48, layers=4, seed=4, hidden_channels=192, dtype=torch.float32)
+    sampler = CachedSampler(tall)
+    decoder = Wavefront.for_row_loop(sampler.row_loop)
+    ones = torch.ones((8, 1), dtype=torch.float64)
+
+    def rows():
+        state = sampler.prefill(prepare_canvas(tall.config, 8, None, 0, torch.device("cpu")), None, 0)
+        return decoder.decode_rows(state, uniforms_ahead(image_streams(3, 8), 48, 1, 48), ones, 2)
+
+    started = time.perf_counter()
+    assert len(list(rows())) == 48
+    whole = time.perf_counter() - started
+    taken = rows()
+    next(taken)
+    started = time.perf_counter()
+    taken.close()
+    closing = time.perf_counter() - started
+    assert closing < whole / 4, (closing, whole)
+
+
 def decode_rows(sampler: CachedSampler, n, seed, labels, lanes: int, stop=None, after_first=None):
     """Wavefront.decode_rows of a sample of n images; `after_first()` runs once the first row is taken."""
     config = sampler.config

@@ -377,8 +377,14 @@ class LaneLoop(LaneDiscipline):
         rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # drawn, to hand on once the call has returned
         try:
             if shard.owner.wants_rows:  # each row's time: the mean over the rows complete so far
+                last = uniforms.shape[0] - 1
                 for row in self.wavefront.decode_rows(lane.state, uniforms, temperatures, threads, lane.stop_wavefront):
-                    hand_on(*row, (time.perf_counter() - started) / (drawn + 1))
+                    # The row that ends the request, and rows that go nowhere (it was cancelled), wait for the
+                    # call's end: whoever sees the request end sees the engine's counts of it final.
+                    if rows or shard.owner.gone or drawn == last:
+                        rows.append(row)
+                    else:
+                        hand_on(*row, (time.perf_counter() - started) / (drawn + 1))
             else:
                 rows = list(
                     zip(*self.wavefront.decode(lane.state, uniforms, temperatures, threads, lane.stop_wavefront))
@@ -386,12 +392,12 @@ class LaneLoop(LaneDiscipline):
         finally:
             with self._lock:
                 lane.wavefront_threads = 0
-        call_s = time.perf_counter() - started
-        if drawn + len(rows) < uniforms.shape[0]:  # counted before the rows go on (a request may end with them)
+        call_s, call_rows = time.perf_counter() - started, drawn + len(rows)
+        if call_rows < uniforms.shape[0]:  # counted before the rows go on (a request may end with them)
             with self._lock:
                 lane.counters["wavefront_stopped"] += 1
         for row in rows:
-            hand_on(*row, call_s / len(rows))
+            hand_on(*row, call_s / call_rows)
         if drawn < uniforms.shape[0]:  # the streams stand after the rows drawn, as row by row they would
             rewind(shard.streams, saved, drawn, c, w)
 

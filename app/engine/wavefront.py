@@ -173,16 +173,17 @@ class Wavefront:
         """decode's rows as each is complete, while the later ones are drawn: (values (B, C, W) int64,
         log p (B,) float64) of row 0, 1, ... (a streamed request's rows reach its client as they come, not
         when the last is drawn). The kernel runs on a thread of its own (its `lanes` threads), this one
-        sleeps until a row is complete. Take every row: `stop` ends the call sooner; `state` has moved on
-        past the rows taken once the iteration ends."""
+        sleeps until a row is complete. `stop` ends the call sooner, as closing the iteration early does
+        (after the rows in flight); `state` has moved on past the rows taken once the iteration ends."""
+        stop = ctypes.c_int32(0) if stop is None else stop
         call = self._prepare(state, uniforms, temperature, lanes, stop)
         rows_done = ctypes.c_int32(0)
-        outcome: list[int | Exception] = []
+        outcome: list[int | BaseException] = []
 
         def run() -> None:
             try:
                 outcome.append(call.run(rows_done))
-            except Exception as error:  # raised below, in the caller's thread
+            except BaseException as error:  # raised below, in the caller's thread
                 outcome.append(error)
             finally:  # whatever happened: the waiting loop below ends
                 self.library.wavefront_rows_publish(ctypes.addressof(rows_done), rows_done.value | _CALL_ENDED)
@@ -196,9 +197,12 @@ class Wavefront:
                 for k in range(taken, seen & ~_CALL_ENDED):
                     yield call.values[k], call.log_prob[k]
                 taken = max(taken, seen & ~_CALL_ENDED)
+        except BaseException:  # closed early, or the caller's loop failed: no further row starts
+            stop.value = 1
+            raise
         finally:
             thread.join()
-        if isinstance(outcome[0], Exception):
+        if isinstance(outcome[0], BaseException):
             raise outcome[0]
         if taken != outcome[0]:  # every row the call drew was counted complete before it returned
             raise RuntimeError(f"wavefront decoding drew {outcome[0]} rows but reported {taken} complete")

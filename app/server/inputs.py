@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.message
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,10 +43,9 @@ async def form_parts(request: Request, max_files: int, max_part_size: int) -> As
     """The request's form (its upload files closed at the end), or InvalidRequest saying what was wrong
     with it and how to send one. A multipart body that ends before its closing boundary (an upload cut
     short) is refused: the parser would quietly keep only the parts before the cut."""
-    if media_type(request) == "multipart/form-data":
-        boundary = email.message.Message()
-        boundary["content-type"] = request.headers["content-type"]
-        closing = f"--{boundary.get_param('boundary') or ''}--".encode()
+    if media_type(request) == "multipart/form-data":  # the boundary as the form parser reads it
+        _, options = parse_options_header(request.headers["content-type"])
+        closing = b"--" + options.get(b"boundary", b"") + b"--"
         if len(closing) > 4 and closing not in await request.body():
             raise InvalidRequest(
                 f"the multipart body ends before its closing boundary {closing!r}: was the upload cut short?"

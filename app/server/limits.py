@@ -33,7 +33,7 @@ class BodyLimitMiddleware:
             return
         headers = dict(scope.get("headers", ()))
         coding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if coding not in (b"", b"identity"):
+        if any(part.strip() not in (b"", b"identity") for part in coding.split(b",")):
             if self.metrics is not None:
                 self.metrics.failures.labels(reason=UnsupportedMediaType.type).inc()
             refused = UnsupportedMediaType(

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from app.engine import SampleResult
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
-from ..errors import InvalidRequest, NotFound, inference_v2_error_body, loads
+from ..errors import InvalidRequest, NotFound, inference_v2_error_body, loads, shown
 from ..inputs import check_scoring_cost, generation_request, validate
 from ..jobs import GenerationRun, score, stream_error_body
 from ..metrics import ServerMetrics
@@ -100,7 +100,9 @@ async def ready(registry: RegistryDep) -> JSONResponse:
 def served(registry: ModelRegistry, name: str, version: str | None) -> ServedModel:
     model = registry.get(name)
     if version not in (None, VERSION):
-        raise NotFound(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}", field="version")
+        raise NotFound(
+            f"model {name!r} has no version {shown(version)}; its only version is {VERSION!r}", field="version"
+        )
     return model
 
 
