@@ -4,6 +4,7 @@ running, and no decode step or likelihood pass is spent on it (the engine counts
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
@@ -160,6 +161,32 @@ def test_a_request_cancelled_and_late_is_counted_once(cancel_first):
     stats = run(scenario())
     assert stats.requests_submitted == 1 and stats.requests_completed == 0
     assert (stats.requests_cancelled, stats.requests_expired) == ((1, 0) if cancel_first else (0, 1)), stats
+
+
+def test_a_request_late_in_one_lane_and_cancelled_before_another_notices_is_counted_once():
+    """Two images on two lanes: lane 0 (fast steps) ends the request at its deadline; its caller cancels
+    before reading that error; lane 1 (slow steps) then finds it gone. Counted expired, not also cancelled."""
+    model = tiny_model("gated", 1, size=6, seed=47).float()
+
+    async def scenario():
+        async with running(model, lanes=2, batch_wait_s=0, wavefront=False) as engine:
+            decode_row = engine.sampler.decode_row
+
+            def uneven_decode_row(*args, **kwargs):
+                time.sleep(0.4 if threading.current_thread().name.endswith("-1") else 0.1)
+                return decode_row(*args, **kwargs)
+
+            engine.sampler.decode_row = uneven_decode_row
+            stream = engine.submit(GenerationRequest(n=2, seed=1, deadline=time.monotonic() + 0.15))
+            while not engine.stats().requests_expired:  # lane 0 has ended it; lane 1 is inside its first step
+                await asyncio.sleep(0.01)
+            await stream.cancel()
+            await asyncio.sleep(0.6)  # lane 1's step ends and its shard leaves
+            return engine.stats()
+
+    stats = run(scenario())
+    assert stats.requests_submitted == 1 and stats.active_images == 0
+    assert (stats.requests_cancelled, stats.requests_expired) == (0, 1), stats
 
 
 def test_likelihood_past_its_deadline_runs_no_pass():

@@ -114,8 +114,9 @@ class LaneDiscipline:
 
     @staticmethod
     def _count_cancelled(owner: TrackedRequest, counts: collections.Counter) -> None:
-        """Count a cancelled request once, whichever of its shards leaves first; under the lock."""
-        if owner.cancelled and not owner.cancel_counted:
+        """Count a cancelled request once, whichever of its shards leaves first, and not one already counted
+        as expired (its caller gave up before reading that error; another lane finds it gone); under the lock."""
+        if owner.cancelled and not owner.cancel_counted and not owner.expired:
             owner.cancel_counted = True
             counts["requests_cancelled"] += 1
 
