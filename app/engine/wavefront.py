@@ -196,7 +196,7 @@ class Wavefront:
                 seen = self.library.wavefront_rows_wait(ctypes.addressof(rows_done), seen, _WAIT_US)
                 for k in range(taken, seen & ~_CALL_ENDED):
                     yield call.values[k], call.log_prob[k]
-                taken = max(taken, seen & ~_CALL_ENDED)
+                taken = seen & ~_CALL_ENDED  # the count only rises (row_kernels.c, publish)
         except BaseException:  # closed early, or the caller's loop failed: no further row starts
             stop.value = 1
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, UnsupportedMediaType, error_response
+from .errors import ApiError, PayloadTooLarge, UnsupportedMediaType, error_response
 from .metrics import ServerMetrics
 
 
@@ -20,9 +20,13 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
         self.metrics = metrics
 
-    def _too_large(self) -> PayloadTooLarge:
+    async def _refuse(self, error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer `error` (counted in the failures metric) instead of passing the request on."""
         if self.metrics is not None:
-            self.metrics.failures.labels(reason=PayloadTooLarge.type).inc()
+            self.metrics.failures.labels(reason=error.type).inc()
+        await error_response(error, scope["path"])(scope, receive, send)
+
+    def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"the request body is larger than the limit of {self.max_bytes} bytes (PIXELCNN_MAX_UPLOAD_BYTES)"
         )
@@ -34,16 +38,14 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers", ()))
         coding = headers.get(b"content-encoding", b"identity").strip().lower()
         if any(part.strip() not in (b"", b"identity") for part in coding.split(b",")):
-            if self.metrics is not None:
-                self.metrics.failures.labels(reason=UnsupportedMediaType.type).inc()
             refused = UnsupportedMediaType(
                 f"Content-Encoding {coding.decode('latin-1')[:40]!r} is not supported: send the body uncompressed"
             )
-            await error_response(refused, scope["path"])(scope, receive, send)
+            await self._refuse(refused, scope, receive, send)
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(self._too_large(), scope["path"])(scope, receive, send)
+            await self._refuse(self._too_large(), scope, receive, send)
             return
 
         chunks, size = [], 0
@@ -54,7 +56,7 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await error_response(self._too_large(), scope["path"])(scope, receive, send)
+                await self._refuse(self._too_large(), scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break

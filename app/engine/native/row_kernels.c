@@ -781,21 +781,18 @@ static void sleep_on(_Atomic int32_t *word, int32_t seen) {
 }
 
 /* `word` (a row's progress) is now `value`: wake whoever sleeps on it. */
-static void publish_to(_Atomic int32_t *word, _Atomic int32_t *sleeping, int value) {
-    atomic_store(word, value); /* sequentially consistent, like the sleeper's flag below */
-#if defined(__linux__)
-    if (atomic_load(sleeping)) syscall(SYS_futex, (int32_t *)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
-#else
-    (void)sleeping;
-#endif
-}
-
+/* Wake every thread asleep on `word` (sleep_on, wavefront_rows_wait); elsewhere they look again by themselves. */
 static void wake_all(int32_t *word) {
 #if defined(__linux__)
     syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
 #else
     (void)word;
 #endif
+}
+
+static void publish_to(_Atomic int32_t *word, _Atomic int32_t *sleeping, int value) {
+    atomic_store(word, value); /* sequentially consistent, like the sleeper's flag below */
+    if (atomic_load(sleeping)) wake_all((int32_t *)word);
 }
 
 /* Row i has drawn `pixels` pixels: tell the row below, and the caller once the row is complete. Rows can
